@@ -1,0 +1,124 @@
+"""What a backend is: a name, a device type, a cheap probe() and a lazy load() (design.md section 3).
+
+A backend author subclasses :class:`Backend`, registers implementations in ``load`` through the
+:class:`Registrar`, and allocates outputs with :func:`new_output` so that conformance can poison them.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+__all__ = ["API_VERSION", "Backend", "Probe", "Implementation", "Registrar", "new_output", "poisoned_outputs"]
+
+API_VERSION = 1
+"""Version of the backend API; a plug-in whose ``api_version`` differs is refused."""
+
+Supports = Callable[[Mapping[str, Any]], "str | None"]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Result of Backend.probe(): can it run here, why not, and what the hardware can do."""
+
+    available: bool
+    reason: str
+    capabilities: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Backend:
+    """Base class of every backend. Subclasses set ``name`` and ``device_type`` and override both methods.
+
+    ``probe()`` must be cheap: no device initialisation, no heavy import. ``load()`` runs once, on first
+    use, and registers implementations (it may import the heavy libraries).
+    """
+
+    name: str = ""
+    device_type: str = ""
+    api_version: int = API_VERSION
+    description: str = ""
+
+    def probe(self) -> Probe:
+        raise NotImplementedError(f"backend {self.name!r} does not define probe()")
+
+    def load(self, registrar: "Registrar") -> None:
+        raise NotImplementedError(f"backend {self.name!r} does not define load()")
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One registered implementation of one op: ``backend/variant`` on a device type."""
+
+    op: str
+    backend: str
+    variant: str
+    device_type: str
+    fn: Callable[..., Any]
+    priority: int = 0
+    requires: frozenset[str] = frozenset()
+    supports: Supports | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend}/{self.variant}"
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+
+class Registrar:
+    """Handed to Backend.load(): records the backend's implementations."""
+
+    def __init__(self, backend: Backend, known_ops: Iterable[str]) -> None:
+        self.backend = backend
+        self._known = frozenset(known_ops)
+        self.implementations: list[Implementation] = []
+
+    def implement(self, op: str, variant: str, fn: Callable[..., Any], *, priority: int = 0,
+                  requires: Iterable[str] = (), supports: Supports | None = None,
+                  device_type: str | None = None) -> None:
+        """Register ``fn`` as ``<backend>/<variant>`` for ``op``.
+
+        ``fn`` takes the op's parameters positionally, in the order of its signature. ``priority``
+        orders variants (higher wins); ``requires`` names probe capabilities that must be truthy;
+        ``supports(args)`` returns None or the reason this call is out of range.
+        """
+        if op not in self._known:
+            raise ValueError(f"backend {self.backend.name!r} registers unknown op {op!r}; "
+                             f"known ops: {', '.join(sorted(self._known))}")
+        if any(i.op == op and i.variant == variant for i in self.implementations):
+            raise ValueError(f"backend {self.backend.name!r} registers {op} variant {variant!r} twice")
+        self.implementations.append(Implementation(
+            op=op, backend=self.backend.name, variant=variant,
+            device_type=device_type or self.backend.device_type, fn=fn, priority=priority,
+            requires=frozenset(requires), supports=supports))
+
+
+_POISON: contextvars.ContextVar[bool] = contextvars.ContextVar("dsv4rt_poison", default=False)
+
+
+def new_output(shape: Iterable[int], dtype: Any, device: Any) -> Any:
+    """Allocate an op output. Uninitialised normally; filled with NaN (floats) or a sentinel
+    (integers) inside :func:`poisoned_outputs`, so a kernel that skips an element is caught."""
+    import torch
+
+    out = torch.empty(tuple(shape), dtype=dtype, device=device)
+    if _POISON.get():
+        if out.dtype.is_floating_point and out.element_size() >= 2:
+            out.fill_(float("nan"))
+        elif out.dtype == torch.bool:
+            out.fill_(True)
+        else:
+            out.view(torch.uint8).fill_(0x5A)
+    return out
+
+
+@contextlib.contextmanager
+def poisoned_outputs(enabled: bool = True) -> Iterator[None]:
+    """Within this block, :func:`new_output` poisons every allocation."""
+    token = _POISON.set(enabled)
+    try:
+        yield
+    finally:
+        _POISON.reset(token)

@@ -1,0 +1,78 @@
+"""Every DSV4RT_* environment variable, in one place.
+
+Variables are read when first needed (never at import) and cached; call :func:`refresh` (or
+``dsv4rt.refresh()``) after changing ``os.environ`` in a running process.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+__all__ = ["VARIABLES", "Variable", "get", "flag", "refresh", "in_effect", "unknown"]
+
+
+@dataclass(frozen=True)
+class Variable:
+    name: str
+    default: str
+    doc: str
+
+
+VARIABLES: dict[str, Variable] = {
+    v.name: v
+    for v in (
+        Variable("DSV4RT_BACKEND", "", "Comma-separated backend preference order for automatic selection, "
+                 "e.g. 'cuda,cpu'. Backends not listed are not chosen automatically."),
+        Variable("DSV4RT_OP_BACKEND", "", "Per-op choice: 'op=backend[/variant];op2=...'; '*' matches every op."),
+        Variable("DSV4RT_FALLBACK", "", "Set to 'cpu' to run ops on the CPU backend (copying inputs and output) "
+                 "when the inputs' device has no implementation. Warns once per op."),
+        Variable("DSV4RT_STRICT", "0", "1: any fallback (to another device, or past a refused faster variant) "
+                 "is an error."),
+        Variable("DSV4RT_CHECK_VALUES", "auto", "Value checks (index ranges, finite scales, offsets): 'auto' runs "
+                 "them when every tensor is on the CPU (no device synchronisation), 'always', or 'never'."),
+        Variable("DSV4RT_PLUGINS", "", "Comma-separated allowlist of entry-point plug-in names to load; "
+                 "empty loads all, 'none' loads none."),
+        Variable("DSV4RT_PLUGINS_STRICT", "0", "1: a failing plug-in raises PluginLoadError instead of being recorded."),
+        Variable("DSV4RT_TRITON_INTERPRET", "0", "1: run the cuda/triton kernels under Triton's interpreter on CPU "
+                 "tensors (sets TRITON_INTERPRET=1 before Triton is imported). For CI; slow."),
+        Variable("DSV4RT_CACHE_DIR", "", "Where generated artefacts (the tiny preset checkpoint) are kept; "
+                 "default ~/.cache/dsv4rt."),
+        Variable("DSV4RT_LOG_LEVEL", "", "Level of the 'dsv4rt' logger (DEBUG, INFO, WARNING...)."),
+    )
+}
+
+_cache: dict[str, str] = {}
+
+
+def get(name: str) -> str:
+    """The value of a documented DSV4RT_* variable (its default when unset), cached until refresh()."""
+    try:
+        return _cache[name]
+    except KeyError:
+        pass
+    var = VARIABLES.get(name)
+    if var is None:
+        raise KeyError(f"{name} is not a dsv4rt variable; known: {', '.join(VARIABLES)}")
+    value = os.environ.get(name, var.default).strip()
+    _cache[name] = value
+    return value
+
+
+def flag(name: str) -> bool:
+    """True when the variable is set to 1/true/yes/on."""
+    return get(name).lower() in ("1", "true", "yes", "on")
+
+
+def refresh() -> None:
+    """Forget cached values so the next read sees the current environment."""
+    _cache.clear()
+
+
+def in_effect() -> dict[str, str]:
+    """DSV4RT_* variables set in the environment, documented or not."""
+    return {k: v for k, v in os.environ.items() if k.startswith("DSV4RT_")}
+
+
+def unknown() -> list[str]:
+    """DSV4RT_* variables set in the environment that dsv4rt does not know (likely typos)."""
+    return sorted(k for k in in_effect() if k not in VARIABLES)

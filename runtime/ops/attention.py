@@ -1,0 +1,115 @@
+"""Compressed attention family: kv_compress, sparse_attention (spec sections 3 and 4)."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from . import _check as c
+from ..spec import OutputSpec, declare_spec
+
+FAMILY = "attention"
+
+
+def kv_compress(kv: Tensor, gate: Tensor, ape: Tensor, ratio: int, overlap: bool,
+                prev_kv: Tensor | None = None, prev_gate: Tensor | None = None) -> Tensor:
+    """out[B, S/ratio, d] float32: gated softmax pooling of every block of ``ratio`` tokens, per channel.
+
+    - ``kv``, ``gate``: [B, S, C] float32 / bfloat16 / float16 (the compressor's ``wkv(x)``, ``wgate(x)``),
+      S % ratio == 0; ``ape``: [ratio, C] float32, added to the gate by position in block.
+    - ``overlap=False`` (HCA, ratio 128): C = d, ``out[j, c] = sum_{i in block j}
+      softmax_i(gate[i, c] + ape[i mod ratio, c]) * kv[i, c]``.
+    - ``overlap=True`` (CSA, ratio 4): C = 2d; entry j is a softmax over 2*ratio tokens per channel c:
+      the previous block's first-half channel ``c`` (logit ``gate[i, c] + ape[i - ratio(j-1), c]``) and the
+      own block's second-half channel ``d + c`` (logit ``gate[i, d+c] + ape[i - ratio j, d+c]``), with
+      values ``kv`` at the same channels. For j = 0 the previous block is ``prev_kv``/``prev_gate``
+      [B, ratio, C] when given (continuing a sequence), else empty (logit -inf).
+    No norm or RoPE here: those are model glue. Computed in float32.
+    """
+
+
+def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, scale: float,
+                     return_lse: bool = False) -> Tensor:
+    """o[B, S, H, D]: one softmax per (b, s, h) over the selected shared K=V entries plus an attention sink.
+
+    - ``q``: [B, S, H, D] float32 / bfloat16 / float16; ``kv``: [B, N, D] (K = V), same dtype family.
+    - ``idx``: [B, S, K] int32 entries in [0, N) or -1 (skip); duplicates count as separate entries.
+    - ``sink``: [H] float32 logits or None: ``exp(sink[h])`` is added to the denominator only.
+    - ``logit_j = scale * q . kv[idx_j]``; ``o = sum_j exp(logit_j) kv[idx_j] / (sum_j exp(logit_j) + exp(sink))``.
+      A row with no valid index returns zeros. Output dtype = q dtype, fp32 statistics.
+    - ``return_lse``: also return ``lse`` [B, S, H] float32 = log of the full denominator (sink
+      included; -inf for a row with no valid index and no sink), so partial results merge exactly.
+    """
+
+
+def _check_compress(a: Mapping[str, Any]) -> None:
+    op = "kv_compress"
+    c.tensor(op, "kv", a["kv"], 3, c.FLOAT_ACT)
+    b, s, ch = a["kv"].shape
+    c.tensor(op, "gate", a["gate"], 3, c.FLOAT_ACT)
+    c.shape(op, "gate", a["gate"], (b, s, ch), "[B, S, C] like kv")
+    c.integer(op, "ratio", a["ratio"], lo=1)
+    c.flag(op, "overlap", a["overlap"])
+    ratio = a["ratio"]
+    if s % ratio:
+        raise c.ContractError(op, "kv", f"S (kv.shape[1]) divisible by ratio = {ratio}", f"S = {s}")
+    if a["overlap"] and ch % 2:
+        raise c.ContractError(op, "kv", "an even channel count C = 2d when overlap=True", f"C = {ch}")
+    c.tensor(op, "ape", a["ape"], 2, (torch.float32,))
+    c.shape(op, "ape", a["ape"], (ratio, ch), "[ratio, C]")
+    prev = [n for n in ("prev_kv", "prev_gate") if a[n] is not None]
+    if prev and not a["overlap"]:
+        raise c.ContractError(op, prev[0], "None when overlap=False (blocks do not overlap)", "a tensor")
+    if len(prev) == 1:
+        missing = "prev_gate" if prev[0] == "prev_kv" else "prev_kv"
+        raise c.ContractError(op, missing, f"a tensor, since {prev[0]} was given (both or neither)", "None")
+    for n in prev:
+        c.tensor(op, n, a[n], 3, c.FLOAT_ACT)
+        c.shape(op, n, a[n], (b, ratio, ch), "[B, ratio, C]")
+
+
+def _out_compress(a: Mapping[str, Any]) -> tuple[OutputSpec, ...]:
+    b, s, ch = a["kv"].shape
+    d = ch // 2 if a["overlap"] else ch
+    return (OutputSpec("out", (b, s // a["ratio"], d), torch.float32),)
+
+
+def _check_attention(a: Mapping[str, Any]) -> None:
+    op = "sparse_attention"
+    c.tensor(op, "q", a["q"], 4, c.FLOAT_ACT)
+    b, s, h, d = a["q"].shape
+    c.tensor(op, "kv", a["kv"], 3, c.FLOAT_ACT)
+    n = a["kv"].shape[1]
+    c.shape(op, "kv", a["kv"], (b, n, d), "[B, N, D]")
+    c.tensor(op, "idx", a["idx"], 3, c.INDEX)
+    c.shape(op, "idx", a["idx"], (b, s, a["idx"].shape[2]), "[B, S, K]")
+    if a["sink"] is not None:
+        c.tensor(op, "sink", a["sink"], 1, (torch.float32,))
+        c.shape(op, "sink", a["sink"], (h,), "[H]")
+    c.number(op, "scale", a["scale"], positive=True)
+    c.flag(op, "return_lse", a["return_lse"])
+
+
+def _values_attention(a: Mapping[str, Any]) -> None:
+    c.index_range("sparse_attention", "idx", a["idx"], 0, a["kv"].shape[1], allow_minus_one=True)
+    if a["sink"] is not None:
+        c.finite("sparse_attention", "sink", a["sink"])
+
+
+def _out_attention(a: Mapping[str, Any]) -> tuple[OutputSpec, ...]:
+    out = (OutputSpec("o", tuple(a["q"].shape), a["q"].dtype),)
+    if a["return_lse"]:
+        out += (OutputSpec("lse", tuple(a["q"].shape[:3]), torch.float32),)
+    return out
+
+
+KV_COMPRESS = declare_spec(kv_compress, family=FAMILY, check=_check_compress, outputs=_out_compress,
+                           reference="dsv4rt.reference:kv_compress",
+                           cases="dsv4rt.conformance.cases.attention:kv_compress",
+                           tolerance="dsv4rt.conformance.tolerance:pooling")
+SPARSE_ATTENTION = declare_spec(sparse_attention, family=FAMILY, check=_check_attention, outputs=_out_attention,
+                                check_values=_values_attention, reference="dsv4rt.reference:sparse_attention",
+                                cases="dsv4rt.conformance.cases.attention:sparse_attention",
+                                tolerance="dsv4rt.conformance.tolerance:attention")
+SPECS = (KV_COMPRESS, SPARSE_ATTENTION)

@@ -1,0 +1,76 @@
+"""Lightning indexer family: indexer_topk (spec section 2)."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from . import _check as c
+from ..spec import OutputSpec, declare_spec
+
+FAMILY = "indexer"
+KEY_DTYPES = c.FLOAT_ACT + (torch.float8_e4m3fn,)
+
+
+def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: int,
+                 k_scale: Tensor | None = None, return_scores: bool = False) -> Tensor:
+    """idx[B, S, topk] int32: the ``topk`` best compressed keys of each query by the lightning-indexer score.
+
+    ``score[b, s, t] = sum_h weights[b, s, h] * relu(q[b, s, h, :] . key[b, t, :])`` over keys
+    ``t < visible[b, s]`` (causality is the caller's ``visible``, e.g. ``(pos + 1) // 4``).
+
+    - ``q``: [B, S, H, D] float32 / bfloat16 / float16.
+    - ``k``: [B, N, D], the same float dtypes, or torch.float8_e4m3fn with ``k_scale`` [B, N] float32
+      (``key = e4m3 * k_scale[b, t]``).
+    - ``weights``: [B, S, H] float32 head weights; ``visible``: [B, S] int32 in [0, N].
+    - ``topk`` >= 1. Row ``(b, s)`` holds ``min(topk, visible[b, s])`` distinct key indices and -1 in
+      the remaining slots. Order within a row is unspecified; ties may be broken either way.
+    - ``return_scores``: also return ``scores`` [B, S, topk] float32, the score of each returned index
+      (-inf where idx is -1).
+    Scores are accumulated in fp32; per-head scores are never materialised by fused backends.
+    """
+
+
+def _check(a: Mapping[str, Any]) -> None:
+    op = "indexer_topk"
+    c.tensor(op, "q", a["q"], 4, c.FLOAT_ACT)
+    b, s, h, d = a["q"].shape
+    c.tensor(op, "k", a["k"], 3, KEY_DTYPES)
+    n = a["k"].shape[1]
+    c.shape(op, "k", a["k"], (b, n, d), "[B, N, D]")
+    if a["k"].dtype == torch.float8_e4m3fn:
+        if a["k_scale"] is None:
+            raise c.ContractError(op, "k_scale", "a [B, N] float32 tensor when k is float8_e4m3fn", "None")
+        c.tensor(op, "k_scale", a["k_scale"], 2, (torch.float32,))
+        c.shape(op, "k_scale", a["k_scale"], (b, n), "[B, N]")
+    elif a["k_scale"] is not None:
+        raise c.ContractError(op, "k_scale", "None when k is not float8_e4m3fn", f"a tensor (k is {a['k'].dtype})")
+    c.tensor(op, "weights", a["weights"], 3, (torch.float32,))
+    c.shape(op, "weights", a["weights"], (b, s, h), "[B, S, H]")
+    c.tensor(op, "visible", a["visible"], 2, c.INDEX)
+    c.shape(op, "visible", a["visible"], (b, s), "[B, S]")
+    c.integer(op, "topk", a["topk"], lo=1)
+    c.flag(op, "return_scores", a["return_scores"])
+
+
+def _values(a: Mapping[str, Any]) -> None:
+    op = "indexer_topk"
+    c.index_range(op, "visible", a["visible"], 0, a["k"].shape[1] + 1)
+    if a["k_scale"] is not None:
+        c.finite(op, "k_scale", a["k_scale"])
+
+
+def _outputs(a: Mapping[str, Any]) -> tuple[OutputSpec, ...]:
+    b, s = a["q"].shape[:2]
+    out = (OutputSpec("idx", (b, s, a["topk"]), torch.int32),)
+    if a["return_scores"]:
+        out += (OutputSpec("scores", (b, s, a["topk"]), torch.float32),)
+    return out
+
+
+INDEXER_TOPK = declare_spec(indexer_topk, family=FAMILY, check=_check, outputs=_outputs, check_values=_values,
+                            reference="dsv4rt.reference:indexer_topk",
+                            cases="dsv4rt.conformance.cases.indexer:indexer_topk",
+                            tolerance="dsv4rt.conformance.tolerance:topk")
+SPECS = (INDEXER_TOPK,)

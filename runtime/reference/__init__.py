@@ -1,0 +1,35 @@
+"""dsv4rt.reference: the float64 golden implementation of every v1 op.
+
+The plainest reading of ``spec/deepseek-v4.md``: slow on purpose, no input validation (the op specs in
+``dsv4rt.ops`` do that). Inputs are CPU torch tensors; outputs are float64, index outputs int32.
+Backends are compared against these functions by the conformance runner.
+"""
+
+from .attention import kv_compress, sparse_attention
+from .gemm import act_quant_fp8, act_scales_fp8, fp4_gemm, fp4_grouped_gemm, fp8_gemm
+from .indexer import indexer_scores, indexer_topk
+from .moe import moe_combine, moe_dispatch, moe_route, moe_route_weights, moe_scores
+
+# The nine v1 ops, by name (design.md section 2).
+OPS = {
+    "fp4_gemm": fp4_gemm,
+    "fp4_grouped_gemm": fp4_grouped_gemm,
+    "fp8_gemm": fp8_gemm,
+    "indexer_topk": indexer_topk,
+    "kv_compress": kv_compress,
+    "sparse_attention": sparse_attention,
+    "moe_route": moe_route,
+    "moe_dispatch": moe_dispatch,
+    "moe_combine": moe_combine,
+}
+
+__all__ = [
+    *OPS,
+    "OPS",
+    # helpers for conformance checks
+    "indexer_scores",
+    "moe_route_weights",
+    "moe_scores",
+    "act_quant_fp8",
+    "act_scales_fp8",
+]
