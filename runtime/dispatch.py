@@ -131,7 +131,8 @@ class Op:
             entry = self._select(args, backend)
             if len(self._cache) >= _CACHE_LIMIT:
                 self._cache.clear()
-            self._cache[key] = entry
+            # selection may load a backend, which bumps the generation: store under the key as it is now
+            self._cache[self._key(args, backend)] = entry
         return entry
 
     def __call__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:

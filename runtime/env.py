@@ -5,10 +5,12 @@ Variables are read when first needed (never at import) and cached; call :func:`r
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
-__all__ = ["VARIABLES", "Variable", "get", "flag", "refresh", "in_effect", "unknown"]
+__all__ = ["VARIABLES", "Variable", "get", "flag", "refresh", "override", "in_effect", "unknown"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,23 @@ def flag(name: str) -> bool:
 def refresh() -> None:
     """Forget cached values so the next read sees the current environment."""
     _cache.clear()
+
+
+@contextlib.contextmanager
+def override(name: str, value: str) -> Iterator[None]:
+    """Within the block, read ``name`` as ``value`` whatever the environment says (conformance uses it
+    to force value checks on accelerators). Cached selections are invalidated on entry and exit."""
+    from .registry import bump_generation
+
+    get(name)
+    saved = _cache[name]
+    _cache[name] = value
+    bump_generation()
+    try:
+        yield
+    finally:
+        _cache[name] = saved
+        bump_generation()
 
 
 def in_effect() -> dict[str, str]:

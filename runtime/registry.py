@@ -17,6 +17,15 @@ log = logging.getLogger("dsv4rt")
 _GEN = [0]
 
 
+def _apply_log_level() -> None:
+    """Honour DSV4RT_LOG_LEVEL on the 'dsv4rt' logger (read on first use, never at import)."""
+    from . import env
+
+    level = env.get("DSV4RT_LOG_LEVEL").upper()
+    if level:
+        log.setLevel(level)
+
+
 def generation() -> int:
     """Bumped whenever anything a selection depends on changes (registrations, environment)."""
     return _GEN[0]
@@ -44,6 +53,7 @@ class Registry:
         if self._backends is None:
             with self._lock:
                 if self._backends is None:
+                    _apply_log_level()
                     self._backends, self._records = discover()
         return self._backends
 
@@ -81,6 +91,12 @@ class Registry:
                 probe = Probe(False, f"probe() raised {type(exc).__name__}: {exc}")
             self._probes[name] = probe
         return probe
+
+    def forget_probes(self) -> None:
+        """Probe every backend again on next use (after the environment changed)."""
+        with self._lock:
+            self._probes.clear()
+            bump_generation()
 
     def load(self, name: str) -> list[Implementation]:
         """Load the backend's implementations once; raises PluginLoadError with the reason on failure."""

@@ -168,12 +168,12 @@ def _choose_auto(reg: Registry, op: str, device_type: str, args: Mapping[str, An
         rejected += [(n, "not listed in DSV4RT_BACKEND") for n in reg.backends() if n not in prefs]
     groups = [[n] for n in prefs] if prefs is not None else [list(reg.backends())]
     for group in groups:
-        impls = [i for name in group for i in _backend_impls(reg, name, op, rejected) if i.device_type == device_type]
+        impls = [i for name in group for i in _backend_impls(reg, name, op, rejected)]
         ok = _screen(reg, impls, device_type, args, rejected)
         if not ok:
             continue
         best = max(ok, key=lambda i: i.priority)
-        faster = {i.name for i in impls if i.priority > best.priority}
+        faster = {i.name for i in impls if i.priority > best.priority and i.device_type == device_type}
         skipped = [(n, r) for n, r in rejected if n in faster]
         if skipped and env.flag("DSV4RT_STRICT"):
             raise NoImplementationError(
@@ -209,14 +209,22 @@ def choose(reg: Registry, op: str, device_type: str, args: Mapping[str, Any],
             cpu_choice.rejected = rejected + cpu_rejected
             return cpu_choice
         rejected += cpu_rejected
+    fixes = f"install or enable a backend for {device_type}, or move the inputs to a device that has one"
+    fixes += (", or set DSV4RT_FALLBACK=cpu to copy through the CPU backend" if device_type != "cpu" else
+              ", or set DSV4RT_FALLBACK=<device type> to copy through a backend of another device")
     raise NoImplementationError(
         f"{op}: no implementation can run this call on {device_type}. Candidates:\n{_listing(rejected)}\n"
-        f"Fixes: install or enable a backend for {device_type}, move the inputs to a device that has one, "
-        f"or set DSV4RT_FALLBACK=cpu to copy through the CPU backend. {_HINT}")
+        f"Fixes: {fixes}. {_HINT}")
 
 
 def refresh() -> None:
-    """Re-read the DSV4RT_* environment and drop every cached selection."""
+    """Re-read the DSV4RT_* environment, re-probe every backend and drop every cached selection.
+
+    Backends already loaded stay loaded; ``dsv4rt.REGISTRY.reset()`` also forgets those (and re-runs
+    plug-in discovery)."""
+    from .registry import REGISTRY
+
     env.refresh()
     _warned.clear()
+    REGISTRY.forget_probes()
     bump_generation()

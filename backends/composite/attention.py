@@ -1,0 +1,112 @@
+"""Plain-torch compressed attention: kv_compress (spec 3.2 / 4.1) and sparse_attention (spec 3.5).
+
+Both compute in float32 and never synchronise with the host. sparse_attention processes a chunk of
+queries at a time so the gathered ``[B, chunk, K, D]`` key/value rows stay under ``CHUNK_ELEMS``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dsv4rt.backend import new_output
+
+__all__ = ["kv_compress", "sparse_attention", "CHUNK_ELEMS"]
+
+CHUNK_ELEMS = 1 << 25
+"""Upper bound on the elements of the largest float32 intermediate per query chunk (128 MiB)."""
+
+
+def _pool(logits: Tensor, values: Tensor) -> Tensor:
+    """Softmax over dim 2 (the tokens of a window), per channel, then the weighted sum of ``values``."""
+    return (torch.softmax(logits, dim=2) * values).sum(dim=2)
+
+
+def _add_sink(lse: Tensor, sink: Tensor) -> Tensor:
+    """``log(exp(lse) + exp(sink))`` from elementary ops (logaddexp is not on every device); both -inf
+    (an empty row and a padded head's -inf sink) gives -inf, not NaN."""
+    m = torch.maximum(lse, sink)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return m + torch.log(torch.exp(lse - m) + torch.exp(sink - m))
+
+
+def kv_compress(kv: Tensor, gate: Tensor, ape: Tensor, ratio: int, overlap: bool,
+                prev_kv: Tensor | None = None, prev_gate: Tensor | None = None) -> Tensor:
+    """``out[B, S/ratio, d]`` float32: per-channel gated softmax pooling of every block of ``ratio`` tokens.
+
+    ``overlap=False``: one softmax over the block's ``ratio`` tokens (C = d).
+    ``overlap=True`` (C = 2d): the softmax of entry j runs over ``2*ratio`` tokens, the first-half
+    channels of block j-1 (``prev_kv``/``prev_gate`` for j = 0, else logit -inf and value 0) and the
+    second-half channels of block j; ``ape`` is added to the gate by position in block.
+    Vectorised over all blocks at once (the previous blocks are the own blocks shifted by one).
+    """
+    b, s, ch = kv.shape
+    nb = s // ratio
+    d = ch // 2 if overlap else ch
+    out = new_output((b, nb, d), torch.float32, kv.device)
+    if nb == 0 or b == 0 or d == 0:
+        return out
+    kvb = kv.float().reshape(b, nb, ratio, ch)
+    logit = gate.float().reshape(b, nb, ratio, ch) + ape.float()       # [B, nb, ratio, C]
+    if not overlap:
+        out.copy_(_pool(logit, kvb))
+        return out
+    if prev_kv is not None:
+        first_l = (prev_gate.float()[:, :, :d] + ape.float()[:, :d]).unsqueeze(1)   # [B, 1, ratio, d]
+        first_v = prev_kv.float()[:, :, :d].unsqueeze(1)
+    else:
+        first_l = torch.full((b, 1, ratio, d), float("-inf"), dtype=torch.float32, device=kv.device)
+        first_v = torch.zeros((b, 1, ratio, d), dtype=torch.float32, device=kv.device)
+    prev_l = torch.cat([first_l, logit[:, :-1, :, :d]], dim=1)          # block j-1, first half
+    prev_v = torch.cat([first_v, kvb[:, :-1, :, :d]], dim=1)
+    logits = torch.cat([prev_l, logit[:, :, :, d:]], dim=2)             # [B, nb, 2*ratio, d]
+    values = torch.cat([prev_v, kvb[:, :, :, d:]], dim=2)
+    out.copy_(_pool(logits, values))
+    return out
+
+
+def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, scale: float,
+                     return_lse: bool = False):
+    """``o[B, S, H, D]`` in q's dtype: one softmax per (b, s, h) over the selected K=V rows plus the sink.
+
+    Rows ``kv[b, idx]`` are gathered with the indices clamped into range (``index_select`` on the
+    flattened kv); -1 entries are masked to -inf. ``lse = logsumexp(logits ++ [sink])`` (float32) is
+    the log of the full denominator, ``p = exp(logit - lse)``, ``o = p @ rows``: a row with no valid
+    index gets ``p = 0`` and so ``o = 0``, and ``lse = sink[h]`` (``-inf`` without a sink).
+    With ``return_lse`` also returns ``lse[B, S, H]`` float32.
+    """
+    b, s, h, d = q.shape
+    n, k = kv.shape[1], idx.shape[2]
+    dev = q.device
+    o = new_output((b, s, h, d), q.dtype, dev)
+    lse_out = new_output((b, s, h), torch.float32, dev) if return_lse else None
+    sink_f = None if sink is None else sink.float()
+    if n == 0 or k == 0 or b * s * h == 0:
+        # Nothing can be selected (with n == 0 every valid idx is -1): zeros, lse = sink or -inf.
+        o.zero_()
+        if lse_out is not None:
+            lse_out.fill_(float("-inf"))
+            if sink_f is not None:
+                lse_out.copy_(sink_f.expand(b, s, h))
+        return (o, lse_out) if return_lse else o
+
+    qf = q.float()
+    flat = kv.float().reshape(b * n, d)
+    base = (torch.arange(b, device=dev) * n).view(b, 1, 1)
+    chunk = max(1, CHUNK_ELEMS // max(1, b * k * max(d, h)))
+    for s0 in range(0, s, chunk):
+        s1 = min(s, s0 + chunk)
+        c = s1 - s0
+        ic = idx[:, s0:s1].long()                                        # [B, c, K]
+        valid = ic >= 0
+        rows = flat.index_select(0, (ic.clamp(0, n - 1) + base).reshape(-1)).view(b, c, k, d)
+        logits = torch.matmul(qf[:, s0:s1], rows.transpose(-1, -2)).mul_(scale)   # [B, c, H, K]
+        logits.masked_fill_(~valid[:, :, None, :], float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1)                             # [B, c, H]
+        if sink_f is not None:
+            lse = _add_sink(lse, sink_f)
+        shift = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        p = torch.exp(logits - shift[..., None])                          # 0 where masked
+        o[:, s0:s1].copy_(torch.matmul(p, rows))
+        if lse_out is not None:
+            lse_out[:, s0:s1].copy_(lse)
+    return (o, lse_out) if return_lse else o

@@ -1,0 +1,91 @@
+"""NumPy lightning-indexer top-k: indexer_topk."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dsv4rt.backend import new_output
+from dsv4rt.formats import decode_e4m3
+
+from ._np import BUDGET, f32, ints, u8
+
+
+def _keys(k: torch.Tensor, k_scale: torch.Tensor | None, b: int, n: int) -> np.ndarray:
+    """The first n keys of batch row b as float32 [n, D]; E4M3 keys are decoded (dsv4rt.formats) and
+    multiplied by k_scale[b]. Keys no query of the call can see are never converted."""
+    if k.dtype == torch.float8_e4m3fn:
+        return decode_e4m3(u8(k[b, :n])) * f32(k_scale[b, :n])[:, None]  # type: ignore[index]
+    return f32(k[b, :n])
+
+
+def _scores(qb: np.ndarray, kb: np.ndarray, wb: np.ndarray, n: int) -> np.ndarray:
+    """score[s, t] = sum_h w[s, h] * relu(q[s, h] . k[t]) for t < n, float32 [S', n], computed in key
+    chunks so the per-head products stay within BUDGET."""
+    sc, h, d = qb.shape
+    out = np.empty((sc, n), np.float32)
+    step = max(1, BUDGET // max(sc * h, 1))
+    q2 = qb.reshape(sc * h, d)
+    w3 = wb[:, None, :]                                   # [S', 1, H]
+    for t0 in range(0, n, step):
+        t1 = min(n, t0 + step)
+        dots = (q2 @ kb[t0:t1].T).reshape(sc, h, t1 - t0)  # [S', H, t]
+        np.maximum(dots, 0.0, out=dots)
+        out[:, t0:t1] = np.matmul(w3, dots)[:, 0, :]
+    return out
+
+
+def _select(scores: np.ndarray, vis: np.ndarray, topk: int, idx: np.ndarray,
+            best: np.ndarray | None) -> None:
+    """Write the top-k visible keys of each row (descending score, -1 after) into idx / best."""
+    sc, n = scores.shape
+    idx[...] = -1
+    if best is not None:
+        best[...] = -np.inf
+    kk = min(topk, n)
+    if kk == 0:
+        return
+    scores[np.arange(n)[None, :] >= vis[:, None]] = -np.inf
+    if kk < n:
+        sel = np.argpartition(scores, n - kk, axis=1)[:, n - kk:]     # the kk largest, unordered
+    else:
+        sel = np.broadcast_to(np.arange(n), (sc, n))
+    val = np.take_along_axis(scores, sel, axis=1)
+    order = np.argsort(-val, axis=1, kind="stable")                   # only kk per row: cheap
+    sel = np.take_along_axis(sel, order, axis=1)
+    val = np.take_along_axis(val, order, axis=1)
+    valid = sel < vis[:, None]
+    idx[:, :kk] = np.where(valid, sel, -1)
+    if best is not None:
+        best[:, :kk] = np.where(valid, val, -np.inf)
+
+
+def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, visible: torch.Tensor, topk: int,
+                 k_scale: torch.Tensor | None = None, return_scores: bool = False):
+    """idx[B, S, topk] int32 (+ scores float32): top-k keys by the lightning-indexer score.
+
+    Float32 scores per batch row and query chunk (keys beyond the chunk's largest ``visible`` are never
+    scored); ``np.argpartition`` picks the top-k, which are then ordered by descending score, so valid
+    indices come first and -1 fills the rest.
+    """
+    bsz, s, h, _ = q.shape
+    n = k.shape[1]
+    idx = new_output((bsz, s, topk), torch.int32, "cpu")
+    scores_t = new_output((bsz, s, topk), torch.float32, "cpu") if return_scores else None
+    idx_np = idx.numpy()
+    sc_np = scores_t.numpy() if scores_t is not None else None
+    vis = np.clip(ints(visible).astype(np.int64), 0, n)
+    w_all = f32(weights)
+    # query rows per chunk: the [rows, N] score buffer and a [rows*H, >=1024 keys] product fit BUDGET
+    rows = max(1, min(s, BUDGET // max(n, 1), BUDGET // max(h * min(max(n, 1), 1024), 1)))
+    for b in range(bsz):
+        kb = _keys(k, k_scale, b, int(vis[b].max()) if s else 0)
+        qb = f32(q[b])
+        for s0 in range(0, s, rows):
+            s1 = min(s, s0 + rows)
+            vrow = vis[b, s0:s1]
+            nmax = int(vrow.max()) if s1 > s0 else 0
+            scores = _scores(qb[s0:s1], kb, w_all[b, s0:s1], nmax)
+            _select(scores, vrow, topk, idx_np[b, s0:s1], None if sc_np is None else sc_np[b, s0:s1])
+    if return_scores:
+        return idx, scores_t
+    return idx

@@ -1,0 +1,134 @@
+"""Conformance cases of kv_compress and sparse_attention."""
+from __future__ import annotations
+
+import torch
+
+from ..case import Case, case_generator, randn
+
+BF16, F32 = torch.bfloat16, torch.float32
+
+
+def _compress(label: str, b: int, s: int, d: int, ratio: int, overlap: bool, prev: bool = False, dtype=F32,
+              gate_scale: float = 1.0, noncontig: tuple[str, ...] = ()) -> Case:
+    c = 2 * d if overlap else d
+
+    def make(gen: torch.Generator) -> dict:
+        args = {"kv": randn(gen, b, s, c, dtype=dtype), "gate": randn(gen, b, s, c, dtype=dtype, scale=gate_scale),
+                "ape": randn(gen, ratio, c, scale=0.5), "ratio": ratio, "overlap": overlap,
+                "prev_kv": None, "prev_gate": None}
+        if prev:
+            args["prev_kv"] = randn(gen, b, ratio, c, dtype=dtype)
+            args["prev_gate"] = randn(gen, b, ratio, c, dtype=dtype, scale=gate_scale)
+        return args
+    return Case("kv_compress", label, make, noncontig=noncontig)
+
+
+@case_generator
+def kv_compress() -> list[Case]:
+    """Ratio 4 with overlap (first block padded or continued), ratio 128 without, large gates, views."""
+    cases = [
+        _compress("r4-overlap-B2-S32-d64", 2, 32, 64, 4, True),
+        _compress("r4-overlap-prev", 2, 16, 32, 4, True, prev=True),
+        _compress("r4-overlap-one-block", 1, 4, 64, 4, True),
+        _compress("r4-overlap-bf16", 1, 24, 64, 4, True, dtype=BF16),
+        _compress("r128-B1-S256-d64", 1, 256, 64, 128, False),
+        _compress("r128-bf16", 2, 128, 32, 128, False, dtype=BF16),
+        _compress("large-gates", 1, 16, 32, 4, True, gate_scale=40.0),
+        _compress("empty-sequence", 2, 0, 32, 4, True),
+        _compress("noncontiguous", 1, 16, 32, 4, True, prev=True, noncontig=("kv", "gate", "prev_kv")),
+    ]
+
+    def good(gen):
+        return {"kv": randn(gen, 1, 8, 16), "gate": randn(gen, 1, 8, 16), "ape": randn(gen, 4, 16), "ratio": 4,
+                "overlap": True, "prev_kv": None, "prev_gate": None}
+
+    def edit(**changes):
+        def make(gen):
+            args = good(gen)
+            for key, value in changes.items():
+                args[key] = value(args) if callable(value) else value
+            return args
+        return make
+
+    bad = [
+        ("S-not-multiple", "kv", edit(kv=lambda a: a["kv"][:, :6], gate=lambda a: a["gate"][:, :6])),
+        ("gate-shape", "gate", edit(gate=lambda a: a["gate"][:, :4])),
+        ("ape-shape", "ape", edit(ape=lambda a: a["ape"][:2])),
+        ("ape-dtype", "ape", edit(ape=lambda a: a["ape"].to(BF16))),
+        ("odd-channels-overlap", "kv", edit(kv=lambda a: a["kv"][..., :15], gate=lambda a: a["gate"][..., :15],
+                                            ape=lambda a: a["ape"][:, :15])),
+        ("prev-half-given", "prev_gate", edit(prev_kv=lambda a: torch.zeros(1, 4, 16))),
+        ("prev-without-overlap", "prev_kv", edit(overlap=False, kv=lambda a: a["kv"][..., :8],
+                                                 gate=lambda a: a["gate"][..., :8], ape=lambda a: a["ape"][:, :8],
+                                                 prev_kv=lambda a: torch.zeros(1, 4, 8),
+                                                 prev_gate=lambda a: torch.zeros(1, 4, 8))),
+        ("ratio-zero", "ratio", edit(ratio=0)),
+    ]
+    cases += [Case("kv_compress", f"bad-{label}", make, raises=arg) for label, arg, make in bad]
+    return cases
+
+
+def _window_plus_topk(gen: torch.Generator, b: int, s: int, n: int, k: int, pad: float) -> torch.Tensor:
+    """Random indices in [0, n) with a fraction ``pad`` of -1, plus duplicates."""
+    idx = torch.randint(0, n, (b, s, k), generator=gen, dtype=torch.int32)
+    idx[torch.rand((b, s, k), generator=gen) < pad] = -1
+    return idx
+
+
+def _attn(label: str, b: int, s: int, h: int, d: int, n: int, k: int, dtype=BF16, sink: bool = True,
+          pad: float = 0.2, lse: bool = False, idx_fn=None, qscale: float = 1.0,
+          noncontig: tuple[str, ...] = ()) -> Case:
+    def make(gen: torch.Generator) -> dict:
+        idx = idx_fn(gen) if idx_fn else _window_plus_topk(gen, b, s, n, k, pad)
+        return {"q": randn(gen, b, s, h, d, dtype=dtype, scale=qscale), "kv": randn(gen, b, n, d, dtype=dtype),
+                "idx": idx, "sink": (torch.randn((h,), generator=gen) if sink else None),
+                "scale": d ** -0.5, "return_lse": lse}
+    return Case("sparse_attention", label, make, noncontig=noncontig)
+
+
+@case_generator
+def sparse_attention() -> list[Case]:
+    """Decode and prefill, with and without sink, -1 padding, empty rows, duplicates, lse, large logits."""
+    def some_empty(gen):
+        idx = _window_plus_topk(gen, 2, 5, 40, 24, 0.3)
+        idx[0, 1] = -1
+        idx[1, 4] = -1
+        return idx
+
+    cases = [
+        _attn("decode-B2-H16-D128-N300-K96", 2, 1, 16, 128, 300, 96),
+        _attn("prefill-B1-S16-H8-D64-N80-K40", 1, 16, 8, 64, 80, 40),
+        _attn("no-sink", 1, 4, 4, 64, 50, 20, sink=False),
+        _attn("empty-rows-sink", 2, 5, 4, 64, 40, 24, idx_fn=some_empty, lse=True),
+        _attn("empty-rows-no-sink", 2, 5, 4, 64, 40, 24, idx_fn=some_empty, sink=False, lse=True),
+        _attn("all-padding", 1, 3, 4, 32, 10, 8, pad=1.0, lse=True),
+        _attn("f32-lse", 1, 6, 4, 64, 60, 32, dtype=F32, lse=True),
+        _attn("large-logits", 1, 4, 4, 64, 30, 16, qscale=30.0, lse=True),
+        _attn("head-dim-512", 1, 2, 4, 512, 64, 32),
+        _attn("noncontiguous", 1, 4, 4, 64, 40, 16, noncontig=("q", "kv", "idx")),
+    ]
+
+    def good(gen):
+        return {"q": randn(gen, 1, 2, 4, 32, dtype=BF16), "kv": randn(gen, 1, 10, 32, dtype=BF16),
+                "idx": torch.tensor([[[0, 3, -1], [9, 9, 1]]], dtype=torch.int32),
+                "sink": torch.zeros(4), "scale": 32 ** -0.5, "return_lse": False}
+
+    def edit(key, value):
+        def make(gen):
+            args = good(gen)
+            args[key] = value(args) if callable(value) else value
+            return args
+        return make
+
+    bad = [
+        ("idx-out-of-range", "idx", lambda a: torch.tensor([[[0, 10, -1], [9, 9, 1]]], dtype=torch.int32)),
+        ("idx-below-minus-one", "idx", lambda a: torch.tensor([[[0, -2, -1], [9, 9, 1]]], dtype=torch.int32)),
+        ("idx-dtype", "idx", lambda a: a["idx"].long()),
+        ("kv-head-dim", "kv", lambda a: a["kv"][..., :16]),
+        ("sink-shape", "sink", lambda a: torch.zeros(3)),
+        ("sink-nan", "sink", lambda a: torch.tensor([0.0, float("nan"), 0.0, 0.0])),
+        ("scale-negative", "scale", -1.0),
+        ("q-dtype", "q", lambda a: a["q"].to(torch.int8)),
+    ]
+    cases += [Case("sparse_attention", f"bad-{label}", edit(arg, value), raises=arg) for label, arg, value in bad]
+    return cases

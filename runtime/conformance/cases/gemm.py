@@ -1,0 +1,169 @@
+"""Conformance cases of the GEMM family (fp4_gemm, fp4_grouped_gemm, fp8_gemm)."""
+from __future__ import annotations
+
+import torch
+
+from ..case import Case, case_generator, rand_e4m3, rand_e8m0, rand_mxfp4, randn
+
+BF16, F32, F16 = torch.bfloat16, torch.float32, torch.float16
+_DT = {BF16: "bf16", F32: "f32", F16: "f16"}
+
+
+def _fp4_case(m: int, n: int, k: int, dtype=BF16, act=None, scale=(120, 130), xmag=1.0, packed=torch.uint8,
+              label: str = "", noncontig: tuple[str, ...] = ()) -> Case:
+    def make(gen: torch.Generator) -> dict:
+        w, s = rand_mxfp4(gen, n, k, scale_lo=scale[0], scale_hi=scale[1], packed_dtype=packed)
+        return {"x": randn(gen, m, k, dtype=dtype, scale=xmag), "w": w, "w_scale": s, "act_quant": act}
+    name = label or f"M{m}-N{n}-K{k}-{_DT[dtype]}" + (f"-{act}" if act else "")
+    return Case("fp4_gemm", name, make, noncontig=noncontig)
+
+
+def _bad(op: str, label: str, arg: str, make) -> Case:
+    return Case(op, f"bad-{label}", make, raises=arg)
+
+
+@case_generator
+def fp4_gemm() -> list[Case]:
+    """Decode (M=1), small and medium M, every activation dtype, fp8 activations, extreme scales, views."""
+    cases = [
+        _fp4_case(1, 256, 512),
+        _fp4_case(7, 64, 96),
+        _fp4_case(64, 256, 512),
+        _fp4_case(33, 128, 256, dtype=F32),
+        _fp4_case(16, 64, 128, dtype=F16),
+        _fp4_case(1, 256, 512, act="fp8"),
+        _fp4_case(48, 128, 384, act="fp8"),
+        _fp4_case(8, 64, 256, scale=(1, 12), label="subnormal-scales"),
+        _fp4_case(8, 64, 256, scale=(150, 160), xmag=1e3, act="fp8", label="large-magnitude"),
+        _fp4_case(8, 64, 128, packed=torch.int8, label="int8-weights"),
+        _fp4_case(8, 64, 128, packed=torch.float4_e2m1fn_x2, label="float4x2-weights"),
+        _fp4_case(9, 64, 128, noncontig=("x", "w", "w_scale"), label="noncontiguous"),
+    ]
+
+    def good(gen):
+        w, s = rand_mxfp4(gen, 32, 64)
+        return {"x": randn(gen, 4, 64, dtype=BF16), "w": w, "w_scale": s, "act_quant": None}
+
+    def edit(**changes):
+        def make(gen):
+            args = good(gen)
+            for key, fn in changes.items():
+                args[key] = fn(args[key])
+            return args
+        return make
+
+    def nan_scale(s):
+        s = s.view(torch.uint8).clone()
+        s[3, 1] = 255
+        return s
+
+    cases += [
+        _bad("fp4_gemm", "x-rank", "x", edit(x=lambda x: x[0])),
+        _bad("fp4_gemm", "x-dtype", "x", edit(x=lambda x: x.to(torch.int32))),
+        _bad("fp4_gemm", "K-not-multiple-of-32", "x", edit(x=lambda x: x[:, :48], w=lambda w: w[:, :24])),
+        _bad("fp4_gemm", "w-shape", "w", edit(w=lambda w: w[:, :16])),
+        _bad("fp4_gemm", "w-dtype", "w", edit(w=lambda w: w.to(torch.float32))),
+        _bad("fp4_gemm", "scale-shape", "w_scale", edit(w_scale=lambda s: s[:, :1])),
+        _bad("fp4_gemm", "scale-nan", "w_scale", edit(w_scale=nan_scale)),
+        _bad("fp4_gemm", "act-quant", "act_quant", edit(act_quant=lambda a: "int4")),
+        _bad("fp4_gemm", "x-not-tensor", "x", edit(x=lambda x: x.tolist())),
+    ]
+    return cases
+
+
+def _grouped(counts: list[int], n: int, k: int, dtype=BF16, act=None, label: str = "",
+             noncontig: tuple[str, ...] = ()) -> Case:
+    def make(gen: torch.Generator) -> dict:
+        e = len(counts)
+        w, s = rand_mxfp4(gen, n, k, lead=(e,))
+        offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+        return {"x": randn(gen, sum(counts), k, dtype=dtype), "w": w, "w_scale": s, "offsets": offsets,
+                "act_quant": act}
+    return Case("fp4_grouped_gemm", label, make, noncontig=noncontig)
+
+
+@case_generator
+def fp4_grouped_gemm() -> list[Case]:
+    """Uneven groups, empty experts (first, middle, last), every row to one expert, no rows at all."""
+    cases = [
+        _grouped([3, 0, 5, 1, 0, 7], 64, 128, label="E6-uneven-with-empty"),
+        _grouped([0, 0, 12, 0], 128, 256, label="E4-all-rows-one-expert"),
+        _grouped([1], 256, 512, label="E1-M1"),
+        _grouped([0, 0, 0], 64, 64, label="E3-no-rows"),
+        _grouped([5, 9, 2, 16], 64, 256, dtype=F32, label="E4-f32"),
+        _grouped([6, 0, 10, 3], 128, 256, act="fp8", label="E4-fp8"),
+        _grouped([4, 4, 4], 64, 128, noncontig=("x", "w"), label="E3-noncontiguous"),
+    ]
+
+    def good(gen):
+        w, s = rand_mxfp4(gen, 32, 64, lead=(3,))
+        return {"x": randn(gen, 6, 64, dtype=BF16), "w": w, "w_scale": s,
+                "offsets": torch.tensor([0, 2, 2, 6], dtype=torch.int32), "act_quant": None}
+
+    def with_offsets(values, dtype=torch.int32):
+        def make(gen):
+            args = good(gen)
+            args["offsets"] = torch.tensor(values, dtype=dtype)
+            return args
+        return make
+
+    def w_rank(gen):
+        args = good(gen)
+        args["w"] = args["w"][0]
+        return args
+
+    cases += [
+        _bad("fp4_grouped_gemm", "offsets-length", "offsets", with_offsets([0, 2, 6])),
+        _bad("fp4_grouped_gemm", "offsets-dtype", "offsets", with_offsets([0, 2, 2, 6], torch.int64)),
+        _bad("fp4_grouped_gemm", "offsets-total", "offsets", with_offsets([0, 2, 2, 5])),
+        _bad("fp4_grouped_gemm", "offsets-start", "offsets", with_offsets([1, 2, 2, 6])),
+        _bad("fp4_grouped_gemm", "offsets-decreasing", "offsets", with_offsets([0, 4, 2, 6])),
+        _bad("fp4_grouped_gemm", "w-rank", "w", w_rank),
+    ]
+    return cases
+
+
+def _fp8_case(m: int, n: int, k: int, dtype=BF16, act=None, f32_scale=False, label: str = "",
+              noncontig: tuple[str, ...] = ()) -> Case:
+    def make(gen: torch.Generator) -> dict:
+        sn, sk = -(-n // 128), -(-k // 128)
+        scale = (torch.rand((sn, sk), generator=gen) * 0.01 + 1e-3) if f32_scale else rand_e8m0(gen, (sn, sk), 118, 126)
+        return {"x": randn(gen, m, k, dtype=dtype), "w": rand_e4m3(gen, (n, k)), "w_scale": scale, "act_quant": act}
+    name = label or f"M{m}-N{n}-K{k}-{_DT[dtype]}" + (f"-{act}" if act else "")
+    return Case("fp8_gemm", name, make, noncontig=noncontig)
+
+
+@case_generator
+def fp8_gemm() -> list[Case]:
+    """128x128 block scales incl. partial edge blocks, E8M0 and fp32 scales, fp8 activations."""
+    cases = [
+        _fp8_case(1, 256, 512),
+        _fp8_case(64, 256, 384),
+        _fp8_case(5, 200, 300, label="partial-blocks"),
+        _fp8_case(17, 128, 256, dtype=F32),
+        _fp8_case(8, 256, 256, f32_scale=True, label="fp32-scales"),
+        _fp8_case(32, 192, 320, act="fp8", label="fp8-act-partial"),
+        _fp8_case(8, 128, 256, noncontig=("x", "w_scale"), label="noncontiguous"),
+    ]
+
+    def good(gen):
+        return {"x": randn(gen, 4, 256, dtype=BF16), "w": rand_e4m3(gen, (128, 256)),
+                "w_scale": rand_e8m0(gen, (1, 2)), "act_quant": None}
+
+    def edit(key, fn):
+        def make(gen):
+            args = good(gen)
+            args[key] = fn(args[key])
+            return args
+        return make
+
+    def nonpositive(s):
+        return torch.tensor([[1.0, -2.0]])
+
+    cases += [
+        _bad("fp8_gemm", "w-dtype", "w", edit("w", lambda w: w.view(torch.uint8))),
+        _bad("fp8_gemm", "w-shape", "w", edit("w", lambda w: w[:, :128])),
+        _bad("fp8_gemm", "scale-shape", "w_scale", edit("w_scale", lambda s: s[:, :1])),
+        _bad("fp8_gemm", "scale-negative", "w_scale", edit("w_scale", nonpositive)),
+    ]
+    return cases

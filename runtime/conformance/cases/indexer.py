@@ -1,0 +1,80 @@
+"""Conformance cases of indexer_topk."""
+from __future__ import annotations
+
+import torch
+
+from ..case import Case, case_generator, randn
+
+BF16, F32 = torch.bfloat16, torch.float32
+
+
+def _causal(b: int, s: int, ratio: int = 4, start: int = 0) -> torch.Tensor:
+    """visible[b, s] = (pos + 1) // ratio for pos = start + s: entries whose whole block has ended."""
+    pos = torch.arange(start, start + s, dtype=torch.int32)
+    return ((pos + 1) // ratio).expand(b, s).contiguous()
+
+
+def _case(label: str, b: int, s: int, h: int, d: int, n: int, topk: int, visible=None, dtype=BF16,
+          fp8_keys: bool = False, scores: bool = False, noncontig: tuple[str, ...] = ()) -> Case:
+    def make(gen: torch.Generator) -> dict:
+        q = randn(gen, b, s, h, d, dtype=dtype)
+        if fp8_keys:
+            k = (randn(gen, b, n, d) * 8).clamp(-440, 440).to(torch.float8_e4m3fn)
+            k_scale = torch.rand((b, n), generator=gen) * 0.1 + 0.01
+        else:
+            k, k_scale = randn(gen, b, n, d, dtype=dtype), None
+        weights = torch.randn((b, s, h), generator=gen)
+        vis = visible(gen) if callable(visible) else _causal(b, s, start=4 * n - s)
+        return {"q": q, "k": k, "weights": weights, "visible": vis, "topk": topk, "k_scale": k_scale,
+                "return_scores": scores}
+    return Case("indexer_topk", label, make, noncontig=noncontig)
+
+
+@case_generator
+def indexer_topk() -> list[Case]:
+    """Decode and prefill shapes, fewer visible keys than top-k, causal ratio-4 boundaries, FP8 keys."""
+    cases = [
+        _case("decode-B2-H8-N256-top64", 2, 1, 8, 64, 256, 64),
+        _case("prefill-B1-S64-H4-N16-top8-causal", 1, 64, 4, 32, 16, 8,
+              visible=lambda g: _causal(1, 64)),
+        _case("fewer-visible-than-topk", 2, 8, 4, 32, 40, 32,
+              visible=lambda g: torch.randint(0, 33, (2, 8), generator=g, dtype=torch.int32)),
+        _case("none-visible-rows", 1, 6, 4, 32, 20, 4,
+              visible=lambda g: torch.tensor([[0, 0, 3, 4, 0, 20]], dtype=torch.int32)),
+        _case("ratio-boundaries", 1, 17, 2, 32, 8, 3, visible=lambda g: _causal(1, 17, start=15)),
+        _case("f32-scores", 2, 4, 8, 64, 128, 16, dtype=F32, scores=True),
+        _case("fp8-keys", 2, 3, 8, 64, 200, 32, fp8_keys=True, scores=True),
+        _case("topk-equals-N", 1, 2, 4, 32, 24, 24),
+        _case("noncontiguous", 1, 4, 4, 32, 64, 8, noncontig=("q", "k", "weights")),
+    ]
+
+    def good(gen):
+        return {"q": randn(gen, 1, 2, 4, 32, dtype=BF16), "k": randn(gen, 1, 16, 32, dtype=BF16),
+                "weights": torch.randn((1, 2, 4), generator=gen), "visible": torch.tensor([[3, 16]], dtype=torch.int32),
+                "topk": 4, "k_scale": None, "return_scores": False}
+
+    def edit(key, value):
+        def make(gen):
+            args = good(gen)
+            args[key] = value(args) if callable(value) else value
+            return args
+        return make
+
+    bad = [
+        ("q-rank", "q", lambda a: a["q"][0]),
+        ("k-dim", "k", lambda a: a["k"][..., :16]),
+        ("weights-dtype", "weights", lambda a: a["weights"].to(BF16)),
+        ("visible-dtype", "visible", lambda a: a["visible"].long()),
+        ("visible-beyond-N", "visible", lambda a: torch.tensor([[3, 17]], dtype=torch.int32)),
+        ("visible-negative", "visible", lambda a: torch.tensor([[-1, 2]], dtype=torch.int32)),
+        ("topk-zero", "topk", 0),
+    ]
+    for label, arg, value in bad:
+        cases.append(Case("indexer_topk", f"bad-{label}", edit(arg, value), raises=arg))
+
+    def fp8_no_scale(gen):
+        args = good(gen)
+        args["k"] = args["k"].to(torch.float8_e4m3fn)
+        return args
+    cases.append(Case("indexer_topk", "bad-fp8-without-scale", fp8_no_scale, raises="k_scale"))
+    return cases

@@ -1,0 +1,154 @@
+"""Conformance cases of moe_route, moe_dispatch and moe_combine."""
+from __future__ import annotations
+
+import torch
+
+from ..case import Case, case_generator, randn
+
+BF16, F32 = torch.bfloat16, torch.float32
+
+
+def _route(label: str, t: int, e: int, k: int, scale: float = 1.5, bias: bool = True, hashed: bool = False,
+           logit_scale: float = 2.0, noncontig: tuple[str, ...] = ()) -> Case:
+    def make(gen: torch.Generator) -> dict:
+        hash_ids = None
+        if hashed:
+            hash_ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)]).to(torch.int32)
+        return {"logits": randn(gen, t, e, scale=logit_scale),
+                "bias": (randn(gen, e, scale=0.5) if bias and not hashed else None),
+                "topk": k, "route_scale": scale, "score_func": "sqrtsoftplus", "hash_ids": hash_ids}
+    return Case("moe_route", label, make, noncontig=noncontig)
+
+
+@case_generator
+def moe_route() -> list[Case]:
+    """Score-routed with and without bias, hash-routed, softplus linear region, one token."""
+    cases = [
+        _route("T64-E256-top6-bias", 64, 256, 6),
+        _route("T1-E64-top6", 1, 64, 6),
+        _route("no-bias", 32, 64, 4, bias=False),
+        _route("hash", 16, 64, 6, scale=2.5, hashed=True),
+        _route("softplus-linear-region", 8, 32, 3, logit_scale=30.0),
+        _route("topk-equals-E", 4, 8, 8),
+        _route("noncontiguous", 8, 32, 4, noncontig=("logits", "bias")),
+    ]
+
+    def good(gen):
+        return {"logits": randn(gen, 4, 16), "bias": torch.zeros(16), "topk": 2, "route_scale": 1.5,
+                "score_func": "sqrtsoftplus", "hash_ids": None}
+
+    def edit(**changes):
+        def make(gen):
+            args = good(gen)
+            for key, value in changes.items():
+                args[key] = value(args) if callable(value) else value
+            return args
+        return make
+
+    bad = [
+        ("logits-dtype", "logits", edit(logits=lambda a: a["logits"].to(BF16))),
+        ("topk-too-large", "topk", edit(topk=17)),
+        ("score-func", "score_func", edit(score_func="softmax")),
+        ("bias-shape", "bias", edit(bias=torch.zeros(15))),
+        ("hash-with-bias", "bias", edit(hash_ids=torch.zeros(4, 2, dtype=torch.int32))),
+        ("hash-out-of-range", "hash_ids", edit(bias=None, hash_ids=torch.full((4, 2), 16, dtype=torch.int32))),
+        ("logits-nan", "logits", edit(logits=lambda a: a["logits"].index_fill(1, torch.tensor([3]), float("nan")))),
+        ("route-scale", "route_scale", edit(route_scale=0.0)),
+    ]
+    cases += [Case("moe_route", f"bad-{label}", make, raises=arg) for label, arg, make in bad]
+    return cases
+
+
+def _ids(gen: torch.Generator, t: int, e: int, k: int, only: int | None = None) -> torch.Tensor:
+    if only is not None:
+        return torch.full((t, k), only, dtype=torch.int32)
+    rows = [torch.randperm(e, generator=gen)[:k] for _ in range(t)]
+    return torch.stack(rows).to(torch.int32) if rows else torch.zeros((0, k), dtype=torch.int32)
+
+
+def _dispatch(label: str, t: int, h: int, e: int, k: int, dtype=BF16, only: int | None = None,
+              noncontig: tuple[str, ...] = ()) -> Case:
+    def make(gen: torch.Generator) -> dict:
+        return {"x": randn(gen, t, h, dtype=dtype), "ids": _ids(gen, t, e, k, only), "num_experts": e}
+    return Case("moe_dispatch", label, make, noncontig=noncontig)
+
+
+@case_generator
+def moe_dispatch() -> list[Case]:
+    """Stable grouping by expert, empty experts, every copy to one expert, no tokens."""
+    cases = [
+        _dispatch("T64-H128-E256-top6", 64, 128, 256, 6),
+        _dispatch("T1-E16-top6", 1, 64, 16, 6),
+        _dispatch("all-to-one-expert", 10, 32, 8, 3, only=5),
+        _dispatch("f32", 17, 48, 12, 2, dtype=F32),
+        _dispatch("no-tokens", 0, 32, 8, 2),
+        _dispatch("noncontiguous", 9, 32, 8, 2, noncontig=("x", "ids")),
+    ]
+
+    def good(gen):
+        return {"x": randn(gen, 4, 8), "ids": torch.tensor([[0, 1], [2, 3], [1, 0], [3, 3]], dtype=torch.int32),
+                "num_experts": 4}
+
+    def edit(key, value):
+        def make(gen):
+            args = good(gen)
+            args[key] = value(args) if callable(value) else value
+            return args
+        return make
+
+    bad = [
+        ("ids-out-of-range", "ids", lambda a: a["ids"].index_fill(0, torch.tensor([2]), 4)),
+        ("ids-negative", "ids", lambda a: a["ids"].index_fill(0, torch.tensor([1]), -1)),
+        ("ids-dtype", "ids", lambda a: a["ids"].long()),
+        ("ids-rows", "ids", lambda a: a["ids"][:3]),
+        ("num-experts", "num_experts", 0),
+    ]
+    cases += [Case("moe_dispatch", f"bad-{label}", edit(arg, value), raises=arg) for label, arg, value in bad]
+    return cases
+
+
+def _combine(label: str, t: int, h: int, k: int, dtype=BF16, weighted: bool = True,
+             noncontig: tuple[str, ...] = ()) -> Case:
+    def make(gen: torch.Generator) -> dict:
+        src = torch.randperm(t * k, generator=gen).to(torch.int32)
+        weights = torch.rand((t, k), generator=gen) * 2 if weighted else None
+        return {"y_sorted": randn(gen, t * k, h, dtype=dtype), "src": src, "weights": weights,
+                "topk": None if weighted else k}
+    return Case("moe_combine", label, make, noncontig=noncontig)
+
+
+@case_generator
+def moe_combine() -> list[Case]:
+    """Weighted and unweighted un-permute, one token, no tokens."""
+    cases = [
+        _combine("T64-H128-top6", 64, 128, 6),
+        _combine("T1-top6", 1, 64, 6),
+        _combine("unweighted", 12, 32, 3, weighted=False),
+        _combine("f32", 9, 40, 2, dtype=F32),
+        _combine("no-tokens", 0, 16, 2),
+        _combine("noncontiguous", 8, 32, 2, noncontig=("y_sorted", "weights")),
+    ]
+
+    def good(gen):
+        return {"y_sorted": randn(gen, 6, 8), "src": torch.tensor([5, 0, 3, 1, 4, 2], dtype=torch.int32),
+                "weights": torch.rand((3, 2), generator=gen), "topk": None}
+
+    def edit(**changes):
+        def make(gen):
+            args = good(gen)
+            for key, value in changes.items():
+                args[key] = value(args) if callable(value) else value
+            return args
+        return make
+
+    bad = [
+        ("src-repeated", "src", edit(src=torch.tensor([5, 0, 3, 3, 4, 2], dtype=torch.int32))),
+        ("src-out-of-range", "src", edit(src=torch.tensor([5, 0, 3, 6, 4, 2], dtype=torch.int32))),
+        ("src-length", "src", edit(src=torch.tensor([0, 1, 2], dtype=torch.int32))),
+        ("weights-shape", "weights", edit(weights=torch.rand(2, 2))),
+        ("weights-dtype", "weights", edit(weights=lambda a: a["weights"].double())),
+        ("no-weights-no-topk", "topk", edit(weights=None)),
+        ("rows-not-multiple", "y_sorted", edit(weights=None, topk=4)),
+    ]
+    cases += [Case("moe_combine", f"bad-{label}", make, raises=arg) for label, arg, make in bad]
+    return cases

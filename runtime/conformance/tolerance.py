@@ -1,0 +1,211 @@
+"""Tolerance policy: how close an output must be to the float64 reference (design.md section 6).
+
+Bounds are elementwise and follow floating-point error analysis: the output rounding
+(``u_out * |ref|``) plus the input/accumulation error scaled by the same computation on absolute values
+(``sum |x||w|`` for a GEMM, ``sum p |v|`` for pooling), so tolerances grow with reduction length and
+magnitude but never hide a wrong element. NaN anywhere the reference is finite fails.
+
+Unit round-offs: ``U_OUT`` is the output rounding allowance per dtype; fp32 inputs may go through
+TF32 tensor-core products (``2^-11``); bf16 / fp16 inputs are exact in fp32 arithmetic.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from .. import reference as ref
+
+__all__ = ["Check", "gemm", "topk", "pooling", "attention", "route", "exact", "combine"]
+
+U_OUT = {torch.float32: 2.0**-22, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}  # one ulp
+U_TF32 = 2.0**-11
+U_ACC = 2.0**-22
+TINY = 1e-30
+
+
+@dataclass
+class Check:
+    passed: bool
+    max_abs: float
+    max_rel: float
+    budget: float  # worst |err| / tolerance (1.0 = at the limit)
+    tolerance: str
+    message: str = ""
+
+
+def _compare(out: torch.Tensor, want: torch.Tensor, tol: torch.Tensor, desc: str, name: str) -> Check:
+    got = out.double()
+    if got.numel() == 0:
+        return Check(True, 0.0, 0.0, 0.0, desc)
+    inf = torch.isinf(want)
+    same_inf = inf & (got == want)
+    err = torch.where(same_inf, torch.zeros_like(got), (got - want).abs())
+    err = torch.where(inf & ~same_inf, torch.full_like(got, math.inf), err)
+    err = torch.where(torch.isnan(got), torch.full_like(got, math.nan), err)
+    ok = err <= tol
+    finite_err = torch.nan_to_num(err, nan=math.inf)
+    max_abs = float(finite_err.max())
+    scale = float(want[~inf].abs().max()) if bool((~inf).any()) else 1.0
+    ratio = torch.nan_to_num(finite_err / (tol + TINY), nan=math.inf)
+    check = Check(bool(ok.all()), max_abs, max_abs / max(scale, TINY), float(ratio.max()), desc)
+    if not check.passed:
+        pos = tuple(int(i) for i in (~ok).nonzero()[0])
+        check.message = (f"{name}{list(pos)} = {float(got[pos]):.6g}, reference {float(want[pos]):.6g}, "
+                         f"tolerance {float(tol[pos]):.3g}; {int((~ok).sum())} of {ok.numel()} elements off")
+    return check
+
+
+def _worst(*checks: Check) -> Check:
+    failed = [c for c in checks if not c.passed]
+    pick = failed[0] if failed else max(checks, key=lambda c: c.budget)
+    return Check(not failed, max(c.max_abs for c in checks), max(c.max_rel for c in checks),
+                 max(c.budget for c in checks), "; ".join(c.tolerance for c in checks), pick.message)
+
+
+def _abs_fp4(w: torch.Tensor) -> torch.Tensor:
+    return (w.view(torch.uint8) & 0x77).view(w.dtype) if w.dtype != torch.float4_e2m1fn_x2 else \
+        (w.view(torch.uint8) & 0x77).view(torch.float4_e2m1fn_x2)
+
+
+def _abs_e4m3(w: torch.Tensor) -> torch.Tensor:
+    return (w.view(torch.uint8) & 0x7F).view(torch.float8_e4m3fn)
+
+
+def gemm(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
+    """|y - ref| <= u_out |ref| + (2 u_in + u_w + 2^-22 sqrt(K)) * sum_k |q(x)| |w| (fp32 accumulation)."""
+    x = args["x"]
+    k = x.shape[1]
+    absargs = dict(args, x=x.abs())
+    absargs["w"] = _abs_e4m3(args["w"]) if op == "fp8_gemm" else _abs_fp4(args["w"])
+    bound = getattr(ref, op)(**absargs)
+    u_in = U_TF32 if (x.dtype == torch.float32 and args["act_quant"] is None) else 0.0
+    u_w = 2.0**-8 if args["w_scale"].dtype == torch.float32 else 0.0
+    u_out = U_OUT[x.dtype]
+    coef = 2 * u_in + u_w + U_ACC * math.sqrt(k)
+    tol = u_out * refs[0].abs() + coef * bound + TINY
+    return _compare(outs[0], refs[0], tol, f"{u_out:.2g}|ref| + {coef:.2g}*sum|x||w|", "y")
+
+
+def topk(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
+    """Checked on reference scores of the returned set: right count, distinct, visible, and every chosen
+    key's reference score within tolerance of the true k-th best; scores (if returned) vs reference."""
+    q, k, w = args["q"], args["k"], args["weights"]
+    scores = ref.indexer_scores(q, k, w, args["visible"], args["k_scale"])
+    k_abs = _abs_e4m3(k) if k.dtype == torch.float8_e4m3fn else k.abs()
+    bound = ref.indexer_scores(q.abs(), k_abs, w.abs(), torch.full_like(args["visible"], k.shape[1]),
+                               args["k_scale"])
+    u = U_TF32 if q.dtype == torch.float32 else 2.0**-18
+    tol_all = u * bound + TINY
+    idx = outs[0].long()
+    b_n, s_n, top = idx.shape
+    vis = args["visible"].clamp(0, k.shape[1])
+    budget = 0.0
+    for b in range(b_n):
+        for s in range(s_n):
+            row, count = idx[b, s], min(top, int(vis[b, s]))
+            valid = row[row != -1]
+            where = f"row (b={b}, s={s})"
+            if valid.numel() != count or int((row == -1).sum()) != top - count:
+                return Check(False, math.inf, math.inf, math.inf, "set check",
+                             f"{where}: {valid.numel()} indices and {int((row == -1).sum())} x -1, expected "
+                             f"{count} indices (visible {int(vis[b, s])}, topk {top})")
+            if count == 0:
+                continue
+            if bool(((valid < 0) | (valid >= int(vis[b, s]))).any()) or valid.unique().numel() != count:
+                return Check(False, math.inf, math.inf, math.inf, "set check",
+                             f"{where}: indices {valid.tolist()} are not {count} distinct keys < {int(vis[b, s])}")
+            kth = scores[b, s].sort(descending=True).values[count - 1]
+            chosen = scores[b, s, valid]
+            slack = tol_all[b, s, valid] + float(tol_all[b, s].max())
+            short = (kth - chosen) / slack
+            budget = max(budget, float(short.max()))
+            if bool((chosen < kth - slack).any()):
+                j = int((chosen - (kth - slack)).argmin())
+                return Check(False, float(kth - chosen[j]), math.inf, budget, "set check",
+                             f"{where}: key {int(valid[j])} scores {float(chosen[j]):.6g} but the {count}-th best "
+                             f"is {float(kth):.6g} (tolerance {float(slack[j]):.3g})")
+    set_check = Check(True, 0.0, 0.0, budget, f"set within {u:.2g}*sum|w||q||k| of the k-th best")
+    if len(outs) < 2:
+        return set_check
+    want = torch.where(idx >= 0, scores.gather(2, idx.clamp(min=0)), torch.full_like(idx, -math.inf, dtype=torch.float64))
+    tol = torch.where(idx >= 0, tol_all.gather(2, idx.clamp(min=0)), torch.zeros_like(want)) + u * want.abs().nan_to_num(0, 0, 0)
+    return _worst(set_check, _compare(outs[1], want, tol, f"scores {u:.2g}*bound", "scores"))
+
+
+def pooling(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
+    """|out - ref| <= 2^-14 * sum_i p_i |v_i| (the same pooling applied to |kv|)."""
+    absargs = dict(args, kv=args["kv"].abs())
+    if args["prev_kv"] is not None:
+        absargs["prev_kv"] = args["prev_kv"].abs()
+    bound = ref.kv_compress(**absargs)
+    tol = 2.0**-14 * bound + TINY
+    return _compare(outs[0], refs[0], tol, "2^-14*sum p|v|", "out")
+
+
+def attention(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
+    """o: u_out|ref| + (2 u_p + 2 u_dot L) * max|v| per row, where u_p covers P rounded to the input
+    dtype for the P.V product, u_dot the q.k products (TF32 for fp32), L = scale * max_j sum|q||k_j|."""
+    q, kv, idx = args["q"].double(), args["kv"].double(), args["idx"].long()
+    valid = (idx >= 0).unsqueeze(-1)
+    gathered = kv.gather(1, idx.clamp(min=0).flatten(1).unsqueeze(-1).expand(-1, -1, kv.shape[-1]))
+    gathered = gathered.view(*idx.shape, kv.shape[-1]) * valid  # [B,S,K,D]
+    vmax = gathered.abs().amax(dim=(2, 3), keepdim=False) if idx.shape[2] else torch.zeros(idx.shape[:2], dtype=torch.float64)
+    logit_abs = args["scale"] * torch.einsum("bshd,bskd->bshk", q.abs(), gathered.abs())
+    logit_abs = logit_abs.amax(dim=-1) if idx.shape[2] else torch.zeros(q.shape[:3], dtype=torch.float64)
+    dtype = args["q"].dtype
+    u_p = U_TF32 if dtype == torch.float32 else (2.0**-8 if dtype == torch.bfloat16 else 2.0**-11)
+    u_dot = U_TF32 if dtype == torch.float32 else 2.0**-18
+    u_out = U_OUT[dtype]
+    rel = 2 * u_p + 2 * u_dot * logit_abs  # [B,S,H]
+    tol = u_out * refs[0].abs() + (rel * vmax.unsqueeze(-1)).unsqueeze(-1) + TINY
+    check = _compare(outs[0], refs[0], tol, f"{u_out:.2g}|ref| + ({2 * u_p:.2g} + {2 * u_dot:.2g}L)*max|v|", "o")
+    if len(outs) < 2:
+        return check
+    lse_tol = 2.0**-16 + 2 * u_dot * logit_abs
+    return _worst(check, _compare(outs[1], refs[1], lse_tol, "lse 2^-16 + 2u_dot*L", "lse"))
+
+
+def route(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
+    """ids: hash ids exactly, or a valid top-k set by reference scores; weights vs the reference weights
+    of the returned ids (2^-18 relative)."""
+    ids, weights = outs[0].long(), outs[1]
+    t_n, top = ids.shape
+    e = args["logits"].shape[1]
+    if args["hash_ids"] is not None:
+        if not torch.equal(ids, args["hash_ids"].long()):
+            return Check(False, math.inf, math.inf, math.inf, "hash ids exact", "ids differ from hash_ids")
+    else:
+        scores = ref.moe_scores(args["logits"], args["bias"])
+        slack_all = 2.0**-18 * (scores.abs() + 1)
+        for t in range(t_n):
+            row = ids[t]
+            if bool(((row < 0) | (row >= e)).any()) or row.unique().numel() != top:
+                return Check(False, math.inf, math.inf, math.inf, "set check",
+                             f"token {t}: ids {row.tolist()} are not {top} distinct experts in [0, {e})")
+            kth = scores[t].sort(descending=True).values[top - 1]
+            if bool((scores[t, row] < kth - slack_all[t, row] - slack_all[t].max()).any()):
+                return Check(False, math.inf, math.inf, math.inf, "set check",
+                             f"token {t}: ids {row.tolist()} are not the top-{top} by s + bias")
+    want = ref.moe_route_weights(args["logits"], ids.to(torch.int32), args["route_scale"])
+    tol = 2.0**-18 * want.abs() + 1e-7
+    return _compare(weights, want, tol, "weights 2^-18|ref| + 1e-7", "weights")
+
+
+def exact(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
+    """Every output equal to the reference exactly (data movement and integer outputs)."""
+    checks = []
+    for i, (o, r) in enumerate(zip(outs, refs)):
+        checks.append(_compare(o, r.double(), torch.zeros_like(r, dtype=torch.float64), "exact", f"output{i}"))
+    return _worst(*checks)
+
+
+def combine(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
+    """|y - ref| <= u_out |ref| + 2^-20 * sum_j |w| |y_sorted| (fp32 sum)."""
+    w = args["weights"].abs() if args["weights"] is not None else None
+    bound = ref.moe_combine(args["y_sorted"].abs(), args["src"], w, args["topk"])
+    u_out = U_OUT[args["y_sorted"].dtype]
+    tol = u_out * refs[0].abs() + 2.0**-20 * bound + TINY
+    return _compare(outs[0], refs[0], tol, f"{u_out:.2g}|ref| + 2^-20*sum|w||y|", "y")
