@@ -100,6 +100,13 @@ def _capability() -> tuple[int, int] | None:
     return None
 
 
+TRITON_PRIORITY = 20
+# One launcher module per op family (backends/cuda/<family>.py); each has
+# register(registrar, device_type, priority) and keeps its @triton.jit code in backends/cuda/kernels/.
+TRITON_FAMILIES = tuple(f for f in ("gemm", "indexer", "attention", "moe")
+                        if importlib.util.find_spec(f"{__name__}.{f}") is not None)
+
+
 class CudaBackend(Backend):
     """NVIDIA (and ROCm builds of torch) through Triton; composite torch variants underneath."""
 
@@ -150,8 +157,13 @@ class CudaBackend(Backend):
         from dsv4rt.backends import composite
 
         composite.register(registrar, priority=COMPOSITE_PRIORITY + offset, device_type=device_type)
-        # Triton variants (backends/cuda/kernels/) are registered here, with requires=("triton",),
-        # device_type=device_type and priority=<p> + offset.
+        if not _triton_installed():  # the probe already says only cuda/torch runs
+            return
+        import importlib
+
+        for family in TRITON_FAMILIES:
+            module = importlib.import_module(f"{__name__}.{family}")
+            module.register(registrar, device_type=device_type, priority=TRITON_PRIORITY + offset)
 
 
 def backend() -> CudaBackend:
