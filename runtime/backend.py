@@ -45,6 +45,15 @@ class Backend:
     def load(self, registrar: "Registrar") -> None:
         raise NotImplementedError(f"backend {self.name!r} does not define load()")
 
+    def offers(self) -> Mapping[str, tuple[str, ...]]:
+        """Variants this backend registers per op where everything it needs is present (op -> variants).
+
+        Optional and cheap (no imports): `dsv4rt info --matrix` shows it for backends that cannot load
+        on the current machine, and a test checks that ``load()`` never registers anything it does not
+        declare here. An empty mapping means "not declared".
+        """
+        return {}
+
 
 @dataclass(frozen=True)
 class Implementation:

@@ -86,7 +86,13 @@ def _cmd_conformance(args: argparse.Namespace) -> int:
 # Add an ``_add_<name>(sub)`` function above and list it in _SUBCOMMANDS; keep heavy imports inside
 # the command function so `dsv4rt info` stays cheap.
 
-_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_info, _add_conformance)
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from .bench.cli import add_bench
+
+    add_bench(sub)
+
+
+_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_info, _add_conformance, _add_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -169,7 +169,8 @@ def matrix(registry: Registry | None = None) -> str:
         cells = []
         for n in names:
             if n not in impls:
-                cells.append("?")
+                offers = reg.backends()[n].offers() if n in reg.backends() else {}
+                cells.append("?" if not offers else (", ".join(offers[op]) + "*" if op in offers else "—"))
                 continue
             variants = list(dict.fromkeys(i.variant for i in impls[n] if i.op == op))
             cells.append(", ".join(variants) or "—")
@@ -177,6 +178,7 @@ def matrix(registry: Registry | None = None) -> str:
     missing = [b for b in backends if b["name"] not in impls]
     if missing:
         lines.append("")
-        lines += [f"? = not loaded here: {b['name']} ({b['load_error'] or 'unavailable: ' + b['reason']})"
-                  for b in missing]
+        lines.append("\\* declared by the backend (`Backend.offers()`), not loaded on this machine; "
+                     "? = not declared and not loaded:")
+        lines += [f"- {b['name']}: {b['load_error'] or 'unavailable: ' + b['reason']}" for b in missing]
     return "\n".join(lines)

@@ -131,7 +131,7 @@ def _values_combine(a: Mapping[str, Any]) -> None:
     op = "moe_combine"
     src, r = a["src"], a["src"].shape[0]
     c.index_range(op, "src", src, 0, r)
-    if r and bool((torch.bincount(src.long(), minlength=r) != 1).any()):
+    if r and int(torch.bincount(src, minlength=r).min()) != 1:  # in range, so all ones <=> a permutation
         raise c.ContractError(op, "src", f"a permutation of 0..{r - 1} (each row once)", "repeated entries")
 
 

@@ -1,0 +1,83 @@
+"""CPU cases (performance.md section 4, last paragraph): the FP4 GEMV/GEMM at V4-Flash expert shapes
+and on a 4096 x 4096 MXFP4 matrix, plus the other native ops at decode sizes."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .case import BenchCase
+from .inputs import mxfp4, normal, routed_ids
+
+__all__ = ["cpu_cases"]
+
+
+def _fp4(m: int, n: int, k: int, target: str = "") -> BenchCase:
+    def make(device: torch.device, gen: torch.Generator) -> dict[str, Any]:
+        w, s = mxfp4(n, k, device, gen)
+        return {"x": normal((m, k), device, gen), "w": w, "w_scale": s, "act_quant": None}
+    return BenchCase(f"fp4_gemm[M{m}-N{n}-K{k}]", "fp4_gemm", make, bytes=n * k * (0.5 + 1 / 32) + 2 * m * (k + n),
+                     flops=2 * m * n * k, devices=("cpu",), target=target)
+
+
+def _grouped(t: int, quick: bool) -> BenchCase:
+    dim, inter, e, k = (256, 128, 16, 6) if quick else (4096, 2048, 256, 6)
+
+    def make(device: torch.device, gen: torch.Generator) -> dict[str, Any]:
+        ids = routed_ids(t, e, k, device, gen)
+        counts = torch.bincount(ids.flatten().long(), minlength=e)
+        offsets = torch.zeros(e + 1, dtype=torch.int32)
+        offsets[1:] = counts.cumsum(0)
+        w, s = mxfp4(2 * inter, dim, device, gen, lead=(e,))
+        return {"x": normal((t * k, dim), device, gen), "w": w, "w_scale": s, "offsets": offsets, "act_quant": None}
+    return BenchCase(f"fp4_grouped_gemm[T{t}-gate_up]", "fp4_grouped_gemm", make,
+                     bytes=min(e, t * k) * 2 * inter * dim * (0.5 + 1 / 32) + 2 * t * k * (dim + 2 * inter),
+                     flops=2 * t * k * 2 * inter * dim, devices=("cpu",))
+
+
+def _attention(quick: bool) -> BenchCase:
+    h, d, n_sel, pool = (8, 128, 128, 512) if quick else (64, 512, 640, 4096)
+
+    def make(device: torch.device, gen: torch.Generator) -> dict[str, Any]:
+        return {"q": normal((1, 1, h, d), device, gen), "kv": normal((1, pool, d), device, gen),
+                "idx": torch.randint(0, pool, (1, 1, n_sel), dtype=torch.int32, generator=gen),
+                "sink": normal((h,), device, gen, torch.float32), "scale": d ** -0.5, "return_lse": False}
+    return BenchCase(f"sparse_attention[decode-n{n_sel}]", "sparse_attention", make,
+                     bytes=n_sel * d * 2 + 2 * h * d * 2, flops=2 * h * n_sel * 2 * d, devices=("cpu",))
+
+
+def _indexer(quick: bool) -> BenchCase:
+    h, d, n, topk = (8, 64, 1024, 64) if quick else (64, 128, 16384, 512)
+
+    def make(device: torch.device, gen: torch.Generator) -> dict[str, Any]:
+        return {"q": normal((1, 1, h, d), device, gen), "k": normal((1, n, d), device, gen),
+                "weights": normal((1, 1, h), device, gen, torch.float32),
+                "visible": torch.full((1, 1), n, dtype=torch.int32), "topk": topk, "k_scale": None,
+                "return_scores": False}
+    return BenchCase(f"indexer_topk[decode-N{n}]", "indexer_topk", make, bytes=n * d * 2 + h * (2 * d + 4),
+                     flops=2 * h * n * d, devices=("cpu",))
+
+
+def _moe(t: int, quick: bool) -> list[BenchCase]:
+    dim, e, k = (256, 16, 6) if quick else (4096, 256, 6)
+
+    def dispatch(device: torch.device, gen: torch.Generator) -> dict[str, Any]:
+        return {"x": normal((t, dim), device, gen), "ids": routed_ids(t, e, k, device, gen), "num_experts": e}
+
+    def combine(device: torch.device, gen: torch.Generator) -> dict[str, Any]:
+        return {"y_sorted": normal((t * k, dim), device, gen), "src": torch.randperm(t * k, generator=gen).to(torch.int32),
+                "weights": torch.rand((t, k), generator=gen), "topk": None}
+    nbytes = 2 * t * dim * (1 + k)
+    return [BenchCase(f"moe_dispatch[T{t}]", "moe_dispatch", dispatch, bytes=nbytes, flops=0, devices=("cpu",)),
+            BenchCase(f"moe_combine[T{t}]", "moe_combine", combine, bytes=nbytes, flops=2 * t * k * dim, devices=("cpu",))]
+
+
+def cpu_cases(quick: bool = False) -> list[BenchCase]:
+    """Expert shapes at M = 1, 8, 64 (gate/up: N=2048, K=4096; down: N=4096, K=2048) and the 4096^2 GEMV."""
+    if quick:
+        return [_fp4(1, 256, 512), _fp4(8, 256, 512), _grouped(4, True), _attention(True), _indexer(True),
+                *_moe(16, True)]
+    cases = [_fp4(1, 4096, 4096, target=">= 50% of read bandwidth and >= 10x cpu/numpy")]
+    for m in (1, 8, 64):
+        cases += [_fp4(m, 2048, 4096), _fp4(m, 4096, 2048)]
+    return cases + [_grouped(1, False), _attention(False), _indexer(False), *_moe(64, False)]

@@ -1,0 +1,62 @@
+"""Bench output: a Markdown table (pasted into the README), JSON, and an optional roofline plot."""
+from __future__ import annotations
+
+from .runner import BenchReport
+
+__all__ = ["format_report", "plot_roofline"]
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}" if v < 1000 else f"{v:,.0f}"
+
+
+def format_report(report: BenchReport) -> str:
+    c = report.ceilings
+    env = report.environment
+    peak = c.get("bf16_tflops") or c.get("fp32_tflops")
+    peak_name = "BF16" if "bf16_tflops" in c else "FP32"
+    lines = [
+        f"backend {report.backend} on {c['device']} ({', '.join(f'{k} {v}' for k, v in env.items())})",
+        f"measured ceilings: read {c['read_tbs']:.3g} TB/s, copy {c['copy_tbs']:.3g} TB/s, {peak_name} {peak:.3g} TFLOP/s",
+        "",
+        "| case | implementation | us | TB/s | TFLOP/s | roofline us | of roofline | vs baselines | target | met |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report.rows:
+        ratios = ", ".join(f"{v:.2g}x {k}" for k, v in r.ratios.items()) or "—"
+        met = "—" if r.met is None else ("yes" if r.met else "no")
+        lines.append(f"| {r.case} | {r.implementation} | {_fmt(r.us)} | {r.tbs:.3g} | {r.tflops:.3g} | "
+                     f"{_fmt(r.roofline_us)} | {r.fraction:.0%} | {ratios} | {r.target or '—'} | {met} |")
+    for f in report.failures:
+        lines.append(f"WRONG (not timed): {f}")
+    return "\n".join(lines)
+
+
+def plot_roofline(report: BenchReport, path: str) -> None:
+    """Log-log roofline (attainable TFLOP/s vs arithmetic intensity) with every timed row as a point."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise OSError("--plot needs matplotlib (pip install matplotlib)") from exc
+    c = report.ceilings
+    bw = c["read_tbs"]
+    peak = c.get("bf16_tflops") or c.get("fp32_tflops")
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    xs = [10 ** (i / 20) for i in range(-60, 101)]
+    ax.plot(xs, [min(peak, bw * x) for x in xs], color="black", label=f"roofline ({bw:.3g} TB/s, {peak:.3g} TFLOP/s)")
+    for r in report.rows:
+        intensity = (r.tflops / r.tbs) if r.tbs > 0 else None
+        if intensity and r.tflops > 0:
+            ax.scatter([intensity], [r.tflops], s=18)
+            ax.annotate(f"{r.case} {r.implementation}", (intensity, r.tflops), fontsize=6)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP/byte)")
+    ax.set_ylabel("TFLOP/s")
+    ax.set_title(f"dsv4rt bench --backend {report.backend} on {c['device']}")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)

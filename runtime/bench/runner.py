@@ -1,0 +1,144 @@
+"""`dsv4rt bench`: measure the ceilings, then time every case on every variant of a backend next to
+its baselines, each checked for correctness first (performance.md section 5)."""
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..errors import BackendSelectionError
+from ..registry import REGISTRY
+from .case import BenchCase
+from .cases_cpu import cpu_cases
+from .cases_gpu import gpu_cases
+from .ceilings import measure_ceilings
+from .check import agree
+from .timing import time_call
+
+__all__ = ["BenchRow", "BenchReport", "run_bench"]
+
+
+@dataclass
+class BenchRow:
+    case: str
+    implementation: str
+    us: float
+    tbs: float
+    tflops: float
+    roofline_us: float
+    fraction: float
+    ratios: dict[str, float]  # baseline name -> baseline time / this time (> 1: faster than the baseline)
+    target: str
+    met: bool | None
+    note: str = ""
+
+
+@dataclass
+class BenchReport:
+    backend: str
+    environment: dict[str, Any]
+    ceilings: dict[str, Any]
+    rows: list[BenchRow] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "environment": self.environment, "ceilings": self.ceilings,
+                "rows": [asdict(r) for r in self.rows], "failures": self.failures}
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    env: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
+                           "machine": platform.machine(), "threads": torch.get_num_threads()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        env["device"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def _device_for(backend: str) -> torch.device:
+    if backend not in REGISTRY.backends():
+        raise BackendSelectionError(f"bench: no backend named {backend!r}; known: {', '.join(sorted(REGISTRY.backends()))}")
+    probe = REGISTRY.probe(backend)
+    if not probe.available:
+        raise BackendSelectionError(f"bench: backend {backend!r} is unavailable here: {probe.reason}")
+    if probe.capabilities.get("interpreter"):
+        raise BackendSelectionError("bench: the cuda backend is in Triton interpreter mode (DSV4RT_TRITON_INTERPRET=1),"
+                                    " which checks correctness only; timings need a GPU")
+    types = {i.device_type for i in REGISTRY.load(backend)}
+    return torch.device(sorted(types)[0] if types else REGISTRY.backends()[backend].device_type)
+
+
+def _caller(case: BenchCase, variant: str) -> Callable[[dict[str, Any]], Callable[[], Any]]:
+    """Build the timed callable: the resolved implementation called directly (no dispatch in the timing),
+    or the case's pipeline with ``variant`` as the backend for every op."""
+    from .. import ops
+
+    if case.pipeline is not None:
+        return lambda args: case.pipeline(args, variant)  # type: ignore[misc]
+    op = getattr(ops, case.op)
+
+    def build(args: dict[str, Any]) -> Callable[[], Any]:
+        impl = op.resolve(**args, backend=variant)
+        positional = op._bind((), args)
+        return lambda: impl.fn(*positional)
+    return build
+
+
+def _variants(backend: str, case: BenchCase) -> list[str]:
+    impls = REGISTRY.load(backend)
+    if case.pipeline is not None:
+        names = [backend] + ([f"{backend}/torch"] if any(i.variant == "torch" for i in impls) else [])
+        return names
+    return [i.name for i in sorted((i for i in impls if i.op == case.op), key=lambda i: -i.priority)]
+
+
+def run_bench(backend: str, ops: Sequence[str] | None = None, quick: bool = False, reps: int = 30,
+              log: Callable[[str], None] = lambda s: None) -> BenchReport:
+    """Time every case of ``backend``'s device (filtered by op names) on every variant of the backend."""
+    device = _device_for(backend)
+    ceilings = measure_ceilings(device, quick)
+    log(f"ceilings on {ceilings['device']}: " + ", ".join(f"{k} {v:.3g}" for k, v in ceilings.items()
+                                                        if isinstance(v, float)))
+    report = BenchReport(backend, _environment(device), ceilings)
+    peak_tflops = ceilings.get("bf16_tflops") or ceilings.get("fp32_tflops")
+    cases = cpu_cases(quick) if device.type == "cpu" else gpu_cases(quick)
+    for case in cases:
+        if ops and case.op not in ops:
+            continue
+        variants = _variants(backend, case)
+        if not variants:
+            continue
+        gen = torch.Generator(device=device).manual_seed(0)
+        args = case.make(device, gen)
+        composite = next((v for v in variants if v.endswith("/torch")), None)
+        roofline = max(case.bytes / (ceilings["read_tbs"] * 1e6), case.flops / (peak_tflops * 1e6))
+        times: dict[str, float] = {}
+        for variant in variants:
+            build = _caller(case, variant)
+            if composite and variant != composite:
+                problem = agree(case.op, args, lambda a, b=build: b(a)(), lambda a: _caller(case, composite)(a)())
+                if problem:
+                    report.failures.append(f"{case.name} [{variant}]: {problem}")
+                    log(f"WRONG {case.name} [{variant}]: {problem}")
+                    continue
+            t = time_call(build(args), device, reps=reps)["median_us"]
+            times[variant] = t
+            log(f"{case.name} [{variant}]: {t:.1f} us")
+        extra = {name: time_call(make(args), device, reps=reps)["median_us"] for name, make in case.baselines.items()}
+        baselines = {name: t for name, t in times.items() if name == composite} | extra
+        for variant, t in list(times.items()) + list(extra.items()):
+            met = None if case.target_us is None or variant in extra else t <= case.target_us
+            ratios = {name: b / t for name, b in baselines.items() if name != variant}
+            report.rows.append(BenchRow(
+                case.name, variant, t, case.bytes / t / 1e6, case.flops / t / 1e6, roofline, roofline / t,
+                ratios, case.target if variant not in extra else "baseline", met, case.note))
+        del args
+    return report
