@@ -146,7 +146,7 @@ def test_cuda_interpreter_mode_runs_on_cpu_only_when_explicit():
     assert r["available"] is True and r["interp"] is True and "interpreter" in r["reason"].lower()
     assert r["devices"] == ["cpu"] and r["ops"] == 9
     assert r["max_cuda"] < r["min_cpu"]
-    assert r["auto"].startswith("cpu/") and r["explicit"] == "cuda/torch"
+    assert r["auto"].startswith("cpu/") and r["explicit"] == "cuda/triton"  # the Triton kernel, under the interpreter
     assert r["before"] is None and r["after"] == "1"      # set by load(), not by the probe
     assert r["shape"] == [4, 2]
 

@@ -1,0 +1,242 @@
+"""@triton.jit kernels of the GEMM family: MXFP4 GEMM (dense and grouped), FP8 block GEMM, FP8 activation quantiser.
+
+Launch logic (block sizes, grids, paths, dtype choices) lives in ``dsv4rt.backends.cuda.gemm``; see its module
+docstring for the design. Conventions shared by every kernel here:
+
+* Packed E2M1 weights, E8M0 scales and E4M3 weights arrive as uint8 (the launcher views them), and are decoded
+  in registers with integer bit operations (no look-up tables, nothing dequantised is written to memory).
+* ``DOT`` is the operand dtype of the tensor-core product (``tl.bfloat16``, ``tl.float16`` or ``tl.float32``
+  = TF32); accumulation is always float32. ``INTERP`` (constexpr) is set under the Triton interpreter, whose
+  ``tl.dot`` multiplies the raw uint16 bits of bfloat16 operands: there the (exactly representable) bf16
+  operands are widened to fp32 just before the product, so every conversion of the GPU path still runs.
+* Grouped GEMMs use one launch: program axis 0 walks an upper bound of the (expert, row-tile) schedule, which
+  each program derives from ``offsets`` on the device (:func:`_expert_tile`); programs past the end exit.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _e2m1(c):
+    """E2M1 codes (int32 in 0..15, bit 3 = sign) -> float32 values 0, 0.5, 1, 1.5, 2, 3, 4, 6 (signed)."""
+    e = (c >> 1) & 3
+    m = c & 1
+    bits = tl.where(e == 0, m * 0x3F000000, ((e + 126) << 23) | (m << 22))
+    return (bits | ((c & 8) << 28)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e8m0(s):
+    """E8M0 bytes (int32) -> float32 2^(s - 127); byte 0 is the subnormal 2^-127, byte 255 is NaN."""
+    bits = tl.where(s == 0, 0x00400000, s << 23)
+    return tl.where(s == 255, 0x7FC00000, bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mma(a, b, acc, DOT: tl.constexpr, INTERP: tl.constexpr):
+    """acc + a[M, K] @ b[K, N] with DOT operands and a float32 accumulator."""
+    a = a.to(DOT)
+    b = b.to(DOT)
+    if INTERP:
+        if DOT == tl.bfloat16:  # the interpreter cannot multiply bf16; the values are exact in fp32
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    if DOT == tl.float32:
+        return tl.dot(a, b, acc, input_precision="tf32")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _out(v, ptr, INTERP: tl.constexpr):
+    """float32 v cast to ptr's element type. The interpreter casts fp32 -> bf16 by truncation; there the
+    value is first rounded to nearest-even on the bf16 grid (bit trick), as the GPU's cast does."""
+    if INTERP:
+        if ptr.dtype.element_ty == tl.bfloat16:
+            b = v.to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+            v = tl.where(v == v, b.to(tl.float32, bitcast=True), v)
+    return v.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def _expert_tile(off_ptr, t, E, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Tile ``t`` of the grouped schedule -> (expert, first row, end row).
+
+    Expert e owns ceil(rows_e / BLOCK_M) consecutive tiles; tiles are numbered expert by expert (empty experts
+    own none). The expert is found by a prefix sum of the per-expert tile counts over the whole ``offsets``
+    vector (E <= a few hundred: one small load per program). ``expert >= E`` means t is past the last tile.
+    """
+    i = tl.arange(0, BLOCK_E)
+    lo = tl.load(off_ptr + i, mask=i < E, other=0)
+    hi = tl.load(off_ptr + i + 1, mask=i < E, other=0)
+    tiles = (tl.maximum(hi - lo, 0) + BLOCK_M - 1) // BLOCK_M
+    ends = tl.cumsum(tiles, 0)
+    e = tl.sum((ends <= t).to(tl.int32), 0)
+    sel = i == e
+    start = tl.sum(tl.where(sel, ends - tiles, 0), 0)
+    row0 = tl.sum(tl.where(sel, lo, 0), 0) + (t - start) * BLOCK_M
+    row1 = tl.sum(tl.where(sel, hi, 0), 0)
+    return e, row0, row1
+
+
+@triton.jit
+def fp4_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, off_ptr, M, N, K, E,
+                    sxm, sxk, swe, swn, swk, sse, ssn, ssk, sys, sym,
+                    GROUPED: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_ODD: tl.constexpr,
+                    DOT: tl.constexpr, INTERP: tl.constexpr):
+    """y[rows, n] (+)= x[rows, k] * E2M1(w[e, n, k]) * 2^(s[e, n, k/32] - 127) over this program's K split.
+
+    Grid: (row tiles * cdiv(N, BLOCK_N), splits), N-blocks fastest. Program (t, j, p) computes the rows of tile
+    t (of expert e when GROUPED) and columns j*BLOCK_N.. over K_STEPS steps of BLOCK_K from k = p*K_STEPS*BLOCK_K
+    (a constexpr count: Triton 3.6's interpreter cannot loop over run-time bounds with NumPy 2.4), and stores
+    float32 partials at ``y + p*sys`` when split (sys = 0 otherwise: the final output, in y's dtype).
+    The weight tile is loaded as [BLOCK_N, BLOCK_K/32, 16] bytes (one E8M0 scale per 16 bytes, so scales are
+    loaded once per 32-block and broadcast) and unpacked and scaled in registers.
+    EVEN_ODD (decode path): two products x[:, even k] @ lo-nibbles + x[:, odd k] @ hi-nibbles, so the weight
+    needs no interleaving (x is tiny and cached). Otherwise (prefill path) the nibbles are interleaved with
+    join/reshape into one [BLOCK_N, BLOCK_K] operand and x is loaded as contiguous rows.
+    """
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    t = tl.program_id(0) // n_blocks  # N-blocks vary fastest: a row tile's x stays in L2 while all of N runs
+    pid_n = tl.program_id(0) % n_blocks
+    pid_k = tl.program_id(1)
+    if GROUPED:
+        e, row0, row1 = _expert_tile(off_ptr, t, E, BLOCK_E, BLOCK_M)
+    else:
+        e = t * 0
+        row0 = t * BLOCK_M
+        row1 = M
+    if e < E:
+        rm = row0 + tl.arange(0, BLOCK_M)
+        m_ok = (rm < row1) & (rm < M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        x_rows = x_ptr + rm.to(tl.int64)[:, None] * sxm
+        w_rows = w_ptr + e.to(tl.int64) * swe + rn.to(tl.int64)[:, None, None] * swn
+        s_rows = s_ptr + e.to(tl.int64) * sse + rn.to(tl.int64)[:, None] * ssn
+        g = tl.arange(0, BLOCK_K // 32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for step in range(0, K_STEPS):
+            k0 = (pid_k * K_STEPS + step) * BLOCK_K
+            kg = k0 // 32 + g  # 32-wide K blocks of this step (one E8M0 scale each)
+            kb = kg[:, None] * 16 + tl.arange(0, 16)[None, :]  # their packed bytes [G, 16]
+            if EVEN_K:
+                wmask = n_ok[:, None, None]
+                smask = n_ok[:, None]
+            else:
+                wmask = n_ok[:, None, None] & (kg < K // 32)[None, :, None]
+                smask = n_ok[:, None] & (kg < K // 32)[None, :]
+            wb = tl.load(w_rows + kb[None, :, :] * swk, mask=wmask, other=0).to(tl.int32)  # [BN, G, 16]
+            sc = _e8m0(tl.load(s_rows + kg[None, :] * ssk, mask=smask, other=127).to(tl.int32))
+            lo = _e2m1(wb & 15) * sc[:, :, None]
+            hi = _e2m1(wb >> 4) * sc[:, :, None]
+            if EVEN_ODD:
+                kx = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+                xmask = m_ok[:, None] & (kx < K)[None, :]
+                xe = tl.load(x_rows + kx[None, :] * sxk, mask=xmask, other=0.0)
+                xo = tl.load(x_rows + (kx + 1)[None, :] * sxk, mask=xmask, other=0.0)
+                acc = _mma(xe, tl.trans(tl.reshape(lo, (BLOCK_N, BLOCK_K // 2))), acc, DOT, INTERP)
+                acc = _mma(xo, tl.trans(tl.reshape(hi, (BLOCK_N, BLOCK_K // 2))), acc, DOT, INTERP)
+            else:
+                kk = k0 + tl.arange(0, BLOCK_K)
+                if EVEN_K:
+                    xt = tl.load(x_rows + kk[None, :] * sxk, mask=m_ok[:, None], other=0.0)
+                else:
+                    xt = tl.load(x_rows + kk[None, :] * sxk, mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
+                w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
+                acc = _mma(xt, tl.trans(w), acc, DOT, INTERP)
+        y = y_ptr + pid_k.to(tl.int64) * sys + rm.to(tl.int64)[:, None] * sym + rn[None, :]
+        tl.store(y, _out(acc, y_ptr, INTERP), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K,
+                    sxm, sxk, swn, swk, ssn, ssk, sys, sym,
+                    SCALE_E8M0: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    K_STEPS: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr, INTERP: tl.constexpr):
+    """y[m, n] (+)= sum_k x[m, k] * E4M3(w[n, k]) * s[n // 128, k // 128] over this program's K split.
+
+    Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), splits), N-blocks fastest; K_STEPS per split as in fp4_gemm_kernel.
+    BLOCK_N and BLOCK_K divide 128, so each tile and K step lies in one scale block: the scale is one scalar per step,
+    applied to the float32 partial product. Edge blocks (N, K not multiples of 128) are masked.
+    """
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // n_blocks
+    pid_n = tl.program_id(0) % n_blocks
+    pid_k = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * sxm
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * swn
+    s_row = s_ptr + ((pid_n * BLOCK_N) // 128) * ssn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(0, K_STEPS):
+        k0 = (pid_k * K_STEPS + step) * BLOCK_K
+        kk = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            xt = tl.load(x_rows + kk[None, :] * sxk, mask=m_ok[:, None], other=0.0)
+            wb = tl.load(w_rows + kk[None, :] * swk, mask=n_ok[:, None], other=0)
+        else:
+            xt = tl.load(x_rows + kk[None, :] * sxk, mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
+            wb = tl.load(w_rows + kk[None, :] * swk, mask=n_ok[:, None] & (kk < K)[None, :], other=0)
+        w = wb.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        if SCALE_E8M0:
+            sc = _e8m0(tl.load(s_row + (k0 // 128) * ssk).to(tl.int32))
+        else:
+            sc = tl.load(s_row + (k0 // 128) * ssk).to(tl.float32)
+        part = _mma(xt, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT, INTERP)
+        acc += part * sc
+    y = y_ptr + pid_k.to(tl.int64) * sys + rm.to(tl.int64)[:, None] * sym + rn[None, :]
+    tl.store(y, _out(acc, y_ptr, INTERP), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def split_sum_kernel(ws_ptr, y_ptr, total, SPLIT: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr):
+    """y[i] = sum over p of ws[p, i] (float32, fixed order: deterministic), cast to y's dtype."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < total
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for p in tl.static_range(SPLIT):
+        acc += tl.load(ws_ptr + p * total + i, mask=ok, other=0.0)
+    tl.store(y_ptr + i, _out(acc, y_ptr, INTERP), mask=ok)
+
+
+@triton.jit
+def act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, sxm, sxk, sqm, ssm,
+                     FOLD: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Per row and 1x128 K block: s = 2^ceil(log2(max(amax, 1e-4) * fp32(1/448))), q = E4M3-RNE(clamp(x/s, 448)).
+
+    Bit-identical to dsv4rt.formats.act_quant_fp8: the ceil-log2 is taken from the float32 bits, x/s is an
+    exact power-of-two multiply, and round-to-nearest-even onto the E4M3 grid uses the 2^23 trick on the
+    scaled magnitude. FOLD: store q * s (exact in bf16) into q [M, K]; else store q into q (float32 or float8)
+    and s into s [M, ceil(K/128)] float32. Grid: (cdiv(M, BLOCK_R), ceil(K/128)).
+    """
+    rm = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    kb = tl.program_id(1)
+    rk = kb * 128 + tl.arange(0, 128)
+    mask = (rm < M)[:, None] & (rk < K)[None, :]
+    x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * sxm + rk[None, :] * sxk, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1)
+    y = tl.maximum(amax, 1e-4) * 0.0022321429569274187  # float32(1 / 448), exactly
+    bits = y.to(tl.int32, bitcast=True)
+    b = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    b = tl.minimum(b, 253)  # s <= 2^126, so 1/s is a normal power of two
+    s = (b << 23).to(tl.float32, bitcast=True)
+    inv = ((254 - b) << 23).to(tl.float32, bitcast=True)
+    q = x * inv[:, None]
+    a = tl.minimum(tl.abs(q), 448.0, propagate_nan=tl.PropagateNan.ALL)  # NaN x stays NaN
+    ea = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+    step = ((ea + 124) << 23).to(tl.float32, bitcast=True)  # 2^(ea - 3): E4M3 spacing at a's binade
+    inv_step = ((130 - ea) << 23).to(tl.float32, bitcast=True)
+    r = ((a * inv_step + 8388608.0) - 8388608.0) * step  # RNE to an integer multiple of step
+    sign = (q.to(tl.int32, bitcast=True) >> 31) << 31  # copied by bits: keeps -0.0 (as the reference does)
+    r = (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    if FOLD:
+        tl.store(q_ptr + rm.to(tl.int64)[:, None] * sqm + rk[None, :], (r * s[:, None]).to(q_ptr.dtype.element_ty),
+                 mask=mask)
+    else:
+        tl.store(q_ptr + rm.to(tl.int64)[:, None] * sqm + rk[None, :], r.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + rm.to(tl.int64) * ssm + kb, s, mask=rm < M)
