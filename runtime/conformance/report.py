@@ -66,10 +66,12 @@ class Report:
         lines.insert(1, "  ".join("-" * w for w in widths))
         for r in self.failures():
             lines.append(f"{r.status.upper()} {r.case} [{r.implementation}]: {r.message}")
-        tolerances = sorted({(r.op, r.tolerance) for r in self.results
-                             if r.tolerance and r.status == "pass" and r.tolerance != "must raise"})
-        if tolerances:
-            lines.append("tolerances: " + "; ".join(f"{op}: {t}" for op, t in dict(tolerances).items()))
+        tolerances: dict[str, list[str]] = {}
+        for r in self.results:
+            if r.tolerance and r.tolerance != "must raise" and r.tolerance not in tolerances.setdefault(r.op, []):
+                tolerances[r.op].append(r.tolerance)
+        for op, tols in tolerances.items():
+            lines.append(f"tolerance {op}: " + " | ".join(tols))
         lines.extend(self.notes)
         counts = ", ".join(f"{n} {s}" for s, n in sorted(self.counts().items()))
         verdict = "PASSED" if self.passed else "FAILED"

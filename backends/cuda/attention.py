@@ -1,0 +1,209 @@
+"""``cuda/triton`` launchers of the attention family: kv_compress and sparse_attention.
+
+Kernels are in :mod:`dsv4rt.backends.cuda.kernels.attention`, imported (with Triton) on the first launch,
+so importing this module never imports Triton. Non-contiguous inputs are handled through strides (no
+copies). No launcher synchronises with the host: every launch parameter comes from shapes.
+
+sparse_attention has two paths, chosen by :func:`plan` from shapes only:
+
+- ``prefill``: grid (B*S, head blocks); each program streams all K selected entries of its query row
+  through an online softmax, the gathered [BLOCK_K, D] kv tile shared by BLOCK_H heads (MQA);
+- ``decode``: when B*S*head_blocks would leave more than half the SMs idle, the K entries are split
+  across programs (split-K, about one wave) whose partial (max, sum, output) a second kernel merges
+  with the sink.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from dsv4rt.backend import Registrar, new_output
+
+__all__ = ["register", "kv_compress", "sparse_attention", "plan", "AttentionPlan", "supports_attention",
+           "supports_compress"]
+
+MAX_HEAD_DIM = 512
+"""Largest head dim of the single-tile q / accumulator design (V4: 512)."""
+INTERP_VIRTUAL_SMS = 16
+"""Stand-in SM count under the interpreter, so the small conformance shapes exercise both paths
+(decode: B*S*head_blocks <= 8 rows; prefill otherwise)."""
+
+
+def _p2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@functools.cache
+def _kernels() -> Any:
+    """The @triton.jit module (imports Triton); called on the first launch only."""
+    from .kernels import attention
+
+    return attention
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessor count of ``device`` (the current GPU when it has no index; cached, no sync)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _device(t: Tensor) -> contextlib.AbstractContextManager:
+    """Makes t's GPU current for the launch (no-op for the interpreter's CPU tensors)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _interp(t: Tensor) -> bool:
+    """True when the kernels run under the Triton interpreter (CPU tensors): interpreter block sizes."""
+    return t.device.type != "cuda"
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """How sparse_attention is launched: ``path`` is "prefill" or "decode" (split-K + combine)."""
+
+    path: str
+    splits: int
+    k_per_split: int
+    block_h: int
+    block_k: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+def plan(args: Mapping[str, Any]) -> AttentionPlan:
+    """Launch plan of sparse_attention for these arguments (shapes only, no device work)."""
+    b, s, h, d = args["q"].shape
+    k = args["idx"].shape[2]
+    interp = _interp(args["q"])
+    block_d = max(16, _p2(d))
+    if interp:
+        block_h, block_k, warps, stages = max(16, _p2(h)), 32, 4, 1
+        sms = INTERP_VIRTUAL_SMS
+    else:
+        wide = block_d > 128
+        block_h = max(16, min(_p2(h), 32 if wide else 64))
+        block_k, warps, stages = (32, 8, 2) if wide else (64, 4, 2)
+        if wide and args["q"].element_size() == 4:
+            block_k = 16                                   # fp32 tiles: keep the two kv stages in smem
+        sms = _sm_count(args["q"].device)
+    programs = b * s * -(-h // block_h)
+    kblocks = -(-k // block_k)
+    # At D = 512 one program fills an SM's registers, so split only when the grid would leave more than
+    # half the SMs idle, and then into about one wave; the fp32 partials cost a write and a read.
+    if 2 * programs > sms or kblocks < 2:
+        return AttentionPlan("prefill", 1, max(k, 1), block_h, block_k, block_d, warps, stages)
+    want = min(kblocks, max(2, sms // programs))
+    per = -(-kblocks // want) * block_k
+    splits = -(-k // per)
+    if splits < 2:
+        return AttentionPlan("prefill", 1, max(k, 1), block_h, block_k, block_d, warps, stages)
+    return AttentionPlan("decode", splits, per, block_h, block_k, block_d, warps, stages)
+
+
+def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, scale: float,
+                     return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """``o[B, S, H, D]`` (+ ``lse[B, S, H]``): sparse MQA over the selected K=V rows plus the sink.
+
+    Triton online softmax (fp32 statistics, P cast to the kv dtype for the P.V MMA); -1 entries are
+    skipped, rows with no valid entry give zeros and ``lse = sink`` (-inf without a sink). The path
+    (prefill or split-K decode) comes from :func:`plan`.
+    """
+    b, s, h, d = q.shape
+    k = idx.shape[2]
+    dev = q.device
+    o: Tensor = new_output((b, s, h, d), q.dtype, dev)
+    lse = new_output((b, s, h), torch.float32, dev) if return_lse else None
+    if b * s * h == 0 or d == 0:
+        return (o, lse) if return_lse else o
+    p = plan({"q": q, "idx": idx})
+    kern = _kernels()
+    interp = _interp(q)
+    lse_arg = lse if lse is not None else o
+    lse_st = lse.stride() if lse is not None else (0, 0, 0)
+    sink_arg = sink if sink is not None else q
+    grid = (b * s, -(-h // p.block_h), p.splits)
+    common = dict(HAS_SINK=sink is not None, HAS_LSE=return_lse, BLOCK_H=p.block_h, BLOCK_D=p.block_d)
+    with _device(q):
+        if p.path == "decode":
+            ws = torch.empty((b * s * h * p.splits, d), dtype=torch.float32, device=dev)
+            wsml = torch.empty((b * s * h * p.splits, 2), dtype=torch.float32, device=dev)
+            out_args: tuple = (o, lse_arg, ws, wsml)
+        else:
+            out_args = (o, lse_arg, o, o)
+        kern.sparse_attn_kernel[grid](
+            q, kv, idx, sink_arg, *out_args, s, h, d, k, p.k_per_split, float(scale),
+            *q.stride(), *kv.stride(), *idx.stride(), *o.stride(), *lse_st,
+            SPLIT=p.path == "decode", BLOCK_K=p.block_k, INTERP=interp,
+            num_warps=p.num_warps, num_stages=p.num_stages, **common)
+        if p.path == "decode":
+            kern.sparse_attn_combine_kernel[grid[:2]](
+                ws, wsml, sink_arg, o, lse_arg, s, h, d, *o.stride(), *lse_st,
+                NSPLIT=p.splits, num_warps=4, **common)
+    return (o, lse) if return_lse else o
+
+
+def kv_compress(kv: Tensor, gate: Tensor, ape: Tensor, ratio: int, overlap: bool,
+                prev_kv: Tensor | None = None, prev_gate: Tensor | None = None) -> Tensor:
+    """``out[B, S/ratio, d]`` float32: per-channel gated softmax pooling (spec 3.2 / 4.1) in Triton.
+
+    One program per (entry block, channel block, b) loads each entry's tokens as a [entries, ratio,
+    channels] tile and reduces it along the token axis (plus the previous block's first-half channels
+    when ``overlap``). Every kv / gate element is read once.
+    """
+    b, s, ch = kv.shape
+    nb = s // ratio
+    d = ch // 2 if overlap else ch
+    out = new_output((b, nb, d), torch.float32, kv.device)
+    if b * nb * d == 0:
+        return out
+    interp = _interp(kv)
+    block_r = _p2(ratio)
+    if interp:
+        block_c = min(_p2(d), 256)
+        block_j = max(1, min(_p2(nb), 4096 // (block_r * block_c)))
+        warps = 4
+    else:
+        block_c = min(_p2(d), 128 if ratio <= 8 else 64)
+        block_j = max(1, min(_p2(nb), 2048 // (block_r * block_c)))
+        warps = 4 if block_j * block_r * block_c <= 2048 else 8
+    has_prev = prev_kv is not None
+    pkv, pg = (prev_kv, prev_gate) if has_prev else (kv, gate)
+    pst = (*pkv.stride(), *pg.stride()) if has_prev else (0,) * 6
+    grid = (-(-nb // block_j), -(-d // block_c), b)
+    with _device(kv):
+        _kernels().kv_compress_kernel[grid](
+            kv, gate, ape, pkv, pg, out, nb, d, *kv.stride(), *gate.stride(), *ape.stride(), *pst, *out.stride(),
+            RATIO=ratio, OVERLAP=overlap, HAS_PREV=has_prev, BLOCK_J=block_j, BLOCK_R=block_r, BLOCK_C=block_c,
+            num_warps=warps)
+    return out
+
+
+def supports_attention(a: Mapping[str, Any]) -> str | None:
+    """None, or why cuda/triton cannot take this sparse_attention call (cuda/torch then runs it)."""
+    if a["q"].dtype != a["kv"].dtype:
+        return f"cuda/triton needs q and kv of one dtype (got {a['q'].dtype} and {a['kv'].dtype})"
+    if a["q"].shape[3] > MAX_HEAD_DIM:
+        return f"cuda/triton keeps a head in one tile: head dim <= {MAX_HEAD_DIM} (got {a['q'].shape[3]})"
+    return None
+
+
+def supports_compress(a: Mapping[str, Any]) -> str | None:
+    """None, or why cuda/triton cannot take this kv_compress call."""
+    if a["ratio"] > 1024:
+        return f"cuda/triton holds one block of tokens in a tile: ratio <= 1024 (got {a['ratio']})"
+    return None
+
+
+def register(registrar: Registrar, device_type: str, priority: int) -> None:
+    """Register ``cuda/triton`` kv_compress and sparse_attention (no Triton import here)."""
+    registrar.implement("kv_compress", "triton", kv_compress, priority=priority, device_type=device_type,
+                        supports=supports_compress)
+    registrar.implement("sparse_attention", "triton", sparse_attention, priority=priority,
+                        device_type=device_type, supports=supports_attention)

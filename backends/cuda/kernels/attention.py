@@ -1,0 +1,212 @@
+"""Triton kernels of the attention family: kv_compress (spec 3.2 / 4.1) and sparse_attention (spec 3.5).
+
+Only ``@triton.jit`` code lives here; the launchers are in ``backends/cuda/attention.py``.
+``INTERP`` (constexpr) is True under the Triton interpreter, whose ``tl.dot`` multiplies bfloat16 tiles as
+their raw uint16 bits: there the MMA operands are upcast to float32 first (exact for bf16/fp16 values) and
+P stays float32. On a GPU the operands go to the tensor cores in the input dtype with fp32 accumulation.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def kv_compress_kernel(kv_ptr, gate_ptr, ape_ptr, pkv_ptr, pgate_ptr, out_ptr, NB, D,
+                       s_kb, s_ks, s_kc, s_gb, s_gs, s_gc, s_ar, s_ac,
+                       s_pkb, s_pks, s_pkc, s_pgb, s_pgs, s_pgc, s_ob, s_oj, s_oc,
+                       RATIO: tl.constexpr, OVERLAP: tl.constexpr, HAS_PREV: tl.constexpr,
+                       BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One program per (entry block, channel block, b): a per-channel softmax over each entry's tokens.
+
+    The tokens of an entry are a [BLOCK_J, BLOCK_R, BLOCK_C] tile (entries x position-in-block x channels),
+    reduced along axis 1: the own block (channels ``c + D`` when OVERLAP) and, when OVERLAP, the previous
+    block on channels ``c`` (``prev_*`` for entry 0 when HAS_PREV, else logit -inf).
+    """
+    pid_j = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    j3 = offs_j[:, None, None]
+    r3 = offs_r[None, :, None]
+    c3 = offs_c[None, None, :]
+    ok = (j3 < NB) & (r3 < RATIO) & (c3 < D)
+    own_c = c3 + D if OVERLAP else c3
+    tok = j3 * RATIO + r3
+    g = tl.load(gate_ptr + b * s_gb + tok * s_gs + own_c * s_gc, mask=ok, other=0.0).to(tl.float32)
+    g += tl.load(ape_ptr + r3 * s_ar + own_c * s_ac, mask=ok, other=0.0)
+    g = tl.where(ok, g, float("-inf"))
+    v = tl.load(kv_ptr + b * s_kb + tok * s_ks + own_c * s_kc, mask=ok, other=0.0).to(tl.float32)
+    m = tl.max(g, axis=1)
+    if OVERLAP:
+        first = j3 == 0
+        tokp = tok - RATIO
+        pg = tl.load(gate_ptr + b * s_gb + tokp * s_gs + c3 * s_gc, mask=ok & (j3 > 0), other=0.0).to(tl.float32)
+        pv = tl.load(kv_ptr + b * s_kb + tokp * s_ks + c3 * s_kc, mask=ok & (j3 > 0), other=0.0).to(tl.float32)
+        if HAS_PREV:
+            pg0 = tl.load(pgate_ptr + b * s_pgb + r3 * s_pgs + c3 * s_pgc, mask=ok & first, other=0.0)
+            pv0 = tl.load(pkv_ptr + b * s_pkb + r3 * s_pks + c3 * s_pkc, mask=ok & first, other=0.0)
+            pg = tl.where(first, pg0.to(tl.float32), pg)
+            pv = tl.where(first, pv0.to(tl.float32), pv)
+            pok = ok
+        else:
+            pok = ok & (j3 > 0)
+        pg += tl.load(ape_ptr + r3 * s_ar + c3 * s_ac, mask=ok, other=0.0)
+        pg = tl.where(pok, pg, float("-inf"))
+        m = tl.maximum(m, tl.max(pg, axis=1))
+    m = tl.where(m == float("-inf"), 0.0, m)  # only padded lanes; keeps exp() finite
+    p = tl.exp(g - m[:, None, :])
+    den = tl.sum(p, axis=1)
+    num = tl.sum(p * v, axis=1)
+    if OVERLAP:
+        pp = tl.exp(pg - m[:, None, :])
+        den += tl.sum(pp, axis=1)
+        num += tl.sum(pp * pv, axis=1)
+    den = tl.where(den > 0, den, 1.0)
+    o_ok = (offs_j[:, None] < NB) & (offs_c[None, :] < D)
+    tl.store(out_ptr + b * s_ob + offs_j[:, None] * s_oj + offs_c[None, :] * s_oc, num / den, mask=o_ok)
+
+
+@triton.jit
+def _attend_block(k0, k_hi, q, m, l, acc, kv_ptr, idx_ptr, row_idx, kv_base, D, scale, s_kn, s_kd, s_ik,
+                  BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr):
+    """One online-softmax step over entries ``[k0, min(k0 + BLOCK_K, k_hi))``: gathers the kv rows once
+    ([BLOCK_K, D]) and feeds them to every head of the block through two MMAs."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    ids = tl.load(idx_ptr + row_idx + offs_k * s_ik, mask=offs_k < k_hi, other=-1)
+    valid = ids >= 0
+    rows = tl.load(kv_ptr + kv_base + ids.to(tl.int64)[:, None] * s_kn + offs_d[None, :] * s_kd,
+                   mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+    if INTERP:
+        rows = rows.to(tl.float32)
+    s = tl.dot(q, tl.trans(rows)) * scale
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_use)
+    p = tl.exp(s - m_use[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(rows.dtype), rows)
+    return m_new, l, acc
+
+
+@triton.jit
+def _attend(q_ptr, kv_ptr, idx_ptr, row_q, row_idx, kv_base, k_lo, k_hi, H, D, scale,
+            s_qh, s_qd, s_kn, s_kd, s_ik,
+            BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr):
+    """Online softmax of one head block over entries ``[k_lo, k_hi)`` of one query row.
+
+    Returns (m, l, acc): running max (-inf where nothing valid), sum of exp(logit - m) and the
+    unnormalised [BLOCK_H, BLOCK_D] fp32 output. Under the interpreter the loop is a ``while`` (Triton
+    3.6's interpreter cannot take run-time ``range`` bounds with NumPy 2); on a GPU a pipelined ``for``.
+    """
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(q_ptr + row_q + offs_h[:, None] * s_qh + offs_d[None, :] * s_qd,
+                mask=(offs_h[:, None] < H) & (offs_d[None, :] < D), other=0.0)
+    if INTERP:
+        q = q.to(tl.float32)
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    if INTERP:
+        k0 = k_lo
+        while k0 < k_hi:
+            m, l, acc = _attend_block(k0, k_hi, q, m, l, acc, kv_ptr, idx_ptr, row_idx, kv_base, D, scale,
+                                      s_kn, s_kd, s_ik, BLOCK_K, BLOCK_D, INTERP)
+            k0 += BLOCK_K
+    else:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            m, l, acc = _attend_block(k0, k_hi, q, m, l, acc, kv_ptr, idx_ptr, row_idx, kv_base, D, scale,
+                                      s_kn, s_kd, s_ik, BLOCK_K, BLOCK_D, INTERP)
+    return m, l, acc
+
+
+@triton.jit
+def _finish(m, l, acc, sink_ptr, o_ptr, lse_ptr, row_o, row_lse, H, D, s_oh, s_od, s_lh,
+            HAS_SINK: tl.constexpr, HAS_LSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Adds the sink to the denominator, normalises and stores o (and lse) for one head block."""
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_ok = offs_h < H
+    mx = m
+    if HAS_SINK:
+        sink = tl.load(sink_ptr + offs_h, mask=h_ok, other=float("-inf"))
+        mx = tl.maximum(mx, sink)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    den = l * tl.exp(m - mx)
+    if HAS_SINK:
+        den += tl.exp(sink - mx)
+    factor = tl.where(den > 0, tl.exp(m - mx) / tl.where(den > 0, den, 1.0), 0.0)
+    o = acc * factor[:, None]
+    tl.store(o_ptr + row_o + offs_h[:, None] * s_oh + offs_d[None, :] * s_od, o.to(o_ptr.dtype.element_ty),
+             mask=h_ok[:, None] & (offs_d[None, :] < D))
+    if HAS_LSE:
+        lse = tl.where(den > 0, mx + tl.log(tl.where(den > 0, den, 1.0)), float("-inf"))
+        tl.store(lse_ptr + row_lse + offs_h * s_lh, lse, mask=h_ok)
+
+
+@triton.jit
+def sparse_attn_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, o_ptr, lse_ptr, ws_ptr, wsml_ptr,
+                       S, H, D, K, k_per_split, scale,
+                       s_qb, s_qs, s_qh, s_qd, s_kb, s_kn, s_kd, s_ib, s_is, s_ik,
+                       s_ob, s_os, s_oh, s_od, s_lb, s_ls, s_lh,
+                       SPLIT: tl.constexpr, HAS_SINK: tl.constexpr, HAS_LSE: tl.constexpr,
+                       BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                       INTERP: tl.constexpr):
+    """Grid (B*S, head blocks, splits). SPLIT=False (prefill): all K entries, writes o and lse.
+    SPLIT=True (decode): entries ``[split*k_per_split, ...)`` only; writes the unnormalised partial
+    output to ``ws[row, h, split, :]`` and (m, l) to ``wsml[row, h, split, 0:2]`` for the combine kernel."""
+    row = tl.program_id(0)
+    b = (row // S).to(tl.int64)
+    s = (row % S).to(tl.int64)
+    split = tl.program_id(2)
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(K, k_lo + k_per_split)
+    m, l, acc = _attend(q_ptr, kv_ptr, idx_ptr, b * s_qb + s * s_qs, b * s_ib + s * s_is, b * s_kb, k_lo, k_hi,
+                        H, D, scale, s_qh, s_qd, s_kn, s_kd, s_ik, BLOCK_H, BLOCK_K, BLOCK_D, INTERP)
+    if SPLIT:
+        nsplit = tl.num_programs(2)
+        offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, BLOCK_D)
+        h_ok = offs_h < H
+        base = (row.to(tl.int64) * H + offs_h) * nsplit + split           # [BLOCK_H] rows of the workspace
+        tl.store(ws_ptr + base[:, None] * D + offs_d[None, :], acc, mask=h_ok[:, None] & (offs_d[None, :] < D))
+        tl.store(wsml_ptr + base * 2, m, mask=h_ok)
+        tl.store(wsml_ptr + base * 2 + 1, l, mask=h_ok)
+    else:
+        _finish(m, l, acc, sink_ptr, o_ptr, lse_ptr, b * s_ob + s * s_os, b * s_lb + s * s_ls, H, D,
+                s_oh, s_od, s_lh, HAS_SINK, HAS_LSE, BLOCK_H, BLOCK_D)
+
+
+@triton.jit
+def sparse_attn_combine_kernel(ws_ptr, wsml_ptr, sink_ptr, o_ptr, lse_ptr, S, H, D,
+                               s_ob, s_os, s_oh, s_od, s_lb, s_ls, s_lh,
+                               NSPLIT: tl.constexpr, HAS_SINK: tl.constexpr, HAS_LSE: tl.constexpr,
+                               BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (B*S, head blocks): merges the NSPLIT partial (m, l, acc) of each head with its sink."""
+    row = tl.program_id(0)
+    b = (row // S).to(tl.int64)
+    s = (row % S).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_ok = offs_h < H
+    ok2 = h_ok[:, None] & (offs_d[None, :] < D)
+    base = (row.to(tl.int64) * H + offs_h) * NSPLIT
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    for i in range(NSPLIT):
+        m = tl.maximum(m, tl.load(wsml_ptr + (base + i) * 2, mask=h_ok, other=float("-inf")))
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for i in range(NSPLIT):
+        w = tl.exp(tl.load(wsml_ptr + (base + i) * 2, mask=h_ok, other=float("-inf")) - m_use)
+        l += w * tl.load(wsml_ptr + (base + i) * 2 + 1, mask=h_ok, other=0.0)
+        acc += w[:, None] * tl.load(ws_ptr + (base + i)[:, None] * D + offs_d[None, :], mask=ok2, other=0.0)
+    # (m_use, l, acc) is a valid online-softmax state: finish it exactly like the single-pass path.
+    m_state = tl.where(l > 0, m_use, float("-inf"))
+    _finish(m_state, l, acc, sink_ptr, o_ptr, lse_ptr, b * s_ob + s * s_os, b * s_lb + s * s_ls, H, D,
+            s_oh, s_od, s_lh, HAS_SINK, HAS_LSE, BLOCK_H, BLOCK_D)

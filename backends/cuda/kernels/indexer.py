@@ -1,0 +1,160 @@
+"""Triton kernels of the lightning indexer: fused logits (spec 2.5) and a per-row radix top-k select.
+
+Only ``@triton.jit`` code lives here; the launcher is ``backends/cuda/indexer.py``. ``INTERP`` (constexpr)
+is True under the Triton interpreter: MMA operands are upcast to fp32 there (its ``tl.dot`` multiplies
+bf16 tiles as raw uint16 bits), and run-time-bounded loops are ``while`` loops (Triton 3.6's interpreter
+cannot take run-time ``range`` bounds under NumPy 2); on a GPU they are ``for`` loops.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def indexer_logits_kernel(q_ptr, k_ptr, ks_ptr, w_ptr, vis_ptr, sc_ptr, S, H, N, D,
+                          s_qb, s_qs, s_qh, s_qd, s_kb, s_kn, s_kd, s_ksb, s_ksn, s_wb, s_ws, s_wh,
+                          s_vb, s_vs, s_cb, s_cs, s_cn,
+                          HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_DC: tl.constexpr,
+                          INTERP: tl.constexpr):
+    """Grid (key blocks, query blocks, B): ``score[s, t] = sum_h w[s, h] relu(q[s, h] . key[t])``.
+
+    The MMA's M dimension is (BLOCK_S queries x BLOCK_H heads) against BLOCK_N keys; ReLU, the key scale
+    and the head weights are applied to the fp32 accumulator and the heads summed in registers, so only
+    [BLOCK_S, BLOCK_N] scores reach memory. Key blocks at or beyond every query's ``visible`` are skipped.
+    """
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_ok = offs_s < S
+    vis = tl.load(vis_ptr + b * s_vb + offs_s * s_vs, mask=s_ok, other=0)
+    n0 = pid_n * BLOCK_N
+    if n0 < tl.max(vis, axis=0):
+        offs_m = tl.arange(0, BLOCK_S * BLOCK_H)
+        ms = pid_s * BLOCK_S + offs_m // BLOCK_H
+        mh = offs_m % BLOCK_H
+        m_ok = (ms < S) & (mh < H)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        acc = tl.zeros([BLOCK_S * BLOCK_H, BLOCK_N], tl.float32)
+        for i in range(NUM_DC):
+            offs_d = i * BLOCK_D + tl.arange(0, BLOCK_D)
+            d_ok = offs_d < D
+            q = tl.load(q_ptr + b * s_qb + ms[:, None] * s_qs + mh[:, None] * s_qh + offs_d[None, :] * s_qd,
+                        mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            kt = tl.load(k_ptr + b * s_kb + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
+                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            if INTERP:
+                q = q.to(tl.float32)
+            kt = kt.to(q.dtype)
+            acc += tl.dot(q, tl.trans(kt))
+        if HAS_SCALE:
+            acc *= tl.load(ks_ptr + b * s_ksb + offs_n * s_ksn, mask=n_ok, other=0.0)[None, :]
+        w = tl.load(w_ptr + b * s_wb + ms * s_ws + mh * s_wh, mask=m_ok, other=0.0)
+        acc = tl.maximum(acc, 0.0) * w[:, None]
+        sc = tl.sum(tl.reshape(acc, [BLOCK_S, BLOCK_H, BLOCK_N]), axis=1)
+        tl.store(sc_ptr + b * s_cb + offs_s[:, None] * s_cs + offs_n[None, :] * s_cn, sc,
+                 mask=s_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _ordered_key(x):
+    """int32 key with the order of the float32 values (signed compare)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _hist_chunk(c0, hist, row_ptr, s_cn, vis, prefix, SHIFT: tl.constexpr, FIRST: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """Adds the 8-bit digit at SHIFT of the (sign-flipped) keys of one chunk whose higher digits
+    equal ``prefix``'s to ``hist`` [256]."""
+    offs = c0 + tl.arange(0, BLOCK_N)
+    ok = offs < vis
+    u = _ordered_key(tl.load(row_ptr + offs * s_cn, mask=ok, other=0.0)) ^ (-2147483648)
+    if not FIRST:
+        ok = ok & ((u >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
+    return hist + tl.histogram((u >> SHIFT) & 255, 256, mask=ok)
+
+
+@triton.jit
+def _compact_chunk(c0, run_gt, run_eq, row_ptr, s_cn, vis, thr, n_gt, need, idx_row, s_ik, val_row, s_vk,
+                   HAS_VAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Writes this chunk's keys above ``thr`` to slots ``run_gt...`` and its keys equal to ``thr`` to
+    slots ``n_gt + run_eq...`` while fewer than ``need`` were taken (in index order)."""
+    offs = c0 + tl.arange(0, BLOCK_N)
+    ok = offs < vis
+    x = tl.load(row_ptr + offs * s_cn, mask=ok, other=0.0)
+    key = _ordered_key(x)
+    gt = ok & (key > thr)
+    eq = ok & (key == thr)
+    gt_i = gt.to(tl.int32)
+    eq_i = eq.to(tl.int32)
+    r_eq = run_eq + tl.cumsum(eq_i, axis=0) - 1
+    take = eq & (r_eq < need)
+    pos = tl.where(gt, run_gt + tl.cumsum(gt_i, axis=0) - 1, n_gt + r_eq)
+    tl.store(idx_row + pos * s_ik, offs, mask=gt | take)
+    if HAS_VAL:
+        tl.store(val_row + pos * s_vk, x, mask=gt | take)
+    return run_gt + tl.sum(gt_i, axis=0), run_eq + tl.sum(eq_i, axis=0)
+
+
+@triton.jit
+def topk_select_kernel(sc_ptr, vis_ptr, idx_ptr, val_ptr, S, N,
+                       s_cb, s_cs, s_cn, s_vb, s_vs, s_ib, s_is, s_ik, s_xb, s_xs, s_xk,
+                       TOPK: tl.constexpr, HAS_VAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       INTERP: tl.constexpr):
+    """One program per row: exactly ``kk = min(TOPK, visible)`` distinct indices, -1 in the other slots.
+
+    Radix select on order-preserving int32 keys, 8 bits per pass (4 histogram passes) finds the kk-th
+    largest key ``thr`` and how many of the row's ties at ``thr`` to take; one compaction pass then
+    writes the keys above ``thr`` and the first ``need`` ties. No sort of the row.
+    """
+    row = tl.program_id(0)
+    b = (row // S).to(tl.int64)
+    s = (row % S).to(tl.int64)
+    vis = tl.minimum(tl.maximum(tl.load(vis_ptr + b * s_vb + s * s_vs), 0), N)
+    kk = tl.minimum(vis, TOPK)
+    idx_row = idx_ptr + b * s_ib + s * s_is
+    val_row = val_ptr + b * s_xb + s * s_xs
+    row_ptr = sc_ptr + b * s_cb + s * s_cs
+    for c0 in range(0, TOPK, BLOCK_K):
+        slots = c0 + tl.arange(0, BLOCK_K)
+        tail = (slots >= kk) & (slots < TOPK)
+        tl.store(idx_row + slots * s_ik, tl.full([BLOCK_K], -1, tl.int32), mask=tail)
+        if HAS_VAL:
+            tl.store(val_row + slots * s_xk, tl.full([BLOCK_K], float("-inf"), tl.float32), mask=tail)
+    if kk > 0:
+        need = kk
+        prefix = kk * 0
+        bins = tl.arange(0, 256)
+        for p in tl.static_range(4):
+            hist = tl.zeros([256], tl.int32)
+            if INTERP:
+                c0 = 0
+                while c0 < vis:
+                    hist = _hist_chunk(c0, hist, row_ptr, s_cn, vis, prefix, 24 - 8 * p, p == 0, BLOCK_N)
+                    c0 += BLOCK_N
+            else:
+                for c0 in range(0, vis, BLOCK_N):
+                    hist = _hist_chunk(c0, hist, row_ptr, s_cn, vis, prefix, 24 - 8 * p, p == 0, BLOCK_N)
+            ge = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist      # candidates with digit >= d
+            digit = tl.sum((ge >= need).to(tl.int32), axis=0) - 1
+            need -= tl.sum(tl.where(bins > digit, hist, 0), axis=0)
+            prefix = prefix | (digit << (24 - 8 * p))
+        thr = prefix ^ (-2147483648)
+        n_gt = kk - need
+        run_gt = kk * 0
+        run_eq = kk * 0
+        if INTERP:
+            c0 = 0
+            while c0 < vis:
+                run_gt, run_eq = _compact_chunk(c0, run_gt, run_eq, row_ptr, s_cn, vis, thr, n_gt, need, idx_row,
+                                                s_ik, val_row, s_xk, HAS_VAL, BLOCK_N)
+                c0 += BLOCK_N
+        else:
+            for c0 in range(0, vis, BLOCK_N):
+                run_gt, run_eq = _compact_chunk(c0, run_gt, run_eq, row_ptr, s_cn, vis, thr, n_gt, need, idx_row,
+                                                s_ik, val_row, s_xk, HAS_VAL, BLOCK_N)
