@@ -142,6 +142,12 @@ class CudaBackend(Backend):
             reason += "; Triton is not installed, so only the cuda/torch variants run (pip install triton)"
         return Probe(True, reason, caps)
 
+    def offers(self) -> dict[str, tuple[str, ...]]:
+        """Every op as ``triton`` (where Triton is installed) and ``torch``."""
+        from dsv4rt.registry import REGISTRY
+
+        return {op: ("triton", "torch") for op in REGISTRY.specs}
+
     def load(self, registrar: Registrar) -> None:
         """Register the composite ``torch`` variants (and, later, the Triton ones).
 
