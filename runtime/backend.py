@@ -45,6 +45,13 @@ class Backend:
     def load(self, registrar: "Registrar") -> None:
         raise NotImplementedError(f"backend {self.name!r} does not define load()")
 
+    def prepare_inputs(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Turn an op's released-format inputs (already on this backend's device) into the form its fast
+        variants take, e.g. weights converted once into a fused op's layout. Conformance and bench call it
+        so that they exercise those variants; model code calls the backend's own preparation functions.
+        Default: the inputs unchanged."""
+        return args
+
     def offers(self) -> Mapping[str, tuple[str, ...]]:
         """Variants this backend registers per op where everything it needs is present (op -> variants).
 
@@ -83,6 +90,12 @@ class Registrar:
         self.backend = backend
         self._known = frozenset(known_ops)
         self.implementations: list[Implementation] = []
+        self.capabilities: dict[str, Any] = {}
+
+    def publish_capabilities(self, caps: Mapping[str, Any]) -> None:
+        """Capabilities only load() can find (e.g. features of a library probe() must not import); they
+        are merged into the backend's probe result, so ``requires=`` and `dsv4rt info` see them."""
+        self.capabilities.update(caps)
 
     def implement(self, op: str, variant: str, fn: Callable[..., Any], *, priority: int = 0,
                   requires: Iterable[str] = (), supports: Supports | None = None,

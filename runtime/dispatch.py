@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping
 
 from . import env
 from .backend import Implementation
-from .errors import ContractError, MixedDeviceError
+from .errors import MixedDeviceError
 from .registry import Registry, generation
 from .select import Choice, choose, context_frames, explicit_choice
 from .spec import REQUIRED, OpSpec
@@ -20,6 +20,7 @@ __all__ = ["Op"]
 
 log = logging.getLogger("dsv4rt")
 _CACHE_LIMIT = 4096
+_TENSOR = None  # torch.Tensor, bound on first Op creation (importing dsv4rt must not import torch)
 
 
 class _Entry:
@@ -52,6 +53,10 @@ class Op:
     """A declared op. Call it like the function in its contract; ``backend=`` forces an implementation."""
 
     def __init__(self, spec: OpSpec, registry: Registry) -> None:
+        global _TENSOR
+        import torch
+
+        _TENSOR = torch.Tensor
         self.spec = spec
         self.name = spec.name
         self.__doc__ = spec.doc
@@ -91,7 +96,12 @@ class Op:
         key: list[Any] = [backend, context_frames(), generation()]
         for i in self._tensor_pos:
             t = args[i]
-            key.append(None if t is None else (t.shape, t.dtype, t.device, t.is_contiguous()))
+            if t is None:
+                key.append(None)
+            elif type(t) is _TENSOR:
+                key.append((t.shape, t.dtype, t.device, t.is_contiguous()))
+            else:  # a tensor subclass (e.g. a prepared weight) selects by its type and its own key
+                key.append((t.shape, t.dtype, t.device, t.is_contiguous(), type(t), getattr(t, "dsv4rt_key", None)))
         for i in self._static_pos:
             key.append(args[i])
         return tuple(key)

@@ -93,9 +93,12 @@ class Registry:
         return probe
 
     def forget_probes(self) -> None:
-        """Probe every backend again on next use (after the environment changed)."""
+        """Probe every backend again on next use (after the environment changed). Loaded backends are
+        forgotten too, so that capabilities they published at load are found again."""
         with self._lock:
             self._probes.clear()
+            self._impls.clear()
+            self._load_errors.clear()
             bump_generation()
 
     def load(self, name: str) -> list[Implementation]:
@@ -118,6 +121,10 @@ class Registry:
                 log.warning("dsv4rt: %s", reason)
                 raise PluginLoadError(reason) from exc
             self._impls[name] = registrar.implementations
+            if registrar.capabilities:
+                probe = self.probe(name)
+                self._probes[name] = Probe(probe.available, probe.reason,
+                                           {**probe.capabilities, **registrar.capabilities})
             bump_generation()
             return registrar.implementations
 

@@ -1,11 +1,31 @@
-"""The Ascend backend: torch_npu fused variants (``ascend/fused``, later) on top of the composite ``ascend/torch``.
+"""The Ascend backend: torch_npu fused variants (``ascend/fused``) on top of the composite ``ascend/torch``.
 
 ``probe()`` never imports torch_npu (``import torch_npu`` needs the CANN libraries on the loader path and
 fails, or initialises the NPU runtime, otherwise; spec/ascend.md section 0). It checks that torch_npu is
 installed (``importlib.util.find_spec``), that a CANN toolkit is present (``ASCEND_HOME_PATH`` /
 ``ASCEND_TOOLKIT_HOME`` / ``ASCEND_OPP_PATH`` or ``/usr/local/Ascend/ascend-toolkit``) and that NPU device
 nodes exist. Only when torch_npu is already imported (e.g. by torch's device-backend autoload) does it
-read the device count and the SoC version. ``load()`` imports torch_npu.
+read the device count, the SoC family (A2 / A3 / 950) and which fused ops torch_npu has (feature probes
+by name); otherwise it says those are probed at ``load()``.
+
+``load()`` imports torch_npu, probes the features, registers the composite ``torch`` variants and, for
+each op whose torch_npu call exists, an ``ascend/fused`` variant above them (``requires=`` the feature,
+``supports()`` = the documented shape/dtype limits). The features found at load are published in this
+backend's probe capabilities (``Registrar.publish_capabilities``), so ``requires=`` sees them although the probe ran
+before the import. Per op (see README.md in this folder):
+
+=================== ===================================================== ==============================
+op                  fused call                                            needs
+=================== ===================================================== ==============================
+fp4_grouped_gemm    npu_grouped_matmul (+ npu_dynamic_mx_quant on 950)     a PreparedWeight (weights.py)
+fp4_gemm, fp8_gemm  BF16 matmul on a prepared weight                      a PreparedWeight
+moe_dispatch        npu_moe_init_routing_v2
+moe_combine         npu_moe_token_unpermute
+indexer_topk        npu_lightning_indexer                                 decode (S = 1)
+sparse_attention    npu_fused_infer_attention_score (window) + LSE merge   a WindowedIndex (attention.py)
+kv_compress,        composite only
+moe_route
+=================== ===================================================== ==============================
 """
 from __future__ import annotations
 
@@ -13,19 +33,39 @@ import glob
 import importlib.util
 import os
 import sys
-from typing import Any
+from typing import Any, Mapping
 
 from dsv4rt.backend import Backend, Probe, Registrar
 
-__all__ = ["AscendBackend", "backend", "COMPOSITE_PRIORITY", "cann_home", "soc_family"]
+from ._npu import soc_family
+
+__all__ = ["AscendBackend", "backend", "COMPOSITE_PRIORITY", "FUSED_PRIORITY", "FAMILIES", "cann_home",
+           "soc_family", "prepare_weights", "PreparedWeight", "WindowedIndex"]
 
 COMPOSITE_PRIORITY = 0
 """Priority of the composite ``ascend/torch`` variants (the fused torch_npu variants register above it)."""
+FUSED_PRIORITY = 10
+"""Priority of the ``ascend/fused`` variants."""
+FAMILIES = ("gemm", "moe", "indexer", "attention")
+"""One module per op family, each with ``register(registrar, npu, features, priority, device_type)``."""
 
 _CANN_ENV = ("ASCEND_HOME_PATH", "ASCEND_TOOLKIT_HOME", "ASCEND_OPP_PATH")
 _CANN_DIRS = ("/usr/local/Ascend/ascend-toolkit/latest", "/usr/local/Ascend/ascend-toolkit",
               "/usr/local/Ascend/cann")
 _SET_ENV = "source /usr/local/Ascend/ascend-toolkit/set_env.sh"
+_FUSED_OPS = ("fp4_grouped_gemm", "fp4_gemm", "fp8_gemm", "moe_dispatch", "moe_combine", "indexer_topk",
+              "sparse_attention")
+_ALL_OPS = _FUSED_OPS + ("kv_compress", "moe_route")
+_LAZY = {"prepare_weights": "weights", "PreparedWeight": "weights", "WindowedIndex": "attention"}
+
+
+def __getattr__(name: str) -> Any:
+    """``prepare_weights`` / ``PreparedWeight`` / ``WindowedIndex`` import torch: loaded on first access."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def cann_home() -> str | None:
@@ -41,19 +81,6 @@ def cann_home() -> str | None:
     return None
 
 
-def soc_family(soc_version: int) -> str:
-    """Chip family of a ``torch_npu.npu.get_soc_version()`` value (spec/ascend.md chip table)."""
-    if 220 <= soc_version <= 225:
-        return "A2"      # Atlas 800 A2, Ascend 910B
-    if 250 <= soc_version <= 255:
-        return "A3"      # Atlas A3, Ascend 910C
-    if soc_version == 260:
-        return "950"     # Ascend 950PR / 950DT
-    if 200 <= soc_version <= 205:
-        return "310P"
-    return "unknown"
-
-
 def _installed(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
@@ -62,26 +89,24 @@ def _installed(module: str) -> bool:
 
 
 def _imported_details(caps: dict[str, Any]) -> Probe:
-    """torch_npu is already imported: the device count and SoC are cheap to read."""
-    import torch
+    """torch_npu is already imported: the device count, the SoC and the features are cheap to read."""
+    from ._npu import probe_features
 
-    npu = getattr(torch, "npu", None)
+    npu_mod = sys.modules["torch_npu"]
     try:
-        count = int(npu.device_count()) if npu is not None else 0
+        count = int(npu_mod.npu.device_count())
     except Exception as exc:
-        return Probe(False, f"torch_npu is imported but torch.npu.device_count() failed: {exc}", caps)
+        return Probe(False, f"torch_npu is imported but torch_npu.npu.device_count() failed: {exc}", caps)
     caps["device_count"] = count
     try:
-        soc = int(sys.modules["torch_npu"].npu.get_soc_version())
-        caps["soc_version"] = soc
-        caps["soc"] = soc_family(soc)
-    except Exception:  # an optional detail; never fail the probe over it
-        pass
+        caps.update(probe_features(npu_mod).capabilities())
+    except Exception as exc:  # an optional detail; never fail the probe over it
+        caps["features"] = f"feature probe failed: {exc}"
     if count == 0:
         return Probe(False, "torch_npu is imported but no NPU is visible (torch.npu.device_count() == 0; check "
                             "the driver and ASCEND_RT_VISIBLE_DEVICES)", caps)
-    soc = f", SoC {caps['soc']} ({caps['soc_version']})" if "soc" in caps else ""
-    return Probe(True, f"{count} Ascend NPU(s){soc}", caps)
+    soc = f", SoC {caps['soc']} ({caps['soc_version']})" if "soc_version" in caps else ""
+    return Probe(True, f"{count} Ascend NPU(s){soc}; fused ops: {caps.get('features', 'none')}", caps)
 
 
 class AscendBackend(Backend):
@@ -89,21 +114,24 @@ class AscendBackend(Backend):
 
     name = "ascend"
     device_type = "npu"
-    description = "torch_npu on Ascend NPUs: composite torch variants (ascend/torch), fused torch_npu ops later"
+    description = "torch_npu on Ascend NPUs: fused torch_npu variants (ascend/fused) over composite ascend/torch"
 
     def probe(self) -> Probe:
         """Cheap and import-free: torch_npu installed? CANN present? device nodes? (see the module doc)."""
         imported = "torch_npu" in sys.modules
         caps: dict[str, Any] = {"torch_npu": imported or _installed("torch_npu"), "imported": imported}
         if imported:
-            return _imported_details(caps)
+            p = _imported_details(caps)
+            return Probe(p.available, p.reason, caps)
+        caps["features"] = "probed at load() (torch_npu is not imported yet)"
         if not caps["torch_npu"]:
             return Probe(False, "torch_npu is not installed (install the torch-npu wheel matching your torch and "
                                 "CANN versions on an Ascend host)", caps)
         home = cann_home()
         if home is None:
             return Probe(False, "CANN toolkit not found (set ASCEND_HOME_PATH, e.g. `" + _SET_ENV + "`, or install "
-                                "CANN under /usr/local/Ascend); torch_npu cannot be imported without it", caps)
+                                "CANN under /usr/local/Ascend); torch_npu cannot be imported without it",
+                         caps)
         caps["cann"] = home
         nodes = glob.glob("/dev/davinci[0-9]*")
         caps["device_nodes"] = len(nodes)
@@ -111,19 +139,47 @@ class AscendBackend(Backend):
             return Probe(False, "no Ascend NPU device nodes (/dev/davinci*) are visible; check the driver "
                                 "(/usr/local/Ascend/driver) and the container's device mounts", caps)
         return Probe(True, f"torch_npu installed, CANN at {home}, {len(nodes)} NPU device node(s); torch_npu is "
-                           "imported on first use", caps)
+                           "imported, and its SoC and fused ops probed, on first use", caps)
+
+    def offers(self) -> Mapping[str, tuple[str, ...]]:
+        """Every op has ``torch``; the ops with a torch_npu call also ``fused`` (when the feature exists)."""
+        return {op: ("fused", "torch") if op in _FUSED_OPS else ("torch",) for op in _ALL_OPS}
+
+    def prepare_inputs(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Conformance and bench hand the GEMMs released weights; convert them once with
+        :func:`prepare_weights` (the chip's exact default layout) so the fused variants run. Other ops, and
+        weights whose only layouts round, are left as they are (the fused variants then refuse them with
+        their reason and the composite path is checked instead)."""
+        if op not in ("fp4_gemm", "fp4_grouped_gemm", "fp8_gemm"):
+            return args
+        from .weights import prepare_weights
+
+        try:
+            return dict(args, w=prepare_weights(args["w"], args["w_scale"]))
+        except ValueError:
+            return args
 
     def load(self, registrar: Registrar) -> None:
-        """Import torch_npu (registers the 'npu' device), then register the composite ``torch`` variants."""
+        """Import torch_npu (asked for explicitly: it registers 'npu', torch.npu and the custom ops), probe its
+        features by name, register the composite ``torch`` variants and the ``fused`` ones whose op exists."""
         try:
-            import torch_npu  # noqa: F401  (registers 'npu', torch.npu and the custom ops)
+            import torch_npu  # noqa: F401
         except ImportError as exc:
             raise ImportError(f"import torch_npu failed: {exc}. The CANN libraries must be on the loader path "
                               f"(`{_SET_ENV}`)") from exc
+        import importlib
+
         from dsv4rt.backends import composite
 
+        from ._npu import module, probe_features
+
+        npu = module()
+        features = probe_features(npu)
+        registrar.publish_capabilities(features.capabilities())
         composite.register(registrar, priority=COMPOSITE_PRIORITY, device_type=self.device_type)
-        # Fused torch_npu variants ("fused") are registered here, above COMPOSITE_PRIORITY.
+        for family in FAMILIES:
+            importlib.import_module(f"{__name__}.{family}").register(
+                registrar, npu, features, FUSED_PRIORITY, self.device_type)
 
 
 def backend() -> AscendBackend:

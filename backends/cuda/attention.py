@@ -14,7 +14,6 @@ sparse_attention has two paths, chosen by :func:`plan` from shapes only:
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor
 
 from dsv4rt.backend import Registrar, new_output
+from ._launch import device_guard, kernels, next_pow2, on_interpreter
 
 __all__ = ["register", "kv_compress", "sparse_attention", "plan", "AttentionPlan", "supports_attention",
            "supports_compress"]
@@ -34,33 +34,10 @@ INTERP_VIRTUAL_SMS = 16
 (decode: B*S*head_blocks <= 8 rows; prefill otherwise)."""
 
 
-def _p2(n: int) -> int:
-    """Smallest power of two >= n (1 for n <= 1)."""
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-@functools.cache
-def _kernels() -> Any:
-    """The @triton.jit module (imports Triton); called on the first launch only."""
-    from .kernels import attention
-
-    return attention
-
-
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     """Multiprocessor count of ``device`` (the current GPU when it has no index; cached, no sync)."""
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _device(t: Tensor) -> contextlib.AbstractContextManager:
-    """Makes t's GPU current for the launch (no-op for the interpreter's CPU tensors)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-def _interp(t: Tensor) -> bool:
-    """True when the kernels run under the Triton interpreter (CPU tensors): interpreter block sizes."""
-    return t.device.type != "cuda"
 
 
 @dataclass(frozen=True)
@@ -81,14 +58,14 @@ def plan(args: Mapping[str, Any]) -> AttentionPlan:
     """Launch plan of sparse_attention for these arguments (shapes only, no device work)."""
     b, s, h, d = args["q"].shape
     k = args["idx"].shape[2]
-    interp = _interp(args["q"])
-    block_d = max(16, _p2(d))
+    interp = on_interpreter(args["q"])
+    block_d = max(16, next_pow2(d))
     if interp:
-        block_h, block_k, warps, stages = max(16, _p2(h)), 32, 4, 1
+        block_h, block_k, warps, stages = max(16, next_pow2(h)), 32, 4, 1
         sms = INTERP_VIRTUAL_SMS
     else:
         wide = block_d > 128
-        block_h = max(16, min(_p2(h), 32 if wide else 64))
+        block_h = max(16, min(next_pow2(h), 32 if wide else 64))
         block_k, warps, stages = (32, 8, 2) if wide else (64, 4, 2)
         if wide and args["q"].element_size() == 4:
             block_k = 16                                   # fp32 tiles: keep the two kv stages in smem
@@ -123,14 +100,14 @@ def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, sc
     if b * s * h == 0 or d == 0:
         return (o, lse) if return_lse else o
     p = plan({"q": q, "idx": idx})
-    kern = _kernels()
-    interp = _interp(q)
+    kern = kernels("attention")
+    interp = on_interpreter(q)
     lse_arg = lse if lse is not None else o
     lse_st = lse.stride() if lse is not None else (0, 0, 0)
     sink_arg = sink if sink is not None else q
     grid = (b * s, -(-h // p.block_h), p.splits)
     common = dict(HAS_SINK=sink is not None, HAS_LSE=return_lse, BLOCK_H=p.block_h, BLOCK_D=p.block_d)
-    with _device(q):
+    with device_guard(q):
         if p.path == "decode":
             ws = torch.empty((b * s * h * p.splits, d), dtype=torch.float32, device=dev)
             wsml = torch.empty((b * s * h * p.splits, 2), dtype=torch.float32, device=dev)
@@ -163,22 +140,22 @@ def kv_compress(kv: Tensor, gate: Tensor, ape: Tensor, ratio: int, overlap: bool
     out = new_output((b, nb, d), torch.float32, kv.device)
     if b * nb * d == 0:
         return out
-    interp = _interp(kv)
-    block_r = _p2(ratio)
+    interp = on_interpreter(kv)
+    block_r = next_pow2(ratio)
     if interp:
-        block_c = min(_p2(d), 256)
-        block_j = max(1, min(_p2(nb), 4096 // (block_r * block_c)))
+        block_c = min(next_pow2(d), 256)
+        block_j = max(1, min(next_pow2(nb), 4096 // (block_r * block_c)))
         warps = 4
     else:
-        block_c = min(_p2(d), 128 if ratio <= 8 else 64)
-        block_j = max(1, min(_p2(nb), 2048 // (block_r * block_c)))
+        block_c = min(next_pow2(d), 128 if ratio <= 8 else 64)
+        block_j = max(1, min(next_pow2(nb), 2048 // (block_r * block_c)))
         warps = 4 if block_j * block_r * block_c <= 2048 else 8
     has_prev = prev_kv is not None
     pkv, pg = (prev_kv, prev_gate) if has_prev else (kv, gate)
     pst = (*pkv.stride(), *pg.stride()) if has_prev else (0,) * 6
     grid = (-(-nb // block_j), -(-d // block_c), b)
-    with _device(kv):
-        _kernels().kv_compress_kernel[grid](
+    with device_guard(kv):
+        kernels("attention").kv_compress_kernel[grid](
             kv, gate, ape, pkv, pg, out, nb, d, *kv.stride(), *gate.stride(), *ape.stride(), *pst, *out.stride(),
             RATIO=ratio, OVERLAP=overlap, HAS_PREV=has_prev, BLOCK_J=block_j, BLOCK_R=block_r, BLOCK_C=block_c,
             num_warps=warps)

@@ -31,7 +31,6 @@ Design (see :func:`plan`):
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -41,6 +40,7 @@ from torch import Tensor
 
 from dsv4rt.backend import new_output
 from dsv4rt.backends.cuda import interpreter_requested
+from ._launch import device_guard, kernels
 
 __all__ = ["Plan", "plan", "fp4_gemm", "fp4_grouped_gemm", "fp8_gemm", "act_quant_fp8", "register",
            "supports_fp4", "supports_fp8"]
@@ -131,18 +131,9 @@ def _meta(k: int, p: Plan) -> dict[str, Any]:
             "INTERP": interpreter_requested(), "num_warps": p.num_warps, "num_stages": p.num_stages}
 
 
-def _kernels() -> Any:
-    from dsv4rt.backends.cuda.kernels import gemm as kernels
-    return kernels
-
-
 def _tl_dtype(name: str) -> Any:
     import triton.language as tl
     return {"bf16": tl.bfloat16, "fp16": tl.float16, "tf32": tl.float32}[name]
-
-
-def _device(x: Tensor) -> Any:
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _quantize(x: Tensor, fold: bool) -> tuple[Tensor, Tensor]:
@@ -154,8 +145,8 @@ def _quantize(x: Tensor, fold: bool) -> tuple[Tensor, Tensor]:
     s = q if fold else torch.empty((m, nb), dtype=torch.float32, device=x.device)
     if m and k:
         rows = 16 if interpreter_requested() else 4
-        with _device(x):
-            _kernels().act_quant_kernel[(_cdiv(m, rows), nb)](
+        with device_guard(x):
+            kernels("gemm").act_quant_kernel[(_cdiv(m, rows), nb)](
                 x, q, s, m, k, x.stride(0), x.stride(1), q.stride(0), s.stride(0), FOLD=fold, BLOCK_R=rows,
                 num_warps=4)
     return q, s
@@ -179,7 +170,7 @@ def _finish(out: Tensor, y: Tensor, p: Plan) -> Tensor:
     """Sum split-K partials y [split, rows, n] into out (no-op without split)."""
     if p.split_k > 1:
         total = out.numel()
-        _kernels().split_sum_kernel[(_cdiv(total, 1024),)](
+        kernels("gemm").split_sum_kernel[(_cdiv(total, 1024),)](
             y, out, total, SPLIT=p.split_k, BLOCK=1024, INTERP=interpreter_requested(), num_warps=4)
     return out
 
@@ -198,12 +189,12 @@ def _fp4(x: Tensor, w: Tensor, w_scale: Tensor, offsets: Tensor | None, act_quan
     if not grouped:
         wb, sb = wb.unsqueeze(0), sb.unsqueeze(0)
     e = wb.shape[0]
-    with _device(x):
+    with device_guard(x):
         xk = _prepare_x(x, act_quant, p)
         y = out if p.split_k == 1 else torch.empty((p.split_k, rows, n), dtype=torch.float32, device=x.device)
         grid = (_tiles("fp4_grouped_gemm" if grouped else "fp4_gemm", args, p.block_m) * _cdiv(n, p.block_n),
                 p.split_k)
-        _kernels().fp4_gemm_kernel[grid](
+        kernels("gemm").fp4_gemm_kernel[grid](
             xk, wb, sb, y, offsets if grouped else wb, rows, n, k, e,
             xk.stride(0), xk.stride(1), *wb.stride(), *sb.stride(), 0 if p.split_k == 1 else rows * n, n,
             GROUPED=grouped, BLOCK_E=max(16, _pow2(e)), EVEN_ODD=p.path == "small", **_meta(k, p))
@@ -250,11 +241,11 @@ def fp8_gemm(x: Tensor, w: Tensor, w_scale: Tensor, act_quant: str | None = None
     e8m0 = w_scale.dtype != torch.float32
     sb = w_scale.view(torch.uint8) if e8m0 else w_scale
     wb = w.view(torch.uint8)
-    with _device(x):
+    with device_guard(x):
         xk = _prepare_x(x, act_quant, p)
         y = out if p.split_k == 1 else torch.empty((p.split_k, m, n), dtype=torch.float32, device=x.device)
         grid = (_cdiv(m, p.block_m) * _cdiv(n, p.block_n), p.split_k)
-        _kernels().fp8_gemm_kernel[grid](
+        kernels("gemm").fp8_gemm_kernel[grid](
             xk, wb, sb, y, m, n, k, xk.stride(0), xk.stride(1), *wb.stride(), *sb.stride(),
             0 if p.split_k == 1 else m * n, n, SCALE_E8M0=e8m0, **_meta(k, p))
         return _finish(out, y, p)
@@ -295,7 +286,7 @@ def supports_fp8(args: Mapping[str, Any]) -> str | None:
 
 def register(registrar: Any, device_type: str, priority: int) -> None:
     """Register variant "triton" of fp4_gemm, fp4_grouped_gemm and fp8_gemm (imports Triton and the kernels)."""
-    _kernels()
+    kernels("gemm")
     for op, fn, sup in (("fp4_gemm", fp4_gemm, supports_fp4), ("fp4_grouped_gemm", fp4_grouped_gemm, supports_fp4),
                         ("fp8_gemm", fp8_gemm, supports_fp8)):
         registrar.implement(op, "triton", fn, priority=priority, supports=sup, device_type=device_type)

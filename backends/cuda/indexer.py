@@ -13,14 +13,13 @@ Non-contiguous inputs are passed by strides (no copies); nothing synchronises wi
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
 from dsv4rt.backend import Registrar, new_output
+from ._launch import device_guard, kernels, next_pow2, on_interpreter
 
 __all__ = ["register", "indexer_topk", "supports", "MAX_HEADS", "MAX_HEAD_DIM"]
 
@@ -32,38 +31,15 @@ SCORE_ELEMS = 1 << 28
 """Upper bound on the fp32 score buffer (1 GiB); longer prefills run in query chunks."""
 
 
-def _p2(n: int) -> int:
-    """Smallest power of two >= n (1 for n <= 1)."""
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-@functools.cache
-def _kernels() -> Any:
-    """The @triton.jit module (imports Triton); called on the first launch only."""
-    from .kernels import indexer
-
-    return indexer
-
-
-def _device(t: Tensor) -> contextlib.AbstractContextManager:
-    """Makes t's GPU current for the launch (no-op for the interpreter's CPU tensors)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-def _interp(t: Tensor) -> bool:
-    """True when the kernels run under the Triton interpreter (CPU tensors): interpreter block sizes."""
-    return t.device.type != "cuda"
-
-
 def _logit_tiles(s: int, h: int, n: int, d: int, interp: bool) -> dict[str, int]:
     """Tile sizes of the logits kernel: BLOCK_S * BLOCK_H >= 16 rows for the MMA."""
-    block_h = _p2(h)
+    block_h = next_pow2(h)
     if interp:
-        block_s = max(16 // block_h, 1, min(_p2(s), 256 // block_h))
-        return dict(BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_N=min(_p2(n), 256), BLOCK_D=_p2(d), NUM_DC=1,
+        block_s = max(16 // block_h, 1, min(next_pow2(s), 256 // block_h))
+        return dict(BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_N=min(next_pow2(n), 256), BLOCK_D=next_pow2(d), NUM_DC=1,
                     num_warps=4)
-    block_s = max(16 // block_h, 1, min(_p2(s), 128 // block_h))
-    block_d = min(_p2(d), 128)
+    block_s = max(16 // block_h, 1, min(next_pow2(s), 128 // block_h))
+    block_d = min(next_pow2(d), 128)
     rows = block_s * block_h
     return dict(BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_N=128, BLOCK_D=block_d, NUM_DC=-(-d // block_d),
                 num_warps=8 if rows >= 128 else 4, num_stages=2)
@@ -72,7 +48,7 @@ def _logit_tiles(s: int, h: int, n: int, d: int, interp: bool) -> dict[str, int]
 def _launch(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: int, k_scale: Tensor | None,
             idx: Tensor, scores: Tensor | None, sc: Tensor, interp: bool) -> None:
     """Logits of the queries of ``q`` (a chunk, as views) into ``sc`` [B, s, N], then their top-k select."""
-    kern = _kernels()
+    kern = kernels("indexer")
     b, s, h, d = q.shape
     n = k.shape[1]
     if n and h and d:
@@ -86,11 +62,11 @@ def _launch(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: int, k
     elif n:
         sc.zero_()  # no heads or an empty head dim: every score is 0
     vals = scores if scores is not None else sc
-    block_n = min(_p2(max(n, 1)), 4096)
+    block_n = min(next_pow2(max(n, 1)), 4096)
     kern.topk_select_kernel[(b * s,)](
         sc, visible, idx, vals, s, n, *sc.stride(), *visible.stride(), *idx.stride(),
         *(vals.stride() if scores is not None else (0, 0, 0)), TOPK=topk, HAS_VAL=scores is not None,
-        BLOCK_N=block_n, BLOCK_K=min(_p2(topk), 1024), INTERP=interp, num_warps=4 if interp or block_n <= 1024 else 8)
+        BLOCK_N=block_n, BLOCK_K=min(next_pow2(topk), 1024), INTERP=interp, num_warps=4 if interp or block_n <= 1024 else 8)
 
 
 def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: int,
@@ -109,10 +85,10 @@ def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: i
     scores = new_output((b, s, topk), torch.float32, dev) if return_scores else None
     if b * s == 0:
         return (idx, scores) if return_scores else idx
-    interp = _interp(q)
+    interp = on_interpreter(q)
     chunk = max(1, SCORE_ELEMS // max(1, b * n))       # queries per launch pair: bounds the score buffer
     sc = torch.empty((b, min(s, chunk), max(n, 1)), dtype=torch.float32, device=dev)
-    with _device(q):
+    with device_guard(q):
         for s0 in range(0, s, chunk):
             s1 = min(s, s0 + chunk)
             _launch(q[:, s0:s1], k, weights[:, s0:s1], visible[:, s0:s1], topk, k_scale, idx[:, s0:s1],

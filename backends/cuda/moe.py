@@ -11,8 +11,6 @@ passed by strides (no copies). moe_dispatch is a counting sort:
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -20,6 +18,7 @@ import torch
 from torch import Tensor
 
 from dsv4rt.backend import Registrar, new_output
+from ._launch import device_guard, kernels, next_pow2, on_interpreter
 
 __all__ = ["register", "moe_route", "moe_dispatch", "moe_combine", "dispatch_plan", "DispatchPlan",
            "supports_route", "supports_dispatch", "supports_combine"]
@@ -30,32 +29,9 @@ MAX_ROUTE_TOPK = 64
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _p2(n: int) -> int:
-    """Smallest power of two >= n (1 for n <= 1)."""
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-@functools.cache
-def _kernels() -> Any:
-    """The @triton.jit module (imports Triton); called on the first launch only."""
-    from .kernels import moe
-
-    return moe
-
-
-def _device(t: Tensor) -> contextlib.AbstractContextManager:
-    """Makes t's GPU current for the launch (no-op for the interpreter's CPU tensors)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-def _interp(t: Tensor) -> bool:
-    """True when the kernels run under the Triton interpreter (CPU tensors): interpreter block sizes."""
-    return t.device.type != "cuda"
-
-
 def _row_tiles(interp: bool, hdim: int) -> tuple[int, int]:
     """(BLOCK_T, BLOCK_H) of the row-copy and combine kernels."""
-    return (64, min(_p2(hdim), 1024)) if interp else (8, min(_p2(hdim), 512))
+    return (64, min(next_pow2(hdim), 1024)) if interp else (8, min(next_pow2(hdim), 512))
 
 
 def moe_route(logits: Tensor, bias: Tensor | None, topk: int, route_scale: float,
@@ -73,16 +49,16 @@ def moe_route(logits: Tensor, bias: Tensor | None, topk: int, route_scale: float
     w = new_output((t, topk), torch.float32, dev)
     if t == 0:
         return ids, w
-    interp = _interp(logits)
-    block_e = _p2(e)
-    block_t = max(1, min(_p2(t), (16384 if interp else 4096) // block_e))
+    interp = on_interpreter(logits)
+    block_e = next_pow2(e)
+    block_t = max(1, min(next_pow2(t), (16384 if interp else 4096) // block_e))
     hsh = hash_ids if hash_ids is not None else ids
-    with _device(logits):
-        _kernels().moe_route_kernel[(-(-t // block_t),)](
+    with device_guard(logits):
+        kernels("moe").moe_route_kernel[(-(-t // block_t),)](
             logits, bias if bias is not None else logits, hsh, ids, w, t, e, float(route_scale),
             *logits.stride(), bias.stride(0) if bias is not None else 0, *hsh.stride(), *ids.stride(), *w.stride(),
             TOPK=topk, HAS_BIAS=bias is not None, HASH=hash_ids is not None,
-            BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=_p2(topk), num_warps=4)
+            BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=next_pow2(topk), num_warps=4)
     return ids, w
 
 
@@ -101,17 +77,17 @@ def dispatch_plan(rows: int, num_experts: int, interp: bool, fused_max: int | No
                   block_r: int | None = None) -> DispatchPlan:
     """Plan for ``rows = T*topk`` pairs (shapes only). ``fused_max`` / ``block_r`` override the defaults
     (the tests force the multi-block path on small inputs)."""
-    block_e = _p2(num_experts)
+    block_e = next_pow2(num_experts)
     sub = max(16, min(128, 8192 // block_e))
     if fused_max is None:
         fused_max = 64 if interp else 512
     if rows <= fused_max:
-        br = max(sub, _p2(rows))
+        br = max(sub, next_pow2(rows))
         return DispatchPlan("fused", br, min(sub, br), 1, 1)
     br = block_r or (128 if interp else 1024)
     br = max(br, sub)
     nblk = -(-rows // br)
-    nbc = _p2(nblk) if interp else max(1, min(_p2(nblk), 8192 // block_e))
+    nbc = next_pow2(nblk) if interp else max(1, min(next_pow2(nblk), 8192 // block_e))
     return DispatchPlan("blocks", br, sub, nblk, nbc)
 
 
@@ -128,13 +104,13 @@ def _dispatch(x: Tensor, ids: Tensor, num_experts: int,
     if rows == 0:
         offsets.zero_()
         return x_sorted, offsets, src
-    interp = _interp(x)
+    interp = on_interpreter(x)
     p = p or dispatch_plan(rows, num_experts, interp)
-    kern = _kernels()
-    block_e = _p2(num_experts)
+    kern = kernels("moe")
+    block_e = next_pow2(num_experts)
     dst = torch.empty((rows,), dtype=torch.int32, device=dev)
     warps = 4 if interp or p.sub * (block_e + p.sub) <= 8192 else 8   # one-hot + rank-compare tiles
-    with _device(x):
+    with device_guard(x):
         if p.path == "fused":
             kern.dispatch_scatter_kernel[(1,)](ids, ids, offsets, src, dst, rows, k, num_experts, *ids.stride(),
                                                FUSED=True, BLOCK_R=p.block_r, SUB=p.sub, BLOCK_E=block_e,
@@ -179,13 +155,13 @@ def moe_combine(y_sorted: Tensor, src: Tensor, weights: Tensor | None, topk: int
     out = new_output((t, hdim), y_sorted.dtype, dev)
     if t == 0 or hdim == 0:
         return out
-    interp = _interp(y_sorted)
-    kern = _kernels()
+    interp = on_interpreter(y_sorted)
+    kern = kernels("moe")
     dst = torch.empty((rows,), dtype=torch.int32, device=dev)
     bt, bh = _row_tiles(interp, hdim)
     w = weights if weights is not None else y_sorted
     w_st = weights.stride() if weights is not None else (0, 0)
-    with _device(y_sorted):
+    with device_guard(y_sorted):
         blk = 1024 if interp else 256
         kern.invert_perm_kernel[(-(-rows // blk),)](src, dst, rows, src.stride(0), BLOCK=blk, num_warps=4)
         kern.combine_kernel[(-(-t // bt), -(-hdim // bh))](

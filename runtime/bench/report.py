@@ -29,6 +29,8 @@ def format_report(report: BenchReport) -> str:
                      f"{_fmt(r.roofline_us)} | {r.fraction:.0%} | {ratios} | {r.target or '—'} | {met} |")
     for f in report.failures:
         lines.append(f"WRONG (not timed): {f}")
+    for u in report.unsupported:
+        lines.append(f"unsupported (not timed): {u}")
     return "\n".join(lines)
 
 

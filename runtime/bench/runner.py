@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..errors import BackendSelectionError
+from ..errors import BackendSelectionError, NoImplementationError
 from ..registry import REGISTRY
 from .case import BenchCase
 from .cases_cpu import cpu_cases
@@ -42,10 +42,11 @@ class BenchReport:
     ceilings: dict[str, Any]
     rows: list[BenchRow] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    unsupported: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "environment": self.environment, "ceilings": self.ceilings,
-                "rows": [asdict(r) for r in self.rows], "failures": self.failures}
+                "rows": [asdict(r) for r in self.rows], "failures": self.failures, "unsupported": self.unsupported}
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
@@ -118,11 +119,19 @@ def run_bench(backend: str, ops: Sequence[str] | None = None, quick: bool = Fals
             continue
         gen = torch.Generator(device=device).manual_seed(0)
         args = case.make(device, gen)
+        if case.pipeline is None:
+            args = REGISTRY.backends()[backend].prepare_inputs(case.op, args)
         composite = next((v for v in variants if v.endswith("/torch")), None)
         roofline = max(case.bytes / (ceilings["read_tbs"] * 1e6), case.flops / (peak_tflops * 1e6))
         times: dict[str, float] = {}
         for variant in variants:
             build = _caller(case, variant)
+            try:
+                build(args)
+            except NoImplementationError as exc:  # outside the variant's documented range
+                why = [ln.strip() for ln in str(exc).splitlines() if ln.strip().startswith(f"- {variant}:")]
+                report.unsupported.append(f"{case.name}: {why[0][2:] if why else str(exc).splitlines()[0]}")
+                continue
             if composite and variant != composite:
                 problem = agree(case.op, args, lambda a, b=build: b(a)(), lambda a: _caller(case, composite)(a)())
                 if problem:

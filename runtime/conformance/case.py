@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["Case", "case_generator", "rand_mxfp4", "rand_e4m3", "rand_e8m0", "noncontig_on"]
+__all__ = ["Case", "case_generator", "bad_cases", "rand_mxfp4", "rand_e4m3", "rand_e8m0", "noncontig_on"]
 
 
 @dataclass
@@ -50,6 +50,20 @@ def case_generator(fn: Callable[[], list[Case]]) -> Callable[[], list[Case]]:
         return cases
     wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
     return wrapped
+
+
+def bad_cases(op: str, good: Callable[[torch.Generator], dict[str, Any]],
+              table: list[tuple[str, str, dict[str, Any]]]) -> list[Case]:
+    """Bad-input cases from one valid call: each row is (label, the argument the ContractError must
+    name, changes), a change being a value or a function of the valid arguments."""
+    def edited(changes: dict[str, Any]) -> Callable[[torch.Generator], dict[str, Any]]:
+        def make(gen: torch.Generator) -> dict[str, Any]:
+            args = good(gen)
+            for key, value in changes.items():
+                args[key] = value(args) if callable(value) else value
+            return args
+        return make
+    return [Case(op, f"bad-{label}", edited(changes), raises=arg) for label, arg, changes in table]
 
 
 # ---- random weights in the released formats --------------------------------------------------------

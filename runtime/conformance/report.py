@@ -12,7 +12,8 @@ FAILING = ("fail", "error", "xpass")
 
 @dataclass
 class CaseResult:
-    """status: pass, fail, error (raised unexpectedly), xfail, xpass, not-implemented."""
+    """status: pass, fail, error (raised unexpectedly), xfail, xpass, not-implemented, unsupported (the
+    variant's supports() refused the case: outside its documented range, selection falls through)."""
 
     case: str
     op: str
@@ -58,7 +59,7 @@ class Report:
         head = ("case", "implementation", "status", "max abs err", "max rel err", "err/tol", "time ms")
         rows = [head]
         for r in self.results:
-            nums = ("", "", "") if r.status in ("not-implemented",) else (
+            nums = ("", "", "") if r.status in ("not-implemented", "unsupported") else (
                 f"{r.max_abs:.3g}", f"{r.max_rel:.3g}", f"{r.budget:.3g}")
             rows.append((r.case, r.implementation, r.status, *nums, f"{r.seconds * 1e3:.1f}"))
         widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
@@ -66,6 +67,9 @@ class Report:
         lines.insert(1, "  ".join("-" * w for w in widths))
         for r in self.failures():
             lines.append(f"{r.status.upper()} {r.case} [{r.implementation}]: {r.message}")
+        for r in self.results:
+            if r.status == "unsupported":
+                lines.append(f"unsupported {r.case} [{r.implementation}]: {r.message}")
         tolerances: dict[str, list[str]] = {}
         for r in self.results:
             if r.tolerance and r.tolerance != "must raise" and r.tolerance not in tolerances.setdefault(r.op, []):

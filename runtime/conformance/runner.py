@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .. import env
-from ..backend import poisoned_outputs
+from ..backend import Implementation, poisoned_outputs
 from ..errors import BackendSelectionError, ContractError
 from ..registry import REGISTRY, Registry
 from ..spec import OpSpec, load_ref
@@ -59,15 +59,40 @@ def _check_shapes(spec: OpSpec, args: Mapping[str, Any], outs: tuple) -> str:
     return ""
 
 
-def _run_value_case(spec: OpSpec, op: Any, case: Case, impl: str, seed: int, device: torch.device) -> CaseResult:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu":  # pragma: no cover - needs torch_npu
+        torch.npu.synchronize(device)  # type: ignore[attr-defined]
+
+
+def _refusal(impl: Implementation, args: dict[str, Any], registry: Registry) -> str:
+    caps = registry.probe(impl.backend).capabilities
+    missing = sorted(r for r in impl.requires if not caps.get(r))
+    if missing:
+        return f"needs capabilities {', '.join(missing)}"
+    return (impl.supports(args) or "") if impl.supports is not None else ""
+
+
+def _run_value_case(spec: OpSpec, op: Any, case: Case, impl: Implementation, seed: int,
+                    registry: Registry) -> CaseResult:
+    device = torch.device(impl.device_type)
     cpu_args, dev_args = _prepare(case, seed, device)
-    row = CaseResult(case.id, spec.name, impl, "fail")
+    row = CaseResult(case.id, spec.name, impl.name, "fail")
+    try:
+        dev_args = registry.backends()[impl.backend].prepare_inputs(spec.name, dev_args)
+        refused = _refusal(impl, dev_args, registry)
+    except Exception as exc:
+        row.status, row.message = "error", f"preparing the inputs raised {type(exc).__name__}: {exc}"
+        return row
+    if refused:  # outside this variant's documented range: selection would pass the call to another one
+        row.status, row.message = "unsupported", refused
+        return row
     start = time.perf_counter()
     try:
         with poisoned_outputs():
-            outs = _as_tuple(op(**dev_args, backend=impl))
-        if device.type != "cpu":
-            torch.cuda.synchronize() if device.type == "cuda" else None
+            outs = _as_tuple(op(**dev_args, backend=impl.name))
+        _sync(device)
     except Exception as exc:  # any crash is a result, not an abort of the suite
         row.status, row.message = "error", f"{type(exc).__name__}: {exc}"
         return row
@@ -153,6 +178,6 @@ def run_conformance(backend: str, ops: Sequence[str] | None = None, xfails: Mapp
             report.results.append(_apply_xfail(_run_error_case(spec, op, case, backend, seed, device), xfails))
         for impl in mine:
             for case in (c for c in cases if c.raises is None):
-                row = _run_value_case(spec, op, case, impl.name, seed, torch.device(impl.device_type))
+                row = _run_value_case(spec, op, case, impl, seed, registry)
                 report.results.append(_apply_xfail(row, xfails))
     return report

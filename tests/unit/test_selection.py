@@ -299,3 +299,34 @@ def test_choices_are_cached_and_reselected_after_refresh(add, monkeypatch):
     assert dispatch() == "b/v"
     add(Fake("d", [impl(priority=9)]))                                # a new backend re-selects too
     assert dispatch() == "d/v"
+
+
+class Prepared(torch.Tensor):
+    """A tensor subclass standing for a weight converted into a fused op's layout."""
+
+    dsv4rt_key = "layout-a"
+
+
+def test_a_tensor_subclass_is_selected_separately_from_a_plain_tensor(add):
+    """The selection cache keys on the tensor type: a prepared input never reuses a plain input's choice
+    (or the reverse), although both have the same shape, dtype and device."""
+    only_prepared = impl(variant="fused", priority=10,
+                         supports=lambda a: None if isinstance(a["x"], Prepared) else "needs a prepared x")
+    add(Fake("b", [only_prepared, impl(variant="plain")]))
+    x = torch.empty(4, 8, device="meta")
+    ids = torch.zeros(4, 2, dtype=torch.int32, device="meta")
+    assert dsv4rt.ops.moe_dispatch(x.as_subclass(Prepared), ids, 4) == "b/fused"
+    assert dsv4rt.ops.moe_dispatch(x, ids, 4) == "b/plain"
+    assert dsv4rt.ops.moe_dispatch(x.as_subclass(Prepared), ids, 4) == "b/fused"
+
+
+def test_capabilities_published_at_load_satisfy_requirements(add):
+    class Late(Fake):
+        def load(self, registrar):
+            registrar.publish_capabilities({"late_feature": True})
+            super().load(registrar)
+
+    add(Late("b", [impl(variant="fast", priority=10, requires=("late_feature",)), impl(variant="slow")]))
+    assert "late_feature" not in REGISTRY.probe("b").capabilities
+    assert dispatch() == "b/fast"
+    assert REGISTRY.probe("b").capabilities["late_feature"] is True

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..case import Case, case_generator, randn
+from ..case import Case, bad_cases, case_generator, randn
 
 BF16, F32 = torch.bfloat16, torch.float32
 
@@ -42,29 +42,19 @@ def kv_compress() -> list[Case]:
         return {"kv": randn(gen, 1, 8, 16), "gate": randn(gen, 1, 8, 16), "ape": randn(gen, 4, 16), "ratio": 4,
                 "overlap": True, "prev_kv": None, "prev_gate": None}
 
-    def edit(**changes):
-        def make(gen):
-            args = good(gen)
-            for key, value in changes.items():
-                args[key] = value(args) if callable(value) else value
-            return args
-        return make
-
-    bad = [
-        ("S-not-multiple", "kv", edit(kv=lambda a: a["kv"][:, :6], gate=lambda a: a["gate"][:, :6])),
-        ("gate-shape", "gate", edit(gate=lambda a: a["gate"][:, :4])),
-        ("ape-shape", "ape", edit(ape=lambda a: a["ape"][:2])),
-        ("ape-dtype", "ape", edit(ape=lambda a: a["ape"].to(BF16))),
-        ("odd-channels-overlap", "kv", edit(kv=lambda a: a["kv"][..., :15], gate=lambda a: a["gate"][..., :15],
-                                            ape=lambda a: a["ape"][:, :15])),
-        ("prev-half-given", "prev_gate", edit(prev_kv=lambda a: torch.zeros(1, 4, 16))),
-        ("prev-without-overlap", "prev_kv", edit(overlap=False, kv=lambda a: a["kv"][..., :8],
-                                                 gate=lambda a: a["gate"][..., :8], ape=lambda a: a["ape"][:, :8],
-                                                 prev_kv=lambda a: torch.zeros(1, 4, 8),
-                                                 prev_gate=lambda a: torch.zeros(1, 4, 8))),
-        ("ratio-zero", "ratio", edit(ratio=0)),
-    ]
-    cases += [Case("kv_compress", f"bad-{label}", make, raises=arg) for label, arg, make in bad]
+    cases += bad_cases("kv_compress", good, [
+        ("S-not-multiple", "kv", {"kv": lambda a: a["kv"][:, :6], "gate": lambda a: a["gate"][:, :6]}),
+        ("gate-shape", "gate", {"gate": lambda a: a["gate"][:, :4]}),
+        ("ape-shape", "ape", {"ape": lambda a: a["ape"][:2]}),
+        ("ape-dtype", "ape", {"ape": lambda a: a["ape"].to(BF16)}),
+        ("odd-channels-overlap", "kv", {"kv": lambda a: a["kv"][..., :15], "gate": lambda a: a["gate"][..., :15],
+                                        "ape": lambda a: a["ape"][:, :15]}),
+        ("prev-half-given", "prev_gate", {"prev_kv": torch.zeros(1, 4, 16)}),
+        ("prev-without-overlap", "prev_kv", {"overlap": False, "kv": lambda a: a["kv"][..., :8],
+                                             "gate": lambda a: a["gate"][..., :8], "ape": lambda a: a["ape"][:, :8],
+                                             "prev_kv": torch.zeros(1, 4, 8), "prev_gate": torch.zeros(1, 4, 8)}),
+        ("ratio-zero", "ratio", {"ratio": 0}),
+    ])
     return cases
 
 
@@ -113,22 +103,14 @@ def sparse_attention() -> list[Case]:
                 "idx": torch.tensor([[[0, 3, -1], [9, 9, 1]]], dtype=torch.int32),
                 "sink": torch.zeros(4), "scale": 32 ** -0.5, "return_lse": False}
 
-    def edit(key, value):
-        def make(gen):
-            args = good(gen)
-            args[key] = value(args) if callable(value) else value
-            return args
-        return make
-
-    bad = [
-        ("idx-out-of-range", "idx", lambda a: torch.tensor([[[0, 10, -1], [9, 9, 1]]], dtype=torch.int32)),
-        ("idx-below-minus-one", "idx", lambda a: torch.tensor([[[0, -2, -1], [9, 9, 1]]], dtype=torch.int32)),
-        ("idx-dtype", "idx", lambda a: a["idx"].long()),
-        ("kv-head-dim", "kv", lambda a: a["kv"][..., :16]),
-        ("sink-shape", "sink", lambda a: torch.zeros(3)),
-        ("sink-nan", "sink", lambda a: torch.tensor([0.0, float("nan"), 0.0, 0.0])),
-        ("scale-negative", "scale", -1.0),
-        ("q-dtype", "q", lambda a: a["q"].to(torch.int8)),
-    ]
-    cases += [Case("sparse_attention", f"bad-{label}", edit(arg, value), raises=arg) for label, arg, value in bad]
+    cases += bad_cases("sparse_attention", good, [
+        ("idx-out-of-range", "idx", {"idx": torch.tensor([[[0, 10, -1], [9, 9, 1]]], dtype=torch.int32)}),
+        ("idx-below-minus-one", "idx", {"idx": torch.tensor([[[0, -2, -1], [9, 9, 1]]], dtype=torch.int32)}),
+        ("idx-dtype", "idx", {"idx": lambda a: a["idx"].long()}),
+        ("kv-head-dim", "kv", {"kv": lambda a: a["kv"][..., :16]}),
+        ("sink-shape", "sink", {"sink": torch.zeros(3)}),
+        ("sink-nan", "sink", {"sink": torch.tensor([0.0, float("nan"), 0.0, 0.0])}),
+        ("scale-negative", "scale", {"scale": -1.0}),
+        ("q-dtype", "q", {"q": lambda a: a["q"].to(torch.int8)}),
+    ])
     return cases

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..case import Case, case_generator, rand_e4m3, rand_e8m0, rand_mxfp4, randn
+from ..case import Case, bad_cases, case_generator, rand_e4m3, rand_e8m0, rand_mxfp4, randn
 
 BF16, F32, F16 = torch.bfloat16, torch.float32, torch.float16
 _DT = {BF16: "bf16", F32: "f32", F16: "f16"}
@@ -16,10 +16,6 @@ def _fp4_case(m: int, n: int, k: int, dtype=BF16, act=None, scale=(120, 130), xm
         return {"x": randn(gen, m, k, dtype=dtype, scale=xmag), "w": w, "w_scale": s, "act_quant": act}
     name = label or f"M{m}-N{n}-K{k}-{_DT[dtype]}" + (f"-{act}" if act else "")
     return Case("fp4_gemm", name, make, noncontig=noncontig)
-
-
-def _bad(op: str, label: str, arg: str, make) -> Case:
-    return Case(op, f"bad-{label}", make, raises=arg)
 
 
 @case_generator
@@ -44,30 +40,22 @@ def fp4_gemm() -> list[Case]:
         w, s = rand_mxfp4(gen, 32, 64)
         return {"x": randn(gen, 4, 64, dtype=BF16), "w": w, "w_scale": s, "act_quant": None}
 
-    def edit(**changes):
-        def make(gen):
-            args = good(gen)
-            for key, fn in changes.items():
-                args[key] = fn(args[key])
-            return args
-        return make
-
-    def nan_scale(s):
-        s = s.view(torch.uint8).clone()
+    def nan_scale(a):
+        s = a["w_scale"].view(torch.uint8).clone()
         s[3, 1] = 255
         return s
 
-    cases += [
-        _bad("fp4_gemm", "x-rank", "x", edit(x=lambda x: x[0])),
-        _bad("fp4_gemm", "x-dtype", "x", edit(x=lambda x: x.to(torch.int32))),
-        _bad("fp4_gemm", "K-not-multiple-of-32", "x", edit(x=lambda x: x[:, :48], w=lambda w: w[:, :24])),
-        _bad("fp4_gemm", "w-shape", "w", edit(w=lambda w: w[:, :16])),
-        _bad("fp4_gemm", "w-dtype", "w", edit(w=lambda w: w.to(torch.float32))),
-        _bad("fp4_gemm", "scale-shape", "w_scale", edit(w_scale=lambda s: s[:, :1])),
-        _bad("fp4_gemm", "scale-nan", "w_scale", edit(w_scale=nan_scale)),
-        _bad("fp4_gemm", "act-quant", "act_quant", edit(act_quant=lambda a: "int4")),
-        _bad("fp4_gemm", "x-not-tensor", "x", edit(x=lambda x: x.tolist())),
-    ]
+    cases += bad_cases("fp4_gemm", good, [
+        ("x-rank", "x", {"x": lambda a: a["x"][0]}),
+        ("x-dtype", "x", {"x": lambda a: a["x"].to(torch.int32)}),
+        ("K-not-multiple-of-32", "x", {"x": lambda a: a["x"][:, :48], "w": lambda a: a["w"][:, :24]}),
+        ("w-shape", "w", {"w": lambda a: a["w"][:, :16]}),
+        ("w-dtype", "w", {"w": lambda a: a["w"].to(torch.float32)}),
+        ("scale-shape", "w_scale", {"w_scale": lambda a: a["w_scale"][:, :1]}),
+        ("scale-nan", "w_scale", {"w_scale": nan_scale}),
+        ("act-quant", "act_quant", {"act_quant": "int4"}),
+        ("x-not-tensor", "x", {"x": lambda a: a["x"].tolist()}),
+    ])
     return cases
 
 
@@ -100,26 +88,17 @@ def fp4_grouped_gemm() -> list[Case]:
         return {"x": randn(gen, 6, 64, dtype=BF16), "w": w, "w_scale": s,
                 "offsets": torch.tensor([0, 2, 2, 6], dtype=torch.int32), "act_quant": None}
 
-    def with_offsets(values, dtype=torch.int32):
-        def make(gen):
-            args = good(gen)
-            args["offsets"] = torch.tensor(values, dtype=dtype)
-            return args
-        return make
+    def offsets(values, dtype=torch.int32):
+        return {"offsets": torch.tensor(values, dtype=dtype)}
 
-    def w_rank(gen):
-        args = good(gen)
-        args["w"] = args["w"][0]
-        return args
-
-    cases += [
-        _bad("fp4_grouped_gemm", "offsets-length", "offsets", with_offsets([0, 2, 6])),
-        _bad("fp4_grouped_gemm", "offsets-dtype", "offsets", with_offsets([0, 2, 2, 6], torch.int64)),
-        _bad("fp4_grouped_gemm", "offsets-total", "offsets", with_offsets([0, 2, 2, 5])),
-        _bad("fp4_grouped_gemm", "offsets-start", "offsets", with_offsets([1, 2, 2, 6])),
-        _bad("fp4_grouped_gemm", "offsets-decreasing", "offsets", with_offsets([0, 4, 2, 6])),
-        _bad("fp4_grouped_gemm", "w-rank", "w", w_rank),
-    ]
+    cases += bad_cases("fp4_grouped_gemm", good, [
+        ("offsets-length", "offsets", offsets([0, 2, 6])),
+        ("offsets-dtype", "offsets", offsets([0, 2, 2, 6], torch.int64)),
+        ("offsets-total", "offsets", offsets([0, 2, 2, 5])),
+        ("offsets-start", "offsets", offsets([1, 2, 2, 6])),
+        ("offsets-decreasing", "offsets", offsets([0, 4, 2, 6])),
+        ("w-rank", "w", {"w": lambda a: a["w"][0]}),
+    ])
     return cases
 
 
@@ -150,20 +129,10 @@ def fp8_gemm() -> list[Case]:
         return {"x": randn(gen, 4, 256, dtype=BF16), "w": rand_e4m3(gen, (128, 256)),
                 "w_scale": rand_e8m0(gen, (1, 2)), "act_quant": None}
 
-    def edit(key, fn):
-        def make(gen):
-            args = good(gen)
-            args[key] = fn(args[key])
-            return args
-        return make
-
-    def nonpositive(s):
-        return torch.tensor([[1.0, -2.0]])
-
-    cases += [
-        _bad("fp8_gemm", "w-dtype", "w", edit("w", lambda w: w.view(torch.uint8))),
-        _bad("fp8_gemm", "w-shape", "w", edit("w", lambda w: w[:, :128])),
-        _bad("fp8_gemm", "scale-shape", "w_scale", edit("w_scale", lambda s: s[:, :1])),
-        _bad("fp8_gemm", "scale-negative", "w_scale", edit("w_scale", nonpositive)),
-    ]
+    cases += bad_cases("fp8_gemm", good, [
+        ("w-dtype", "w", {"w": lambda a: a["w"].view(torch.uint8)}),
+        ("w-shape", "w", {"w": lambda a: a["w"][:, :128]}),
+        ("scale-shape", "w_scale", {"w_scale": lambda a: a["w_scale"][:, :1]}),
+        ("scale-negative", "w_scale", {"w_scale": torch.tensor([[1.0, -2.0]])}),
+    ])
     return cases

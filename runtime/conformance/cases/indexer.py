@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..case import Case, case_generator, randn
+from ..case import Case, bad_cases, case_generator, randn
 
 BF16, F32 = torch.bfloat16, torch.float32
 
@@ -53,28 +53,17 @@ def indexer_topk() -> list[Case]:
                 "weights": torch.randn((1, 2, 4), generator=gen), "visible": torch.tensor([[3, 16]], dtype=torch.int32),
                 "topk": 4, "k_scale": None, "return_scores": False}
 
-    def edit(key, value):
-        def make(gen):
-            args = good(gen)
-            args[key] = value(args) if callable(value) else value
-            return args
-        return make
+    def fp8_keys(a):
+        return a["k"].to(torch.float8_e4m3fn)
 
-    bad = [
-        ("q-rank", "q", lambda a: a["q"][0]),
-        ("k-dim", "k", lambda a: a["k"][..., :16]),
-        ("weights-dtype", "weights", lambda a: a["weights"].to(BF16)),
-        ("visible-dtype", "visible", lambda a: a["visible"].long()),
-        ("visible-beyond-N", "visible", lambda a: torch.tensor([[3, 17]], dtype=torch.int32)),
-        ("visible-negative", "visible", lambda a: torch.tensor([[-1, 2]], dtype=torch.int32)),
-        ("topk-zero", "topk", 0),
-    ]
-    for label, arg, value in bad:
-        cases.append(Case("indexer_topk", f"bad-{label}", edit(arg, value), raises=arg))
-
-    def fp8_no_scale(gen):
-        args = good(gen)
-        args["k"] = args["k"].to(torch.float8_e4m3fn)
-        return args
-    cases.append(Case("indexer_topk", "bad-fp8-without-scale", fp8_no_scale, raises="k_scale"))
+    cases += bad_cases("indexer_topk", good, [
+        ("q-rank", "q", {"q": lambda a: a["q"][0]}),
+        ("k-dim", "k", {"k": lambda a: a["k"][..., :16]}),
+        ("weights-dtype", "weights", {"weights": lambda a: a["weights"].to(BF16)}),
+        ("visible-dtype", "visible", {"visible": lambda a: a["visible"].long()}),
+        ("visible-beyond-N", "visible", {"visible": torch.tensor([[3, 17]], dtype=torch.int32)}),
+        ("visible-negative", "visible", {"visible": torch.tensor([[-1, 2]], dtype=torch.int32)}),
+        ("topk-zero", "topk", {"topk": 0}),
+        ("fp8-without-scale", "k_scale", {"k": fp8_keys}),
+    ])
     return cases

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..case import Case, case_generator, randn
+from ..case import Case, bad_cases, case_generator, randn
 
 BF16, F32 = torch.bfloat16, torch.float32
 
@@ -37,25 +37,16 @@ def moe_route() -> list[Case]:
         return {"logits": randn(gen, 4, 16), "bias": torch.zeros(16), "topk": 2, "route_scale": 1.5,
                 "score_func": "sqrtsoftplus", "hash_ids": None}
 
-    def edit(**changes):
-        def make(gen):
-            args = good(gen)
-            for key, value in changes.items():
-                args[key] = value(args) if callable(value) else value
-            return args
-        return make
-
-    bad = [
-        ("logits-dtype", "logits", edit(logits=lambda a: a["logits"].to(BF16))),
-        ("topk-too-large", "topk", edit(topk=17)),
-        ("score-func", "score_func", edit(score_func="softmax")),
-        ("bias-shape", "bias", edit(bias=torch.zeros(15))),
-        ("hash-with-bias", "bias", edit(hash_ids=torch.zeros(4, 2, dtype=torch.int32))),
-        ("hash-out-of-range", "hash_ids", edit(bias=None, hash_ids=torch.full((4, 2), 16, dtype=torch.int32))),
-        ("logits-nan", "logits", edit(logits=lambda a: a["logits"].index_fill(1, torch.tensor([3]), float("nan")))),
-        ("route-scale", "route_scale", edit(route_scale=0.0)),
-    ]
-    cases += [Case("moe_route", f"bad-{label}", make, raises=arg) for label, arg, make in bad]
+    cases += bad_cases("moe_route", good, [
+        ("logits-dtype", "logits", {"logits": lambda a: a["logits"].to(BF16)}),
+        ("topk-too-large", "topk", {"topk": 17}),
+        ("score-func", "score_func", {"score_func": "softmax"}),
+        ("bias-shape", "bias", {"bias": torch.zeros(15)}),
+        ("hash-with-bias", "bias", {"hash_ids": torch.zeros(4, 2, dtype=torch.int32)}),
+        ("hash-out-of-range", "hash_ids", {"bias": None, "hash_ids": torch.full((4, 2), 16, dtype=torch.int32)}),
+        ("logits-nan", "logits", {"logits": lambda a: a["logits"].index_fill(1, torch.tensor([3]), float("nan"))}),
+        ("route-scale", "route_scale", {"route_scale": 0.0}),
+    ])
     return cases
 
 
@@ -89,21 +80,13 @@ def moe_dispatch() -> list[Case]:
         return {"x": randn(gen, 4, 8), "ids": torch.tensor([[0, 1], [2, 3], [1, 0], [3, 3]], dtype=torch.int32),
                 "num_experts": 4}
 
-    def edit(key, value):
-        def make(gen):
-            args = good(gen)
-            args[key] = value(args) if callable(value) else value
-            return args
-        return make
-
-    bad = [
-        ("ids-out-of-range", "ids", lambda a: a["ids"].index_fill(0, torch.tensor([2]), 4)),
-        ("ids-negative", "ids", lambda a: a["ids"].index_fill(0, torch.tensor([1]), -1)),
-        ("ids-dtype", "ids", lambda a: a["ids"].long()),
-        ("ids-rows", "ids", lambda a: a["ids"][:3]),
-        ("num-experts", "num_experts", 0),
-    ]
-    cases += [Case("moe_dispatch", f"bad-{label}", edit(arg, value), raises=arg) for label, arg, value in bad]
+    cases += bad_cases("moe_dispatch", good, [
+        ("ids-out-of-range", "ids", {"ids": lambda a: a["ids"].index_fill(0, torch.tensor([2]), 4)}),
+        ("ids-negative", "ids", {"ids": lambda a: a["ids"].index_fill(0, torch.tensor([1]), -1)}),
+        ("ids-dtype", "ids", {"ids": lambda a: a["ids"].long()}),
+        ("ids-rows", "ids", {"ids": lambda a: a["ids"][:3]}),
+        ("num-experts", "num_experts", {"num_experts": 0}),
+    ])
     return cases
 
 
@@ -133,22 +116,13 @@ def moe_combine() -> list[Case]:
         return {"y_sorted": randn(gen, 6, 8), "src": torch.tensor([5, 0, 3, 1, 4, 2], dtype=torch.int32),
                 "weights": torch.rand((3, 2), generator=gen), "topk": None}
 
-    def edit(**changes):
-        def make(gen):
-            args = good(gen)
-            for key, value in changes.items():
-                args[key] = value(args) if callable(value) else value
-            return args
-        return make
-
-    bad = [
-        ("src-repeated", "src", edit(src=torch.tensor([5, 0, 3, 3, 4, 2], dtype=torch.int32))),
-        ("src-out-of-range", "src", edit(src=torch.tensor([5, 0, 3, 6, 4, 2], dtype=torch.int32))),
-        ("src-length", "src", edit(src=torch.tensor([0, 1, 2], dtype=torch.int32))),
-        ("weights-shape", "weights", edit(weights=torch.rand(2, 2))),
-        ("weights-dtype", "weights", edit(weights=lambda a: a["weights"].double())),
-        ("no-weights-no-topk", "topk", edit(weights=None)),
-        ("rows-not-multiple", "y_sorted", edit(weights=None, topk=4)),
-    ]
-    cases += [Case("moe_combine", f"bad-{label}", make, raises=arg) for label, arg, make in bad]
+    cases += bad_cases("moe_combine", good, [
+        ("src-repeated", "src", {"src": torch.tensor([5, 0, 3, 3, 4, 2], dtype=torch.int32)}),
+        ("src-out-of-range", "src", {"src": torch.tensor([5, 0, 3, 6, 4, 2], dtype=torch.int32)}),
+        ("src-length", "src", {"src": torch.tensor([0, 1, 2], dtype=torch.int32)}),
+        ("weights-shape", "weights", {"weights": torch.rand(2, 2)}),
+        ("weights-dtype", "weights", {"weights": lambda a: a["weights"].double()}),
+        ("no-weights-no-topk", "topk", {"weights": None}),
+        ("rows-not-multiple", "y_sorted", {"weights": None, "topk": 4}),
+    ])
     return cases
