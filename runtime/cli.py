@@ -2,6 +2,9 @@
 
     dsv4rt info [--matrix] [--json]
     dsv4rt conformance --backend NAME [--ops a,b,...] [--report FILE] [--xfails FILE] [--seed N]
+    dsv4rt run [--checkpoint DIR | --preset tiny|flash-slice] [--backend auto|cpu|cuda|ascend] [--prompt TEXT]
+               [--max-new-tokens N] [--check]
+    dsv4rt kv-cache --preset flash|pro --context N [--format bf16|fp8]
 
 Exit codes: 0 success, 1 a check failed (conformance), 2 usage error or a dsv4rt error (message, no
 traceback). Each subcommand is one ``_add_<name>`` function that declares its arguments and sets
@@ -92,7 +95,85 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     add_bench(sub)
 
 
-_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_info, _add_conformance, _add_bench)
+# ---- run -------------------------------------------------------------------------------------------
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="generate text with DeepSeek-V4 on a backend (default: the tiny preset)",
+                       description="Load a checkpoint in the released format (or the tiny preset's synthetic "
+                                   "one, generated on first use), generate, and print the text, prefill / decode "
+                                   "tokens/s and the implementation each op used.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory (config.json + safetensors)")
+    src.add_argument("--preset", choices=("tiny", "flash-slice"), help="synthetic model: tiny (default) or "
+                     "flash-slice (V4-Flash widths, --layers layers, weights drawn in memory; for GPUs)")
+    p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "ascend"),
+                   help="where the ops run (default auto: the best available device)")
+    p.add_argument("--prompt", metavar="TEXT", help="prompt text")
+    p.add_argument("--prompt-len", type=int, metavar="N", help="use N synthetic prompt tokens instead (benchmarks)")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default 32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples (Gumbel-max)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed and synthetic-weight seed (default 0)")
+    p.add_argument("--check", action="store_true", help="also run the CPU backend on the same tokens and print "
+                   "the max logit difference and top-1 agreement")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="activation dtype (default bf16)")
+    p.add_argument("--prefill-chunk", type=int, metavar="N", help="prefill in chunks of N tokens")
+    p.add_argument("--layers", type=int, default=4, metavar="N", help="layers of --preset flash-slice (default 4)")
+    p.add_argument("--experts", type=int, metavar="N", help="routed experts of --preset flash-slice (default 256; "
+                   "fewer for small machines)")
+    p.add_argument("--convert-fp8", action="store_true", help="convert FP4 experts losslessly to FP8 at load")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .model.runner import options_from_args, run
+
+    if args.max_new_tokens < 1 or (args.prompt_len is not None and args.prompt_len < 1):
+        raise _UsageError("--max-new-tokens and --prompt-len must be >= 1")
+    if args.layers < 1 or (args.experts is not None and args.experts < 1):
+        raise _UsageError("--layers and --experts must be >= 1")
+    return run(options_from_args(args))
+
+
+# ---- kv-cache --------------------------------------------------------------------------------------
+
+def _context(text: str) -> int:
+    t = text.strip().upper().replace("_", "").replace(",", "")
+    mult = {"K": 1 << 10, "M": 1 << 20}.get(t[-1:], 1)
+    try:
+        n = int(t[:-1] if mult > 1 else t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a token count such as 1048576, 128K or 1M, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError("the context must be >= 0")
+    return n
+
+
+def _add_kv_cache(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("kv-cache", help="KV cache bytes per sequence from a model's layer schedule",
+                       description="KV cache bytes per sequence (spec section 8): windows, compressed entries "
+                                   "and indexer keys of every layer at a context length.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", choices=("flash", "pro", "tiny", "flash-slice"), help="released or synthetic config")
+    src.add_argument("--config", metavar="PATH", help="a config.json / inference config.json, or a checkpoint dir")
+    p.add_argument("--context", type=_context, required=True, metavar="N", help="tokens per sequence (e.g. 1M)")
+    p.add_argument("--format", default="bf16", choices=("bf16", "fp8"),
+                   help="bf16: reference layout (1024 B entries); fp8: 584 B entries (default bf16)")
+    p.add_argument("--indexer", choices=("bf16", "fp8", "fp4"), help="indexer key format (default: as --format)")
+    p.set_defaults(func=_cmd_kv_cache)
+
+
+def _cmd_kv_cache(args: argparse.Namespace) -> int:
+    from .model.config import load_config, preset
+    from .model.kvsize import format_report
+
+    cfg = preset(args.preset) if args.preset else load_config(args.config)
+    print(format_report(cfg, args.context, args.format, args.indexer))
+    return 0
+
+
+_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_info, _add_conformance, _add_bench,
+                                                                          _add_run, _add_kv_cache)
 
 
 def build_parser() -> argparse.ArgumentParser:

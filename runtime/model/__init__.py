@@ -1,1 +1,45 @@
-"""dsv4rt."""
+"""The DeepSeek-V4 model on the dsv4rt registry (design.md section 7).
+
+    from dsv4rt.model import Checkpoint, Transformer, generate, tiny_checkpoint
+    ck = Checkpoint(tiny_checkpoint())                 # or a released checkpoint directory
+    model = Transformer(ck.cfg, ck, device="cpu")
+    res = generate(model, [[0, 75, 108]], max_new_tokens=8)
+
+Modules: ``config`` (ModelConfig, readers, presets), ``schema`` (checkpoint tensor list), ``checkpoint`` /
+``safetensors_io`` (validated loading and writing), ``synthetic`` (seeded weights), ``rope``, ``mhc``,
+``functional``, ``compressor``, ``indexer``, ``attention``, ``moe``, ``block``, ``transformer``, ``cache``,
+``generate``, ``tokenizer``, ``kvsize`` (KV-cache accounting), ``runner`` (``dsv4rt run``). Nothing heavy
+is imported until an attribute is used.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+_LAZY = {
+    "ModelConfig": "config", "preset": "config", "load_config": "config", "PRESETS": "config",
+    "checkpoint_schema": "schema", "TensorSpec": "schema",
+    "Checkpoint": "checkpoint", "write_checkpoint": "checkpoint",
+    "SyntheticSource": "synthetic", "tiny_checkpoint": "synthetic",
+    "Transformer": "transformer", "KVCache": "cache",
+    "generate": "generate", "GenerationResult": "generate",
+    "ByteTokenizer": "tokenizer", "load_tokenizer": "tokenizer",
+    "kv_cache_bytes": "kvsize",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'dsv4rt.model' has no attribute {name!r}") from None
+    import importlib
+
+    obj = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = obj
+    return obj
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,62 @@
+"""Small torch glue shared by the layers: RMSNorm, the Hadamard rotation and the reference's fake-quant
+points (spec 2.2, 2.3, 3.1). Everything is computed in float32 and returned in the input dtype."""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+from ..formats import fp4_fake_quant, fp8_fake_quant
+
+__all__ = ["rms_norm", "hadamard", "fp8_sim_nope", "fp4_sim", "hadamard_matrix"]
+
+
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """``weight * x / sqrt(mean(x^2) + eps)`` over the last dim, in float32 (reference RMSNorm);
+    ``weight=None`` is the weightless per-head norm of the queries."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight
+    return y.to(x.dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _hadamard_cpu(n: int) -> Tensor:
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h * (1.0 / math.sqrt(n))
+
+
+_DEVICE_H: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def hadamard_matrix(n: int, device: torch.device) -> Tensor:
+    """The normalised Sylvester-Hadamard matrix ``H_n / sqrt(n)`` (symmetric), float32 on ``device``."""
+    if n & (n - 1):
+        raise ValueError(f"hadamard: size {n} is not a power of two")
+    key = (n, torch.device(device))
+    if key not in _DEVICE_H:
+        _DEVICE_H[key] = _hadamard_cpu(n).to(device)
+    return _DEVICE_H[key]
+
+
+def hadamard(x: Tensor) -> Tensor:
+    """``rotate_activation``: the normalised Walsh-Hadamard transform over the last dim (the
+    ``fast_hadamard_transform`` ordering, scale ``n^-0.5``), float32 math, x's dtype out."""
+    return (x.float() @ hadamard_matrix(x.shape[-1], x.device)).to(x.dtype)
+
+
+def fp8_sim_nope(x: Tensor, rope_dim: int) -> Tensor:
+    """FP8 E4M3 fake-quant of the leading (nope) dims in blocks of 64 with power-of-two scales; the
+    trailing ``rope_dim`` dims stay as they are (spec 3.1 step 3, the FP8 behaviour of section 10.2)."""
+    nope = x.shape[-1] - rope_dim
+    return torch.cat([fp8_fake_quant(x[..., :nope].contiguous(), 64), x[..., nope:]], dim=-1)
+
+
+def fp4_sim(x: Tensor) -> Tensor:
+    """MXFP4 fake-quant in blocks of 32 along the last dim (the indexer's q and k, spec 2.2)."""
+    return fp4_fake_quant(x.contiguous(), 32)

@@ -1,0 +1,62 @@
+"""Manifold-constrained hyper-connections (spec 6): ``hc_pre`` with the Sinkhorn split, ``hc_post`` and the
+output head's ``hc_head``. Tokens are flattened: the residual state is ``X [T, hc, dim]``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["HcParams", "hc_mixes", "sinkhorn_split", "hc_pre", "hc_post", "hc_head"]
+
+
+@dataclass
+class HcParams:
+    """``fn [mix, hc*dim]``, ``base [mix]``, ``scale [3]`` (or ``[1]`` for a head), all float32."""
+
+    fn: Tensor
+    base: Tensor
+    scale: Tensor
+
+
+def hc_mixes(x: Tensor, p: HcParams, norm_eps: float) -> tuple[Tensor, Tensor]:
+    """(xf [T, hc*dim] float32, mixes [T, mix] = (xf @ fn^T) * rsqrt(mean(xf^2) + eps))."""
+    xf = x.flatten(1).float()
+    r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
+    return xf, (xf @ p.fn.T) * r
+
+
+def sinkhorn_split(mixes: Tensor, p: HcParams, hc: int, iters: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """pre [T, hc] = sigmoid + eps, post [T, hc] = 2 sigmoid, comb [T, hc, hc] (row i = source stream):
+    softmax over j + eps, then column / row normalisation, ``iters`` column passes in total."""
+    s = p.scale
+    pre = torch.sigmoid(mixes[:, :hc] * s[0] + p.base[:hc]) + eps
+    post = 2 * torch.sigmoid(mixes[:, hc:2 * hc] * s[1] + p.base[hc:2 * hc])
+    comb = (mixes[:, 2 * hc:] * s[2] + p.base[2 * hc:]).view(-1, hc, hc)
+    comb = torch.softmax(comb, dim=-1) + eps
+    comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    return pre, post, comb
+
+
+def hc_pre(x: Tensor, p: HcParams, hc: int, iters: int, eps: float, norm_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(u [T, dim] in x's dtype = sum_i pre_i X_i, post, comb) for one sub-layer."""
+    xf, mixes = hc_mixes(x, p, norm_eps)
+    pre, post, comb = sinkhorn_split(mixes, p, hc, iters, eps)
+    u = (pre.unsqueeze(-1) * xf.view(x.shape)).sum(1)
+    return u.to(x.dtype), post, comb
+
+
+def hc_post(f: Tensor, residual: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+    """``X'_j = post_j * f + sum_i comb[i, j] * X_i`` in float32, returned in f's dtype ([T, hc, dim])."""
+    mixed = torch.einsum("tij,tid->tjd", comb, residual.float())
+    return (post.unsqueeze(-1) * f.float().unsqueeze(1) + mixed).to(f.dtype)
+
+
+def hc_head(x: Tensor, p: HcParams, eps: float, norm_eps: float) -> Tensor:
+    """The output head's merge: ``pre = sigmoid(mixes * scale + base) + eps``, ``y = sum_i pre_i X_i``."""
+    xf, mixes = hc_mixes(x, p, norm_eps)
+    pre = torch.sigmoid(mixes * p.scale + p.base) + eps
+    return (pre.unsqueeze(-1) * xf.view(x.shape)).sum(1).to(x.dtype)

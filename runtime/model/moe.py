@@ -1,0 +1,56 @@
+"""The MoE layer (spec 5): sqrtsoftplus router (bias for selection in score-routed layers, ``tid2eid`` in
+hash-routed ones) through ``moe_route``, FP4 experts through ``moe_dispatch`` -> ``fp4_grouped_gemm`` ->
+clamped SwiGLU with the routing weight applied before the down projection -> ``fp4_grouped_gemm`` ->
+``moe_combine``, plus the FP8 shared expert (clamped too: spec 10.1)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import ModelConfig
+from .opcall import OpCaller
+from .weights import Fp8Linear, Loader
+
+__all__ = ["MoE", "swiglu"]
+
+
+def swiglu(g: Tensor, u: Tensor, limit: float) -> Tensor:
+    """``silu(min(g, limit)) * clamp(u, -limit, limit)`` in float32 (no clamp when limit <= 0)."""
+    g, u = g.float(), u.float()
+    if limit > 0:
+        u = torch.clamp(u, -limit, limit)
+        g = torch.clamp(g, max=limit)
+    return F.silu(g) * u
+
+
+class MoE:
+    """``<prefix>.{gate.weight, gate.bias | gate.tid2eid, experts.E.w{1,2,3}, shared_experts.w{1,2,3}}``."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, ld: Loader, prefix: str) -> None:
+        self.n_experts, self.topk, self.route_scale = cfg.n_routed_experts, cfg.n_activated_experts, cfg.route_scale
+        self.limit = cfg.swiglu_limit
+        self.gate = ld.f32(f"{prefix}.gate.weight")
+        self.hash = cfg.is_hash(layer)
+        self.tid2eid = ld.raw(f"{prefix}.gate.tid2eid").to(torch.int32) if self.hash else None
+        self.bias = None if self.hash else ld.f32(f"{prefix}.gate.bias")
+        self.experts = ld.experts(f"{prefix}.experts", cfg.n_routed_experts, cfg.moe_inter_dim, cfg.expert_dtype)
+        self.shared: Fp8Linear | None = None
+        self.shared_down: Fp8Linear | None = None
+        if cfg.n_shared_experts:
+            self.shared = ld.fp8(f"{prefix}.shared_experts.w1", f"{prefix}.shared_experts.w3")
+            self.shared_down = ld.fp8(f"{prefix}.shared_experts.w2")
+
+    def __call__(self, ops: OpCaller, x: Tensor, token_ids: Tensor) -> Tensor:
+        """x [T, dim] (after ffn_norm), token_ids [T] -> [T, dim]."""
+        logits = x.float() @ self.gate.T
+        hash_ids = self.tid2eid[token_ids] if self.hash else None
+        ids, weights = ops.moe_route(logits, self.bias, self.topk, self.route_scale, hash_ids)
+        xs, offsets, src = ops.moe_dispatch(x, ids, self.n_experts)
+        g, u = self.experts.gate_up(ops, xs, offsets)
+        h = swiglu(g, u, self.limit) * weights.reshape(-1)[src.long()].unsqueeze(-1)
+        y = ops.moe_combine(self.experts.down(ops, h.to(x.dtype), offsets), src, self.topk).float()
+        if self.shared is not None:
+            g, u = self.shared(ops, x)
+            y = y + self.shared_down(ops, swiglu(g, u, self.limit).to(x.dtype)).float()
+        return y.to(x.dtype)

@@ -1,0 +1,96 @@
+"""Calling the registry ops from the model: bound once per call signature, with a record of what ran.
+
+The first call of each signature (op, ``use_backend`` context, registry generation, tensor shapes /
+dtypes / devices / contiguity, static attributes) goes through ``op.explain`` (contract check +
+selection, as ``op.resolve``); later calls go straight to the chosen implementation, so a decode step
+pays one Python call per op. ``used`` records which implementation ran for every op, and how often.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Callable
+
+from torch import Tensor
+
+__all__ = ["OpCaller"]
+
+
+def _sig(a: Any) -> Any:
+    if isinstance(a, Tensor):
+        return (a.shape, a.dtype, a.device, a.is_contiguous())
+    return a
+
+
+class OpCaller:
+    """``OpCaller().call("fp8_gemm", x, w, s, "fp8")``; arguments are positional, in contract order.
+
+    ``quant`` (default True) keeps every quantisation point of the reference: FP8 activation quantisation
+    on the GEMMs, the FP8 simulation of the KV nope dims and the FP4 simulation of the indexer. False
+    turns them all off (a smooth model, for debugging and for exact cache-consistency tests).
+    """
+
+    def __init__(self, quant: bool = True) -> None:
+        self._bound: dict[tuple, tuple[Callable[..., Any], str]] = {}
+        self.calls: Counter = Counter()
+        self.quant = quant
+
+    def call(self, name: str, *args: Any) -> Any:
+        from ..registry import generation
+        from ..select import context_frames
+
+        key = (name, context_frames(), generation(), tuple(_sig(a) for a in args))
+        hit = self._bound.get(key)
+        if hit is None:
+            hit = self._bind(name, args)
+            if len(self._bound) > 4096:
+                self._bound.clear()
+            self._bound[key] = hit
+        fn, label = hit
+        self.calls[(name, label)] += 1
+        return fn(*args)
+
+    def _bind(self, name: str, args: tuple) -> tuple[Callable[..., Any], str]:
+        from .. import ops
+
+        op = getattr(ops, name)
+        choice = op.explain(*args)
+        if choice.fallback_device is not None:  # the Op wrapper copies to and from the fallback device
+            return op, f"{choice.impl.name} (fallback to {choice.fallback_device})"
+        return choice.impl.fn, choice.impl.name
+
+    def used(self) -> dict[str, dict[str, int]]:
+        """op -> {implementation: calls}, in first-use order."""
+        out: dict[str, dict[str, int]] = {}
+        for (name, label), n in self.calls.items():
+            out.setdefault(name, {})[label] = n
+        return out
+
+    def reset_counts(self) -> None:
+        self.calls.clear()
+
+    # ---- the ops, spelled out (positional, contract order) -------------------------------------------
+    def fp8_gemm(self, x: Tensor, w: Tensor, s: Tensor) -> Tensor:
+        return self.call("fp8_gemm", x, w, s, "fp8" if self.quant else None)
+
+    def fp4_grouped_gemm(self, x: Tensor, w: Tensor, s: Tensor, offsets: Tensor) -> Tensor:
+        return self.call("fp4_grouped_gemm", x, w, s, offsets, "fp8" if self.quant else None)
+
+    def kv_compress(self, kv: Tensor, gate: Tensor, ape: Tensor, ratio: int, overlap: bool,
+                    prev_kv: Tensor | None, prev_gate: Tensor | None) -> Tensor:
+        return self.call("kv_compress", kv, gate, ape, ratio, overlap, prev_kv, prev_gate)
+
+    def sparse_attention(self, q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor, scale: float) -> Tensor:
+        return self.call("sparse_attention", q, kv, idx, sink, scale, False)
+
+    def indexer_topk(self, q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: int) -> Tensor:
+        return self.call("indexer_topk", q, k, weights, visible, topk, None, False)
+
+    def moe_route(self, logits: Tensor, bias: Tensor | None, topk: int, route_scale: float,
+                  hash_ids: Tensor | None) -> tuple[Tensor, Tensor]:
+        return self.call("moe_route", logits, bias, topk, route_scale, "sqrtsoftplus", hash_ids)
+
+    def moe_dispatch(self, x: Tensor, ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+        return self.call("moe_dispatch", x, ids, num_experts)
+
+    def moe_combine(self, y: Tensor, src: Tensor, topk: int) -> Tensor:
+        return self.call("moe_combine", y, src, None, topk)

@@ -1,0 +1,59 @@
+"""A plain-text progress line on stderr (no dependencies): redrawn in place on a terminal, printed at
+every 10% otherwise (logs, CI)."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+__all__ = ["Progress"]
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+class Progress:
+    """``Progress(label, total_bytes, total_items)``; call ``advance(nbytes)`` per item and ``close()``.
+    Off a terminal, loads under ``quiet_below`` bytes print nothing."""
+
+    def __init__(self, label: str, total_bytes: int, total_items: int, enabled: bool = True,
+                 stream: TextIO | None = None, quiet_below: int = 256 << 20) -> None:
+        self.label, self.total, self.items = label, max(total_bytes, 1), total_items
+        self.done = self.count = 0
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.enabled = enabled and (self.tty or total_bytes >= quiet_below)
+        self.t0 = self._last = time.perf_counter()
+        self._decile = -1
+
+    def _line(self) -> str:
+        frac = self.done / self.total
+        bar = "#" * int(frac * 30)
+        rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+        return (f"{self.label}: [{bar:<30}] {frac * 100:5.1f}%  {self.count}/{self.items} tensors  "
+                f"{_gb(self.done)}/{_gb(self.total)}  {_gb(rate)}/s")
+
+    def advance(self, nbytes: int) -> None:
+        self.done += nbytes
+        self.count += 1
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if self.tty:
+            if now - self._last > 0.1 or self.count == self.items:
+                self.stream.write("\r" + self._line())
+                self.stream.flush()
+                self._last = now
+            return
+        decile = int(10 * self.done / self.total)
+        if decile > self._decile:
+            self._decile = decile
+            self.stream.write(self._line() + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\r" + self._line() + "\n")
+            self.stream.flush()

@@ -1,0 +1,224 @@
+"""``dsv4rt run``: load a model (a checkpoint, the tiny preset, or the synthetic V4-Flash slice), generate,
+print the text, prefill / decode tokens/s and the implementation every op used; ``--check`` replays the
+same tokens on the CPU backend and prints the max logit difference and the top-1 agreement."""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, TextIO
+
+import torch
+
+from .. import env
+from ..errors import BackendSelectionError
+from .config import ModelConfig, preset
+from .generate import GenerationResult, generate
+from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from .transformer import Transformer
+
+__all__ = ["RunOptions", "run", "resolve_device", "build_model", "compare_logits", "DEFAULT_PROMPT"]
+
+DEFAULT_PROMPT = "DeepSeek-V4 on dsv4rt:"
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class RunOptions:
+    checkpoint: str | None = None
+    preset: str | None = None
+    backend: str = "auto"
+    prompt: str | None = None
+    prompt_len: int | None = None
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    seed: int = 0
+    check: bool = False
+    dtype: str = "bf16"
+    prefill_chunk: int | None = None
+    layers: int = 4
+    experts: int | None = None
+    convert_fp8: bool = False
+    progress: bool = True
+
+
+def resolve_device(backend: str) -> tuple[torch.device, str | None]:
+    """(device holding the weights, ``use_backend`` choice or None for automatic) for ``--backend``."""
+    if backend == "cpu":
+        return torch.device("cpu"), "cpu"
+    if backend == "cuda":
+        if env.flag("DSV4RT_TRITON_INTERPRET"):
+            return torch.device("cpu"), "cuda"  # Triton interpreter: the cuda kernels run on CPU tensors
+        if not torch.cuda.is_available():
+            raise BackendSelectionError("--backend cuda: no CUDA device is visible (set DSV4RT_TRITON_INTERPRET=1 "
+                                        "to run the Triton kernels on the CPU); see `dsv4rt info`")
+        return torch.device("cuda"), "cuda"
+    if backend == "ascend":
+        if not _npu_available():
+            raise BackendSelectionError("--backend ascend: torch_npu is not installed or sees no NPU; "
+                                        "see `dsv4rt info`")
+        return torch.device("npu"), "ascend"
+    if backend == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda"), None
+        if _npu_available():
+            return torch.device("npu"), None
+        return torch.device("cpu"), None
+    raise BackendSelectionError(f"--backend {backend!r}: expected auto, cpu, cuda or ascend")
+
+
+def _npu_available() -> bool:
+    try:
+        import torch_npu  # noqa: F401 (registers the npu device)
+    except ImportError:
+        return False
+    return bool(getattr(torch, "npu", None) and torch.npu.is_available())  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def _cpu_threads(device: torch.device) -> Iterator[None]:
+    """On the CPU the heavy ops run in the NumPy/native backend's own threads; the torch glue around them is
+    small, and torch's OpenMP workers spinning next to BLAS threads slowed decode ~5x on 2 cores."""
+    if device.type != "cpu":
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def build_model(opts: RunOptions, device: torch.device, quiet: bool = False,
+                gen_device: torch.device | None = None) -> tuple[Transformer, Tokenizer, str]:
+    """(model on ``device``, tokenizer, where the weights came from). Synthetic weights are drawn on
+    ``gen_device`` (default ``device``), so a CPU copy of a GPU run's model gets the very same values."""
+    from .checkpoint import Checkpoint
+    from .synthetic import SyntheticSource, tiny_checkpoint
+
+    dtype = _DTYPES[opts.dtype]
+    if opts.checkpoint or (opts.preset or "tiny") == "tiny":
+        path = opts.checkpoint or tiny_checkpoint(opts.seed)
+        ck = Checkpoint(path, progress=opts.progress and not quiet)
+        names = Transformer.load_order(ck.cfg)
+        ck.start_progress(names)
+        model = Transformer(ck.cfg, ck, device, dtype, convert_fp4=opts.convert_fp8)
+        ck.finish_progress()
+        return model, load_tokenizer(ck.cfg, path), path
+    if opts.preset == "flash-slice":
+        cfg = preset("flash-slice")
+        if opts.layers != cfg.n_layers:
+            cfg = cfg.replace(n_layers=opts.layers, compress_ratios=preset("flash").compress_ratios[:opts.layers] + (0,))
+        if opts.experts:
+            cfg = cfg.replace(n_routed_experts=opts.experts, n_activated_experts=min(cfg.n_activated_experts, opts.experts))
+        src = SyntheticSource(cfg, opts.seed, gen_device or device, fast=True, mtp=False)
+        model = Transformer(cfg, src, device, dtype, convert_fp4=opts.convert_fp8)
+        return model, ByteTokenizer(cfg.bos_token_id, cfg.eos_token_id), f"synthetic weights (seed {opts.seed}, in memory)"
+    raise BackendSelectionError(f"--preset {opts.preset}: the full {opts.preset} model needs its checkpoint "
+                                f"(--checkpoint DIR); runnable presets: tiny, flash-slice")
+
+
+def _describe(cfg: ModelConfig) -> str:
+    kinds = ", ".join(cfg.layer_kinds())
+    return (f"{cfg.name}: dim {cfg.dim}, {cfg.n_layers} layers ({kinds}), {cfg.n_heads} heads, "
+            f"{cfg.n_routed_experts} experts ({cfg.expert_dtype}), vocab {cfg.vocab_size}")
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() or c in "\n\t" else f"\\x{ord(c):02x}" for c in text)
+
+
+def compare_logits(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, int, int]:
+    """(max |a - b| over every step, steps whose argmax agrees, steps) of two runs' step logits."""
+    n = min(len(a), len(b))
+    diff, agree = 0.0, 0
+    for x, y in zip(a[:n], b[:n]):
+        diff = max(diff, float((x - y).abs().max()))
+        agree += int(bool((x.argmax(-1) == y.argmax(-1)).all()))
+    return diff, agree, n
+
+
+def _prompt_ids(opts: RunOptions, tok: Tokenizer, cfg: ModelConfig) -> list[int]:
+    if opts.prompt_len:
+        g = torch.Generator().manual_seed(opts.seed)
+        lo = 3 if isinstance(tok, ByteTokenizer) else 0
+        return [cfg.bos_token_id] + torch.randint(lo, min(cfg.vocab_size, 259) if lo else cfg.vocab_size,
+                                                  (opts.prompt_len - 1,), generator=g).tolist()
+    return tok.encode(DEFAULT_PROMPT if opts.prompt is None else opts.prompt)
+
+
+def run(opts: RunOptions, out: TextIO | None = None) -> int:
+    """Run generation as the CLI does; returns the exit code."""
+    out = out or sys.stdout
+    device, choice = resolve_device(opts.backend)
+    t0 = time.perf_counter()
+    with _cpu_threads(device):
+        model, tok, origin = build_model(opts, device)
+        load_s = time.perf_counter() - t0
+        prompt = _prompt_ids(opts, tok, model.cfg)
+        with contextlib.nullcontext() if choice is None else _use(choice):
+            res = generate(model, [prompt], opts.max_new_tokens, opts.temperature, opts.seed,
+                           prefill_chunk=opts.prefill_chunk, record_logits=opts.check)
+        label = opts.backend + (" (Triton interpreter)" if choice == "cuda" and device.type == "cpu" else "")
+        print(f"model    {_describe(model.cfg)}", file=out)
+        conv = ", FP4 experts converted to FP8 at load" if opts.convert_fp8 else ""
+        print(f"weights  {origin} (loaded in {load_s:.2f} s{conv})", file=out)
+        print(f"backend  {label}, weights on {device}, activations {opts.dtype}", file=out)
+        shown = "" if opts.prompt_len else f" {_printable(tok.decode(prompt))!r}"
+        print(f"prompt  {shown} ({len(prompt)} tokens)", file=out)
+        print("text     " + _printable(tok.decode(res.tokens[0])), file=out)
+        ids = res.tokens[0]
+        print(f"ids      {ids[:16]}{' ...' if len(ids) > 16 else ''}", file=out)
+        _timings(res, out)
+        _ops(model, out)
+        if opts.check:
+            _check(opts, model, device, prompt, res, out)
+    return 0
+
+
+@contextlib.contextmanager
+def _use(choice: str) -> Iterator[None]:
+    from ..select import use_backend
+
+    with use_backend(choice):
+        yield
+
+
+def _timings(res: GenerationResult, out: TextIO) -> None:
+    print(f"prefill  {res.prompt_tokens} tokens in {res.prefill_s:.3f} s = {res.prefill_tok_s:.1f} tok/s", file=out)
+    if res.decode_steps:
+        print(f"decode   {res.decode_steps} tokens in {res.decode_s:.3f} s = {res.decode_tok_s:.1f} tok/s", file=out)
+    else:
+        print("decode   0 tokens (stopped after the first generated token)", file=out)
+
+
+def _ops(model: Transformer, out: TextIO) -> None:
+    print("ops      implementation used (calls)", file=out)
+    for name, impls in model.ops.used().items():
+        used = ", ".join(f"{impl} ({n})" for impl, n in impls.items())
+        print(f"  {name:<18} {used}", file=out)
+
+
+def _check(opts: RunOptions, model: Transformer, device: torch.device, prompt: list[int], res: GenerationResult,
+           out: TextIO) -> None:
+    """Replay prompt + generated tokens on the CPU backend and compare every step's logits."""
+    ref = model if device.type == "cpu" else build_model(opts, torch.device("cpu"), True, device)[0]
+    ref.ops.reset_counts()
+    with _cpu_threads(torch.device("cpu")), _use("cpu"):
+        cpu = generate(ref, [prompt], opts.max_new_tokens, opts.temperature, opts.seed,
+                       prefill_chunk=opts.prefill_chunk, record_logits=True, forced=res.tokens)
+    diff, agree, n = compare_logits(res.step_logits, cpu.step_logits)
+    impls = sorted({i for v in ref.ops.used().values() for i in v})
+    print(f"check    vs the CPU backend ({', '.join(impls)}) on the same {n} steps: max |logit diff| = {diff:.4g}, "
+          f"top-1 agreement {agree}/{n} ({100.0 * agree / max(n, 1):.1f}%)", file=out)
+
+
+def options_from_args(args: Any) -> RunOptions:
+    """RunOptions from the argparse namespace of ``dsv4rt run``."""
+    return RunOptions(checkpoint=args.checkpoint, preset=args.preset, backend=args.backend, prompt=args.prompt,
+                      prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      seed=args.seed, check=args.check, dtype=args.dtype, prefill_chunk=args.prefill_chunk,
+                      layers=args.layers, experts=args.experts, convert_fp8=args.convert_fp8,
+                      progress=not args.quiet)

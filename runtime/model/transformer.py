@@ -1,0 +1,104 @@
+"""The DeepSeek-V4 model: embedding -> 4 mHC streams -> blocks -> hc_head -> norm -> fp32 head.
+
+Built from any weight source (a validated Checkpoint, or synthetic weights) onto one device; the heavy
+work of every layer goes through the registry ops (``OpCaller``), so the backend is picked by the inputs'
+device and ``dsv4rt.use_backend`` around the call.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+from .block import Block, MTPBlock, load_hc
+from .cache import KVCache
+from .config import SWA, ModelConfig
+from .functional import rms_norm
+from .mhc import hc_head
+from .opcall import OpCaller
+from .rope import RopeTable, rope_tables
+from .weights import Loader, WeightSource
+
+__all__ = ["Transformer"]
+
+
+class Transformer:
+    """``Transformer(cfg, source, device)``; ``forward(tokens, cache)`` returns fp32 logits.
+
+    ``dtype`` is the activation dtype (bfloat16 as the reference; float32 for precise comparisons);
+    ``quant=False`` disables the reference's FP8/FP4 quantisation points (see OpCaller); ``mtp`` also
+    loads the MTP block; ``convert_fp4`` converts the FP4 experts losslessly to FP8 at load (spec 1.5).
+    """
+
+    def __init__(self, cfg: ModelConfig, source: WeightSource, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.bfloat16, mtp: bool = False, convert_fp4: bool = False,
+                 quant: bool = True) -> None:
+        self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
+        ld = Loader(source, self.device, dtype, convert_fp4=convert_fp4)
+        self.embed = ld.act("embed.weight")
+        self.layers = [Block(cfg, i, ld) for i in range(cfg.n_layers)]
+        self.norm = ld.f32("norm.weight")
+        self.head = ld.f32("head.weight")
+        self.hc_head = load_hc(ld, "hc_head")
+        self.mtp = [MTPBlock(cfg, cfg.n_layers + i, ld) for i in range(cfg.n_mtp_layers if mtp else 0)]
+        self.rope = rope_tables(cfg, self.device)
+        self.ops = OpCaller(quant)
+
+    @staticmethod
+    def load_order(cfg: ModelConfig, mtp: bool = False) -> Iterable[str]:
+        """Names the constructor reads (for a progress bar's total)."""
+        from .schema import checkpoint_schema
+
+        return [n for n in checkpoint_schema(cfg, mtp=mtp)]
+
+    def new_cache(self, batch: int = 1, max_seq_len: int | None = None) -> KVCache:
+        """An empty cache for ``batch`` sequences of up to ``max_seq_len`` tokens (default cfg.max_seq_len);
+        the RoPE tables grow to cover it."""
+        cache = KVCache(self.cfg, batch, max_seq_len, self.dtype, self.device, mtp=bool(self.mtp))
+        if cache.max_seq_len > self.rope[SWA].cos.shape[0]:
+            self.rope = rope_tables(self.cfg, self.device, cache.max_seq_len)
+        return cache
+
+    def _rope(self, layer: int) -> RopeTable:
+        return self.rope[SWA if self.cfg.kind(layer) == SWA else "compressed"]
+
+    @torch.inference_mode()
+    def forward(self, tokens: Tensor, cache: KVCache, all_logits: bool = False,
+                return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """tokens [B, S] (positions ``cache.pos ..``) -> logits [B, V] of the last position, or [B, S, V]
+        with ``all_logits``; with ``return_hidden`` also the final streams [B, S, hc, dim]. Advances the cache."""
+        cfg = self.cfg
+        b, s = tokens.shape
+        if b != cache.batch:
+            raise ValueError(f"forward: batch {b} but the cache holds {cache.batch} sequences")
+        cache.check_room(s)
+        p0 = cache.pos
+        ids = tokens.reshape(-1).to(self.device)
+        x = self.embed[ids].unsqueeze(1).repeat(1, cfg.hc_mult, 1)  # [T, hc, dim]
+        for i, blk in enumerate(self.layers):
+            x = blk(self.ops, x, b, ids, cache.layers[i], p0, self._rope(i))
+        cache.pos = p0 + s
+        logits = self._logits(x, b, s, self.hc_head, self.norm, all_logits)
+        return (logits, x.view(b, s, cfg.hc_mult, cfg.dim)) if return_hidden else logits
+
+    def _logits(self, x: Tensor, b: int, s: int, hc, norm: Tensor, all_logits: bool) -> Tensor:
+        y = rms_norm(hc_head(x, hc, self.cfg.hc_eps, self.cfg.norm_eps), norm, self.cfg.norm_eps)
+        y = y.view(b, s, -1)
+        if not all_logits:
+            y = y[:, -1]
+        return y.float() @ self.head.T
+
+    @torch.inference_mode()
+    def forward_mtp(self, hidden: Tensor, next_tokens: Tensor, cache: KVCache, p0: int,
+                    all_logits: bool = False) -> Tensor:
+        """MTP block 0: hidden streams [B, S, hc, dim] of positions p0.. and the tokens that follow them
+        [B, S] -> logits of the token after those (not used by generation, as in the reference)."""
+        if not self.mtp:
+            raise ValueError("forward_mtp: the model was built without its MTP block (mtp=False)")
+        blk = self.mtp[0]
+        b, s = next_tokens.shape
+        ids = next_tokens.reshape(-1).to(self.device)
+        x = blk.inputs(self.ops, hidden.reshape(b * s, self.cfg.hc_mult, -1), self.embed[ids])
+        x = blk(self.ops, x, b, ids, cache.mtp_layers[0], p0, self._rope(self.cfg.n_layers))
+        return self._logits(x, b, s, blk.hc_head, blk.norm, all_logits)

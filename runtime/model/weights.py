@@ -1,0 +1,145 @@
+"""Turning source tensors (a Checkpoint or a SyntheticSource: anything with ``get(name)``) into the
+model's parameters on the target device: FP8 linears (fused when their 128-row tiles align), the stacked
+FP4 experts fp4_grouped_gemm takes, BF16/FP32 parameters in the dtypes the reference computes with."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from ..errors import CheckpointError
+from ..formats import dequant_fp8_block, fp4_to_fp8_tiles
+from .opcall import OpCaller
+
+__all__ = ["WeightSource", "Loader", "Fp8Linear", "Experts"]
+
+
+class WeightSource(Protocol):
+    def get(self, name: str) -> Tensor: ...
+
+
+class Fp8Linear:
+    """One FP8 E4M3 projection with 128x128 block scales, or several stacked along the output rows when
+    every part but the last has a multiple of 128 rows (so the scale tiles stay aligned); ``__call__``
+    returns the parts' outputs (``y`` for one part)."""
+
+    def __init__(self, parts: list[tuple[Tensor, Tensor]]) -> None:
+        self.sizes = [w.shape[0] for w, _ in parts]
+        if len(parts) > 1 and all(n % 128 == 0 for n in self.sizes[:-1]):
+            self.groups = [(torch.cat([w for w, _ in parts]), torch.cat([s for _, s in parts]), self.sizes)]
+        else:
+            self.groups = [(w, s, [w.shape[0]]) for w, s in parts]
+
+    def __call__(self, ops: OpCaller, x: Tensor) -> Any:
+        outs: list[Tensor] = []
+        for w, s, sizes in self.groups:
+            y = ops.fp8_gemm(x, w, s)
+            outs.extend(y.split(sizes, dim=-1) if len(sizes) > 1 else [y])
+        return outs[0] if len(outs) == 1 else outs
+
+
+@dataclass
+class Experts:
+    """Routed experts. ``fp4``: ``w13 [E, 2I, dim/2]`` (w1 rows then w3 rows), ``w2 [E, dim, I/2]`` with
+    E8M0 ``[.., K/32]`` scales, run by fp4_grouped_gemm. ``fp8`` (lossless conversion at load, or the -Base
+    checkpoints): per-expert FP8 linears, run by fp8_gemm on each non-empty expert's rows."""
+
+    kind: str
+    inter: int
+    w13: Tensor | None = None
+    s13: Tensor | None = None
+    w2: Tensor | None = None
+    s2: Tensor | None = None
+    fp8_13: list[Fp8Linear] | None = None
+    fp8_2: list[Fp8Linear] | None = None
+
+    def gate_up(self, ops: OpCaller, x: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
+        if self.kind == "fp4":
+            y = ops.fp4_grouped_gemm(x, self.w13, self.s13, offsets)
+            return y[:, :self.inter], y[:, self.inter:]
+        y = self._per_expert(ops, x, offsets, self.fp8_13, 2 * self.inter)
+        return y[:, :self.inter], y[:, self.inter:]
+
+    def down(self, ops: OpCaller, h: Tensor, offsets: Tensor) -> Tensor:
+        if self.kind == "fp4":
+            return ops.fp4_grouped_gemm(h, self.w2, self.s2, offsets)
+        return self._per_expert(ops, h, offsets, self.fp8_2, self.fp8_2[0].sizes[0])
+
+    @staticmethod
+    def _per_expert(ops: OpCaller, x: Tensor, offsets: Tensor, lins: list[Fp8Linear], n: int) -> Tensor:
+        out = x.new_empty((x.shape[0], n))
+        bounds = offsets.tolist()
+        for e, lin in enumerate(lins):
+            a, b = bounds[e], bounds[e + 1]
+            if b > a:
+                y = lin(ops, x[a:b])
+                out[a:b] = torch.cat(y, dim=-1) if isinstance(y, list) else y
+        return out
+
+
+class Loader:
+    """Fetches tensors from a source and places them on ``device`` in the dtype each use needs."""
+
+    def __init__(self, source: WeightSource, device: torch.device, dtype: torch.dtype, convert_fp4: bool = False):
+        self.source, self.device, self.dtype, self.convert_fp4 = source, device, dtype, convert_fp4
+
+    def _own(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
+        """The tensor on the device in ``dtype``, always in memory of its own (never a view of a
+        checkpoint's memory map, whose tensors need not even be aligned)."""
+        t = self.source.get(name)
+        out = t.to(self.device, dtype or t.dtype)
+        return out.clone() if out.data_ptr() == t.data_ptr() else out
+
+    def raw(self, name: str) -> Tensor:
+        return self._own(name)
+
+    def f32(self, name: str) -> Tensor:
+        return self._own(name, torch.float32)
+
+    def act(self, name: str) -> Tensor:
+        return self._own(name, self.dtype)
+
+    def fp8(self, *bases: str) -> Fp8Linear:
+        return Fp8Linear([(self.raw(f"{b}.weight"), self.raw(f"{b}.scale")) for b in bases])
+
+    def fp8_dequant(self, base: str) -> Tensor:
+        """An FP8 weight dequantised to the activation dtype (``wo_a``, as the reference's convert.py)."""
+        w, s = self.raw(f"{base}.weight"), self.raw(f"{base}.scale")
+        return dequant_fp8_block(w, s, 128, torch.float32).to(self.dtype)
+
+    def experts(self, prefix: str, n: int, inter: int, kind: str) -> Experts:
+        if kind == "fp8":
+            return Experts("fp8", inter, fp8_13=[self.fp8(f"{prefix}.{e}.w1", f"{prefix}.{e}.w3") for e in range(n)],
+                           fp8_2=[self.fp8(f"{prefix}.{e}.w2") for e in range(n)])
+        if self.convert_fp4:
+            return Experts("fp8", inter, fp8_13=[Fp8Linear([self._to_fp8(f"{prefix}.{e}.w1"),
+                                                            self._to_fp8(f"{prefix}.{e}.w3")]) for e in range(n)],
+                           fp8_2=[Fp8Linear([self._to_fp8(f"{prefix}.{e}.w2")]) for e in range(n)])
+        w13 = s13 = w2 = s2 = None
+        for e in range(n):
+            w1, s1 = self.source.get(f"{prefix}.{e}.w1.weight"), self.source.get(f"{prefix}.{e}.w1.scale")
+            w3, s3 = self.source.get(f"{prefix}.{e}.w3.weight"), self.source.get(f"{prefix}.{e}.w3.scale")
+            wd, sd = self.source.get(f"{prefix}.{e}.w2.weight"), self.source.get(f"{prefix}.{e}.w2.scale")
+            if w13 is None:
+                w13 = torch.empty((n, 2 * inter, w1.shape[1]), dtype=w1.dtype, device=self.device)
+                s13 = torch.empty((n, 2 * inter, s1.shape[1]), dtype=s1.dtype, device=self.device)
+                w2 = torch.empty((n, *wd.shape), dtype=wd.dtype, device=self.device)
+                s2 = torch.empty((n, *sd.shape), dtype=sd.dtype, device=self.device)
+            w13[e, :inter].copy_(w1)
+            w13[e, inter:].copy_(w3)
+            s13[e, :inter].copy_(s1)
+            s13[e, inter:].copy_(s3)
+            w2[e].copy_(wd)
+            s2[e].copy_(sd)
+        return Experts("fp4", inter, w13=w13, s13=s13, w2=w2, s2=s2)
+
+    def _to_fp8(self, base: str) -> tuple[Tensor, Tensor]:
+        """Lossless MXFP4 -> FP8 128x128 conversion (spec 1.5); CheckpointError when it would round."""
+        w, s = self.raw(f"{base}.weight"), self.raw(f"{base}.scale")
+        try:
+            w8, s8 = fp4_to_fp8_tiles(w, s)
+        except ValueError as exc:
+            raise CheckpointError(f"tensor {base + '.weight'!r}: FP4 -> FP8 conversion is not lossless ({exc})") from None
+        return w8, s8.view(torch.float8_e8m0fnu)
