@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .case import BenchCase
-from .inputs import e8m0, expected_touched, mxfp4, normal, routed_ids
+from .inputs import expected_touched, mxfp4, normal, routed_ids
 
 __all__ = ["gpu_cases"]
 

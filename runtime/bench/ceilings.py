@@ -24,7 +24,6 @@ def measure_ceilings(device: torch.device, quick: bool = False) -> dict[str, Any
         "read_tbs": n_bytes / read["median_us"] / 1e6,
         "copy_tbs": 2 * n_bytes / copy["median_us"] / 1e6,
     }
-    del buf, dst
     if device.type == "cpu":
         n = 512 if quick else 2048
         a, b = torch.randn(n, n), torch.randn(n, n)
