@@ -4,6 +4,7 @@
     dsv4rt conformance --backend NAME [--ops a,b,...] [--report FILE] [--xfails FILE] [--seed N]
     dsv4rt run [--checkpoint DIR | --preset tiny|flash-slice] [--backend auto|cpu|cuda|ascend] [--prompt TEXT]
                [--max-new-tokens N] [--check]
+    torchrun --nproc-per-node N -m dsv4rt run [--tp N] [--ep N] ...   (tensor / expert parallel)
     dsv4rt kv-cache --preset flash|pro --context N [--format bf16|fp8]
 
 Exit codes: 0 success, 1 a check failed (conformance), 2 usage error or a dsv4rt error (message, no
@@ -122,6 +123,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    "fewer for small machines)")
     p.add_argument("--convert-fp8", action="store_true", help="convert FP4 experts losslessly to FP8 at load")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--tp", type=int, metavar="N", help="under torchrun: tensor-parallel size of attention (query / "
+                   "indexer heads, wo_a groups, vocabulary); default the largest divisor of the world size the model "
+                   "allows (normally the world size)")
+    p.add_argument("--ep", type=int, metavar="N", help="under torchrun: expert-parallel size of the MoE (routed "
+                   "experts split, tokens exchanged all-to-all); default the largest divisor of the world size the "
+                   "model allows (normally the world size)")
     p.set_defaults(func=_cmd_run)
 
 
@@ -132,6 +139,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise _UsageError("--max-new-tokens and --prompt-len must be >= 1")
     if args.layers < 1 or (args.experts is not None and args.experts < 1):
         raise _UsageError("--layers and --experts must be >= 1")
+    if (args.tp is not None and args.tp < 1) or (args.ep is not None and args.ep < 1):
+        raise _UsageError("--tp and --ep must be >= 1")
     return run(options_from_args(args))
 
 

@@ -43,16 +43,20 @@ class Attention:
     """``<prefix>.{wq_a, q_norm, wq_b, wkv, kv_norm, wo_a, wo_b, attn_sink, compressor.*, indexer.*}``."""
 
     def __init__(self, cfg: ModelConfig, layer: int, ld: Loader, prefix: str) -> None:
+        # tensor parallel (ld.par.tp > 1): this rank's query heads, their sinks and wo_a groups, the matching
+        # wo_b columns (partial output, all-reduced); wq_a, wkv, the norms and the compressors are replicated
+        self.par = ld.par if ld.par is not None and ld.par.tp > 1 else None
+        tp = self.par.tp if self.par is not None else 1
         self.cfg, self.kind, self.ratio = cfg, cfg.kind(layer), cfg.ratio(layer)
-        self.n_heads, self.head_dim, self.rd = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim
-        self.window, self.eps, self.groups = cfg.window_size, cfg.norm_eps, cfg.o_groups
+        self.n_heads, self.head_dim, self.rd = cfg.n_heads // tp, cfg.head_dim, cfg.rope_head_dim
+        self.window, self.eps, self.groups = cfg.window_size, cfg.norm_eps, cfg.o_groups // tp
         self.wq_a_wkv = ld.fp8(f"{prefix}.wq_a", f"{prefix}.wkv")
         self.q_norm = ld.f32(f"{prefix}.q_norm.weight")
         self.kv_norm = ld.f32(f"{prefix}.kv_norm.weight")
-        self.wq_b = ld.fp8(f"{prefix}.wq_b")
-        self.wo_a = ld.fp8_dequant(f"{prefix}.wo_a").view(self.groups, cfg.o_lora_rank, -1)
-        self.wo_b = ld.fp8(f"{prefix}.wo_b")
-        self.sink = ld.f32(f"{prefix}.attn_sink")
+        self.wq_b = ld.fp8(f"{prefix}.wq_b", tp_dim=0)
+        self.wo_a = ld.fp8_dequant(f"{prefix}.wo_a", tp_dim=0).view(self.groups, cfg.o_lora_rank, -1)
+        self.wo_b = ld.fp8(f"{prefix}.wo_b", tp_dim=1)
+        self.sink = ld.f32(f"{prefix}.attn_sink", tp_dim=0)
         self.scale = self.head_dim ** -0.5
         self.compressor = (Compressor(ld, f"{prefix}.compressor", self.ratio, self.head_dim, self.rd, self.eps,
                                       rotate=False) if self.kind != SWA else None)
@@ -100,5 +104,8 @@ class Attention:
             lc.kv[:, slots] = kv[:, -keep:]
 
         o = apply_rope(o, cos[:, None], sin[:, None], inverse=True)
-        z = torch.einsum("bsgd,grd->bsgr", o.view(b, s, self.groups, -1), self.wo_a)
-        return self.wo_b(ops, z.reshape(b * s, -1)).view(b, s, dim)
+        z = torch.einsum("bsgd,grd->bsgr", o.view(b, s, self.groups, -1), self.wo_a).reshape(b * s, -1)
+        if self.par is None:
+            return self.wo_b(ops, z).view(b, s, dim)
+        # this rank's wo_b columns give a partial sum: fp32 out (same FP8 blocks of z), summed over the group
+        return self.par.tp_sum(self.wo_b(ops, z.float())).to(x.dtype).view(b, s, dim)

@@ -139,6 +139,18 @@ class Checkpoint:
             self._progress.advance(self.entry(name).nbytes)
         return t
 
+    def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """The part ``start:stop`` along ``dim`` of one tensor, read from the memory map without touching the
+        rest (a tensor-parallel rank's shard), after the value checks of its kind."""
+        if name not in self.schema:
+            raise CheckpointError(f"{self.root}: no tensor {name!r} in the {self.cfg.name} schema")
+        st = self.where[name]
+        t = st.read(name, dim, start, stop)
+        _check_values(name, t, self.schema[name], st.path, self.cfg)
+        if self._progress is not None:
+            self._progress.advance(t.numel() * t.element_size())
+        return t
+
     def names(self) -> list[str]:
         return list(self.schema)
 

@@ -85,7 +85,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     while True:
         if record_logits:
             logits_rec.append(logits.detach().float().cpu())
-        nxt = sample(logits, temperature, gen).tolist()
+        nxt_t = sample(logits, temperature, gen)
+        if getattr(model, "par", None) is not None:
+            nxt_t = model.par.same_tokens(nxt_t)       # every rank feeds rank 0's tokens to the next step
+        nxt = nxt_t.tolist()
         for i in range(b):
             if pos < len(prompts[i]):
                 nxt[i] = prompts[i][pos]               # still inside this prompt

@@ -20,10 +20,15 @@ class Indexer:
     """``<prefix>.{wq_b, weights_proj, compressor.*}``."""
 
     def __init__(self, cfg: ModelConfig, ld: Loader, prefix: str, ratio: int) -> None:
-        self.n_heads, self.head_dim, self.topk, self.ratio = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk, ratio
-        self.wq_b = ld.fp8(f"{prefix}.wq_b")
-        self.weights_proj = ld.act(f"{prefix}.weights_proj.weight")
-        self.weight_scale = self.head_dim ** -0.5 * self.n_heads ** -0.5
+        # tensor parallel: this rank's heads (wq_b rows, weights_proj rows); the compressor is replicated and
+        # the per-head scores are summed over the group before the top-k (par.indexer_topk)
+        self.par = ld.par if ld.par is not None and ld.par.tp > 1 else None
+        tp = self.par.tp if self.par is not None else 1
+        self.n_heads, self.head_dim = cfg.index_n_heads // tp, cfg.index_head_dim
+        self.topk, self.ratio = cfg.index_topk, ratio
+        self.wq_b = ld.fp8(f"{prefix}.wq_b", tp_dim=0)
+        self.weights_proj = ld.act(f"{prefix}.weights_proj.weight", tp_dim=0)
+        self.weight_scale = self.head_dim ** -0.5 * cfg.index_n_heads ** -0.5
         self.compressor = Compressor(ld, f"{prefix}.compressor", ratio, self.head_dim, cfg.rope_head_dim,
                                      cfg.norm_eps, rotate=True)
 
@@ -43,4 +48,7 @@ class Indexer:
         # keys beyond n are masked by ``visible``; rounding the count up to a power of two keeps the call's
         # shape (and so its bound implementation) fixed for many decode steps
         bucket = min(lc.index_keys.shape[1], max(64, 1 << max(n - 1, 0).bit_length()))
-        return ops.indexer_topk(q, lc.index_keys[:, :max(bucket, 1)], w.contiguous(), visible, self.topk)
+        keys = lc.index_keys[:, :max(bucket, 1)]
+        if self.par is not None:
+            return self.par.indexer_topk(ops, q, keys, w.contiguous(), visible, self.topk)
+        return ops.indexer_topk(q, keys, w.contiguous(), visible, self.topk)

@@ -4,6 +4,7 @@ same tokens on the CPU backend and prints the max logit difference and the top-1
 from __future__ import annotations
 
 import contextlib
+import io
 import sys
 import time
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ class RunOptions:
     experts: int | None = None
     convert_fp8: bool = False
     progress: bool = True
+    tp: int | None = None          # tensor-parallel size of attention (None: the largest the config allows)
+    ep: int | None = None          # expert-parallel size of the MoE (None: the largest the config allows)
 
 
 def resolve_device(backend: str) -> tuple[torch.device, str | None]:
@@ -92,19 +95,32 @@ def _cpu_threads(device: torch.device) -> Iterator[None]:
 
 
 def build_model(opts: RunOptions, device: torch.device, quiet: bool = False,
-                gen_device: torch.device | None = None) -> tuple[Transformer, Tokenizer, str]:
+                gen_device: torch.device | None = None,
+                distributed: bool = False) -> tuple[Transformer, Tokenizer, str]:
     """(model on ``device``, tokenizer, where the weights came from). Synthetic weights are drawn on
-    ``gen_device`` (default ``device``), so a CPU copy of a GPU run's model gets the very same values."""
+    ``gen_device`` (default ``device``), so a CPU copy of a GPU run's model gets the very same values.
+    ``distributed``: this rank's part of the ``opts.tp`` x ``opts.ep`` layout (process group initialised)."""
     from .checkpoint import Checkpoint
     from .synthetic import SyntheticSource, tiny_checkpoint
 
     dtype = _DTYPES[opts.dtype]
+
+    def layout(cfg: ModelConfig) -> Any:
+        if not distributed:
+            return None
+        from ..distributed import Parallel
+
+        try:
+            return Parallel.create(cfg, opts.tp, opts.ep, device)
+        except ValueError as exc:
+            raise BackendSelectionError(str(exc)) from None
+
     if opts.checkpoint or (opts.preset or "tiny") == "tiny":
-        path = opts.checkpoint or tiny_checkpoint(opts.seed)
-        ck = Checkpoint(path, progress=opts.progress and not quiet)
+        path = opts.checkpoint or tiny_checkpoint(opts.seed)  # safe when ranks race: the first rename wins
+        ck = Checkpoint(path, progress=opts.progress and not quiet and not distributed)
         names = Transformer.load_order(ck.cfg)
         ck.start_progress(names)
-        model = Transformer(ck.cfg, ck, device, dtype, convert_fp4=opts.convert_fp8)
+        model = Transformer(ck.cfg, ck, device, dtype, convert_fp4=opts.convert_fp8, par=layout(ck.cfg))
         ck.finish_progress()
         return model, load_tokenizer(ck.cfg, path), path
     if opts.preset == "flash-slice":
@@ -114,7 +130,7 @@ def build_model(opts: RunOptions, device: torch.device, quiet: bool = False,
         if opts.experts:
             cfg = cfg.replace(n_routed_experts=opts.experts, n_activated_experts=min(cfg.n_activated_experts, opts.experts))
         src = SyntheticSource(cfg, opts.seed, gen_device or device, fast=True, mtp=False)
-        model = Transformer(cfg, src, device, dtype, convert_fp4=opts.convert_fp8)
+        model = Transformer(cfg, src, device, dtype, convert_fp4=opts.convert_fp8, par=layout(cfg))
         return model, ByteTokenizer(cfg.bos_token_id, cfg.eos_token_id), f"synthetic weights (seed {opts.seed}, in memory)"
     raise BackendSelectionError(f"--preset {opts.preset}: the full {opts.preset} model needs its checkpoint "
                                 f"(--checkpoint DIR); runnable presets: tiny, flash-slice")
@@ -150,12 +166,35 @@ def _prompt_ids(opts: RunOptions, tok: Tokenizer, cfg: ModelConfig) -> list[int]
 
 
 def run(opts: RunOptions, out: TextIO | None = None) -> int:
-    """Run generation as the CLI does; returns the exit code."""
-    out = out or sys.stdout
+    """Run generation as the CLI does; returns the exit code. Under ``torchrun`` (WORLD_SIZE > 1) every
+    rank runs it on its part of the layout and rank 0 prints."""
+    from ..distributed.launch import world_from_env
+
+    world, rank, _ = world_from_env()
+    if world == 1 and max(opts.tp or 1, opts.ep or 1) > 1:
+        n = max(opts.tp or 1, opts.ep or 1)
+        flags = " ".join(f"--{k} {v}" for k, v in (("tp", opts.tp), ("ep", opts.ep)) if v)
+        raise BackendSelectionError(f"{flags} needs at least {n} processes: torchrun --nproc-per-node {n} -m dsv4rt "
+                                    f"run {flags} ...")
+    if world == 1:
+        return _run(opts, out or sys.stdout, False)
+    from ..distributed.launch import shutdown
+
+    try:
+        return _run(opts, (out or sys.stdout) if rank == 0 else io.StringIO(), True)
+    finally:
+        shutdown()
+
+
+def _run(opts: RunOptions, out: TextIO, distributed: bool) -> int:
+    from ..distributed.launch import describe, init_from_env
+
     device, choice = resolve_device(opts.backend)
+    if distributed:
+        device = init_from_env(device)
     t0 = time.perf_counter()
     with _cpu_threads(device):
-        model, tok, origin = build_model(opts, device)
+        model, tok, origin = build_model(opts, device, distributed=distributed)
         load_s = time.perf_counter() - t0
         prompt = _prompt_ids(opts, tok, model.cfg)
         with contextlib.nullcontext() if choice is None else _use(choice):
@@ -166,6 +205,8 @@ def run(opts: RunOptions, out: TextIO | None = None) -> int:
         conv = ", FP4 experts converted to FP8 at load" if opts.convert_fp8 else ""
         print(f"weights  {origin} (loaded in {load_s:.2f} s{conv})", file=out)
         print(f"backend  {label}, weights on {device}, activations {opts.dtype}", file=out)
+        for line in describe(model.par, model.cfg):
+            print(line, file=out)
         shown = "" if opts.prompt_len else f" {_printable(tok.decode(prompt))!r}"
         print(f"prompt  {shown} ({len(prompt)} tokens)", file=out)
         print("text     " + _printable(tok.decode(res.tokens[0])), file=out)
@@ -173,7 +214,7 @@ def run(opts: RunOptions, out: TextIO | None = None) -> int:
         print(f"ids      {ids[:16]}{' ...' if len(ids) > 16 else ''}", file=out)
         _timings(res, out)
         _ops(model, out)
-        if opts.check:
+        if opts.check and (model.par is None or model.par.rank == 0):
             _check(opts, model, device, prompt, res, out)
     return 0
 
@@ -204,7 +245,8 @@ def _ops(model: Transformer, out: TextIO) -> None:
 def _check(opts: RunOptions, model: Transformer, device: torch.device, prompt: list[int], res: GenerationResult,
            out: TextIO) -> None:
     """Replay prompt + generated tokens on the CPU backend and compare every step's logits."""
-    ref = model if device.type == "cpu" else build_model(opts, torch.device("cpu"), True, device)[0]
+    fresh = device.type != "cpu" or model.par is not None     # a parallel run: compare with one CPU process
+    ref = build_model(opts, torch.device("cpu"), True, device)[0] if fresh else model
     ref.ops.reset_counts()
     with _cpu_threads(torch.device("cpu")), _use("cpu"):
         cpu = generate(ref, [prompt], opts.max_new_tokens, opts.temperature, opts.seed,
@@ -221,4 +263,4 @@ def options_from_args(args: Any) -> RunOptions:
                       prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       seed=args.seed, check=args.check, dtype=args.dtype, prefill_chunk=args.prefill_chunk,
                       layers=args.layers, experts=args.experts, convert_fp8=args.convert_fp8,
-                      progress=not args.quiet)
+                      progress=not args.quiet, tp=args.tp, ep=args.ep)

@@ -128,15 +128,32 @@ class SafetensorsFile:
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor as stored (CPU, sharing the mapped pages; copy it before keeping it long)."""
+        return self.read(name)
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The whole tensor (``dim`` None), or its part ``start:stop`` along ``dim``: a strided view of the
+        mapped bytes from the part's first to its last element, so copying it touches only that part (the
+        one function through which tensor data is read; tensor-parallel ranks read their shards here)."""
         e = self.entries.get(name)
         if e is None:
             raise CheckpointError(f"{self.path}: no tensor {name!r}")
-        if e.nbytes == 0:
-            return torch.empty(e.shape, dtype=DTYPES[e.dtype])
-        if self.data_start + (e.end - self.data_start) > len(self._map()):
+        if e.nbytes and e.end > len(self._map()):
             raise CheckpointError(f"{self.path}: tensor {name!r} lies past the end of the file (truncated)")
-        arr = np.frombuffer(self._map(), dtype=np.uint8, count=e.nbytes, offset=e.start)
-        return torch.from_numpy(arr).view(DTYPES[e.dtype]).reshape(e.shape)
+        dtype, shape = DTYPES[e.dtype], list(e.shape)
+        strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+        first = 0
+        if dim is not None:
+            stop = shape[dim] if stop is None else stop
+            if not 0 <= start <= stop <= shape[dim]:
+                raise CheckpointError(f"{self.path}: tensor {name!r}: slice {start}:{stop} of dim {dim} is outside "
+                                      f"its shape {e.shape}")
+            first, shape[dim] = start * strides[dim], stop - start
+        if math.prod(shape) == 0:
+            return torch.empty(shape, dtype=dtype)
+        span = sum((n - 1) * s for n, s in zip(shape, strides)) + 1
+        size = torch.empty((), dtype=dtype).element_size()
+        arr = np.frombuffer(self._map(), dtype=np.uint8, count=span * size, offset=e.start + first * size)
+        return torch.from_numpy(arr).view(dtype).as_strided(shape, strides)
 
     def close(self) -> None:
         self._mm = None  # the map closes when the last tensor view of it is gone

@@ -6,7 +6,7 @@ device and ``dsv4rt.use_backend`` around the call.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
@@ -29,17 +29,21 @@ class Transformer:
     ``dtype`` is the activation dtype (bfloat16 as the reference; float32 for precise comparisons);
     ``quant=False`` disables the reference's FP8/FP4 quantisation points (see OpCaller); ``mtp`` also
     loads the MTP block; ``convert_fp4`` converts the FP4 experts losslessly to FP8 at load (spec 1.5).
+    ``par`` (a :class:`dsv4rt.distributed.Parallel`) loads and runs this rank's part of a tensor / expert
+    parallel layout (vocab-parallel embedding and head; see the attention, indexer and MoE layers).
     """
 
     def __init__(self, cfg: ModelConfig, source: WeightSource, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.bfloat16, mtp: bool = False, convert_fp4: bool = False,
-                 quant: bool = True) -> None:
+                 quant: bool = True, par: Any = None) -> None:
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
-        ld = Loader(source, self.device, dtype, convert_fp4=convert_fp4)
-        self.embed = ld.act("embed.weight")
+        self.par = par
+        self._tp = par if par is not None and par.tp > 1 else None
+        ld = Loader(source, self.device, dtype, convert_fp4=convert_fp4, par=par)
+        self.embed = ld.act("embed.weight", tp_dim=0)
         self.layers = [Block(cfg, i, ld) for i in range(cfg.n_layers)]
         self.norm = ld.f32("norm.weight")
-        self.head = ld.f32("head.weight")
+        self.head = ld.f32("head.weight", tp_dim=0)
         self.hc_head = load_hc(ld, "hc_head")
         self.mtp = [MTPBlock(cfg, cfg.n_layers + i, ld) for i in range(cfg.n_mtp_layers if mtp else 0)]
         self.rope = rope_tables(cfg, self.device)
@@ -75,19 +79,23 @@ class Transformer:
         cache.check_room(s)
         p0 = cache.pos
         ids = tokens.reshape(-1).to(self.device)
-        x = self.embed[ids].unsqueeze(1).repeat(1, cfg.hc_mult, 1)  # [T, hc, dim]
+        x = self._embed(ids).unsqueeze(1).repeat(1, cfg.hc_mult, 1)  # [T, hc, dim]
         for i, blk in enumerate(self.layers):
             x = blk(self.ops, x, b, ids, cache.layers[i], p0, self._rope(i))
         cache.pos = p0 + s
         logits = self._logits(x, b, s, self.hc_head, self.norm, all_logits)
         return (logits, x.view(b, s, cfg.hc_mult, cfg.dim)) if return_hidden else logits
 
+    def _embed(self, ids: Tensor) -> Tensor:
+        return self.embed[ids] if self._tp is None else self._tp.embed(self.embed, ids, self.cfg.vocab_size)
+
     def _logits(self, x: Tensor, b: int, s: int, hc, norm: Tensor, all_logits: bool) -> Tensor:
         y = rms_norm(hc_head(x, hc, self.cfg.hc_eps, self.cfg.norm_eps), norm, self.cfg.norm_eps)
         y = y.view(b, s, -1)
         if not all_logits:
             y = y[:, -1]
-        return y.float() @ self.head.T
+        logits = y.float() @ self.head.T
+        return logits if self._tp is None else self._tp.gather_vocab(logits, self.cfg.vocab_size)
 
     @torch.inference_mode()
     def forward_mtp(self, hidden: Tensor, next_tokens: Tensor, cache: KVCache, p0: int,
@@ -99,6 +107,6 @@ class Transformer:
         blk = self.mtp[0]
         b, s = next_tokens.shape
         ids = next_tokens.reshape(-1).to(self.device)
-        x = blk.inputs(self.ops, hidden.reshape(b * s, self.cfg.hc_mult, -1), self.embed[ids])
+        x = blk.inputs(self.ops, hidden.reshape(b * s, self.cfg.hc_mult, -1), self._embed(ids))
         x = blk(self.ops, x, b, ids, cache.mtp_layers[0], p0, self._rope(self.cfg.n_layers))
         return self._logits(x, b, s, blk.hc_head, blk.norm, all_logits)

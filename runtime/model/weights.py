@@ -80,45 +80,86 @@ class Experts:
 
 
 class Loader:
-    """Fetches tensors from a source and places them on ``device`` in the dtype each use needs."""
+    """Fetches tensors from a source and places them on ``device`` in the dtype each use needs.
 
-    def __init__(self, source: WeightSource, device: torch.device, dtype: torch.dtype, convert_fp4: bool = False):
+    ``par`` (a :class:`dsv4rt.distributed.Parallel`, or None for one process) makes the ``tp_dim`` arguments
+    effective: the tensor is split along that dim across the tensor-parallel group and only this rank's part
+    is read (``source.get_slice`` when the source has it, so a checkpoint's other parts are never touched)."""
+
+    def __init__(self, source: WeightSource, device: torch.device, dtype: torch.dtype, convert_fp4: bool = False,
+                 par: Any = None):
         self.source, self.device, self.dtype, self.convert_fp4 = source, device, dtype, convert_fp4
+        self.par = par
 
-    def _own(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
-        """The tensor on the device in ``dtype``, always in memory of its own (never a view of a
-        checkpoint's memory map, whose tensors need not even be aligned)."""
-        t = self.source.get(name)
-        out = t.to(self.device, dtype or t.dtype)
+    def _part(self, name: str, dim: int | None) -> tuple[int, int] | None:
+        """This rank's ``[start, stop)`` of dim ``dim`` of ``name`` (None: the whole tensor)."""
+        if dim is None or self.par is None or self.par.tp == 1:
+            return None
+        return self.par.tp_range(self._shape(name)[dim])
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        schema = getattr(self.source, "schema", None)
+        return tuple(schema[name].shape if schema is not None else self.source.get(name).shape)
+
+    def _read(self, name: str, dim: int | None, part: tuple[int, int] | None) -> Tensor:
+        if part is None:
+            return self.source.get(name)
+        get_slice = getattr(self.source, "get_slice", None)
+        if get_slice is not None:
+            return get_slice(name, dim, *part)
+        return self.source.get(name).narrow(dim, part[0], part[1] - part[0])
+
+    def _own(self, name: str, dtype: torch.dtype | None = None, tp_dim: int | None = None,
+             part: tuple[int, int] | None = None) -> Tensor:
+        """The tensor (or this rank's part) on the device in ``dtype``, always in memory of its own (never a
+        view of a checkpoint's memory map, whose tensors need not even be aligned)."""
+        t = self._read(name, tp_dim, part if part is not None else self._part(name, tp_dim))
+        out = t.to(self.device, dtype or t.dtype).contiguous()
         return out.clone() if out.data_ptr() == t.data_ptr() else out
 
-    def raw(self, name: str) -> Tensor:
-        return self._own(name)
+    def raw(self, name: str, tp_dim: int | None = None) -> Tensor:
+        return self._own(name, tp_dim=tp_dim)
 
-    def f32(self, name: str) -> Tensor:
-        return self._own(name, torch.float32)
+    def f32(self, name: str, tp_dim: int | None = None) -> Tensor:
+        return self._own(name, torch.float32, tp_dim)
 
-    def act(self, name: str) -> Tensor:
-        return self._own(name, self.dtype)
+    def act(self, name: str, tp_dim: int | None = None) -> Tensor:
+        return self._own(name, self.dtype, tp_dim)
 
-    def fp8(self, *bases: str) -> Fp8Linear:
-        return Fp8Linear([(self.raw(f"{b}.weight"), self.raw(f"{b}.scale")) for b in bases])
+    def _fp8_pair(self, base: str, tp_dim: int | None) -> tuple[Tensor, Tensor]:
+        """An FP8 weight and its 128x128 block scales, both cut at the same (block-aligned) rows / columns."""
+        part = self._part(f"{base}.weight", tp_dim)
+        if part is None:
+            return self.raw(f"{base}.weight"), self.raw(f"{base}.scale")
+        a, b = part
+        n = self._shape(f"{base}.weight")[tp_dim]
+        if a % 128 or (b % 128 and b != n):
+            raise CheckpointError(f"tensor {base + '.weight'!r}: tensor-parallel part {a}:{b} of dim {tp_dim} is not "
+                                  f"aligned to the 128-wide scale blocks")
+        return (self._own(f"{base}.weight", tp_dim=tp_dim, part=part),
+                self._own(f"{base}.scale", tp_dim=tp_dim, part=(a // 128, -(-b // 128))))
 
-    def fp8_dequant(self, base: str) -> Tensor:
+    def fp8(self, *bases: str, tp_dim: int | None = None) -> Fp8Linear:
+        return Fp8Linear([self._fp8_pair(b, tp_dim) for b in bases])
+
+    def fp8_dequant(self, base: str, tp_dim: int | None = None) -> Tensor:
         """An FP8 weight dequantised to the activation dtype (``wo_a``, as the reference's convert.py)."""
-        w, s = self.raw(f"{base}.weight"), self.raw(f"{base}.scale")
+        w, s = self._fp8_pair(base, tp_dim)
         return dequant_fp8_block(w, s, 128, torch.float32).to(self.dtype)
 
-    def experts(self, prefix: str, n: int, inter: int, kind: str) -> Experts:
+    def experts(self, prefix: str, n: int, inter: int, kind: str, first: int = 0) -> Experts:
+        """Routed experts ``first .. first + n - 1`` (all of them in one process; an expert-parallel rank's
+        contiguous range otherwise), stacked at local indices ``0 .. n - 1``."""
+        ids = range(first, first + n)
         if kind == "fp8":
-            return Experts("fp8", inter, fp8_13=[self.fp8(f"{prefix}.{e}.w1", f"{prefix}.{e}.w3") for e in range(n)],
-                           fp8_2=[self.fp8(f"{prefix}.{e}.w2") for e in range(n)])
+            return Experts("fp8", inter, fp8_13=[self.fp8(f"{prefix}.{e}.w1", f"{prefix}.{e}.w3") for e in ids],
+                           fp8_2=[self.fp8(f"{prefix}.{e}.w2") for e in ids])
         if self.convert_fp4:
             return Experts("fp8", inter, fp8_13=[Fp8Linear([self._to_fp8(f"{prefix}.{e}.w1"),
-                                                            self._to_fp8(f"{prefix}.{e}.w3")]) for e in range(n)],
-                           fp8_2=[Fp8Linear([self._to_fp8(f"{prefix}.{e}.w2")]) for e in range(n)])
+                                                            self._to_fp8(f"{prefix}.{e}.w3")]) for e in ids],
+                           fp8_2=[Fp8Linear([self._to_fp8(f"{prefix}.{e}.w2")]) for e in ids])
         w13 = s13 = w2 = s2 = None
-        for e in range(n):
+        for i, e in enumerate(ids):
             w1, s1 = self.source.get(f"{prefix}.{e}.w1.weight"), self.source.get(f"{prefix}.{e}.w1.scale")
             w3, s3 = self.source.get(f"{prefix}.{e}.w3.weight"), self.source.get(f"{prefix}.{e}.w3.scale")
             wd, sd = self.source.get(f"{prefix}.{e}.w2.weight"), self.source.get(f"{prefix}.{e}.w2.scale")
@@ -127,12 +168,12 @@ class Loader:
                 s13 = torch.empty((n, 2 * inter, s1.shape[1]), dtype=s1.dtype, device=self.device)
                 w2 = torch.empty((n, *wd.shape), dtype=wd.dtype, device=self.device)
                 s2 = torch.empty((n, *sd.shape), dtype=sd.dtype, device=self.device)
-            w13[e, :inter].copy_(w1)
-            w13[e, inter:].copy_(w3)
-            s13[e, :inter].copy_(s1)
-            s13[e, inter:].copy_(s3)
-            w2[e].copy_(wd)
-            s2[e].copy_(sd)
+            w13[i, :inter].copy_(w1)
+            w13[i, inter:].copy_(w3)
+            s13[i, :inter].copy_(s1)
+            s13[i, inter:].copy_(s3)
+            w2[i].copy_(wd)
+            s2[i].copy_(sd)
         return Experts("fp4", inter, w13=w13, s13=s13, w2=w2, s2=s2)
 
     def _to_fp8(self, base: str) -> tuple[Tensor, Tensor]:
