@@ -10,7 +10,7 @@ layout description). Nothing heavy is imported until an attribute is used.
 """
 from __future__ import annotations
 
-from typing import Any
+from .._lazy import lazy_exports
 
 _LAZY = {
     "Parallel": "layout", "split_range": "layout", "default_layout": "layout", "check_layout": "layout",
@@ -25,17 +25,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    try:
-        module = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'dsv4rt.distributed' has no attribute {name!r}") from None
-    import importlib
-
-    obj = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = obj
-    return obj
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

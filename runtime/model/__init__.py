@@ -13,7 +13,7 @@ is imported until an attribute is used.
 """
 from __future__ import annotations
 
-from typing import Any
+from .._lazy import lazy_exports
 
 _LAZY = {
     "ModelConfig": "config", "preset": "config", "load_config": "config", "PRESETS": "config",
@@ -29,17 +29,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    try:
-        module = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'dsv4rt.model' has no attribute {name!r}") from None
-    import importlib
-
-    obj = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = obj
-    return obj
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
