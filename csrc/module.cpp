@@ -1,10 +1,18 @@
 // dsv4rt._C: native CPU kernels for the cpu backend (the cpu/native variant).
-#include <pybind11/pybind11.h>
+#include "common.h"
 
 namespace py = pybind11;
 
+namespace dsv4rt {
+void bind_gemm(py::module_& m);
+void bind_indexer(py::module_& m);
+void bind_attention(py::module_& m);
+void bind_moe(py::module_& m);
+}  // namespace dsv4rt
+
 PYBIND11_MODULE(_C, m) {
-    m.doc() = "dsv4rt native CPU kernels";
+    using namespace dsv4rt;
+    m.doc() = "dsv4rt native CPU kernels (NumPy buffers in, GIL released while they run)";
     m.attr("ABI_VERSION") = 1;
     m.def("compiled_with", []() {
         py::dict info;
@@ -14,6 +22,40 @@ PYBIND11_MODULE(_C, m) {
 #else
         info["openmp"] = false;
 #endif
+        info["isa"] = isa_name(detected_isa());
+        info["active_isa"] = isa_name(active_isa());
+        info["threads"] = max_threads();
+        static const char* names[] = {"pool", "openmp", "automatic"};
+        info["threading"] = names[static_cast<int>(threading_mode())];
         return info;
-    }, "Build facts of the extension (C++ standard, OpenMP).");
+    }, "Build and run-time facts of the extension (C++ standard, OpenMP, detected and active ISA, threads).");
+    m.def("set_isa", [](const std::string& name) {
+        const std::string before = isa_name(active_isa());
+        if (name == "avx512") set_isa(Isa::avx512);
+        else if (name == "avx2") set_isa(Isa::avx2);
+        else if (name == "generic") set_isa(Isa::generic);
+        else throw py::value_error("dsv4rt._C.set_isa: argument 'name' must be 'avx512', 'avx2' or 'generic', got '" + name + "'");
+        return before;
+    }, py::arg("name"),
+       "Use at most this instruction set for the hand-written kernels (capped at what the CPU has); returns the "
+       "previous setting. For tests and comparisons.");
+    m.def("set_threading", [](const std::string& name) {
+        static const char* names[] = {"pool", "openmp", "automatic"};
+        const std::string before = names[static_cast<int>(threading_mode())];
+        if (name == "pool") set_threading_mode(Threading::pool);
+        else if ((name == "openmp" || name == "automatic") && !have_openmp())
+            throw py::value_error("dsv4rt._C.set_threading: argument 'name': this build has no OpenMP (only 'pool')");
+        else if (name == "openmp") set_threading_mode(Threading::openmp);
+        else if (name == "automatic") set_threading_mode(Threading::automatic);
+        else throw py::value_error("dsv4rt._C.set_threading: argument 'name' must be 'automatic', 'openmp' or 'pool', got '" + name + "'");
+        return before;
+    }, py::arg("name"),
+       "How kernels run in parallel: 'automatic' (default in OpenMP builds: OpenMP on torch's own worker threads,\n"
+       "falling back to the pool for a second when a call waited > 1 ms for a thread another process kept off\n"
+       "the CPU), 'openmp', or 'pool' (std::thread pool; calls end when their tasks are done; the only mode\n"
+       "without OpenMP). Returns the previous setting.");
+    bind_gemm(m);
+    bind_indexer(m);
+    bind_attention(m);
+    bind_moe(m);
 }

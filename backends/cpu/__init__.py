@@ -1,5 +1,6 @@
-"""The CPU backend: NumPy implementations of every v1 op (``cpu/numpy``), plus the plain-torch
-``cpu/torch`` variants from ``dsv4rt.backends.composite``.
+"""The CPU backend: NumPy implementations of every v1 op (``cpu/numpy``), native C++ fast paths for the
+hot ops (``cpu/native``, from the optional extension ``dsv4rt._C``), plus the plain-torch ``cpu/torch``
+variants from ``dsv4rt.backends.composite``.
 
 Tensors arrive as torch CPU tensors and are viewed as NumPy without a copy where the dtype allows
 (bf16 is converted to float32 once; FP4/FP8/E8M0 are viewed as bytes and decoded by
@@ -7,14 +8,31 @@ Tensors arrive as torch CPU tensors and are viewed as NumPy without a copy where
 """
 from __future__ import annotations
 
-import importlib.util
-
 from dsv4rt.backend import Backend, Probe, Registrar
 
 __all__ = ["CpuBackend", "backend"]
 
+NATIVE_PRIORITY = 20
 NUMPY_PRIORITY = 10
 COMPOSITE_PRIORITY = 5
+NATIVE_ABI = 1
+NATIVE_OPS = ("fp4_gemm", "fp4_grouped_gemm", "indexer_topk", "sparse_attention", "moe_dispatch", "moe_combine")
+
+
+def native_status() -> tuple[bool, str]:
+    """(available, reason) of the native kernels: whether ``dsv4rt._C`` imports and matches this source."""
+    try:
+        from dsv4rt import _C
+    except Exception as exc:  # ImportError when not built; OSError/ImportError for a broken or foreign build
+        return False, (f"dsv4rt._C does not import ({type(exc).__name__}: {exc}); the optional C++ extension was "
+                       "not built or does not load here, so cpu/numpy runs instead. Rebuild with "
+                       "`pip install --no-build-isolation -e .` (needs a C++17 compiler and pybind11)")
+    abi = getattr(_C, "ABI_VERSION", None)
+    if abi != NATIVE_ABI:
+        return False, f"dsv4rt._C is a stale build (ABI_VERSION {abi}, this source needs {NATIVE_ABI}); rebuild it"
+    info = _C.compiled_with()
+    return True, (f"dsv4rt._C loaded: {info['active_isa']} kernels, {info['threading']} threading, "
+                  f"{info['threads']} threads")
 
 
 class CpuBackend(Backend):
@@ -22,23 +40,37 @@ class CpuBackend(Backend):
 
     name = "cpu"
     device_type = "cpu"
-    description = "NumPy CPU implementations (float32 accumulation), plus the composite torch variants"
+    description = ("C++ kernels (dsv4rt._C) for the hot ops and NumPy implementations of every op (float32 "
+                   "accumulation), plus the composite torch variants")
 
     def probe(self) -> Probe:
-        """Available wherever NumPy imports; reports the NumPy version and whether dsv4rt._C exists."""
+        """Available wherever NumPy imports; reports the NumPy version and whether the native kernels
+        (dsv4rt._C) load (``native``) and why not (``native_reason``, the import error)."""
         try:
             import numpy
         except ImportError as exc:  # numpy is a dependency; this only guards broken installs
             return Probe(False, f"numpy does not import: {exc}")
-        try:
-            native = importlib.util.find_spec("dsv4rt._C") is not None
-        except (ImportError, ValueError):
-            native = False
-        return Probe(True, "numpy is available", {"numpy": numpy.__version__, "native": native})
+        native, why = native_status()
+        return Probe(True, "numpy is available",
+                     {"numpy": numpy.__version__, "native": native, "native_reason": why})
+
+    def offers(self) -> dict[str, tuple[str, ...]]:
+        """numpy and torch for every op; native for the ops dsv4rt._C implements (where it built)."""
+        from dsv4rt.registry import REGISTRY
+
+        return {op: (("native",) if op in NATIVE_OPS else ()) + ("numpy", "torch") for op in REGISTRY.specs}
 
     def load(self, registrar: Registrar) -> None:
-        """Register the ``numpy`` variant of all nine ops (priority 10), then the composite ``torch`` ones."""
+        """Register the ``native`` variants (priority 20) when dsv4rt._C loads, the ``numpy`` variant of all
+        nine ops (priority 10), then the composite ``torch`` ones."""
         from . import attention, gemm, indexer, moe
+
+        if native_status()[0]:
+            from . import native as native_impl
+
+            for op in NATIVE_OPS:
+                registrar.implement(op, "native", getattr(native_impl, op), priority=NATIVE_PRIORITY,
+                                    requires=("native",), supports=native_impl.SUPPORTS[op])
 
         for module, ops in ((gemm, ("fp4_gemm", "fp4_grouped_gemm", "fp8_gemm")),
                             (indexer, ("indexer_topk",)),

@@ -142,7 +142,8 @@ def run_bench(backend: str, ops: Sequence[str] | None = None, quick: bool = Fals
             times[variant] = t
             log(f"{case.name} [{variant}]: {t:.1f} us")
         extra = {name: time_call(make(args), device, reps=reps)["median_us"] for name, make in case.baselines.items()}
-        baselines = {name: t for name, t in times.items() if name == composite} | extra
+        # baselines: the torch composite, the NumPy variant where there is one, and the case's extras
+        baselines = {name: t for name, t in times.items() if name == composite or name.endswith("/numpy")} | extra
         for variant, t in list(times.items()) + list(extra.items()):
             met = None if case.target_us is None or variant in extra else t <= case.target_us
             ratios = {name: b / t for name, b in baselines.items() if name != variant}

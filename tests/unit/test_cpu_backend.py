@@ -83,7 +83,10 @@ def test_backend_probe_and_registration():
     numpy_impls = {i.op: i for i in reg.implementations if i.variant == "numpy"}
     assert set(numpy_impls) == set(OPS)
     assert all(i.priority == 10 and i.device_type == "cpu" for i in numpy_impls.values())
-    assert all(i.priority < 10 for i in reg.implementations if i.variant != "numpy")
+    assert all(i.priority < 10 for i in reg.implementations if i.variant not in ("numpy", "native"))
+    native = [i for i in reg.implementations if i.variant == "native"]
+    assert bool(native) == probe.capabilities["native"]          # native only where dsv4rt._C imports
+    assert all(i.priority > 10 for i in native)
 
 
 def test_float32_views_are_exact():
@@ -100,10 +103,13 @@ def test_float32_views_are_exact():
     assert np.shares_memory(f32(plain), plain.numpy())      # float32: a view, no copy
 
 
-def test_automatic_selection_prefers_numpy():
+def test_automatic_selection_prefers_native_then_numpy():
     x = randn(2, 64, seed=1)
     w, s = rand_fp4(n=8, k=64, seed=2)
-    assert ops.fp4_gemm.resolve(x, w, s).name == NP
+    native = cpu.backend().probe().capabilities["native"]
+    assert ops.fp4_gemm.resolve(x, w, s).name == ("cpu/native" if native else NP)
+    assert ops.kv_compress.resolve(torch.zeros(1, 4, 8), torch.zeros(1, 4, 8), torch.zeros(4, 8), 4,
+                                   True).name == NP      # no native kv_compress: NumPy wins over torch
 
 
 # ---------------------------------------------------------------------------------------------- GEMMs

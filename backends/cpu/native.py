@@ -1,0 +1,186 @@
+"""``cpu/native``: the C++ kernels of ``dsv4rt._C`` (csrc/) behind the op contracts.
+
+The wrappers view torch CPU tensors as NumPy without copying where the layout allows (float32 as is, bf16
+as its 16-bit patterns, FP4/E8M0/E4M3 as bytes), copy only what is non-contiguous (or float16, widened to
+float32), and let the kernels run with the GIL released on all cores. Outputs come from
+:func:`dsv4rt.backend.new_output` and are written in place by the kernels (bf16 rounded to nearest even
+in C++, like torch); only float16 outputs go through a float32 buffer and a rounding copy. Importing
+this module imports ``dsv4rt._C`` (ImportError if the extension was not built; the backend then
+registers no native variant).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from dsv4rt import _C
+from dsv4rt.backend import new_output
+from dsv4rt.formats import act_quant_fp8
+
+from ._np import bits_view, f32
+
+__all__ = ["fp4_gemm", "fp4_grouped_gemm", "indexer_topk", "sparse_attention", "moe_dispatch", "moe_combine",
+           "SUPPORTS", "GEMV_MAX_M"]
+
+GEMV_MAX_M = 8          # rows of x up to which the GEMM streams the weight once (GEMV path)
+ACT_BLOCK = 128         # act_quant='fp8' block along K
+MAX_K = 1 << 28         # the tile decode addresses a 16-row tile with 32-bit byte offsets
+
+
+def _arr(t: torch.Tensor, view: torch.dtype | None = None) -> np.ndarray:
+    """t (reinterpreted as ``view``, a dtype of the same width, if given) as a C-contiguous NumPy array:
+    a view when t is contiguous, else a copy. Few calls on purpose: the bench flushes the caches before
+    every call, and each torch / NumPy call then costs microseconds."""
+    if view is not None and t.dtype != view:
+        t = t.view(view)
+    if t.requires_grad:
+        t = t.detach()
+    return t.numpy() if t.is_contiguous() else np.ascontiguousarray(t.numpy())
+
+
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    """A 1-byte tensor (uint8 / int8 / float4_e2m1fn_x2 / float8) as contiguous uint8."""
+    return _arr(t, torch.uint8)
+
+
+def _act(x: torch.Tensor) -> np.ndarray:
+    """A float activation as float32 or bf16 bits (int16), both taken by the kernels; float16 is widened."""
+    if x.dtype == torch.float32:
+        return _arr(x)
+    if x.dtype == torch.bfloat16:
+        return _arr(x, torch.int16)
+    return np.ascontiguousarray(f32(x))
+
+
+def _x_gemm(x: torch.Tensor, act_quant: str | None) -> np.ndarray:
+    """The GEMM activations for the kernel: float32 or bf16 bits as they are (the kernel widens bf16);
+    with act_quant='fp8', float32 E4M3 values times their power-of-two scales
+    (dsv4rt.formats.act_quant_fp8, the bit-exact spec rule; the product is exact in float32)."""
+    if act_quant is None:
+        return _act(x)
+    xf = f32(x)
+    if xf.size:
+        q, s = act_quant_fp8(xf, ACT_BLOCK)
+        xf = q * np.repeat(s, ACT_BLOCK, axis=1)[:, :xf.shape[1]]
+    return np.ascontiguousarray(xf, dtype=np.float32)
+
+
+def _finish(out: torch.Tensor, buf: np.ndarray) -> torch.Tensor:
+    """Round the float32 scratch of a float16 output into it (float32 / bf16 were written in place)."""
+    if out.dtype not in (torch.float32, torch.bfloat16):
+        out.copy_(torch.from_numpy(buf))
+    return out
+
+
+def _out(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
+    """(output tensor, array the kernel writes): float32 and bf16 outputs are written in place (bf16 as
+    bits, rounded by the kernel like torch); float16 goes through float32 scratch and :func:`_finish`."""
+    out = new_output(shape, dtype, "cpu")
+    if dtype == torch.float32:
+        return out, out.numpy()
+    if dtype == torch.bfloat16:
+        return out, out.view(torch.int16).numpy()
+    return out, np.empty(shape, np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- GEMMs
+
+def fp4_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+             act_quant: str | None = None) -> torch.Tensor:
+    """y[M, N] = q(x) @ dequant(w)^T on the packed MXFP4 bytes (GEMV path for M <= 8, blocked above)."""
+    out, acc = _out((x.shape[0], w.shape[0]), x.dtype)
+    _C.fp4_gemm(_x_gemm(x, act_quant), _bytes(w), _bytes(w_scale), acc, GEMV_MAX_M)
+    return _finish(out, acc)
+
+
+def fp4_grouped_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, offsets: torch.Tensor,
+                     act_quant: str | None = None) -> torch.Tensor:
+    """y[R, N]: rows offsets[e]:offsets[e+1] times expert e; all experts in one parallel kernel call."""
+    out, acc = _out((x.shape[0], w.shape[1]), x.dtype)
+    _C.fp4_grouped_gemm(_x_gemm(x, act_quant), _bytes(w), _bytes(w_scale), _arr(offsets), acc,
+                        GEMV_MAX_M)
+    return _finish(out, acc)
+
+
+# ---------------------------------------------------------------------------------------------- indexer
+
+def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, visible: torch.Tensor, topk: int,
+                 k_scale: torch.Tensor | None = None, return_scores: bool = False):
+    """Fused scores + per-row nth_element top-k (the k chosen ordered by descending score, -1 after)."""
+    bsz, s = q.shape[:2]
+    idx = new_output((bsz, s, topk), torch.int32, "cpu")
+    scores = new_output((bsz, s, topk), torch.float32, "cpu") if return_scores else None
+    if k.dtype == torch.float8_e4m3fn:
+        keys, ks = _bytes(k), _arr(k_scale)  # type: ignore[arg-type]
+    else:
+        keys, ks = _act(k), None
+    _C.indexer_topk(_act(q), keys, ks, _arr(weights), _arr(visible), topk, idx.numpy(),
+                    None if scores is None else scores.numpy())
+    return (idx, scores) if return_scores else idx
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor | None,
+                     scale: float, return_lse: bool = False):
+    """Online softmax with sink over the gathered K=V rows, per (b, s, head group), float32 statistics."""
+    out, obuf = _out(tuple(q.shape), q.dtype)
+    lse = new_output(tuple(q.shape[:3]), torch.float32, "cpu") if return_lse else None
+    _C.sparse_attention(_act(q), _act(kv), _arr(idx), None if sink is None else _arr(sink),
+                        float(scale), obuf, None if lse is None else lse.numpy())
+    _finish(out, obuf)
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------- MoE
+
+def moe_dispatch(x: torch.Tensor, ids: torch.Tensor, num_experts: int):
+    """Stable counting sort by expert; rows moved as raw bytes (any dtype, bit-exact)."""
+    t, h = x.shape
+    r = t * ids.shape[1]
+    x_sorted = new_output((r, h), x.dtype, "cpu")
+    offsets = new_output((num_experts + 1,), torch.int32, "cpu")
+    src = new_output((r,), torch.int32, "cpu")
+    _C.moe_dispatch(np.ascontiguousarray(bits_view(x)), _arr(ids), num_experts, bits_view(x_sorted), offsets.numpy(),
+                    src.numpy())
+    return x_sorted, offsets, src
+
+
+def moe_combine(y_sorted: torch.Tensor, src: torch.Tensor, weights: torch.Tensor | None,
+                topk: int | None = None) -> torch.Tensor:
+    """y[t] = sum_j w[t, j] * y_sorted[row of (t, j)] in float32 (slot order), out dtype = y_sorted's."""
+    r, h = y_sorted.shape
+    k = weights.shape[1] if weights is not None else int(topk)  # type: ignore[arg-type]
+    out, acc = _out((r // k, h), y_sorted.dtype)
+    _C.moe_combine(_act(y_sorted), _arr(src), None if weights is None else _arr(weights), k, acc)
+    return _finish(out, acc)
+
+
+# ---------------------------------------------------------------------------------------------- supports
+
+def _strided(args: Mapping[str, Any]) -> str | None:
+    for name, v in args.items():
+        if isinstance(v, torch.Tensor) and v.layout != torch.strided:
+            return f"cpu/native needs strided tensors; '{name}' has layout {v.layout}"
+    return None
+
+
+def _gemm_supports(args: Mapping[str, Any]) -> str | None:
+    k = args["x"].shape[1]
+    if k >= MAX_K:
+        return f"K = {k} >= 2^28: beyond the native tile decode's 32-bit offsets"
+    return _strided(args)
+
+
+def _attention_supports(args: Mapping[str, Any]) -> str | None:
+    kv, idx = args["kv"], args["idx"]
+    if kv.dtype == torch.float16 and idx.numel() < kv.shape[0] * kv.shape[1]:
+        return ("float16 KV cache larger than the gathered rows: cpu/native would widen the whole cache, "
+                "cpu/numpy widens only the gathered rows")
+    return _strided(args)
+
+
+SUPPORTS = {"fp4_gemm": _gemm_supports, "fp4_grouped_gemm": _gemm_supports, "indexer_topk": _strided,
+            "sparse_attention": _attention_supports, "moe_dispatch": _strided, "moe_combine": _strided}

@@ -1,0 +1,20 @@
+// MXFP4 GEMM kernels (see fp4_gemm.cpp).
+#pragma once
+
+#include "common.h"
+
+namespace dsv4rt {
+
+// One expert's problem: y[m, n] = sum_k x[m, k] * dequant(w, s)[n, k] for m < M, n < N.
+struct Fp4Expert {
+    const float* x;      // [m, k] row-major (stride k)
+    const uint8_t* w;    // [n, k/2] packed E2M1, low nibble = even k
+    const uint8_t* s;    // [n, k/32] E8M0
+    float* y;            // [m, ldy]
+    int64_t m, n, k, ldy;
+};
+
+// Runs every expert: GEMV path for m <= gemv_max_m, blocked path above. Call without the GIL.
+void fp4_gemm_run(const std::vector<Fp4Expert>& experts, int64_t gemv_max_m);
+
+}  // namespace dsv4rt

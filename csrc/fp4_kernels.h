@@ -1,0 +1,29 @@
+// Internal interface between the MXFP4 GEMM driver (fp4_gemm.cpp) and its AVX-512 kernels
+// (fp4_gemm_avx512.cpp, compiled for any x86-64 with per-function target attributes).
+#pragma once
+
+#include "common.h"
+
+namespace dsv4rt {
+namespace fp4 {
+
+constexpr int64_t kNB = 32;          // blocked path: tile rows (N)
+constexpr int64_t kKB = 128;         // blocked path: tile depth (K)
+constexpr int64_t kPrefetch = 2048;  // GEMV: software prefetch distance in weight bytes
+
+// x rows permuted to a kernel's lane order: pairs (generic: per 32-block, the 16 even k then the 16 odd k)
+void permute_x_pairs(const float* x, int64_t k, float* out);
+
+#if defined(DSV4RT_X86)
+// per 128-chunk, vector j lane i holds x[8i + j]; the K % 128 tail as pairs
+void permute_x_avx512(const float* x, int64_t k, float* out);
+// y[m * ldy + n] for n in [n0, n1), m < rows (<= 8): x permuted by permute_x_avx512, rows of stride k
+void gemv_rows_avx512(int rows, const float* xr, int64_t k, const uint8_t* w, const uint8_t* s, int64_t n0,
+                      int64_t n1, float* y, int64_t ldy);
+// dequantise rows [n0, n0 + nvalid) x k [k0, k0 + kw) into wt[kw][kNB] (k-major, scale applied)
+void decode_tile_avx512(const uint8_t* w, const uint8_t* s, int64_t k, int64_t n0, int64_t nvalid, int64_t k0,
+                        int64_t kw, float* wt);
+#endif
+
+}  // namespace fp4
+}  // namespace dsv4rt

@@ -1,0 +1,266 @@
+// Lightning-indexer top-k: score[t] = sum_h w[h] * relu(q[h] . k[t]) for t < visible, then the top-k.
+//
+// Fused: keys are scored a tile at a time into one float buffer per query row (the per-head products
+// never leave registers), then std::nth_element picks the k best of each row in O(N) and only those k
+// are sorted (descending score). Scoring vectorises over heads: each query is transposed once to
+// qT[D][H] (heads padded to 16) and every key value is broadcast against it, so keys are read in their
+// natural [N, D] layout (converted from bf16 / E4M3 * scale to float32 one tile at a time).
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <numeric>
+
+#include "common.h"
+#include "vec.h"
+
+namespace dsv4rt {
+namespace {
+
+constexpr int64_t kTile = 64;    // keys per tile
+constexpr int64_t kGroup = 8;    // queries sharing a key tile
+
+struct IndexerArgs {
+    const void* q;           // [B, S, H, D] float32 or bf16 bits
+    bool q_bf16;
+    const void* k;           // [B, N, D] float32, bf16 bits or E4M3 bytes
+    Kind k_kind;
+    const float* k_scale;    // [B, N] for E4M3 keys
+    const float* w;          // [B, S, H]
+    const int32_t* vis;      // [B, S]
+    int32_t* idx;            // [B, S, topk]
+    float* scores;           // [B, S, topk] or null
+    int64_t b, s, h, d, n, topk, hp;   // hp: heads padded to a multiple of 16
+};
+
+// 4 keys x HB head vectors: acc[j][hb] = sum_d k_j[d] * qT[d][hb]; part[j] += sum_h w[h] relu(acc[j][h])
+template <int HB>
+DSV4RT_INLINE void score_block(const float* qt, int64_t hp, const float* k0, const float* k1, const float* k2,
+                               const float* k3, int64_t d, const float* w, float* part) {
+    v16f acc[4][HB];
+    for (int j = 0; j < 4; ++j)
+        for (int hb = 0; hb < HB; ++hb) acc[j][hb] = v16f{};
+    for (int64_t dd = 0; dd < d; ++dd) {
+        v16f qv[HB];
+        for (int hb = 0; hb < HB; ++hb) qv[hb] = load16(qt + dd * hp + hb * 16);
+        const float a = k0[dd], b = k1[dd], c = k2[dd], e = k3[dd];
+        for (int hb = 0; hb < HB; ++hb) {
+            acc[0][hb] += a * qv[hb];
+            acc[1][hb] += b * qv[hb];
+            acc[2][hb] += c * qv[hb];
+            acc[3][hb] += e * qv[hb];
+        }
+    }
+    for (int j = 0; j < 4; ++j) {
+        v16f t = v16f{};
+        for (int hb = 0; hb < HB; ++hb) t += load16(w + hb * 16) * relu(acc[j][hb]);
+        part[j] += hsum16(t);
+    }
+}
+
+// Scores of keys kf[0:nk] ([nk][d] float32) for one query: qt [d][hp] and w [hp] zero-padded.
+DSV4RT_CLONES void score_keys(const float* qt, const float* w, int64_t hp, int64_t d, const float* kf, int64_t nk,
+                              float* out) {
+    const int64_t hv = hp / 16;
+    for (int64_t t = 0; t < nk; t += 4) {
+        const int64_t nt = std::min<int64_t>(4, nk - t);
+        const float* k0 = kf + t * d;
+        const float* k1 = kf + (t + std::min<int64_t>(1, nt - 1)) * d;
+        const float* k2 = kf + (t + std::min<int64_t>(2, nt - 1)) * d;
+        const float* k3 = kf + (t + std::min<int64_t>(3, nt - 1)) * d;
+        float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int64_t h0 = 0; h0 < hv; h0 += 4) {
+            const float* q0 = qt + h0 * 16;
+            const float* w0 = w + h0 * 16;
+            switch (std::min<int64_t>(4, hv - h0)) {
+                case 1: score_block<1>(q0, hp, k0, k1, k2, k3, d, w0, part); break;
+                case 2: score_block<2>(q0, hp, k0, k1, k2, k3, d, w0, part); break;
+                case 3: score_block<3>(q0, hp, k0, k1, k2, k3, d, w0, part); break;
+                default: score_block<4>(q0, hp, k0, k1, k2, k3, d, w0, part); break;
+            }
+        }
+        for (int64_t j = 0; j < nt; ++j) out[t + j] = part[j];
+    }
+}
+
+// keys [t0, t0 + nk) of batch row b as float32 [nk][d]
+void load_keys(const IndexerArgs& a, int64_t b, int64_t t0, int64_t nk, float* kf) {
+    const int64_t base = (b * a.n + t0) * a.d;
+    if (a.k_kind == Kind::f32) {
+        std::memcpy(kf, static_cast<const float*>(a.k) + base, sizeof(float) * nk * a.d);
+    } else if (a.k_kind == Kind::bf16) {
+        const uint16_t* src = static_cast<const uint16_t*>(a.k) + base;
+        for (int64_t i = 0; i < nk * a.d; ++i) kf[i] = bf16_to_f32(src[i]);
+    } else {
+        const uint8_t* src = static_cast<const uint8_t*>(a.k) + base;
+        for (int64_t t = 0; t < nk; ++t) {
+            const float sc = a.k_scale[b * a.n + t0 + t];
+            for (int64_t i = 0; i < a.d; ++i) kf[t * a.d + i] = kE4M3[src[t * a.d + i]] * sc;
+        }
+    }
+}
+
+// query (b, s) as qt[d][hp] (heads zero-padded) and its head weights as w[hp]
+void load_query(const IndexerArgs& a, int64_t b, int64_t s, float* qt, float* w) {
+    std::fill(qt, qt + a.d * a.hp, 0.0f);
+    std::fill(w, w + a.hp, 0.0f);
+    const int64_t base = ((b * a.s + s) * a.h) * a.d;
+    for (int64_t h = 0; h < a.h; ++h) {
+        for (int64_t dd = 0; dd < a.d; ++dd) {
+            const int64_t i = base + h * a.d + dd;
+            qt[dd * a.hp + h] = a.q_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(a.q)[i])
+                                         : static_cast<const float*>(a.q)[i];
+        }
+        w[h] = a.w[(b * a.s + s) * a.h + h];
+    }
+}
+
+// top-k of sc[0:vis] into idx / best (descending score, -1 / -inf after the valid ones): the k-th best
+// score is found by std::nth_element on a copy of the scores (O(vis)), the chosen indices by one scan,
+// and only those k are sorted.
+void select_row(float* sc, int64_t vis, int64_t topk, int32_t* idx, float* best, std::vector<int32_t>& order,
+                std::vector<float>& tmp) {
+    const int64_t kk = std::min(topk, vis);
+    const float ninf = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < vis; ++t)
+        if (std::isnan(sc[t])) sc[t] = ninf;   // a strict weak order
+    order.clear();
+    if (kk < vis) {
+        tmp.assign(sc, sc + vis);
+        std::nth_element(tmp.begin(), tmp.begin() + (kk - 1), tmp.end(), std::greater<float>());
+        const float thr = tmp[static_cast<size_t>(kk - 1)];
+        for (int64_t t = 0; t < vis; ++t)
+            if (sc[t] > thr) order.push_back(static_cast<int32_t>(t));
+        for (int64_t t = 0; t < vis && static_cast<int64_t>(order.size()) < kk; ++t)
+            if (sc[t] == thr) order.push_back(static_cast<int32_t>(t));   // ties at the threshold: lowest t
+    } else {
+        for (int64_t t = 0; t < vis; ++t) order.push_back(static_cast<int32_t>(t));
+    }
+    std::sort(order.begin(), order.end(), [sc](int32_t x, int32_t y) { return sc[x] > sc[y] || (sc[x] == sc[y] && x < y); });
+    for (int64_t i = 0; i < topk; ++i) {
+        idx[i] = i < kk ? order[static_cast<size_t>(i)] : -1;
+        if (best) best[i] = i < kk ? sc[order[static_cast<size_t>(i)]] : ninf;
+    }
+}
+
+struct Scratch {
+    std::vector<float> qt, w, kf, sc, tmp;
+    std::vector<int32_t> order;
+};
+
+// One group of queries [s0, s1) of batch row b. With `inner` the key tiles are split over the threads.
+void run_group(const IndexerArgs& a, int64_t b, int64_t s0, int64_t s1, bool inner, Scratch& scr) {
+    const int64_t ng = s1 - s0;
+    int64_t vis[kGroup], nmax = 0;
+    for (int64_t i = 0; i < ng; ++i) {
+        vis[i] = std::min<int64_t>(std::max<int32_t>(a.vis[b * a.s + s0 + i], 0), a.n);
+        nmax = std::max(nmax, vis[i]);
+    }
+    scr.qt.resize(static_cast<size_t>(ng * a.d * a.hp));
+    scr.w.resize(static_cast<size_t>(ng * a.hp));
+    scr.sc.resize(static_cast<size_t>(ng * std::max<int64_t>(nmax, 1)));
+    for (int64_t i = 0; i < ng; ++i) load_query(a, b, s0 + i, scr.qt.data() + i * a.d * a.hp, scr.w.data() + i * a.hp);
+    const int64_t tiles = (nmax + kTile - 1) / kTile;
+    auto score_tiles = [&](int64_t t_lo, int64_t t_hi, std::vector<float>& kf) {
+        kf.resize(static_cast<size_t>(kTile * a.d));
+        for (int64_t ti = t_lo; ti < t_hi; ++ti) {
+            const int64_t t0 = ti * kTile, nk = std::min(kTile, nmax - t0);
+            load_keys(a, b, t0, nk, kf.data());
+            for (int64_t i = 0; i < ng; ++i) {
+                const int64_t nv = std::min(nk, vis[i] - t0);
+                if (nv > 0)
+                    score_keys(scr.qt.data() + i * a.d * a.hp, scr.w.data() + i * a.hp, a.hp, a.d, kf.data(), nv,
+                               scr.sc.data() + i * nmax + t0);
+            }
+        }
+    };
+    if (inner) {
+        double macs = 0;   // one thread per ~2 M multiply-adds
+        for (int64_t i = 0; i < ng; ++i) macs += static_cast<double>(vis[i]) * a.hp * a.d;
+        parallel_for(tiles, [&](int64_t lo, int64_t hi) {
+            std::vector<float> kf;
+            score_tiles(lo, hi, kf);
+        }, pick_threads(macs, 2e6));
+    } else {
+        score_tiles(0, tiles, scr.kf);
+    }
+    for (int64_t i = 0; i < ng; ++i) {
+        const int64_t row = b * a.s + s0 + i;
+        select_row(scr.sc.data() + i * nmax, vis[i], a.topk, a.idx + row * a.topk,
+                   a.scores ? a.scores + row * a.topk : nullptr, scr.order, scr.tmp);
+    }
+}
+
+void indexer_run(const IndexerArgs& a) {
+    const int64_t groups_per_b = (a.s + kGroup - 1) / kGroup, groups = a.b * groups_per_b;
+    const double macs = static_cast<double>(a.b) * a.s * a.n * a.hp * a.d;   // upper bound
+    if (groups >= 2 * max_threads() && macs >= 4e6) {   // prefill: whole query groups per thread
+        parallel_tasks(groups, [&](int64_t g) {
+            thread_local Scratch scr;
+            const int64_t b = g / groups_per_b, s0 = (g % groups_per_b) * kGroup;
+            run_group(a, b, s0, std::min(a.s, s0 + kGroup), false, scr);
+        }, pick_threads(macs, 2e6));
+    } else {                              // decode: split each group's keys over the threads
+        Scratch scr;
+        for (int64_t g = 0; g < groups; ++g) {
+            const int64_t b = g / groups_per_b, s0 = (g % groups_per_b) * kGroup;
+            run_group(a, b, s0, std::min(a.s, s0 + kGroup), true, scr);
+        }
+    }
+}
+
+void indexer_topk(py::handle q_, py::handle k_, py::handle k_scale_, py::handle w_, py::handle vis_, int64_t topk,
+                  py::handle idx_, py::handle scores_) {
+    const char* fn = "indexer_topk";
+    auto q = need({fn, "q"}, q_, 4, {Kind::f32, Kind::bf16});
+    auto k = need({fn, "k"}, k_, 3, {Kind::f32, Kind::bf16, Kind::u8});
+    const int64_t b = dim(q, 0), s = dim(q, 1), h = dim(q, 2), d = dim(q, 3), n = dim(k, 1);
+    need_shape({fn, "k"}, k, {b, n, d}, "[B, N, D]");
+    IndexerArgs a{};
+    a.q = q.data();
+    a.q_bf16 = kind_of(q) == Kind::bf16;
+    a.k = k.data();
+    a.k_kind = kind_of(k);
+    py::array ks;
+    if (a.k_kind == Kind::u8) {
+        if (is_none(k_scale_)) value_error({fn, "k_scale"}, "must be a float32 [B, N] array when k holds E4M3 bytes");
+        ks = need({fn, "k_scale"}, k_scale_, 2, {Kind::f32});
+        need_shape({fn, "k_scale"}, ks, {b, n}, "[B, N]");
+        a.k_scale = static_cast<const float*>(ks.data());
+    } else if (!is_none(k_scale_)) {
+        value_error({fn, "k_scale"}, "must be None unless k holds E4M3 bytes (uint8)");
+    }
+    auto w = need({fn, "weights"}, w_, 3, {Kind::f32});
+    need_shape({fn, "weights"}, w, {b, s, h}, "[B, S, H]");
+    auto vis = need({fn, "visible"}, vis_, 2, {Kind::i32});
+    need_shape({fn, "visible"}, vis, {b, s}, "[B, S]");
+    if (topk < 1) value_error({fn, "topk"}, "must be >= 1, got " + std::to_string(topk));
+    auto idx = need({fn, "idx"}, idx_, 3, {Kind::i32}, true);
+    need_shape({fn, "idx"}, idx, {b, s, topk}, "[B, S, topk]");
+    py::array sc;
+    if (!is_none(scores_)) {
+        sc = need({fn, "scores"}, scores_, 3, {Kind::f32}, true);
+        need_shape({fn, "scores"}, sc, {b, s, topk}, "[B, S, topk]");
+        a.scores = static_cast<float*>(sc.mutable_data());
+    }
+    a.w = static_cast<const float*>(w.data());
+    a.vis = static_cast<const int32_t*>(vis.data());
+    a.idx = static_cast<int32_t*>(idx.mutable_data());
+    a.b = b, a.s = s, a.h = h, a.d = d, a.n = n, a.topk = topk, a.hp = (h + 15) / 16 * 16;
+    py::gil_scoped_release nogil;
+    indexer_run(a);
+}
+
+}  // namespace
+
+void bind_indexer(py::module_& m) {
+    m.def("indexer_topk", &indexer_topk, py::arg("q"), py::arg("k"), py::arg("k_scale"), py::arg("weights"),
+          py::arg("visible"), py::arg("topk"), py::arg("idx"), py::arg("scores") = py::none(),
+          "Fused lightning-indexer scores and top-k selection.\n\n"
+          "q [B, S, H, D] float32 or int16/uint16 (bf16 bits); k [B, N, D] float32, bf16 bits, or uint8 E4M3\n"
+          "bytes with k_scale float32 [B, N] (else None); weights float32 [B, S, H]; visible int32 [B, S]\n"
+          "(clamped to [0, N]). Writes idx int32 [B, S, topk] (descending score, -1 after the visible ones)\n"
+          "and, if given, scores float32 [B, S, topk] (-inf where idx is -1).");
+}
+
+}  // namespace dsv4rt

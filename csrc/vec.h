@@ -1,0 +1,73 @@
+// Portable 16-float vectors (GCC/Clang vector extensions): the compiler lowers them to one zmm under
+// AVX-512, two ymm under AVX2, four xmm under SSE2 or NEON, so one source serves every target_clones copy.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace dsv4rt {
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+#define DSV4RT_INLINE __attribute__((always_inline)) inline
+
+DSV4RT_INLINE v16f load16(const float* p) {
+    v16f v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+}
+DSV4RT_INLINE void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
+DSV4RT_INLINE v16f splat(float f) { return v16f{} + f; }
+
+// 16 bf16 values (their 16-bit patterns) -> float32, exactly
+DSV4RT_INLINE v16f load16_bf16(const uint16_t* p) {
+    uint16_t h[16];
+    std::memcpy(h, p, sizeof(h));
+    v16i u;
+    for (int i = 0; i < 16; ++i) u[i] = static_cast<int32_t>(static_cast<uint32_t>(h[i]) << 16);
+    v16f f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+}
+
+DSV4RT_INLINE float hsum16(v16f v) {
+#if defined(__clang__)
+    v16f t = v + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    t = t + __builtin_shufflevector(t, t, 4, 5, 6, 7, 0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15);
+    t = t + __builtin_shufflevector(t, t, 2, 3, 0, 1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+    v16f t = v + __builtin_shuffle(v, v16i{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    t = t + __builtin_shuffle(t, v16i{4, 5, 6, 7, 0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15});
+    t = t + __builtin_shuffle(t, v16i{2, 3, 0, 1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15});
+#endif
+    return t[0] + t[1];
+}
+
+DSV4RT_INLINE v16f vmax(v16f a, v16f b) { return a > b ? a : b; }
+DSV4RT_INLINE v16f relu(v16f a) { return a > 0.0f ? a : v16f{}; }
+
+// exp(x) for x <= 0 (softmax weights): Cody-Waite reduction by ln 2 and a degree-6 polynomial,
+// relative error < 2e-7; x < -87 (and -inf) give 0.
+DSV4RT_INLINE v16f exp_neg(v16f x) {
+    const v16f xc = x < -87.0f ? splat(-87.0f) : x;
+    v16f n = xc * 1.44269504088896341f;
+    v16i ni = __builtin_convertvector(n + (n < 0.0f ? splat(-0.5f) : splat(0.5f)), v16i);   // round half away
+    n = __builtin_convertvector(ni, v16f);
+    v16f r = xc - n * 0.693145751953125f;
+    r = r - n * 1.428606765330187045e-06f;
+    v16f p = splat(1.0f / 720);
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    v16i bits = (ni + 127) << 23;
+    v16f scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    v16f out = p * scale;
+    return x < -87.0f ? v16f{} : out;
+}
+
+}  // namespace dsv4rt

@@ -1,0 +1,236 @@
+"""cpu/native (the C++ kernels of dsv4rt._C) against the float64 reference, through ``dsv4rt.ops.X(...,
+backend="cpu/native")``, on seeded random inputs, with the spec tolerances of the conformance suite.
+
+Every test runs once per instruction-set path: the hand-written AVX-512 kernels where the CPU has them and
+the portable path (``_C.set_isa("generic")``). The GEMMs also run with the GEMV / blocked split forced
+both ways. Skipped, with the import error as the reason, when the extension was not built.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import dsv4rt.reference as ref
+from dsv4rt import ops
+from dsv4rt.backend import poisoned_outputs
+from dsv4rt.conformance import tolerance as tol
+
+try:
+    from dsv4rt import _C
+except ImportError as exc:  # pragma: no cover - exercised only where the build failed
+    warnings.warn(f"dsv4rt._C is not built, native kernel tests skipped: {exc}", stacklevel=1)
+    pytest.skip(f"dsv4rt._C failed to build or import: {exc}", allow_module_level=True)
+
+from dsv4rt.backends.cpu import native  # noqa: E402  (needs _C)
+
+NATIVE = "cpu/native"
+ISAS = ["generic"] + (["avx512"] if _C.compiled_with()["isa"] == "avx512" else [])
+
+
+@pytest.fixture(params=ISAS, autouse=True)
+def isa(request):
+    """Run every test on each instruction-set path the CPU offers; outputs poisoned (NaN / sentinels)."""
+    before = _C.set_isa(request.param)
+    try:
+        with poisoned_outputs():
+            yield request.param
+    finally:
+        _C.set_isa(before)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def rand_fp4(*lead: int, n: int, k: int, seed: int, lo: int = 118, hi: int = 134):
+    g = gen(seed)
+    w = torch.randint(0, 256, (*lead, n, k // 2), generator=g, dtype=torch.int32).to(torch.uint8)
+    s = torch.randint(lo, hi, (*lead, n, k // 32), generator=g, dtype=torch.int32).to(torch.uint8)
+    return w, s
+
+
+def check(fn, op: str, args: dict, outs) -> None:
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    refs = getattr(ref, op)(**args)
+    refs = refs if isinstance(refs, tuple) else (refs,)
+    result = fn(op, args, outs, refs)
+    assert result.passed, f"{op}: {result.message} (max abs {result.max_abs:.3g}, tolerance {result.tolerance})"
+
+
+# ---------------------------------------------------------------------------------------------- GEMMs
+
+@pytest.mark.parametrize("path", ["gemv", "blocked"])
+@pytest.mark.parametrize("m,n,k", [(1, 40, 416), (3, 64, 512), (8, 33, 96), (9, 70, 640), (64, 96, 1024),
+                                   (1, 256, 4096), (5, 32, 32)])
+@pytest.mark.parametrize("act_quant", [None, "fp8"])
+def test_fp4_gemm(m, n, k, act_quant, path, monkeypatch):
+    monkeypatch.setattr(native, "GEMV_MAX_M", 1 << 30 if path == "gemv" else 0)
+    x = (torch.randn(m, k, generator=gen(m * 7 + k)) * 2).to(torch.bfloat16)
+    w, s = rand_fp4(n=n, k=k, seed=n + k)
+    args = {"x": x, "w": w, "w_scale": s, "act_quant": act_quant}
+    check(tol.gemm, "fp4_gemm", args, ops.fp4_gemm(**args, backend=NATIVE))
+
+
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("wkind", ["int8", "float4"])
+def test_fp4_gemm_dtypes_views_and_extreme_scales(xdtype, wkind):
+    m, n, k = 6, 48, 384
+    x = torch.randn(m, 2 * k, generator=gen(1)).to(xdtype)[:, ::2]           # non-contiguous activations
+    w, s = rand_fp4(n=n, k=k, seed=2, lo=1, hi=12)                            # subnormal-range scales
+    wv = {"int8": w.view(torch.int8), "float4": w.view(torch.float4_e2m1fn_x2)}[wkind]
+    args = {"x": x, "w": wv, "w_scale": s.view(torch.float8_e8m0fnu), "act_quant": None}
+    out = ops.fp4_gemm(**args, backend=NATIVE)
+    check(tol.gemm, "fp4_gemm", dict(args, w=w, w_scale=s), out)
+    big_w, big_s = rand_fp4(n=n, k=k, seed=3, lo=0, hi=4)                     # scale byte 0 = 2^-127
+    args = {"x": x, "w": big_w, "w_scale": big_s, "act_quant": None}
+    check(tol.gemm, "fp4_gemm", args, ops.fp4_gemm(**args, backend=NATIVE))
+
+
+@pytest.mark.parametrize("m", [1, 5])
+def test_fp4_gemm_tiny_and_huge_activations(m):
+    """Activations spanning 2^-110 .. 2^100 (no flush-to-zero or overflow in the float32 paths)."""
+    k, n = 256, 32
+    x = torch.randn(m, k, generator=gen(9))
+    x[:, ::3] *= 1e-33
+    x[:, 1::7] *= 1e30
+    w, s = rand_fp4(n=n, k=k, seed=10, lo=100, hi=150)
+    args = {"x": x, "w": w, "w_scale": s, "act_quant": None}
+    check(tol.gemm, "fp4_gemm", args, ops.fp4_gemm(**args, backend=NATIVE))
+
+
+def test_fp4_gemm_empty_shapes():
+    w, s = rand_fp4(n=16, k=64, seed=4)
+    y = ops.fp4_gemm(torch.randn(0, 64), w, s, None, backend=NATIVE)
+    assert y.shape == (0, 16)
+    y = ops.fp4_gemm(torch.randn(3, 0), torch.zeros(5, 0, dtype=torch.uint8), torch.zeros(5, 0, dtype=torch.uint8),
+                     None, backend=NATIVE)
+    assert torch.equal(y, torch.zeros(3, 5))
+
+
+@pytest.mark.parametrize("path", ["gemv", "blocked"])
+@pytest.mark.parametrize("act_quant", [None, "fp8"])
+def test_fp4_grouped_gemm(act_quant, path, monkeypatch):
+    monkeypatch.setattr(native, "GEMV_MAX_M", 4 if path == "gemv" else 0)   # gemv: experts of <= 4 rows
+    counts = [0, 3, 0, 12, 1, 0, 20, 0]
+    e, n, k = len(counts), 48, 256
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+    x = torch.randn(sum(counts), k, generator=gen(5)).to(torch.bfloat16)
+    w, s = rand_fp4(e, n=n, k=k, seed=6)
+    args = {"x": x, "w": w, "w_scale": s, "offsets": offsets, "act_quant": act_quant}
+    check(tol.gemm, "fp4_grouped_gemm", args, ops.fp4_grouped_gemm(**args, backend=NATIVE))
+
+
+def test_gemv_matches_blocked_path_closely(monkeypatch):
+    """The two GEMM paths agree to float32 rounding (same products, different summation order)."""
+    x = torch.randn(8, 1024, generator=gen(7))
+    w, s = rand_fp4(n=64, k=1024, seed=8)
+    monkeypatch.setattr(native, "GEMV_MAX_M", 8)
+    a = ops.fp4_gemm(x, w, s, None, backend=NATIVE)
+    monkeypatch.setattr(native, "GEMV_MAX_M", 0)
+    b = ops.fp4_gemm(x, w, s, None, backend=NATIVE)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+
+
+# ---------------------------------------------------------------------------------------------- indexer
+
+def _indexer_args(b, s, h, d, n, topk, seed, dtype=torch.bfloat16, fp8=False, scores=False, visible=None):
+    g = gen(seed)
+    q = torch.randn(b, s, h, d, generator=g).to(dtype)
+    if fp8:
+        k = (torch.randn(b, n, d, generator=g) * 8).clamp(-440, 440).to(torch.float8_e4m3fn)
+        k_scale = torch.rand((b, n), generator=g) * 0.1 + 0.01
+    else:
+        k, k_scale = torch.randn(b, n, d, generator=g).to(dtype), None
+    vis = visible if visible is not None else torch.randint(0, n + 1, (b, s), generator=g, dtype=torch.int32)
+    return {"q": q, "k": k, "weights": torch.randn((b, s, h), generator=g), "visible": vis, "topk": topk,
+            "k_scale": k_scale, "return_scores": scores}
+
+
+@pytest.mark.parametrize("case", [
+    dict(b=2, s=1, h=64, d=128, n=700, topk=64),                   # decode: key tiles split over threads
+    dict(b=1, s=40, h=8, d=64, n=300, topk=32, scores=True),      # prefill: query groups over threads
+    dict(b=2, s=5, h=5, d=36, n=50, topk=60),                      # topk > N, odd head count and D
+    dict(b=1, s=3, h=16, d=32, n=90, topk=8, dtype=torch.float32, scores=True),
+    dict(b=1, s=3, h=8, d=64, n=200, topk=16, fp8=True, scores=True),
+    dict(b=1, s=2, h=4, d=32, n=0, topk=4),                        # no keys at all
+])
+def test_indexer_topk(case):
+    args = _indexer_args(seed=11, **case)
+    outs = ops.indexer_topk(**args, backend=NATIVE)
+    check(tol.topk, "indexer_topk", args, outs)
+    idx = outs[0] if isinstance(outs, tuple) else outs
+    vis = args["visible"].clamp(0, args["k"].shape[1])
+    assert torch.equal((idx >= 0).sum(-1), vis.clamp(max=args["topk"]))      # valid first, -1 after
+
+
+def test_indexer_topk_visible_zero_and_full_rows():
+    n = 64
+    vis = torch.tensor([[0, 1, n, 17]], dtype=torch.int32)
+    args = _indexer_args(1, 4, 4, 32, n, 8, seed=12, visible=vis, scores=True)
+    idx, sc = ops.indexer_topk(**args, backend=NATIVE)
+    assert (idx[0, 0] == -1).all() and torch.isinf(sc[0, 0]).all()
+    assert idx[0, 1, 0] == 0 and (idx[0, 1, 1:] == -1).all()
+    check(tol.topk, "indexer_topk", args, (idx, sc))
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+@pytest.mark.parametrize("case", [
+    dict(b=1, s=1, h=64, d=512, n=900, k=640),                     # decode: heads split over threads
+    dict(b=2, s=6, h=8, d=64, n=80, k=40, lse=True),
+    dict(b=1, s=4, h=20, d=72, n=50, k=130, sink=False, lse=True),  # D not a multiple of 16, H % 16 != 0
+    dict(b=1, s=3, h=4, d=64, n=60, k=32, dtype=torch.float32, lse=True),
+    dict(b=1, s=2, h=4, d=32, n=30, k=16, qscale=30.0, lse=True),  # large logits
+    dict(b=1, s=3, h=4, d=32, n=20, k=16, dtype=torch.float16),     # float16: widened, output via scratch
+])
+def test_sparse_attention(case):
+    b, s, h, d, n, k = (case[x] for x in "bshdnk")
+    dtype, g = case.get("dtype", torch.bfloat16), gen(13)
+    idx = torch.randint(0, n, (b, s, k), generator=g, dtype=torch.int32)
+    idx[torch.rand((b, s, k), generator=g) < 0.2] = -1
+    idx[0, 0] = -1                                                  # one row with no valid index
+    args = {"q": (torch.randn(b, s, h, d, generator=g) * case.get("qscale", 1.0)).to(dtype),
+            "kv": torch.randn(b, n, d, generator=g).to(dtype), "idx": idx,
+            "sink": torch.randn(h, generator=g) if case.get("sink", True) else None, "scale": d ** -0.5,
+            "return_lse": case.get("lse", False)}
+    outs = ops.sparse_attention(**args, backend=NATIVE)
+    check(tol.attention, "sparse_attention", args, outs)
+    o = outs[0] if isinstance(outs, tuple) else outs
+    assert (o[0, 0] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------- MoE
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn])
+def test_moe_dispatch_exact(dtype):
+    g = gen(14)
+    t, h, e, k = 37, 48, 16, 6
+    x = torch.randn(t, h, generator=g).to(dtype)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).to(torch.int32)
+    ids[3] = 5                                                      # duplicates inside one token
+    xs, off, src = ops.moe_dispatch(x, ids, e, backend=NATIVE)
+    _, want_off, want_src = ref.moe_dispatch(x.float() if dtype == torch.float8_e4m3fn else x, ids, e)
+    assert torch.equal(off, want_off) and torch.equal(src, want_src)
+    rows = x[want_src.long() // k]                                  # bit-exact row moves, any dtype
+    assert xs.dtype == dtype and torch.equal(xs.view(torch.uint8), rows.view(torch.uint8))
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_moe_combine(weighted, dtype):
+    g = gen(15)
+    t, h, k = 23, 72, 6
+    args = {"y_sorted": torch.randn(t * k, h, generator=g).to(dtype),
+            "src": torch.randperm(t * k, generator=g).to(torch.int32),
+            "weights": torch.rand((t, k), generator=g) if weighted else None, "topk": None if weighted else k}
+    check(tol.combine, "moe_combine", args, ops.moe_combine(**args, backend=NATIVE))
+
+
+def test_moe_round_trip_with_no_tokens():
+    x = torch.zeros(0, 8, dtype=torch.bfloat16)
+    xs, off, src = ops.moe_dispatch(x, torch.zeros(0, 2, dtype=torch.int32), 4, backend=NATIVE)
+    assert xs.shape == (0, 8) and off.tolist() == [0] * 5 and src.shape == (0,)
+    y = ops.moe_combine(xs, src, None, 2, backend=NATIVE)
+    assert y.shape == (0, 8) and y.dtype == torch.bfloat16
