@@ -76,6 +76,9 @@ def moe_combine(y_sorted, src, weights, topk=None):
     return out
 
 
+OPS = ("moe_route", "moe_dispatch", "moe_combine")
+
+
 class ExampleBackend(Backend):
     name = "example"
     device_type = "cpu"
@@ -87,8 +90,12 @@ class ExampleBackend(Backend):
             return Probe(False, "torch is not installed")
         return Probe(True, "plain torch on the CPU", {"torch": True})
 
+    def offers(self) -> dict[str, tuple[str, ...]]:
+        # Optional: what load() registers, shown by `dsv4rt info --matrix` where the backend cannot load.
+        return {op: ("torch",) for op in OPS}
+
     def load(self, registrar: Registrar) -> None:
-        for op, fn in (("moe_route", moe_route), ("moe_dispatch", moe_dispatch), ("moe_combine", moe_combine)):
+        for op, fn in zip(OPS, (moe_route, moe_dispatch, moe_combine)):
             registrar.implement(op, "torch", fn, priority=PRIORITY, requires=("torch",))
 
 
