@@ -60,10 +60,6 @@ class OpSpec:
     def param_names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.params)
 
-    @property
-    def tensor_params(self) -> tuple[str, ...]:
-        return tuple(p.name for p in self.params if p.kind != "static")
-
 
 def declare_spec(
     fn: Callable[..., Any],
