@@ -227,6 +227,7 @@ void finish_row(const AttnArgs& a, int64_t row, const Partial* parts, int64_t np
 
 void attention_run(const AttnArgs& a) {
     const int64_t rows = a.b * a.s, hp = (a.h + 15) / 16 * 16, d = a.d;
+    if (rows == 0 || a.h == 0) return;   // no query row or no head: o and lse are empty (and rows divides below)
     const double macs = 2.0 * rows * a.k * hp * d;
     const int64_t nt = pick_threads(macs, 2e6);
     // decode (few rows): each row's valid entries are split over tasks (merged exactly afterwards), so
