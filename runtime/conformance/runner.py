@@ -168,6 +168,13 @@ def run_conformance(backend: str, ops: Sequence[str] | None = None, xfails: Mapp
     if unknown:
         raise BackendSelectionError(f"conformance: unknown ops {unknown}; ops: {', '.join(registry.specs)}")
     device_types = sorted({i.device_type for i in impls}) or [registry.backends()[backend].device_type]
+    for dt in device_types:
+        try:
+            torch.device(dt)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise BackendSelectionError(f"conformance: backend {backend!r} runs on device type {dt!r}, which this "
+                                        f"torch does not know ({exc}); install the extension that registers it") \
+                from None
     report = Report(backend, ",".join(device_types), seed)
     if probe.capabilities.get("interpreter"):
         report.notes.append("note: Triton kernels ran under the Triton interpreter on CPU tensors")
