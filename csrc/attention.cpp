@@ -221,7 +221,9 @@ void finish_row(const AttnArgs& a, int64_t row, const Partial* parts, int64_t np
         }
         const float f = dn > 0.0f ? 1.0f / dn : 0.0f;
         for (int64_t dd = 0; dd < d; ++dd) o[dd] *= f;
-        if (a.lse) a.lse[row * a.h + h] = dn > 0.0f ? mm + std::log(dn) : ninf;
+        if (a.lse)   // a NaN row (NaN in q, kv or the sink) gives NaN, not -inf
+            a.lse[row * a.h + h] = std::isnan(dn) || std::isnan(mm) ? std::numeric_limits<float>::quiet_NaN()
+                                   : dn > 0.0f ? mm + std::log(dn) : ninf;
     }
 }
 

@@ -77,7 +77,7 @@ DSV4RT_INLINE v16f round_f16_nonneg(v16f x) {
 }
 
 DSV4RT_INLINE v16f vmax(v16f a, v16f b) { return a > b ? a : b; }
-DSV4RT_INLINE v16f relu(v16f a) { return a > 0.0f ? a : v16f{}; }
+DSV4RT_INLINE v16f relu(v16f a) { return a < 0.0f ? v16f{} : a; }   // NaN stays NaN (as torch.relu)
 
 // exp(x) for x <= 0 (softmax weights): Cody-Waite reduction by ln 2 and a degree-6 polynomial,
 // relative error < 2e-7; x < -87 (and -inf) give 0.

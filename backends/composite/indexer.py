@@ -66,7 +66,7 @@ def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: i
         else:
             sc = torch.matmul(w[:, s0:s1].unsqueeze(2), dots).squeeze(2)     # [B, c, N]: sum over heads
         vc = vis[:, s0:s1, None]                                          # [B, c, 1]
-        sc.masked_fill_(pos >= vc, float("-inf"))
+        sc.masked_fill_((pos >= vc) | torch.isnan(sc), float("-inf"))     # a NaN score counts as -inf
         vals, ids = torch.topk(sc, kk, dim=-1)
         invalid = ids >= vc
         idx[:, s0:s1, :kk].copy_(ids.masked_fill(invalid, -1))

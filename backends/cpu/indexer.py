@@ -49,7 +49,7 @@ def _select(scores: np.ndarray, vis: np.ndarray, topk: int, idx: np.ndarray,
     kk = min(topk, n)
     if kk == 0:
         return
-    scores[np.arange(n)[None, :] >= vis[:, None]] = -np.inf
+    scores[(np.arange(n)[None, :] >= vis[:, None]) | np.isnan(scores)] = -np.inf   # NaN counts as -inf
     if kk < n:
         sel = np.argpartition(scores, n - kk, axis=1)[:, n - kk:]     # the kk largest, unordered
     else:

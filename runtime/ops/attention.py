@@ -40,6 +40,8 @@ def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, sc
       A row with no valid index returns zeros. Output dtype = q dtype, fp32 statistics.
     - ``return_lse``: also return ``lse`` [B, S, H] float32 = log of the full denominator (sink
       included; -inf for a row with no valid index and no sink), so partial results merge exactly.
+    - NaN in q or in a selected kv row gives NaN in that (b, s, h)'s ``o`` and ``lse``; other rows are
+      unaffected.
     - ``p_dtype``: the precision of the probabilities in the P.V product. ``None`` (default) = kv's
       dtype, as the release's kernel (online softmax with fp32 statistics, P cast to the bf16 KV dtype
       for the P.V MMA); ``torch.float32`` keeps P in fp32; ``torch.bfloat16`` / ``torch.float16`` round

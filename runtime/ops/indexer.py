@@ -35,6 +35,8 @@ def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: i
       rounding points, each from an fp32 (or exact) value: ``d = round(q_h . key_t)`` (fp32 accumulation),
       ``p = round(weights[h] * relu(d))``, ``score = round(sum_h p)`` (fp32 accumulation). Rounded scores
       tie more often; ties may be broken either way. ``scores`` are returned as float32.
+    - NaN: a NaN score (NaN in q, a key or a weight) counts as -inf: it ranks below every number, and
+      ``scores`` reports -inf for it. Infinite inputs follow IEEE arithmetic.
     Per-head scores are never materialised by fused backends.
     """
 

@@ -23,7 +23,7 @@ def indexer_scores(q, k, weights, visible, k_scale=None, score_dtype=None):
     """Indexer scores ``[B, S, N]`` float64 (spec 2.5/2.6).
 
     ``score[b, s, t] = sum_h weights[b, s, h] * relu(q[b, s, h, :] . key[b, t, :])`` for
-    ``t < clamp(visible[b, s], 0, N)`` and ``-inf`` for the other (invisible) keys, with
+    ``t < clamp(visible[b, s], 0, N)`` and ``-inf`` for the other (invisible) keys and for NaN scores, with
     ``key = k`` (bf16 / fp32) or ``key = e4m3(k) * k_scale[b, t]`` (float8_e4m3fn keys).
     Everything is computed in float64 from the exact input values. ``score_dtype`` (None = q's dtype):
     when 16-bit, the three rounding points of the contract, each rounding an exact value once:
@@ -43,7 +43,7 @@ def indexer_scores(q, k, weights, visible, k_scale=None, score_dtype=None):
             score[bi, s0:s0 + _S_CHUNK] = rnd(prods.sum(dim=1))
     vis = torch.clamp(visible.to(torch.int64), 0, n)
     t = torch.arange(n)
-    mask = t[None, None, :] < vis[:, :, None]
+    mask = (t[None, None, :] < vis[:, :, None]) & ~torch.isnan(score)    # a NaN score counts as -inf
     return torch.where(mask, score, torch.full_like(score, float("-inf")))
 
 

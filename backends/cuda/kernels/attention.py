@@ -158,6 +158,7 @@ def _finish(m, l, acc, sink_ptr, o_ptr, lse_ptr, row_o, row_lse, H, D, s_oh, s_o
              mask=h_ok[:, None] & (offs_d[None, :] < D))
     if HAS_LSE:
         lse = tl.where(den > 0, mx + tl.log(tl.where(den > 0, den, 1.0)), float("-inf"))
+        lse = tl.where((den != den) | (mx != mx), float("nan"), lse)          # a NaN row: NaN, not -inf
         tl.store(lse_ptr + row_lse + offs_h * s_lh, lse, mask=h_ok)
 
 

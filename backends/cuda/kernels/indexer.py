@@ -58,8 +58,10 @@ def indexer_logits_kernel(q_ptr, k_ptr, ks_ptr, w_ptr, vis_ptr, sc_ptr, S, H, N,
         if HAS_SCALE:
             acc *= tl.load(ks_ptr + b * s_ksb + offs_n * s_ksn, mask=n_ok, other=0.0)[None, :]
         w = tl.load(w_ptr + b * s_wb + ms * s_ws + mh * s_wh, mask=m_ok, other=0.0)
-        acc = round_to(tl.maximum(round_to(acc, RND), 0.0) * w[:, None], RND)
+        acc = round_to(acc, RND)
+        acc = round_to(tl.where(acc < 0.0, 0.0, acc) * w[:, None], RND)   # ReLU that keeps NaN (as torch.relu)
         sc = round_to(tl.sum(tl.reshape(acc, [BLOCK_S, BLOCK_H, BLOCK_N]), axis=1), RND)
+        sc = tl.where(sc != sc, float("-inf"), sc)   # a NaN score counts as -inf (the contract)
         tl.store(sc_ptr + b * s_cb + offs_s[:, None] * s_cs + offs_n[None, :] * s_cn, sc,
                  mask=s_ok[:, None] & n_ok[None, :])
 
