@@ -1,0 +1,55 @@
+"""Sequences in pool slots at independent positions give the logits of running each alone."""
+import torch
+
+from dsv4rt.model.config import preset
+from dsv4rt.model.kvpool import KVPool, slot_bytes
+from dsv4rt.model.synthetic import SyntheticSource
+from dsv4rt.model.transformer import Transformer
+
+
+def _model():
+    cfg = preset("tiny")
+    return Transformer(cfg, SyntheticSource(cfg, seed=3, fast=True, mtp=False), dtype=torch.float32, quant=False)
+
+
+def _alone(model, prompt, steps):
+    cache = model.new_cache(1, 64)
+    out = [model.forward(torch.tensor([prompt]), cache)]
+    for t in steps:
+        out.append(model.forward(torch.tensor([[t]]), cache))
+    return out
+
+
+def test_pool_slots_match_alone_with_join_and_leave():
+    model = _model()
+    g = torch.Generator().manual_seed(11)
+    v = model.cfg.vocab_size
+    prompts = [torch.randint(3, v, (n,), generator=g).tolist() for n in (5, 9, 3)]
+    steps = [torch.randint(3, v, (n,), generator=g).tolist() for n in (12, 6, 8)]
+    pool = KVPool(model, 2 * slot_bytes(model, 64), 64)
+    assert pool.n_slots == 2 and pool.cache.nbytes() == 2 * pool.slot_bytes
+    got = {0: [], 1: [], 2: []}
+    live = {}
+    for k in (0, 1):
+        live[k] = pool.alloc()
+        got[k].append(model.forward(torch.tensor([prompts[k]]), live[k][1]))
+    assert pool.alloc() is None
+    pending = [2]
+    while live:
+        for k in list(live):
+            slot, view = live[k]
+            n = len(got[k]) - 1
+            if n == len(steps[k]):
+                pool.free(slot)
+                del live[k]
+                if pending:                      # a sequence joins in the freed slot mid-run
+                    j = pending.pop()
+                    live[j] = pool.alloc()
+                    got[j].append(model.forward(torch.tensor([prompts[j]]), live[j][1]))
+                continue
+            got[k].append(model.forward(torch.tensor([[steps[k][n]]]), view))
+    for k in range(3):
+        ref = _alone(model, prompts[k], steps[k])
+        assert len(ref) == len(got[k])
+        for a, b in zip(ref, got[k]):
+            assert torch.allclose(a, b, atol=1e-4, rtol=0), (k, (a - b).abs().max())
