@@ -118,7 +118,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    "the max logit difference and top-1 agreement")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="activation dtype (default bf16)")
     p.add_argument("--prefill-chunk", type=int, metavar="N", help="prefill in chunks of N tokens")
-    p.add_argument("--layers", type=int, default=4, metavar="N", help="layers of --preset flash-slice (default 4)")
+    p.add_argument("--layers", type=int, metavar="N", help="layers of --preset flash-slice (default 4; the first "
+                   "layers of each kind, so a short slice still runs the indexer and compressors)")
     p.add_argument("--experts", type=int, metavar="N", help="routed experts of --preset flash-slice (default 256; "
                    "fewer for small machines)")
     p.add_argument("--convert-fp8", action="store_true", help="convert FP4 experts losslessly to FP8 at load")
@@ -137,8 +138,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1 or (args.prompt_len is not None and args.prompt_len < 1):
         raise _UsageError("--max-new-tokens and --prompt-len must be >= 1")
-    if args.layers < 1 or (args.experts is not None and args.experts < 1):
+    if (args.layers is not None and args.layers < 1) or (args.experts is not None and args.experts < 1):
         raise _UsageError("--layers and --experts must be >= 1")
+    slice_only = [f for f, v in (("--layers", args.layers), ("--experts", args.experts)) if v is not None]
+    if slice_only and args.preset != "flash-slice":
+        raise _UsageError(f"{' and '.join(slice_only)} only shape --preset flash-slice; the "
+                          f"{'checkpoint' if args.checkpoint else 'tiny preset'} has its own layers and experts")
+    if args.prompt is not None and args.prompt_len is not None:
+        raise _UsageError("--prompt and --prompt-len exclude each other: --prompt-len N replaces the prompt with N "
+                          "synthetic tokens")
     if (args.tp is not None and args.tp < 1) or (args.ep is not None and args.ep < 1):
         raise _UsageError("--tp and --ep must be >= 1")
     return run(options_from_args(args))

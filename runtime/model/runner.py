@@ -19,7 +19,7 @@ from .generate import GenerationResult, generate
 from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from .transformer import Transformer
 
-__all__ = ["RunOptions", "run", "resolve_device", "build_model", "compare_logits", "DEFAULT_PROMPT"]
+__all__ = ["RunOptions", "run", "resolve_device", "build_model", "compare_logits", "slice_ratios", "DEFAULT_PROMPT"]
 
 DEFAULT_PROMPT = "DeepSeek-V4 on dsv4rt:"
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -38,7 +38,7 @@ class RunOptions:
     check: bool = False
     dtype: str = "bf16"
     prefill_chunk: int | None = None
-    layers: int = 4
+    layers: int | None = None     # --preset flash-slice only (default 4)
     experts: int | None = None
     convert_fp8: bool = False
     progress: bool = True
@@ -122,18 +122,36 @@ def build_model(opts: RunOptions, device: torch.device, quiet: bool = False,
         ck.start_progress(names)
         model = Transformer(ck.cfg, ck, device, dtype, convert_fp4=opts.convert_fp8, par=layout(ck.cfg))
         ck.finish_progress()
-        return model, load_tokenizer(ck.cfg, path), path
+        origin = path if opts.checkpoint else f"{path} (tiny preset: random weights, so the text is noise)"
+        return model, load_tokenizer(ck.cfg, path), origin
     if opts.preset == "flash-slice":
         cfg = preset("flash-slice")
-        if opts.layers != cfg.n_layers:
-            cfg = cfg.replace(n_layers=opts.layers, compress_ratios=preset("flash").compress_ratios[:opts.layers] + (0,))
+        if opts.layers is not None and opts.layers != cfg.n_layers:
+            cfg = cfg.replace(n_layers=opts.layers, compress_ratios=slice_ratios(preset("flash").compress_ratios[:-1],
+                                                                                 opts.layers) + (0,))
         if opts.experts:
             cfg = cfg.replace(n_routed_experts=opts.experts, n_activated_experts=min(cfg.n_activated_experts, opts.experts))
-        src = SyntheticSource(cfg, opts.seed, gen_device or device, fast=True, mtp=False)
+        from .progress import ProgressSource
+
+        src = ProgressSource(SyntheticSource(cfg, opts.seed, gen_device or device, fast=True, mtp=False),
+                             "drawing synthetic weights", enabled=opts.progress and not quiet and not distributed)
         model = Transformer(cfg, src, device, dtype, convert_fp4=opts.convert_fp8, par=layout(cfg))
-        return model, ByteTokenizer(cfg.bos_token_id, cfg.eos_token_id), f"synthetic weights (seed {opts.seed}, in memory)"
+        src.progress.close()
+        return model, ByteTokenizer(cfg.bos_token_id, cfg.eos_token_id), (
+            f"synthetic random weights (seed {opts.seed}, in memory; the text is noise)")
     raise BackendSelectionError(f"--preset {opts.preset}: the full {opts.preset} model needs its checkpoint "
                                 f"(--checkpoint DIR); runnable presets: tiny, flash-slice")
+
+
+def slice_ratios(schedule: tuple[int, ...], n: int) -> tuple[int, ...]:
+    """The first ``n`` layers' compression ratios of a V4 layer schedule, keeping every layer kind: the
+    schedule's own prefix when it already holds each kind, else the first layer of each kind (CSA, HCA,
+    then SWA), so the indexer and the compressors run even in a 1-3 layer slice."""
+    kinds = list(dict.fromkeys(schedule))
+    if set(schedule[:n]) == set(kinds):
+        return tuple(schedule[:n])
+    order = sorted(kinds, key=lambda r: (r == 0, schedule.index(r)))[:n]
+    return tuple(sorted(order, key=schedule.index))
 
 
 def _describe(cfg: ModelConfig) -> str:
@@ -215,7 +233,7 @@ def _run(opts: RunOptions, out: TextIO, distributed: bool) -> int:
         _timings(res, out)
         _ops(model, out)
         if opts.check and (model.par is None or model.par.rank == 0):
-            _check(opts, model, device, prompt, res, out)
+            return 0 if _check(opts, model, device, prompt, res, out) else 1
     return 0
 
 
@@ -243,8 +261,9 @@ def _ops(model: Transformer, out: TextIO) -> None:
 
 
 def _check(opts: RunOptions, model: Transformer, device: torch.device, prompt: list[int], res: GenerationResult,
-           out: TextIO) -> None:
-    """Replay prompt + generated tokens on the CPU backend and compare every step's logits."""
+           out: TextIO) -> bool:
+    """Replay prompt + generated tokens on the CPU backend, compare every step's logits and print the verdict
+    against ``CHECK_RTOL`` of the activation dtype (True: within it)."""
     fresh = device.type != "cpu" or model.par is not None     # a parallel run: compare with one CPU process
     ref = build_model(opts, torch.device("cpu"), True, device)[0] if fresh else model
     ref.ops.reset_counts()
@@ -255,6 +274,24 @@ def _check(opts: RunOptions, model: Transformer, device: torch.device, prompt: l
     impls = sorted({i for v in ref.ops.used().values() for i in v})
     print(f"check    vs the CPU backend ({', '.join(impls)}) on the same {n} steps: max |logit diff| = {diff:.4g}, "
           f"top-1 agreement {agree}/{n} ({100.0 * agree / max(n, 1):.1f}%)", file=out)
+    scale = max((float(t.abs().max()) for t in cpu.step_logits[:n]), default=0.0)
+    ok, tol = check_verdict(diff, scale, opts.dtype)
+    print(f"verdict  {'PASS' if ok else 'FAIL'}: max |logit diff| {diff:.4g} {'<=' if ok else '>'} tolerance "
+          f"{tol:.4g} = {CHECK_RTOL[opts.dtype]:g} x max |CPU logit| {scale:.4g} ({opts.dtype} activations; top-1 "
+          f"agreement is reported, not judged: near-ties may flip)", file=out)
+    return ok
+
+
+# Tolerance of `run --check`: the backends differ by the rounding of every op output in the activation dtype
+# along the whole network, so the bound is relative to the logits' magnitude. bf16 (8-bit mantissa, 2^-9
+# relative per rounding) over tens of rounded ops per layer: 5%; fp32: 1e-3.
+CHECK_RTOL = {"bf16": 0.05, "fp32": 1e-3}
+
+
+def check_verdict(diff: float, logit_scale: float, dtype: str) -> tuple[bool, float]:
+    """(within tolerance, the tolerance) of a --check max logit difference."""
+    tol = CHECK_RTOL[dtype] * max(logit_scale, 1e-6)
+    return diff == diff and diff <= tol, tol
 
 
 def options_from_args(args: Any) -> RunOptions:
