@@ -222,6 +222,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a usage error (2): argparse already printed why
         return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
     _setup_logging()
+    from .shadow import shadowing_warning
+
+    warning = shadowing_warning(path=())  # the console script's sys.path is not the user's: check the cwd
+    if warning:
+        print(f"dsv4rt: {warning}", file=sys.stderr)
     try:
         return args.func(args)
     except (_UsageError, Dsv4rtError, OSError) as exc:
