@@ -168,7 +168,7 @@ def _context(text: str) -> int:
 
 def _add_kv_cache(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("kv-cache", help="KV cache bytes per sequence from a model's layer schedule",
-                       description="KV cache bytes per sequence (spec section 8): windows, compressed entries "
+                       description="KV cache bytes per sequence (docs/deepseek-v4.md section 8): windows, compressed entries "
                                    "and indexer keys of every layer at a context length.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=("flash", "pro", "tiny", "flash-slice"), help="released or synthetic config")

@@ -18,7 +18,7 @@ class BenchCase:
     """One timed case.
 
     ``make(device, gen)`` returns the op's keyword arguments on ``device``. ``bytes`` counts every input
-    read once and every output written once; ``flops`` the useful FLOPs (performance.md section 1).
+    read once and every output written once; ``flops`` the useful FLOPs (docs/performance.md section 1).
     ``pipeline`` (optional) replaces the single op call; ``baselines`` adds named reference timings built
     from the same arguments (e.g. cuBLAS BF16 on pre-dequantised weights). ``target_us`` is the
     docs/performance.md target, reported, never asserted; ``meets(fraction_of_roofline, ratios)`` judges a

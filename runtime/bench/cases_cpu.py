@@ -1,4 +1,4 @@
-"""CPU cases (performance.md section 4, last paragraph): the FP4 GEMV/GEMM at V4-Flash expert shapes
+"""CPU cases (docs/performance.md section 4, last paragraph): the FP4 GEMV/GEMM at V4-Flash expert shapes
 and on a 4096 x 4096 MXFP4 matrix, plus the other native ops at decode sizes.
 
 The runner times every variant of the cpu backend (cpu/native, cpu/numpy, cpu/torch) and reports each

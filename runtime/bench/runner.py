@@ -1,5 +1,5 @@
 """`dsv4rt bench`: measure the ceilings, then time every case on every variant of a backend next to
-its baselines, each checked for correctness first (performance.md section 5)."""
+its baselines, each checked for correctness first (docs/performance.md section 5)."""
 from __future__ import annotations
 
 import platform
