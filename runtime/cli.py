@@ -109,7 +109,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                      "flash-slice (V4-Flash widths, --layers layers, weights drawn in memory; for GPUs)")
     p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "ascend"),
                    help="where the ops run (default auto: the best available device)")
-    p.add_argument("--prompt", metavar="TEXT", help="prompt text")
+    p.add_argument("--prompt", metavar="TEXT", action="append", help="prompt text; repeat it to run several "
+                   "prompts as one batch")
     p.add_argument("--prompt-len", type=int, metavar="N", help="use N synthetic prompt tokens instead (benchmarks)")
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default 32)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples (Gumbel-max)")

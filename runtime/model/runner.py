@@ -30,7 +30,7 @@ class RunOptions:
     checkpoint: str | None = None
     preset: str | None = None
     backend: str = "auto"
-    prompt: str | None = None
+    prompt: str | list[str] | None = None   # several prompts run as one batch
     prompt_len: int | None = None
     max_new_tokens: int = 32
     temperature: float = 0.0
@@ -174,13 +174,19 @@ def compare_logits(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float,
     return diff, agree, n
 
 
-def _prompt_ids(opts: RunOptions, tok: Tokenizer, cfg: ModelConfig) -> list[int]:
+def _prompts(opts: RunOptions, tok: Tokenizer, cfg: ModelConfig) -> list[list[int]]:
+    """Token ids of every prompt of the batch (one, unless several --prompt were given)."""
+    texts = opts.prompt if isinstance(opts.prompt, list) else [opts.prompt]
+    return [_prompt_ids(opts, tok, cfg, t) for t in texts]
+
+
+def _prompt_ids(opts: RunOptions, tok: Tokenizer, cfg: ModelConfig, text: str | None) -> list[int]:
     if opts.prompt_len:
         g = torch.Generator().manual_seed(opts.seed)
         lo = 3 if isinstance(tok, ByteTokenizer) else 0
         return [cfg.bos_token_id] + torch.randint(lo, min(cfg.vocab_size, 259) if lo else cfg.vocab_size,
                                                   (opts.prompt_len - 1,), generator=g).tolist()
-    return tok.encode(DEFAULT_PROMPT if opts.prompt is None else opts.prompt)
+    return tok.encode(DEFAULT_PROMPT if text is None else text)
 
 
 def run(opts: RunOptions, out: TextIO | None = None) -> int:
@@ -214,9 +220,9 @@ def _run(opts: RunOptions, out: TextIO, distributed: bool) -> int:
     with _cpu_threads(device):
         model, tok, origin = build_model(opts, device, distributed=distributed)
         load_s = time.perf_counter() - t0
-        prompt = _prompt_ids(opts, tok, model.cfg)
+        prompts = _prompts(opts, tok, model.cfg)
         with contextlib.nullcontext() if choice is None else _use(choice):
-            res = generate(model, [prompt], opts.max_new_tokens, opts.temperature, opts.seed,
+            res = generate(model, prompts, opts.max_new_tokens, opts.temperature, opts.seed,
                            prefill_chunk=opts.prefill_chunk, record_logits=opts.check)
         label = opts.backend + (" (Triton interpreter)" if choice == "cuda" and device.type == "cpu" else "")
         print(f"model    {_describe(model.cfg)}", file=out)
@@ -225,15 +231,17 @@ def _run(opts: RunOptions, out: TextIO, distributed: bool) -> int:
         print(f"backend  {label}, weights on {device}, activations {opts.dtype}", file=out)
         for line in describe(model.par, model.cfg):
             print(line, file=out)
-        shown = "" if opts.prompt_len else f" {_printable(tok.decode(prompt))!r}"
-        print(f"prompt  {shown} ({len(prompt)} tokens)", file=out)
-        print("text     " + _printable(tok.decode(res.tokens[0])), file=out)
-        ids = res.tokens[0]
-        print(f"ids      {ids[:16]}{' ...' if len(ids) > 16 else ''}", file=out)
+        for i, prompt in enumerate(prompts):
+            tag = f" {i + 1}" if len(prompts) > 1 else ""
+            shown = "" if opts.prompt_len else f" {_printable(tok.decode(prompt))!r}"
+            print(f"{'prompt' + tag:<8}{shown} ({len(prompt)} tokens)", file=out)
+            print(f"{'text' + tag:<8} " + _printable(tok.decode(res.tokens[i])), file=out)
+            ids = res.tokens[i]
+            print(f"{'ids' + tag:<8} {ids[:16]}{' ...' if len(ids) > 16 else ''}", file=out)
         _timings(res, out)
         _ops(model, out)
         if opts.check and (model.par is None or model.par.rank == 0):
-            return 0 if _check(opts, model, device, prompt, res, out) else 1
+            return 0 if _check(opts, model, device, prompts, res, out) else 1
     return 0
 
 
@@ -260,7 +268,7 @@ def _ops(model: Transformer, out: TextIO) -> None:
         print(f"  {name:<18} {used}", file=out)
 
 
-def _check(opts: RunOptions, model: Transformer, device: torch.device, prompt: list[int], res: GenerationResult,
+def _check(opts: RunOptions, model: Transformer, device: torch.device, prompts: list[list[int]], res: GenerationResult,
            out: TextIO) -> bool:
     """Replay prompt + generated tokens on the CPU backend, compare every step's logits and print the verdict
     against ``CHECK_RTOL`` of the activation dtype (True: within it)."""
@@ -268,7 +276,7 @@ def _check(opts: RunOptions, model: Transformer, device: torch.device, prompt: l
     ref = build_model(opts, torch.device("cpu"), True, device)[0] if fresh else model
     ref.ops.reset_counts()
     with _cpu_threads(torch.device("cpu")), _use("cpu"):
-        cpu = generate(ref, [prompt], opts.max_new_tokens, opts.temperature, opts.seed,
+        cpu = generate(ref, prompts, opts.max_new_tokens, opts.temperature, opts.seed,
                        prefill_chunk=opts.prefill_chunk, record_logits=True, forced=res.tokens)
     diff, agree, n = compare_logits(res.step_logits, cpu.step_logits)
     impls = sorted({i for v in ref.ops.used().values() for i in v})

@@ -54,3 +54,11 @@ def test_tiny_run_says_its_text_is_noise_and_check_passes(capsys):
     assert main(["run", "--backend", "cpu", "--max-new-tokens", "2", "--check", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "random weights, so the text is noise" in out and "verdict  PASS" in out and "tolerance" in out
+
+
+def test_several_prompts_run_as_one_batch(capsys):
+    assert main(["run", "--backend", "cpu", "--prompt", "Hi", "--prompt", "a longer prompt", "--max-new-tokens", "2",
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "prompt 1 'Hi' (3 tokens)" in out and "prompt 2 'a longer prompt' (16 tokens)" in out
+    assert "text 2" in out
