@@ -37,6 +37,7 @@ class RunOptions:
     seed: int = 0
     check: bool = False
     dtype: str = "bf16"
+    precision: str = "release"     # the bf16 precision points of the release, or "fp32" (see OpCaller)
     prefill_chunk: int | None = None
     layers: int | None = None     # --preset flash-slice only (default 4)
     experts: int | None = None
@@ -120,7 +121,8 @@ def build_model(opts: RunOptions, device: torch.device, quiet: bool = False,
         ck = Checkpoint(path, progress=opts.progress and not quiet and not distributed)
         names = Transformer.load_order(ck.cfg)
         ck.start_progress(names)
-        model = Transformer(ck.cfg, ck, device, dtype, convert_fp4=opts.convert_fp8, par=layout(ck.cfg))
+        model = Transformer(ck.cfg, ck, device, dtype, convert_fp4=opts.convert_fp8, par=layout(ck.cfg),
+                            precision=opts.precision)
         ck.finish_progress()
         origin = path if opts.checkpoint else f"{path} (tiny preset: random weights, so the text is noise)"
         return model, load_tokenizer(ck.cfg, path), origin
@@ -135,7 +137,8 @@ def build_model(opts: RunOptions, device: torch.device, quiet: bool = False,
 
         src = ProgressSource(SyntheticSource(cfg, opts.seed, gen_device or device, fast=True, mtp=False),
                              "drawing synthetic weights", enabled=opts.progress and not quiet and not distributed)
-        model = Transformer(cfg, src, device, dtype, convert_fp4=opts.convert_fp8, par=layout(cfg))
+        model = Transformer(cfg, src, device, dtype, convert_fp4=opts.convert_fp8, par=layout(cfg),
+                            precision=opts.precision)
         src.progress.close()
         return model, ByteTokenizer(cfg.bos_token_id, cfg.eos_token_id), (
             f"synthetic random weights (seed {opts.seed}, in memory; the text is noise)")
@@ -306,6 +309,7 @@ def options_from_args(args: Any) -> RunOptions:
     """RunOptions from the argparse namespace of ``dsv4rt run``."""
     return RunOptions(checkpoint=args.checkpoint, preset=args.preset, backend=args.backend, prompt=args.prompt,
                       prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      seed=args.seed, check=args.check, dtype=args.dtype, prefill_chunk=args.prefill_chunk,
+                      seed=args.seed, check=args.check, dtype=args.dtype, precision=args.precision,
+                      prefill_chunk=args.prefill_chunk,
                       layers=args.layers, experts=args.experts, convert_fp8=args.convert_fp8,
                       progress=not args.quiet, tp=args.tp, ep=args.ep)
