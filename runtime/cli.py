@@ -109,7 +109,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                      "flash-slice (V4-Flash widths, --layers layers, weights drawn in memory; for GPUs)")
     p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "ascend"),
                    help="where the ops run (default auto: the best available device)")
-    p.add_argument("--prompt", metavar="TEXT", help="prompt text")
+    p.add_argument("--prompt", metavar="TEXT", action="append", help="prompt text; repeat it to run several "
+                   "prompts as one batch")
     p.add_argument("--prompt-len", type=int, metavar="N", help="use N synthetic prompt tokens instead (benchmarks)")
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default 32)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples (Gumbel-max)")
@@ -121,7 +122,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="release (default): round where the released code computes in bf16 (per-head q norm, "
                    "attention P before P.V, indexer scores); fp32: keep those in fp32")
     p.add_argument("--prefill-chunk", type=int, metavar="N", help="prefill in chunks of N tokens")
-    p.add_argument("--layers", type=int, default=4, metavar="N", help="layers of --preset flash-slice (default 4)")
+    p.add_argument("--layers", type=int, metavar="N", help="layers of --preset flash-slice (default 4; the first "
+                   "layers of each kind, so a short slice still runs the indexer and compressors)")
     p.add_argument("--experts", type=int, metavar="N", help="routed experts of --preset flash-slice (default 256; "
                    "fewer for small machines)")
     p.add_argument("--convert-fp8", action="store_true", help="convert FP4 experts losslessly to FP8 at load")
@@ -140,8 +142,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1 or (args.prompt_len is not None and args.prompt_len < 1):
         raise _UsageError("--max-new-tokens and --prompt-len must be >= 1")
-    if args.layers < 1 or (args.experts is not None and args.experts < 1):
+    if (args.layers is not None and args.layers < 1) or (args.experts is not None and args.experts < 1):
         raise _UsageError("--layers and --experts must be >= 1")
+    slice_only = [f for f, v in (("--layers", args.layers), ("--experts", args.experts)) if v is not None]
+    if slice_only and args.preset != "flash-slice":
+        raise _UsageError(f"{' and '.join(slice_only)} only shape --preset flash-slice; the "
+                          f"{'checkpoint' if args.checkpoint else 'tiny preset'} has its own layers and experts")
+    if args.prompt is not None and args.prompt_len is not None:
+        raise _UsageError("--prompt and --prompt-len exclude each other: --prompt-len N replaces the prompt with N "
+                          "synthetic tokens")
     if (args.tp is not None and args.tp < 1) or (args.ep is not None and args.ep < 1):
         raise _UsageError("--tp and --ep must be >= 1")
     return run(options_from_args(args))
@@ -163,7 +172,7 @@ def _context(text: str) -> int:
 
 def _add_kv_cache(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("kv-cache", help="KV cache bytes per sequence from a model's layer schedule",
-                       description="KV cache bytes per sequence (spec section 8): windows, compressed entries "
+                       description="KV cache bytes per sequence (docs/deepseek-v4.md section 8): windows, compressed entries "
                                    "and indexer keys of every layer at a context length.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=("flash", "pro", "tiny", "flash-slice"), help="released or synthetic config")
@@ -217,6 +226,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a usage error (2): argparse already printed why
         return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
     _setup_logging()
+    from .shadow import shadowing_warning
+
+    warning = shadowing_warning(path=())  # the console script's sys.path is not the user's: check the cwd
+    if warning:
+        print(f"dsv4rt: {warning}", file=sys.stderr)
     try:
         return args.func(args)
     except (_UsageError, Dsv4rtError, OSError) as exc:

@@ -1,4 +1,4 @@
-"""Weight and activation formats of DeepSeek-V4 (spec sections 1, 2.2 and 3.1).
+"""Weight and activation formats of DeepSeek-V4 (docs/deepseek-v4.md sections 1, 2.2 and 3.1).
 
 * E2M1 (FP4): 16 codes, bit 3 = sign; two codes per byte along K, low nibble = even k, high = odd k.
 * E8M0 (UE8M0 scales): byte b means 2^(b-127); 255 is NaN; no sign, no zero.

@@ -87,6 +87,13 @@ class Choice:
     impl: Implementation
     fallback_device: str | None = None
     rejected: list[tuple[str, str]] = field(default_factory=list)
+    runnable: list[Implementation] = field(default_factory=list)  # every candidate that could run the call
+    rule: str = "automatic"  # the selection rule that decided (backend= / use_backend / env / automatic)
+
+    def __str__(self) -> str:
+        from .explain import format_choice
+
+        return format_choice(self)
 
 
 def _screen(reg: Registry, impls: list[Implementation], device_type: str, args: Mapping[str, Any],
@@ -152,7 +159,7 @@ def _choose_explicit(reg: Registry, op: str, text: str, where: str, device_type:
         raise NoImplementationError(f"{op}: {where} asks for {text!r}, which cannot run this call "
                                     f"(inputs on {device_type}); it is never silently replaced:\n"
                                     f"{_listing(rejected)}\n{_HINT}")
-    return Choice(max(ok, key=lambda i: i.priority), None, rejected)
+    return Choice(max(ok, key=lambda i: i.priority), None, rejected, ok, where)
 
 
 def _preference() -> list[str] | None:
@@ -184,7 +191,8 @@ def _choose_auto(reg: Registry, op: str, device_type: str, args: Mapping[str, An
             raise NoImplementationError(
                 f"{op}: DSV4RT_STRICT=1 forbids falling back to {best.name} past a refused faster variant:\n"
                 f"{_listing(skipped)}\n{_HINT}")
-        return Choice(best, None, rejected), rejected
+        rule = f"DSV4RT_BACKEND={','.join(prefs)}" if prefs is not None else "automatic"
+        return Choice(best, None, rejected, ok, rule), rejected
     return None, rejected
 
 

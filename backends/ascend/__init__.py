@@ -1,7 +1,7 @@
 """The Ascend backend: torch_npu fused variants (``ascend/fused``) on top of the composite ``ascend/torch``.
 
 ``probe()`` never imports torch_npu (``import torch_npu`` needs the CANN libraries on the loader path and
-fails, or initialises the NPU runtime, otherwise; spec/ascend.md section 0). It checks that torch_npu is
+fails, or initialises the NPU runtime, otherwise; docs/ascend.md section 0). It checks that torch_npu is
 installed (``importlib.util.find_spec``), that a CANN toolkit is present (``ASCEND_HOME_PATH`` /
 ``ASCEND_TOOLKIT_HOME`` / ``ASCEND_OPP_PATH`` or ``/usr/local/Ascend/ascend-toolkit``) and that NPU device
 nodes exist. Only when torch_npu is already imported (e.g. by torch's device-backend autoload) does it

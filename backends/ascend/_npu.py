@@ -5,9 +5,9 @@ torch's device-backend autoload already imported it): nothing here imports torch
 :func:`module`, which ``load()`` and ``prepare_weights`` call on purpose.
 
 Features are probed **by name** (``hasattr(torch_npu, op)`` or ``torch.ops.npu.<op>``), never guessed
-from version numbers (spec/ascend.md section 0).
+from version numbers (docs/ascend.md section 0).
 
-The dtype trap (spec/ascend.md section 0): ``torch_npu.float4_e2m1fn_x2``, ``float8_e8m0fnu``,
+The dtype trap (docs/ascend.md section 0): ``torch_npu.float4_e2m1fn_x2``, ``float8_e8m0fnu``,
 ``hifloat8``, ... are Python **ints** (``torch_npu._C._cd.DType``), not ``torch.dtype``. They are only
 ever passed to the ``*_dtype=`` / ``dst_type=`` arguments of torch_npu ops; tensors keep an ordinary
 storage dtype (uint8 for packed FP4 and for E8M0). :func:`npu_dtype` returns them and refuses anything
@@ -36,7 +36,7 @@ ND = 2
 
 
 def soc_family(soc_version: int) -> str:
-    """Chip family of a ``torch_npu.npu.get_soc_version()`` value (spec/ascend.md chip table)."""
+    """Chip family of a ``torch_npu.npu.get_soc_version()`` value (docs/ascend.md chip table)."""
     if 220 <= soc_version <= 225:
         return "A2"      # Atlas 800 A2, Ascend 910B
     if 250 <= soc_version <= 255:

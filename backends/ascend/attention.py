@@ -3,14 +3,14 @@ the rest of the selected entries through the composite code, merged exactly by l
 
 Why a split: no torch_npu op in 2.14 takes V4's gathered-index attention with a per-head sink at D = 512
 (``npu_sparse_attn_sharedkv`` lives in vllm-ascend's csrc, not in torch_npu; FIA's ``learnable_sink``
-needs D <= 128; spec/ascend.md section 4). FIA does take the window: a causal band of consecutive kv
+needs D <= 128; docs/ascend.md section 4). FIA does take the window: a causal band of consecutive kv
 rows (prefill, ``sparse_mode=4`` with ``pre_tokens = W - 1``, ``next_tokens = 0``) or a prefix of the
 ring buffer (decode, ``actual_seq_lengths_kv``), D up to 512, and returns the softmax LSE.
 
 Why the merge is exact: the contract's one softmax over ``window ∪ rest ∪ {sink}`` factors as
 ``lse = log(e^lse_w + e^lse_r)``, ``o = o_w e^(lse_w - lse) + o_r e^(lse_r - lse)`` (each partial is a
 softmax-weighted mean over a disjoint set of idx columns, duplicates included), then the sink:
-``lse' = log(e^lse + e^sink)``, ``o' = o e^(lse - lse')`` (spec/ascend.md section 4). The merge runs in
+``lse' = log(e^lse + e^sink)``, ``o' = o e^(lse - lse')`` (docs/ascend.md section 4). The merge runs in
 fp32; the only extra rounding is FIA's output in q's dtype (one rounding of the window partial, inside the
 contract's P-rounding allowance). The rest is computed in fp32 by the composite code (``q.float()``).
 

@@ -63,7 +63,7 @@ def _quantized_bf16(x: Tensor, act_quant: str | None) -> Tensor:
 
 
 def supports_fp4_grouped(feat: Features) -> Callable[[Mapping[str, Any]], str | None]:
-    """Documented limits of npu_grouped_matmul (spec/ascend.md section 2; op-plugin GMM doc)."""
+    """Documented limits of npu_grouped_matmul (docs/ascend.md section 2; op-plugin GMM doc)."""
     def supports(a: Mapping[str, Any]) -> str | None:
         w, x = a["w"], a["x"]
         if feat.soc not in _CHIPS:

@@ -2,7 +2,7 @@
 
 Decode only (one query per sequence, ``S == 1``). npu_lightning_indexer has no compression-ratio
 argument: its causal rule (``sparse_mode=3``: key ``j <= Lk - Lq + i``) is wrong for ratio-4 compressed
-keys as soon as several queries run at once (spec/ascend.md section 3), and it cannot express the
+keys as soon as several queries run at once (docs/ascend.md section 3), and it cannot express the
 contract's arbitrary per-query ``visible``. With one query per sequence the rule reduces to ``j < Lk``,
 and ``actual_seq_lengths_key = visible[:, 0]`` gives exactly the contract's visibility.
 

@@ -1,6 +1,6 @@
 """``ascend/fused`` moe_dispatch / moe_combine: ``npu_moe_init_routing_v2`` and ``npu_moe_token_unpermute``.
 
-moe_route stays composite: ``npu_moe_gating_top_k`` has no sqrt-softplus score (spec/ascend.md section 5).
+moe_route stays composite: ``npu_moe_gating_top_k`` has no sqrt-softplus score (docs/ascend.md section 5).
 
 Layout mapping (documented semantics, Ascend/op-plugin ``torch_npu-npu_moe_init_routing_v2.md`` and CANN
 ``aclnnMoeTokenUnpermute``):

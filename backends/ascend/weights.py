@@ -4,9 +4,9 @@ The op contracts (``fp4_grouped_gemm``, ``fp4_gemm``, ``fp8_gemm``) take the rel
 ``w [.., N, K/2]`` uint8/int8 E2M1 pairs with ``w_scale [.., N, K/32]`` E8M0, or FP8 E4M3 ``w [N, K]``
 with ``[ceil(N/128), ceil(K/128)]`` scales. No Ascend chip multiplies that layout directly:
 
-- A2 / A3 (910B / 910C) have no FP4 or FP8 matmul at all (spec/ascend.md section 2).
+- A2 / A3 (910B / 910C) have no FP4 or FP8 matmul at all (docs/ascend.md section 2).
 - 950 multiplies MXFP4 natively, but ``npu_grouped_matmul`` wants the weight cast to FRACTAL_NZ and the
-  E8M0 scales interleaved as ``[E, K/64, N, 2]`` (the vllm-ascend recipe, spec section 2).
+  E8M0 scales interleaved as ``[E, K/64, N, 2]`` (the vllm-ascend recipe, docs/ascend.md section 2).
 
 So :func:`prepare_weights` does the conversion once, at load time, and returns a :class:`PreparedWeight`.
 

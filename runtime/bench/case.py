@@ -18,10 +18,11 @@ class BenchCase:
     """One timed case.
 
     ``make(device, gen)`` returns the op's keyword arguments on ``device``. ``bytes`` counts every input
-    read once and every output written once; ``flops`` the useful FLOPs (performance.md section 1).
+    read once and every output written once; ``flops`` the useful FLOPs (docs/performance.md section 1).
     ``pipeline`` (optional) replaces the single op call; ``baselines`` adds named reference timings built
     from the same arguments (e.g. cuBLAS BF16 on pre-dequantised weights). ``target_us`` is the
-    performance.md section 4 target, reported, never asserted.
+    docs/performance.md target, reported, never asserted; ``meets(fraction_of_roofline, ratios)`` judges a
+    target stated as a roofline fraction and a speed-up over baselines instead (the CPU GEMV target).
     """
 
     name: str
@@ -35,3 +36,4 @@ class BenchCase:
     pipeline: Pipeline | None = None
     baselines: dict[str, Callable[[dict[str, Any]], Callable[[], Any]]] = field(default_factory=dict)
     note: str = ""
+    meets: Callable[[float, dict[str, float]], bool] | None = None

@@ -1,4 +1,4 @@
-"""CPU cases (performance.md section 4, last paragraph): the FP4 GEMV/GEMM at V4-Flash expert shapes
+"""CPU cases (docs/performance.md section 4, last paragraph): the FP4 GEMV/GEMM at V4-Flash expert shapes
 and on a 4096 x 4096 MXFP4 matrix, plus the other native ops at decode sizes.
 
 The runner times every variant of the cpu backend (cpu/native, cpu/numpy, cpu/torch) and reports each
@@ -41,12 +41,17 @@ def _native_built() -> bool:
     return True
 
 
+def _gemv_target(fraction: float, ratios: dict[str, float]) -> bool:
+    """docs/performance.md: >= 50% of the measured read bandwidth and >= 10x the NumPy variant."""
+    return fraction >= 0.5 and ratios.get("cpu/numpy", 0.0) >= 10.0
+
+
 def _fp4(m: int, n: int, k: int, target: str = "") -> BenchCase:
     def make(device: torch.device, gen: torch.Generator) -> dict[str, Any]:
         w, s = mxfp4(n, k, device, gen)
         return {"x": normal((m, k), device, gen), "w": w, "w_scale": s, "act_quant": None}
     return BenchCase(f"fp4_gemm[M{m}-N{n}-K{k}]", "fp4_gemm", make, bytes=n * k * (0.5 + 1 / 32) + 2 * m * (k + n),
-                     flops=2 * m * n * k, devices=("cpu",), target=target)
+                     flops=2 * m * n * k, devices=("cpu",), target=target, meets=_gemv_target if target else None)
 
 
 def _grouped(t: int, quick: bool) -> BenchCase:

@@ -1,4 +1,4 @@
-"""V4-Flash cases of performance.md section 4 (accelerator devices). ``quick`` shrinks every shape so
+"""V4-Flash cases of docs/performance.md section 4 (accelerator devices). ``quick`` shrinks every shape so
 the same code path can be exercised on a CPU in tests."""
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ def _dispatch(t: int, target_us: float | None, quick: bool, target: str) -> Benc
     def make(device: torch.device, gen: torch.Generator) -> dict[str, Any]:
         return {"x": normal((t, dim), device, gen), "ids": routed_ids(t, EXPERTS, TOPK, device, gen),
                 "num_experts": EXPERTS}
-    nbytes = 2 * t * dim * (1 + TOPK)  # read each token once, write k copies (performance.md 3.4)
+    nbytes = 2 * t * dim * (1 + TOPK)  # read each token once, write k copies (docs/performance.md 3.4)
     return BenchCase(f"moe_dispatch[T{t}]", "moe_dispatch", make, bytes=nbytes, flops=0,
                      target=target, target_us=target_us if target_us else nbytes / 2.0e12 * 1e6)
 

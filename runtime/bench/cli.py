@@ -10,14 +10,15 @@ __all__ = ["add_bench"]
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="time the ops against the measured roofline and their baselines",
-                       description="Measure the device's ceilings, then time every case (performance.md "
-                                   "section 4 on accelerators, the native-kernel cases on CPUs) on every "
+                       description="Measure the device's ceilings, then time every case (docs/performance.md "
+                                   "on accelerators, the native-kernel cases on CPUs) on every "
                                    "variant of the backend, each checked for correctness first.")
     p.add_argument("--backend", default="cpu", metavar="NAME", help="backend to time (default cpu)")
     p.add_argument("--ops", metavar="a,b,...", help="only cases of these ops (a routed-MoE case is 'moe_layer')")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="draw the roofline with every case (needs matplotlib)")
-    p.add_argument("--quick", action="store_true", help="small shapes and few repetitions (a smoke run)")
+    p.add_argument("--quick", action="store_true", help="small shapes and few repetitions: a smoke run whose "
+                   "case names carry the small shapes (not comparable with the README table)")
     p.add_argument("--reps", type=int, default=30, help="timed repetitions per case (default 30)")
     p.add_argument("--dispatch", action="store_true", help="only measure the registry's per-call overhead on CPU")
     p.set_defaults(func=_cmd_bench)
@@ -29,10 +30,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         print(format_rows(measure_dispatch_overhead(number=2000 if args.quick else 20000)))
         return 0
-    from .report import format_report, plot_roofline
-    from .runner import run_bench
+    from .report import format_report, plot_roofline, require_matplotlib
+    from .runner import bench_op_names, run_bench
 
-    ops = [o.strip() for o in args.ops.split(",")] if args.ops else None
+    if args.plot:
+        require_matplotlib()  # before the run, not after minutes of timing
+    ops = None
+    if args.ops is not None:
+        ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+        valid = bench_op_names(args.backend)
+        unknown = [o for o in ops if o not in valid]
+        if not ops or unknown:
+            print(f"dsv4rt bench: error: --ops: unknown op(s) {', '.join(unknown) or '(none given)'}; "
+                  f"ops with bench cases on {args.backend}: {', '.join(valid)}", file=sys.stderr)
+            return 2
     report = run_bench(args.backend, ops, quick=args.quick, reps=3 if args.quick else args.reps,
                        log=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_report(report))

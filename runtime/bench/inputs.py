@@ -12,7 +12,7 @@ def _bytes(shape: tuple[int, ...], device: torch.device, gen: torch.Generator) -
 
 def e8m0(shape: tuple[int, ...], device: torch.device, gen: torch.Generator, lo: int = 118,
          hi: int = 126) -> torch.Tensor:
-    """E8M0 scale bytes in a narrow realistic band (performance.md section 5)."""
+    """E8M0 scale bytes in a narrow realistic band (docs/performance.md section 5)."""
     return torch.randint(lo, hi + 1, shape, dtype=torch.uint8, device=device, generator=gen)
 
 

@@ -3,7 +3,15 @@ from __future__ import annotations
 
 from .runner import BenchReport
 
-__all__ = ["format_report", "plot_roofline"]
+__all__ = ["format_report", "plot_roofline", "require_matplotlib"]
+
+
+def require_matplotlib() -> None:
+    """Raise OSError (the CLI's exit 2 with a message) when matplotlib is missing; checked before a run."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise OSError("--plot needs matplotlib (pip install matplotlib)") from exc
 
 
 def _fmt(v: float) -> str:
@@ -17,15 +25,18 @@ def format_report(report: BenchReport) -> str:
     peak_name = "BF16" if "bf16_tflops" in c else "FP32"
     lines = [
         f"backend {report.backend} on {c['device']} ({', '.join(f'{k} {v}' for k, v in env.items())})",
-        f"measured ceilings: read {c['read_tbs']:.3g} TB/s, copy {c['copy_tbs']:.3g} TB/s, {peak_name} {peak:.3g} TFLOP/s",
+        f"measured ceilings: read {c['read_tbs'] * 1e3:.3g} GB/s, copy {c['copy_tbs'] * 1e3:.3g} GB/s, "
+        f"{peak_name} {peak * 1e3:.3g} GFLOP/s",
+        *(["quick run: small shapes (the '(quick)' cases), not comparable with the README table"]
+          if report.quick else []),
         "",
-        "| case | implementation | us | TB/s | TFLOP/s | roofline us | of roofline | vs baselines | target | met |",
+        "| case | implementation | us | GB/s | GFLOP/s | roofline us | of roofline | vs baselines | target | met |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report.rows:
         ratios = ", ".join(f"{v:.2g}x {k}" for k, v in r.ratios.items()) or "—"
         met = "—" if r.met is None else ("yes" if r.met else "no")
-        lines.append(f"| {r.case} | {r.implementation} | {_fmt(r.us)} | {r.tbs:.3g} | {r.tflops:.3g} | "
+        lines.append(f"| {r.case} | {r.implementation} | {_fmt(r.us)} | {_fmt(r.tbs * 1e3)} | {_fmt(r.tflops * 1e3)} | "
                      f"{_fmt(r.roofline_us)} | {r.fraction:.0%} | {ratios} | {r.target or '—'} | {met} |")
     for f in report.failures:
         lines.append(f"WRONG (not timed): {f}")

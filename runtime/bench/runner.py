@@ -1,5 +1,5 @@
 """`dsv4rt bench`: measure the ceilings, then time every case on every variant of a backend next to
-its baselines, each checked for correctness first (performance.md section 5)."""
+its baselines, each checked for correctness first (docs/performance.md section 5)."""
 from __future__ import annotations
 
 import platform
@@ -43,10 +43,11 @@ class BenchReport:
     rows: list[BenchRow] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     unsupported: list[str] = field(default_factory=list)
+    quick: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "environment": self.environment, "ceilings": self.ceilings,
-                "rows": [asdict(r) for r in self.rows], "failures": self.failures, "unsupported": self.unsupported}
+                "rows": [asdict(r) for r in self.rows], "failures": self.failures, "unsupported": self.unsupported, "quick": self.quick}
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
@@ -101,6 +102,21 @@ def _variants(backend: str, case: BenchCase) -> list[str]:
     return [i.name for i in sorted((i for i in impls if i.op == case.op), key=lambda i: -i.priority)]
 
 
+def _met(case: BenchCase, t: float, fraction: float, ratios: dict[str, float]) -> bool | None:
+    """The case's docs/performance.md target, or None where the case has none."""
+    if case.meets is not None:
+        return case.meets(fraction, ratios)
+    return None if case.target_us is None else t <= case.target_us
+
+
+def bench_op_names(backend: str) -> list[str]:
+    """Op names that have bench cases on ``backend``'s device (all devices if the backend is unknown)."""
+    backends = REGISTRY.backends()
+    dev = backends[backend].device_type if backend in backends else None
+    cases = (cpu_cases(True) if dev in (None, "cpu") else []) + (gpu_cases(True) if dev != "cpu" else [])
+    return sorted({c.op for c in cases})
+
+
 def run_bench(backend: str, ops: Sequence[str] | None = None, quick: bool = False, reps: int = 30,
               log: Callable[[str], None] = lambda s: None) -> BenchReport:
     """Time every case of ``backend``'s device (filtered by op names) on every variant of the backend."""
@@ -108,7 +124,7 @@ def run_bench(backend: str, ops: Sequence[str] | None = None, quick: bool = Fals
     ceilings = measure_ceilings(device, quick)
     log(f"ceilings on {ceilings['device']}: " + ", ".join(f"{k} {v:.3g}" for k, v in ceilings.items()
                                                         if isinstance(v, float)))
-    report = BenchReport(backend, _environment(device), ceilings)
+    report = BenchReport(backend, _environment(device), ceilings, quick=quick)
     peak_tflops = ceilings.get("bf16_tflops") or ceilings.get("fp32_tflops")
     cases = cpu_cases(quick) if device.type == "cpu" else gpu_cases(quick)
     for case in cases:
@@ -145,10 +161,10 @@ def run_bench(backend: str, ops: Sequence[str] | None = None, quick: bool = Fals
         # baselines: the torch composite, the NumPy variant where there is one, and the case's extras
         baselines = {name: t for name, t in times.items() if name == composite or name.endswith("/numpy")} | extra
         for variant, t in list(times.items()) + list(extra.items()):
-            met = None if case.target_us is None or variant in extra else t <= case.target_us
             ratios = {name: b / t for name, b in baselines.items() if name != variant}
+            met = _met(case, t, roofline / t, ratios) if variant not in extra else None
             report.rows.append(BenchRow(
-                case.name, variant, t, case.bytes / t / 1e6, case.flops / t / 1e6, roofline, roofline / t,
+                f"{case.name} (quick)" if quick else case.name, variant, t, case.bytes / t / 1e6, case.flops / t / 1e6, roofline, roofline / t,
                 ratios, case.target if variant not in extra else "baseline", met, case.note))
         del args
     return report

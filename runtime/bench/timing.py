@@ -1,6 +1,6 @@
 """Timers: CUDA events with an L2 flush before every call on GPUs; wall clock with a cache flush on CPUs.
 
-performance.md section 5: warm up first, flush caches before each timed call (a 13 MB expert fits in the
+docs/performance.md section 5: warm up first, flush caches before each timed call (a 13 MB expert fits in the
 H100's 50 MB L2), allocate outside the timed region, report the median.
 """
 from __future__ import annotations

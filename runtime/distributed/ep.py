@@ -1,5 +1,5 @@
 """Expert-parallel dispatch and combine over a process group: the all-to-all form of ``moe_dispatch`` /
-``moe_combine`` (the Megatron / vllm-ascend "all-to-all-v" pattern, spec/ascend.md section 5, option 1).
+``moe_combine`` (the Megatron / vllm-ascend "all-to-all-v" pattern, docs/ascend.md section 5, option 1).
 
 Rank ``i`` of the group (size ``ep``) owns experts ``[i*E/ep, (i+1)*E/ep)``. Each rank brings its own
 tokens ``x [T_i, H]`` with their routing ``ids [T_i, topk]``:

@@ -1,4 +1,4 @@
-"""KV-cache bytes per sequence from the layer schedule (spec section 8).
+"""KV-cache bytes per sequence from the layer schedule (docs/deepseek-v4.md section 8).
 
 Per layer: a ``window_size``-token window of ``head_dim`` entries in every layer; ``S // ratio``
 compressed entries in CSA / HCA layers; ``S // 4`` indexer keys of ``index_head_dim`` in CSA layers.

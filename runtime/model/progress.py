@@ -2,11 +2,12 @@
 every 10% otherwise (logs, CI)."""
 from __future__ import annotations
 
+import math
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
-__all__ = ["Progress"]
+__all__ = ["Progress", "ProgressSource"]
 
 
 def _gb(n: float) -> str:
@@ -57,3 +58,24 @@ class Progress:
         if self.enabled and self.tty:
             self.stream.write("\r" + self._line() + "\n")
             self.stream.flush()
+
+
+_ITEMSIZE = {"F8_E4M3": 1, "F8_E8M0": 1, "I8": 1, "BF16": 2, "F32": 4, "I64": 8, "I32": 4}
+
+
+class ProgressSource:
+    """Wraps a weight source (``get(name)``, ``schema``) and advances a ``Progress`` per tensor drawn, sized
+    from the source's schema; every other attribute is the wrapped source's."""
+
+    def __init__(self, source: Any, label: str, enabled: bool = True, stream: TextIO | None = None) -> None:
+        self._source = source
+        sizes = [math.prod(s.shape) * _ITEMSIZE.get(s.dtype, 4) for s in source.schema.values()]
+        self.progress = Progress(label, sum(sizes), len(sizes), enabled=enabled, stream=stream, quiet_below=0)
+
+    def get(self, name: str) -> Any:
+        t = self._source.get(name)
+        self.progress.advance(t.numel() * t.element_size())
+        return t
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._source, name)

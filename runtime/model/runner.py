@@ -19,7 +19,7 @@ from .generate import GenerationResult, generate
 from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from .transformer import Transformer
 
-__all__ = ["RunOptions", "run", "resolve_device", "build_model", "compare_logits", "DEFAULT_PROMPT"]
+__all__ = ["RunOptions", "run", "resolve_device", "build_model", "compare_logits", "slice_ratios", "DEFAULT_PROMPT"]
 
 DEFAULT_PROMPT = "DeepSeek-V4 on dsv4rt:"
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -30,7 +30,7 @@ class RunOptions:
     checkpoint: str | None = None
     preset: str | None = None
     backend: str = "auto"
-    prompt: str | None = None
+    prompt: str | list[str] | None = None   # several prompts run as one batch
     prompt_len: int | None = None
     max_new_tokens: int = 32
     temperature: float = 0.0
@@ -39,7 +39,7 @@ class RunOptions:
     dtype: str = "bf16"
     precision: str = "release"     # the bf16 precision points of the release, or "fp32" (see OpCaller)
     prefill_chunk: int | None = None
-    layers: int = 4
+    layers: int | None = None     # --preset flash-slice only (default 4)
     experts: int | None = None
     convert_fp8: bool = False
     progress: bool = True
@@ -124,19 +124,37 @@ def build_model(opts: RunOptions, device: torch.device, quiet: bool = False,
         model = Transformer(ck.cfg, ck, device, dtype, convert_fp4=opts.convert_fp8, par=layout(ck.cfg),
                             precision=opts.precision)
         ck.finish_progress()
-        return model, load_tokenizer(ck.cfg, path), path
+        origin = path if opts.checkpoint else f"{path} (tiny preset: random weights, so the text is noise)"
+        return model, load_tokenizer(ck.cfg, path), origin
     if opts.preset == "flash-slice":
         cfg = preset("flash-slice")
-        if opts.layers != cfg.n_layers:
-            cfg = cfg.replace(n_layers=opts.layers, compress_ratios=preset("flash").compress_ratios[:opts.layers] + (0,))
+        if opts.layers is not None and opts.layers != cfg.n_layers:
+            cfg = cfg.replace(n_layers=opts.layers, compress_ratios=slice_ratios(preset("flash").compress_ratios[:-1],
+                                                                                 opts.layers) + (0,))
         if opts.experts:
             cfg = cfg.replace(n_routed_experts=opts.experts, n_activated_experts=min(cfg.n_activated_experts, opts.experts))
-        src = SyntheticSource(cfg, opts.seed, gen_device or device, fast=True, mtp=False)
+        from .progress import ProgressSource
+
+        src = ProgressSource(SyntheticSource(cfg, opts.seed, gen_device or device, fast=True, mtp=False),
+                             "drawing synthetic weights", enabled=opts.progress and not quiet and not distributed)
         model = Transformer(cfg, src, device, dtype, convert_fp4=opts.convert_fp8, par=layout(cfg),
                             precision=opts.precision)
-        return model, ByteTokenizer(cfg.bos_token_id, cfg.eos_token_id), f"synthetic weights (seed {opts.seed}, in memory)"
+        src.progress.close()
+        return model, ByteTokenizer(cfg.bos_token_id, cfg.eos_token_id), (
+            f"synthetic random weights (seed {opts.seed}, in memory; the text is noise)")
     raise BackendSelectionError(f"--preset {opts.preset}: the full {opts.preset} model needs its checkpoint "
                                 f"(--checkpoint DIR); runnable presets: tiny, flash-slice")
+
+
+def slice_ratios(schedule: tuple[int, ...], n: int) -> tuple[int, ...]:
+    """The first ``n`` layers' compression ratios of a V4 layer schedule, keeping every layer kind: the
+    schedule's own prefix when it already holds each kind, else the first layer of each kind (CSA, HCA,
+    then SWA), so the indexer and the compressors run even in a 1-3 layer slice."""
+    kinds = list(dict.fromkeys(schedule))
+    if set(schedule[:n]) == set(kinds):
+        return tuple(schedule[:n])
+    order = sorted(kinds, key=lambda r: (r == 0, schedule.index(r)))[:n]
+    return tuple(sorted(order, key=schedule.index))
 
 
 def _describe(cfg: ModelConfig) -> str:
@@ -159,13 +177,19 @@ def compare_logits(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float,
     return diff, agree, n
 
 
-def _prompt_ids(opts: RunOptions, tok: Tokenizer, cfg: ModelConfig) -> list[int]:
+def _prompts(opts: RunOptions, tok: Tokenizer, cfg: ModelConfig) -> list[list[int]]:
+    """Token ids of every prompt of the batch (one, unless several --prompt were given)."""
+    texts = opts.prompt if isinstance(opts.prompt, list) else [opts.prompt]
+    return [_prompt_ids(opts, tok, cfg, t) for t in texts]
+
+
+def _prompt_ids(opts: RunOptions, tok: Tokenizer, cfg: ModelConfig, text: str | None) -> list[int]:
     if opts.prompt_len:
         g = torch.Generator().manual_seed(opts.seed)
         lo = 3 if isinstance(tok, ByteTokenizer) else 0
         return [cfg.bos_token_id] + torch.randint(lo, min(cfg.vocab_size, 259) if lo else cfg.vocab_size,
                                                   (opts.prompt_len - 1,), generator=g).tolist()
-    return tok.encode(DEFAULT_PROMPT if opts.prompt is None else opts.prompt)
+    return tok.encode(DEFAULT_PROMPT if text is None else text)
 
 
 def run(opts: RunOptions, out: TextIO | None = None) -> int:
@@ -199,9 +223,9 @@ def _run(opts: RunOptions, out: TextIO, distributed: bool) -> int:
     with _cpu_threads(device):
         model, tok, origin = build_model(opts, device, distributed=distributed)
         load_s = time.perf_counter() - t0
-        prompt = _prompt_ids(opts, tok, model.cfg)
+        prompts = _prompts(opts, tok, model.cfg)
         with contextlib.nullcontext() if choice is None else _use(choice):
-            res = generate(model, [prompt], opts.max_new_tokens, opts.temperature, opts.seed,
+            res = generate(model, prompts, opts.max_new_tokens, opts.temperature, opts.seed,
                            prefill_chunk=opts.prefill_chunk, record_logits=opts.check)
         label = opts.backend + (" (Triton interpreter)" if choice == "cuda" and device.type == "cpu" else "")
         print(f"model    {_describe(model.cfg)}", file=out)
@@ -210,15 +234,17 @@ def _run(opts: RunOptions, out: TextIO, distributed: bool) -> int:
         print(f"backend  {label}, weights on {device}, activations {opts.dtype}", file=out)
         for line in describe(model.par, model.cfg):
             print(line, file=out)
-        shown = "" if opts.prompt_len else f" {_printable(tok.decode(prompt))!r}"
-        print(f"prompt  {shown} ({len(prompt)} tokens)", file=out)
-        print("text     " + _printable(tok.decode(res.tokens[0])), file=out)
-        ids = res.tokens[0]
-        print(f"ids      {ids[:16]}{' ...' if len(ids) > 16 else ''}", file=out)
+        for i, prompt in enumerate(prompts):
+            tag = f" {i + 1}" if len(prompts) > 1 else ""
+            shown = "" if opts.prompt_len else f" {_printable(tok.decode(prompt))!r}"
+            print(f"{'prompt' + tag:<8}{shown} ({len(prompt)} tokens)", file=out)
+            print(f"{'text' + tag:<8} " + _printable(tok.decode(res.tokens[i])), file=out)
+            ids = res.tokens[i]
+            print(f"{'ids' + tag:<8} {ids[:16]}{' ...' if len(ids) > 16 else ''}", file=out)
         _timings(res, out)
         _ops(model, out)
         if opts.check and (model.par is None or model.par.rank == 0):
-            _check(opts, model, device, prompt, res, out)
+            return 0 if _check(opts, model, device, prompts, res, out) else 1
     return 0
 
 
@@ -245,19 +271,38 @@ def _ops(model: Transformer, out: TextIO) -> None:
         print(f"  {name:<18} {used}", file=out)
 
 
-def _check(opts: RunOptions, model: Transformer, device: torch.device, prompt: list[int], res: GenerationResult,
-           out: TextIO) -> None:
-    """Replay prompt + generated tokens on the CPU backend and compare every step's logits."""
+def _check(opts: RunOptions, model: Transformer, device: torch.device, prompts: list[list[int]], res: GenerationResult,
+           out: TextIO) -> bool:
+    """Replay prompt + generated tokens on the CPU backend, compare every step's logits and print the verdict
+    against ``CHECK_RTOL`` of the activation dtype (True: within it)."""
     fresh = device.type != "cpu" or model.par is not None     # a parallel run: compare with one CPU process
     ref = build_model(opts, torch.device("cpu"), True, device)[0] if fresh else model
     ref.ops.reset_counts()
     with _cpu_threads(torch.device("cpu")), _use("cpu"):
-        cpu = generate(ref, [prompt], opts.max_new_tokens, opts.temperature, opts.seed,
+        cpu = generate(ref, prompts, opts.max_new_tokens, opts.temperature, opts.seed,
                        prefill_chunk=opts.prefill_chunk, record_logits=True, forced=res.tokens)
     diff, agree, n = compare_logits(res.step_logits, cpu.step_logits)
     impls = sorted({i for v in ref.ops.used().values() for i in v})
     print(f"check    vs the CPU backend ({', '.join(impls)}) on the same {n} steps: max |logit diff| = {diff:.4g}, "
           f"top-1 agreement {agree}/{n} ({100.0 * agree / max(n, 1):.1f}%)", file=out)
+    scale = max((float(t.abs().max()) for t in cpu.step_logits[:n]), default=0.0)
+    ok, tol = check_verdict(diff, scale, opts.dtype)
+    print(f"verdict  {'PASS' if ok else 'FAIL'}: max |logit diff| {diff:.4g} {'<=' if ok else '>'} tolerance "
+          f"{tol:.4g} = {CHECK_RTOL[opts.dtype]:g} x max |CPU logit| {scale:.4g} ({opts.dtype} activations; top-1 "
+          f"agreement is reported, not judged: near-ties may flip)", file=out)
+    return ok
+
+
+# Tolerance of `run --check`: the backends differ by the rounding of every op output in the activation dtype
+# along the whole network, so the bound is relative to the logits' magnitude. bf16 (8-bit mantissa, 2^-9
+# relative per rounding) over tens of rounded ops per layer: 5%; fp32: 1e-3.
+CHECK_RTOL = {"bf16": 0.05, "fp32": 1e-3}
+
+
+def check_verdict(diff: float, logit_scale: float, dtype: str) -> tuple[bool, float]:
+    """(within tolerance, the tolerance) of a --check max logit difference."""
+    tol = CHECK_RTOL[dtype] * max(logit_scale, 1e-6)
+    return diff == diff and diff <= tol, tol
 
 
 def options_from_args(args: Any) -> RunOptions:

@@ -1,4 +1,4 @@
-"""Compressed attention family: kv_compress, sparse_attention (spec sections 3 and 4)."""
+"""Compressed attention family: kv_compress, sparse_attention (docs/deepseek-v4.md sections 3 and 4)."""
 from __future__ import annotations
 
 from typing import Any, Mapping

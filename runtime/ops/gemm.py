@@ -1,4 +1,4 @@
-"""FP4 / FP8 dequant GEMM family: fp4_gemm, fp4_grouped_gemm, fp8_gemm (spec sections 1.1-1.5)."""
+"""FP4 / FP8 dequant GEMM family: fp4_gemm, fp4_grouped_gemm, fp8_gemm (docs/deepseek-v4.md sections 1.1-1.5)."""
 from __future__ import annotations
 
 from typing import Any, Mapping

@@ -1,4 +1,4 @@
-"""Lightning indexer family: indexer_topk (spec section 2)."""
+"""Lightning indexer family: indexer_topk (docs/deepseek-v4.md section 2)."""
 from __future__ import annotations
 
 from typing import Any, Mapping

@@ -1,4 +1,4 @@
-"""MoE family: moe_route, moe_dispatch, moe_combine (spec section 5)."""
+"""MoE family: moe_route, moe_dispatch, moe_combine (docs/deepseek-v4.md section 5)."""
 from __future__ import annotations
 
 from typing import Any, Mapping

@@ -1,6 +1,6 @@
 """dsv4rt.reference: the float64 golden implementation of every v1 op.
 
-The plainest reading of ``spec/deepseek-v4.md``: slow on purpose, no input validation (the op specs in
+The plainest reading of ``docs/deepseek-v4.md``: slow on purpose, no input validation (the op specs in
 ``dsv4rt.ops`` do that). Inputs are CPU torch tensors; outputs are float64, index outputs int32.
 Backends are compared against these functions by the conformance runner.
 """

@@ -1,4 +1,4 @@
-"""Plain decoders for the weight / scale formats of spec/deepseek-v4.md section 1.
+"""Plain decoders for the weight / scale formats of docs/deepseek-v4.md section 1.
 
 Written out by hand on purpose (the reference must not depend on dsv4rt.formats): every function
 returns exact float64 values, so the golden ops never round anything they did not mean to.

@@ -1,0 +1,64 @@
+"""`dsv4rt run` refuses flags that would do nothing, slices keep every layer kind, synthetic weights show
+progress, and --check prints a verdict against a stated tolerance."""
+import io
+
+import pytest
+
+from dsv4rt.cli import main
+from dsv4rt.model.config import preset
+from dsv4rt.model.progress import ProgressSource
+from dsv4rt.model.runner import check_verdict, slice_ratios
+from dsv4rt.model.synthetic import SyntheticSource
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["run", "--layers", "2"], "--layers only shape --preset flash-slice"),
+    (["run", "--experts", "8", "--preset", "tiny"], "--experts only shape --preset flash-slice"),
+    (["run", "--prompt", "hi", "--prompt-len", "8"], "--prompt and --prompt-len exclude each other"),
+])
+def test_flags_that_do_nothing_are_refused(argv, needle, capsys):
+    assert main(argv) == 2
+    assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n,kinds", [(1, {4}), (2, {4, 128}), (3, {0, 4, 128}), (4, {0, 4, 128}), (6, {0, 4, 128})])
+def test_short_flash_slices_keep_the_indexer_and_compressors(n, kinds):
+    schedule = preset("flash").compress_ratios[:-1]
+    got = slice_ratios(schedule, n)
+    assert len(got) == n and set(got) == kinds
+    if n >= 4:
+        assert got == schedule[:n]
+
+
+def test_synthetic_weights_advance_a_progress_line():
+    cfg = preset("tiny")
+    stream = io.StringIO()
+    src = ProgressSource(SyntheticSource(cfg, 0, fast=True, mtp=False), "drawing synthetic weights", stream=stream)
+    names = list(src.schema)
+    for name in names:
+        src.get(name)
+    src.progress.close()
+    text = stream.getvalue()
+    assert "drawing synthetic weights" in text and f"{len(names)}/{len(names)} tensors" in text
+    assert "100.0%" in text and src.cfg is cfg
+
+
+def test_check_verdict_states_its_tolerance():
+    assert check_verdict(0.1, 4.0, "bf16") == (True, pytest.approx(0.2))
+    assert check_verdict(0.3, 4.0, "bf16")[0] is False
+    assert check_verdict(float("nan"), 4.0, "fp32")[0] is False
+    assert check_verdict(0.01, 4.0, "fp32")[0] is False
+
+
+def test_tiny_run_says_its_text_is_noise_and_check_passes(capsys):
+    assert main(["run", "--backend", "cpu", "--max-new-tokens", "2", "--check", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "random weights, so the text is noise" in out and "verdict  PASS" in out and "tolerance" in out
+
+
+def test_several_prompts_run_as_one_batch(capsys):
+    assert main(["run", "--backend", "cpu", "--prompt", "Hi", "--prompt", "a longer prompt", "--max-new-tokens", "2",
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "prompt 1 'Hi' (3 tokens)" in out and "prompt 2 'a longer prompt' (16 tokens)" in out
+    assert "text 2" in out
