@@ -127,6 +127,19 @@ class ModelConfig:
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ValueError(f"ModelConfig({self.name}): {msg}")
+        positive = ("vocab_size", "dim", "n_layers", "n_heads", "head_dim", "q_lora_rank", "o_groups",
+                    "o_lora_rank", "index_n_heads", "index_topk", "n_routed_experts", "moe_inter_dim", "hc_mult",
+                    "max_position_embeddings", "original_seq_len", "route_scale", "rope_theta",
+                    "compress_rope_theta", "rope_factor", "hc_eps", "norm_eps")
+        for f in positive:  # written so that NaN fails too
+            v = getattr(self, f)
+            need(v > 0 and math.isfinite(v), f"{f} must be a finite number > 0, got {v!r}")
+        for f in ("n_mtp_layers", "n_hash_layers", "swiglu_limit", "hc_sinkhorn_iters", "beta_fast", "beta_slow"):
+            v = getattr(self, f)
+            need(v >= 0 and math.isfinite(v), f"{f} must be a finite number >= 0, got {v!r}")
+        for f in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, f)
+            need(0 <= v < self.vocab_size, f"{f} must be a token id in [0, vocab_size = {self.vocab_size}), got {v}")
         need(len(self.compress_ratios) in (self.n_layers, self.n_layers + self.n_mtp_layers),
              f"compress_ratios has {len(self.compress_ratios)} entries, expected n_layers + n_mtp_layers = "
              f"{self.n_layers + self.n_mtp_layers}")
@@ -145,19 +158,6 @@ class ModelConfig:
         need(self.score_func == "sqrtsoftplus", f"score_func {self.score_func!r} (only sqrtsoftplus exists in V4)")
         need(self.expert_dtype in ("fp4", "fp8"), f"expert_dtype {self.expert_dtype!r} (fp4 or fp8)")
         need(self.window_size > 0 and self.max_seq_len > 0, "window_size and max_seq_len must be positive")
-        positive = ("vocab_size", "dim", "n_layers", "n_heads", "head_dim", "q_lora_rank", "o_groups",
-                    "o_lora_rank", "index_n_heads", "index_topk", "n_routed_experts", "moe_inter_dim", "hc_mult",
-                    "max_position_embeddings", "original_seq_len", "route_scale", "rope_theta",
-                    "compress_rope_theta", "rope_factor", "hc_eps", "norm_eps")
-        for f in positive:  # written so that NaN fails too
-            v = getattr(self, f)
-            need(v > 0 and math.isfinite(v), f"{f} must be a finite number > 0, got {v!r}")
-        for f in ("n_mtp_layers", "n_hash_layers", "swiglu_limit", "hc_sinkhorn_iters", "beta_fast", "beta_slow"):
-            v = getattr(self, f)
-            need(v >= 0 and math.isfinite(v), f"{f} must be a finite number >= 0, got {v!r}")
-        for f in ("bos_token_id", "eos_token_id"):
-            v = getattr(self, f)
-            need(0 <= v < self.vocab_size, f"{f} must be a token id in [0, vocab_size = {self.vocab_size}), got {v}")
 
 
 def _check_types(cfg: ModelConfig) -> None:
