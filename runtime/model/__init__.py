@@ -6,7 +6,7 @@
     res = generate(model, [[0, 75, 108]], max_new_tokens=8)
 
 Modules: ``config`` (ModelConfig, readers, presets), ``schema`` (checkpoint tensor list), ``checkpoint`` /
-``safetensors_io`` (validated loading and writing), ``synthetic`` (seeded weights), ``rope``, ``mhc``,
+``shard`` (one safetensors file through the library), ``synthetic`` (seeded weights), ``rope``, ``mhc``,
 ``functional``, ``compressor``, ``indexer``, ``attention``, ``moe``, ``block``, ``transformer``, ``cache``,
 ``generate``, ``tokenizer``, ``kvsize`` (KV-cache accounting), ``runner`` (``dsv4rt run``). Nothing heavy
 is imported until an attribute is used.

@@ -19,7 +19,7 @@ import torch
 from ..errors import CheckpointError
 from .config import ModelConfig, load_config
 from .progress import Progress
-from .safetensors_io import SafetensorsFile, TensorEntry, write_safetensors
+from .shard import ShardFile, TensorEntry, regular_file, write_shard
 from .schema import FP8, I8, TensorSpec, checkpoint_schema
 
 __all__ = ["Checkpoint", "write_checkpoint", "INDEX_NAME"]
@@ -36,7 +36,15 @@ def _shard_path(root: str, name: object, where: str) -> str:
     norm = os.path.normpath(name)
     if norm.startswith("..") or norm.split(os.sep)[0] == ".." or norm == ".":
         raise CheckpointError(f"{where}: shard {name!r} is named outside the checkpoint directory {root}")
-    return os.path.join(root, norm)
+    return _inside(root, os.path.join(root, norm), f"{where}: shard {name!r}")
+
+
+def _inside(root: str, path: str, where: str) -> str:
+    """``path`` if it resolves (symlinks followed) to a place inside ``root``: a link out is refused."""
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise CheckpointError(f"{where}: {path} resolves to {real}, outside the checkpoint directory {root}")
+    return path
 
 
 class Checkpoint:
@@ -48,7 +56,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.root}: not a checkpoint directory")
         self.cfg = cfg if cfg is not None else load_config(self.root)
         self.show_progress = progress
-        self.where: dict[str, SafetensorsFile] = {}
+        self.where: dict[str, ShardFile] = {}
         self._open_files()
         probe = self.where.get(_EXPERT_PROBE)
         if probe is not None:  # the checkpoint says which expert format it is (HF configs often do not)
@@ -63,8 +71,9 @@ class Checkpoint:
     # ---- discovery and header validation ---------------------------------------------------------
     def _open_files(self) -> None:
         index = os.path.join(self.root, INDEX_NAME)
-        files: dict[str, SafetensorsFile] = {}
-        if os.path.exists(index):
+        files: dict[str, ShardFile] = {}
+        if os.path.lexists(index):
+            regular_file(index)
             try:
                 with open(index, encoding="utf-8") as f:
                     weight_map = json.load(f)["weight_map"]
@@ -75,9 +84,9 @@ class Checkpoint:
             for tensor, shard in weight_map.items():
                 path = _shard_path(self.root, shard, f"{index}: tensor {tensor!r}")
                 if path not in files:
-                    if not os.path.isfile(path):
+                    if not os.path.lexists(path):
                         raise CheckpointError(f"{index}: tensor {tensor!r} is in shard {shard!r}, which does not exist")
-                    files[path] = SafetensorsFile(path)
+                    files[path] = ShardFile(path)
                 if tensor not in files[path].entries:
                     raise CheckpointError(f"{path}: tensor {tensor!r} is listed in the index but not in this shard")
                 self.where[tensor] = files[path]
@@ -90,7 +99,8 @@ class Checkpoint:
             if not names:
                 raise CheckpointError(f"{self.root}: no {INDEX_NAME} and no *.safetensors files")
             for n in names:
-                st = SafetensorsFile(os.path.join(self.root, n))
+                path = _inside(self.root, os.path.join(self.root, n), f"{self.root}: {n!r}")
+                st = ShardFile(path)
                 for tensor in st.entries:
                     if tensor in self.where:
                         raise CheckpointError(f"{st.path}: tensor {tensor!r} is also in {self.where[tensor].path}")
@@ -202,7 +212,7 @@ def write_checkpoint(path: str | os.PathLike, cfg: ModelConfig, tensors: Iterabl
     def flush(batch: list[tuple[str, torch.Tensor]]) -> None:
         nonlocal total
         if batch:
-            total += write_safetensors(os.path.join(tmp, f"shard-{len(shards):05d}"), batch)
+            total += write_shard(os.path.join(tmp, f"shard-{len(shards):05d}"), batch)
             shards.append([n for n, _ in batch])
             for n, _ in batch:
                 weight_map[n] = len(shards) - 1

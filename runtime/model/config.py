@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -67,7 +68,8 @@ class ModelConfig:
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
+        _check_types(self)
+        object.__setattr__(self, "compress_ratios", tuple(self.compress_ratios))
         self.validate()
 
     # ---- derived ---------------------------------------------------------------------------------
@@ -125,6 +127,19 @@ class ModelConfig:
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ValueError(f"ModelConfig({self.name}): {msg}")
+        positive = ("vocab_size", "dim", "n_layers", "n_heads", "head_dim", "q_lora_rank", "o_groups",
+                    "o_lora_rank", "index_n_heads", "index_topk", "n_routed_experts", "moe_inter_dim", "hc_mult",
+                    "max_position_embeddings", "original_seq_len", "route_scale", "rope_theta",
+                    "compress_rope_theta", "rope_factor", "hc_eps", "norm_eps")
+        for f in positive:  # written so that NaN fails too
+            v = getattr(self, f)
+            need(v > 0 and math.isfinite(v), f"{f} must be a finite number > 0, got {v!r}")
+        for f in ("n_mtp_layers", "n_hash_layers", "swiglu_limit", "hc_sinkhorn_iters", "beta_fast", "beta_slow"):
+            v = getattr(self, f)
+            need(v >= 0 and math.isfinite(v), f"{f} must be a finite number >= 0, got {v!r}")
+        for f in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, f)
+            need(0 <= v < self.vocab_size, f"{f} must be a token id in [0, vocab_size = {self.vocab_size}), got {v}")
         need(len(self.compress_ratios) in (self.n_layers, self.n_layers + self.n_mtp_layers),
              f"compress_ratios has {len(self.compress_ratios)} entries, expected n_layers + n_mtp_layers = "
              f"{self.n_layers + self.n_mtp_layers}")
@@ -132,6 +147,7 @@ class ModelConfig:
         need(self.rope_head_dim % 2 == 0 and 0 < self.rope_head_dim < self.head_dim,
              "rope_head_dim must be even and smaller than head_dim")
         need(self.nope_head_dim % 64 == 0, "head_dim - rope_head_dim must be a multiple of 64 (FP8 KV block)")
+        need(self.o_groups > 0, f"o_groups must be an integer > 0, got {self.o_groups}")
         need(self.n_heads % self.o_groups == 0, "n_heads must be a multiple of o_groups")
         need(self.dim % 32 == 0 and self.moe_inter_dim % 32 == 0, "dim and moe_inter_dim must be multiples of 32")
         ihd = self.index_head_dim
@@ -142,6 +158,23 @@ class ModelConfig:
         need(self.score_func == "sqrtsoftplus", f"score_func {self.score_func!r} (only sqrtsoftplus exists in V4)")
         need(self.expert_dtype in ("fp4", "fp8"), f"expert_dtype {self.expert_dtype!r} (fp4 or fp8)")
         need(self.window_size > 0 and self.max_seq_len > 0, "window_size and max_seq_len must be positive")
+
+
+def _check_types(cfg: ModelConfig) -> None:
+    """TypeError naming the field, the expected type and what came (``"256"``, null, true...)."""
+    for f in dataclasses.fields(cfg):
+        v, want = getattr(cfg, f.name), _TYPES.get(f.name)
+        if f.name == "compress_ratios":
+            ok = isinstance(v, (tuple, list)) and all(isinstance(r, int) and not isinstance(r, bool) for r in v)
+            want_s = "a list of integers"
+        elif want is None:
+            continue
+        else:
+            ok = isinstance(v, want) and not isinstance(v, bool)
+            want_s = "an integer" if want is int else "a string" if want is str else "a number"
+        if not ok:
+            raise TypeError(f"ModelConfig({cfg.name}): {f.name} must be {want_s}, got {v!r} "
+                            f"({type(v).__name__})")
 
 
 def layer_kind(ratio: int) -> str:
@@ -170,6 +203,8 @@ _HF_NAMES = {
 _ROPE_SCALING = {"factor": "rope_factor", "original_max_position_embeddings": "original_seq_len",
                  "beta_fast": "beta_fast", "beta_slow": "beta_slow"}
 _FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
+_TYPES: dict[str, Any] = {f.name: {"int": int, "float": (int, float), "str": str}.get(str(f.type))
+                          for f in dataclasses.fields(ModelConfig)}
 
 
 def _check_quant(q: Mapping[str, Any] | None, where: str) -> None:
@@ -198,7 +233,15 @@ def from_hf(d: Mapping[str, Any], **overrides: Any) -> ModelConfig:
             kw["name"] = str(kw["extra"]["preset"])
     kw.setdefault("name", str(d.get("_name_or_path", "hf")))
     kw.update(overrides)
-    return ModelConfig(**kw)
+    try:
+        return ModelConfig(**kw)
+    except (TypeError, ValueError) as exc:  # name the field as the file spells it
+        head, sep, msg = str(exc).partition("): ")
+        field = msg.split(" ", 1)[0]
+        hf = _HF_NAMES.get(field) or next((f"rope_scaling.{k}" for k, r in _ROPE_SCALING.items() if r == field), None)
+        if sep and hf and hf != field and field not in overrides:
+            raise type(exc)(f"{head}): {hf} ({field}){msg[len(field):]}") from None
+        raise
 
 
 def from_inference(d: Mapping[str, Any], **overrides: Any) -> ModelConfig:

@@ -58,10 +58,10 @@ def worker(rank: int, world: int, paths: dict, out_dir: str) -> None:
     import dsv4rt.distributed.moe as dmoe
     from dsv4rt.distributed import Parallel
     from dsv4rt.model.checkpoint import Checkpoint
-    from dsv4rt.model.safetensors_io import SafetensorsFile
+    from dsv4rt.model.shard import ShardFile
 
     reads: list = []
-    orig_read, orig_dispatch = SafetensorsFile.read, dmoe.ep_dispatch
+    orig_read, orig_dispatch = ShardFile.read, dmoe.ep_dispatch
 
     def read(self, name, dim=None, start=0, stop=None):
         reads.append((name, dim, start, stop))
@@ -76,7 +76,7 @@ def worker(rank: int, world: int, paths: dict, out_dir: str) -> None:
         stats["no_rows"] += int(res[0].shape[0] == 0)
         return res
 
-    SafetensorsFile.read, dmoe.ep_dispatch = read, dispatch
+    ShardFile.read, dmoe.ep_dispatch = read, dispatch
     for tp, ep, ck_name in LAYOUTS[world]:
         par = Parallel.create(Checkpoint(paths[ck_name]).cfg, tp, ep)
         stats.update(no_tokens=0, no_rows=0, calls=0)

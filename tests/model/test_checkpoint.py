@@ -12,7 +12,7 @@ import torch
 
 from dsv4rt.errors import CheckpointError
 from dsv4rt.model.checkpoint import INDEX_NAME, Checkpoint, write_checkpoint
-from dsv4rt.model.safetensors_io import SafetensorsFile, write_safetensors
+from dsv4rt.model.shard import ShardFile, write_shard
 from dsv4rt.model.schema import checkpoint_schema
 
 
@@ -60,12 +60,12 @@ def test_interoperates_with_the_safetensors_package(tmp_path, tensors):
     some = {n: tensors[n] for n in ("embed.weight", "layers.0.ffn.experts.0.w1.weight",
                                     "layers.0.ffn.experts.0.w1.scale", "layers.1.attn.wq_b.weight",
                                     "layers.0.ffn.gate.tid2eid", "hc_head_scale")}
-    write_safetensors(str(tmp_path / "ours.safetensors"), some.items())
+    write_shard(str(tmp_path / "ours.safetensors"), some.items())
     with safe_open(str(tmp_path / "ours.safetensors"), "pt") as f:
         for n, t in some.items():
             assert torch.equal(_bits(f.get_tensor(n)), _bits(t)), n
     st.save_file(some, str(tmp_path / "theirs.safetensors"))
-    ours = SafetensorsFile(str(tmp_path / "theirs.safetensors"))
+    ours = ShardFile(str(tmp_path / "theirs.safetensors"))
     for n, t in some.items():
         assert torch.equal(_bits(ours.get(n)), _bits(t)), n
 
@@ -74,7 +74,7 @@ def test_single_file_without_index(tmp_path, tiny_ckpt, tensors):
     root = tmp_path / "single"
     root.mkdir()
     (root / "config.json").write_text(json.dumps(tiny_ckpt.cfg.to_hf_dict()))
-    write_safetensors(str(root / "model.safetensors"), tensors.items())
+    write_shard(str(root / "model.safetensors"), tensors.items())
     assert Checkpoint(root).get("norm.weight").shape == (256,)
 
 
@@ -166,7 +166,7 @@ def test_index_inconsistencies(tmp_path, tiny_ckpt, tensors):
     _edit_index(root, lambda m: m.__setitem__("norm.weight", "model-00099-of-00099.safetensors"))
     with pytest.raises(CheckpointError, match="'norm.weight'.*does not exist"):
         Checkpoint(root)
-    other = [s for s in shards if "norm.weight" not in SafetensorsFile(os.path.join(root, s)).entries][0]
+    other = [s for s in shards if "norm.weight" not in ShardFile(os.path.join(root, s)).entries][0]
     _edit_index(root, lambda m: m.__setitem__("norm.weight", other))
     with pytest.raises(CheckpointError, match=f"{other}: tensor 'norm.weight' is listed in the index"):
         Checkpoint(root)
@@ -192,8 +192,8 @@ def test_duplicate_tensor_across_files(tmp_path, tiny_ckpt, tensors):
     root = tmp_path / "dup"
     root.mkdir()
     (root / "config.json").write_text(json.dumps(tiny_ckpt.cfg.to_hf_dict()))
-    write_safetensors(str(root / "a.safetensors"), tensors.items())
-    write_safetensors(str(root / "b.safetensors"), [("norm.weight", tensors["norm.weight"])])
+    write_shard(str(root / "a.safetensors"), tensors.items())
+    write_shard(str(root / "b.safetensors"), [("norm.weight", tensors["norm.weight"])])
     with pytest.raises(CheckpointError, match="b.safetensors: tensor 'norm.weight' is also in"):
         Checkpoint(root)
 
