@@ -26,7 +26,9 @@ def fp4_gemm(x: Tensor, w: Tensor, w_scale: Tensor, act_quant: str | None = None
       (torch.float8_e8m0fnu or its uint8 bytes); ``dequant(w)[n, k] = E2M1[code] * 2^(byte - 127)``.
     - ``act_quant``: None (x used as is) or "fp8": x is first rounded to E4M3 per 1x128 block of K with
       the power-of-two scale ``2^ceil(log2(max(amax, 1e-4) / 448))`` computed in fp32 (the reference's
-      ``act_quant``); a backend may then use FP8 MMA, since FP4 -> FP8 is exact.
+      ``act_quant``); a backend may then use FP8 MMA, since FP4 -> FP8 is exact. A block of x holding
+      Inf or NaN has a non-finite scale (the kernel's exponent bits are 255) and quantises to NaN, so
+      the rows it feeds are NaN. Without act_quant, NaN / Inf in x follow IEEE arithmetic.
     Never materialises the whole dequantised weight (implementations work one block at a time).
     """
 

@@ -18,7 +18,10 @@ def _ceil_log2_exact(r):
     small (and then clamp) for amax values a few ulps above ``448 * 2^k``.
     """
     mant, exp = torch.frexp(r.to(F64))  # r = mant * 2^exp, mant in [0.5, 1); exact in float64
-    return torch.where(mant == 0.5, exp - 1, exp).to(torch.int64)
+    e = torch.where(mant == 0.5, exp - 1, exp).to(torch.int64)
+    # Inf / NaN (a block holding Inf or NaN): exponent field 255, so the kernel's scale is 2^128 = inf in
+    # float32 and the whole block quantises to NaN (frexp alone would give a finite scale)
+    return torch.where(torch.isfinite(r), e, torch.full_like(e, 128))
 
 
 def act_quant_fp8(x, block=ACT_BLOCK):

@@ -1,6 +1,7 @@
 """NaN inputs give what the contracts say, on every variant alike (each agreed with none of the others
 before): sparse_attention NaN rows give NaN in o and lse, other rows unaffected; an indexer NaN score
-counts as -inf (ranks last, reported as -inf); moe_route refuses NaN logits."""
+counts as -inf (ranks last, reported as -inf); a GEMM's act_quant="fp8" block holding Inf or NaN gives NaN
+rows (the reference gave finite values there); moe_route refuses NaN logits."""
 from __future__ import annotations
 
 import pytest
@@ -31,6 +32,14 @@ for r in range(2):
     assert len(nan_slot) == 1 and sc[0, r, nan_slot[0]] == float('-inf'), (got, sc)
     assert not sc.isnan().any() and bool(torch.isfinite(sc[0, r, [i for i, t in enumerate(got) if t not in (3, 7)]]).all())
 """
+GEMM = """
+from dsv4rt.formats import quant_mxfp4, quant_fp8_block
+g = torch.Generator().manual_seed(2)
+x = torch.randn(3, 256, generator=g); x[0, 5] = float('inf'); x[2, 200] = float('nan')
+w, s = quant_mxfp4(torch.randn(8, 256, generator=g))
+rows = dsv4rt.ops.fp4_gemm(x, w, s, 'fp8', backend=V).isnan().any(1).tolist()
+assert rows == [True, False, True], rows            # an Inf / NaN block quantises to NaN: its rows are NaN
+"""
 VARIANTS = ("cpu/native", "cpu/numpy", "cpu/torch")
 
 
@@ -39,7 +48,7 @@ def test_nan_semantics_agree(interp):
     if interp:
         pytest.importorskip("triton", reason="Triton is not installed: cuda/triton NaN cases need its interpreter")
     variants = ("cuda/triton", "cuda/torch") if interp else VARIANTS
-    cases = {f"{n} @ {v}": (v, code) for n, code in (("attention", ATTN), ("indexer", INDEXER)) for v in variants}
+    cases = {f"{n} @ {v}": (v, code) for n, code in (("attention", ATTN), ("indexer", INDEXER), ("fp4-gemm-act-quant", GEMM)) for v in variants}
     res = run_cases(cases, env={"DSV4RT_TRITON_INTERPRET": "1"} if interp else None)
     bad = [f"{k}: {r}" for k, r in res.items() if r != "ok"]
     assert not bad, "\n".join(bad)
