@@ -5,6 +5,7 @@ namespace py = pybind11;
 
 namespace dsv4rt {
 void bind_gemm(py::module_& m);
+void bind_fp8_gemm(py::module_& m);
 void bind_indexer(py::module_& m);
 void bind_attention(py::module_& m);
 void bind_moe(py::module_& m);
@@ -55,6 +56,7 @@ PYBIND11_MODULE(_C, m) {
        "the CPU), 'openmp', or 'pool' (std::thread pool; calls end when their tasks are done; the only mode\n"
        "without OpenMP). Returns the previous setting.");
     bind_gemm(m);
+    bind_fp8_gemm(m);
     bind_indexer(m);
     bind_attention(m);
     bind_moe(m);
