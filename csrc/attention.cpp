@@ -28,6 +28,7 @@ struct AttnArgs {
     float scale;
     float* o;            // [B, S, H, D]
     float* lse;          // [B, S, H] or null
+    int p_round;         // P (against the running max) before P.V: 0 kept, 1 rounded to bf16, 2 to fp16
     int64_t b, s, h, d, n, k;
 };
 
@@ -89,7 +90,7 @@ DSV4RT_INLINE void pv_block(float* acc, int64_t d, const float* alpha, const flo
 // Online-softmax update with one chunk: kvf [nj][d] gathered rows; qt [d][hp] (scale folded in, padded
 // heads zero); m, den [hp] running max / denominator; acc [hp][d]; p [kChunk][hp], alpha [hp] scratch.
 DSV4RT_CLONES void attend_chunk(const float* qt, int64_t hp, int64_t d, const float* kvf, int64_t nj, float* m,
-                                float* den, float* acc, float* p, float* alpha) {
+                                float* den, float* acc, float* p, float* alpha, int p_round) {
     if (hp <= 32) logits_rows<8>(qt, hp, kvf, d, nj, p);   // few heads: more rows per block, more FMA chains
     else logits_rows<4>(qt, hp, kvf, d, nj, p);
     const int64_t hv = hp / 16;
@@ -101,7 +102,8 @@ DSV4RT_CLONES void attend_chunk(const float* qt, int64_t hp, int64_t d, const fl
         v16f sum = v16f{};
         for (int64_t j = 0; j < nj; ++j) {
             const v16f e = exp_neg(load16(p + j * hp + v * 16) - mx);
-            store16(p + j * hp + v * 16, e);
+            // the numerator's P in its precision; the denominator keeps the fp32 e
+            store16(p + j * hp + v * 16, p_round == 1 ? round_bf16(e) : p_round == 2 ? round_f16_nonneg(e) : e);
             sum += e;
         }
         const v16f a = m_old == ninf ? v16f{} : exp_neg(m_old - mx);
@@ -194,7 +196,7 @@ void attend_task(const AttnArgs& a, int64_t b, int64_t s, int64_t e0, int64_t e1
     for (int64_t c0 = 0; c0 < nvalid; c0 += kChunk) {
         const int64_t nj = std::min(kChunk, nvalid - c0);
         gather_rows(a.kv, a.kv_bf16, d, w.rows.data() + c0, nj, w.kvf.data());
-        attend_chunk(qt, hp, d, w.kvf.data(), nj, out.m, out.den, out.acc, w.p.data(), w.alpha.data());
+        attend_chunk(qt, hp, d, w.kvf.data(), nj, out.m, out.den, out.acc, w.p.data(), w.alpha.data(), a.p_round);
     }
 }
 
@@ -225,6 +227,7 @@ void finish_row(const AttnArgs& a, int64_t row, const Partial* parts, int64_t np
 
 void attention_run(const AttnArgs& a) {
     const int64_t rows = a.b * a.s, hp = (a.h + 15) / 16 * 16, d = a.d;
+    if (rows == 0 || a.h == 0) return;   // no query row or no head: o and lse are empty (and rows divides below)
     const double macs = 2.0 * rows * a.k * hp * d;
     const int64_t nt = pick_threads(macs, 2e6);
     // decode (few rows): each row's valid entries are split over tasks (merged exactly afterwards), so
@@ -274,7 +277,7 @@ void attention_run(const AttnArgs& a) {
 }
 
 void sparse_attention(py::handle q_, py::handle kv_, py::handle idx_, py::handle sink_, double scale, py::handle o_,
-                      py::handle lse_) {
+                      py::handle lse_, int p_round) {
     const char* fn = "sparse_attention";
     auto q = need({fn, "q"}, q_, 4, {Kind::f32, Kind::bf16});
     auto kv = need({fn, "kv"}, kv_, 3, {Kind::f32, Kind::bf16});
@@ -291,6 +294,7 @@ void sparse_attention(py::handle q_, py::handle kv_, py::handle idx_, py::handle
         a.sink = static_cast<const float*>(sk.data());
     }
     if (!(scale > 0.0) || !std::isfinite(scale)) value_error({fn, "scale"}, "must be a finite positive number");
+    if (p_round < 0 || p_round > 2) value_error({fn, "p_round"}, "must be 0 (fp32 P), 1 (bf16) or 2 (fp16)");
     auto o = need({fn, "o"}, o_, 4, {Kind::f32, Kind::bf16}, true);
     need_shape({fn, "o"}, o, {b, s, h, d}, "[B, S, H, D]");
     py::array lse;
@@ -306,7 +310,7 @@ void sparse_attention(py::handle q_, py::handle kv_, py::handle idx_, py::handle
                                          std::to_string(ip[i]) + " at flat index " + std::to_string(i));
     a.q = q.data(), a.q_bf16 = kind_of(q) == Kind::bf16;
     a.kv = kv.data(), a.kv_bf16 = kind_of(kv) == Kind::bf16;
-    a.idx = ip, a.scale = static_cast<float>(scale);
+    a.idx = ip, a.scale = static_cast<float>(scale), a.p_round = p_round;
     F32Out of(o);
     a.o = of.ptr;
     a.b = b, a.s = s, a.h = h, a.d = d, a.n = n, a.k = k;
@@ -319,11 +323,13 @@ void sparse_attention(py::handle q_, py::handle kv_, py::handle idx_, py::handle
 
 void bind_attention(py::module_& m) {
     m.def("sparse_attention", &sparse_attention, py::arg("q"), py::arg("kv"), py::arg("idx"), py::arg("sink"),
-          py::arg("scale"), py::arg("o"), py::arg("lse") = py::none(),
+          py::arg("scale"), py::arg("o"), py::arg("lse") = py::none(), py::arg("p_round") = 0,
           "One softmax per (b, s, h) over the gathered K=V rows plus the sink, online, in float32.\n\n"
           "q [B, S, H, D] and kv [B, N, D] float32 or int16/uint16 (bf16 bits); idx int32 [B, S, K] in [0, N) or -1;\n"
           "sink float32 [H] or None; scale > 0. Writes o float32 or bf16 bits [B, S, H, D] (zeros for rows with no valid\n"
-          "index) and, if given, lse float32 [B, S, H] (log of the full denominator, sink included).");
+          "index) and, if given, lse float32 [B, S, H] (log of the full denominator, sink included). p_round 1 / 2\n"
+          "rounds the probabilities of the P.V product to bf16 / fp16 (against the running max; the denominator\n"
+          "stays float32).");
 }
 
 }  // namespace dsv4rt

@@ -30,11 +30,12 @@ struct IndexerArgs {
     const int32_t* vis;      // [B, S]
     int32_t* idx;            // [B, S, topk]
     float* scores;           // [B, S, topk] or null
+    bool score_bf16;         // round q.k, w * relu(.) and the head sum to bf16
     int64_t b, s, h, d, n, topk, hp;   // hp: heads padded to a multiple of 16
 };
 
 // 4 keys x HB head vectors: acc[j][hb] = sum_d k_j[d] * qT[d][hb]; part[j] += sum_h w[h] relu(acc[j][h])
-template <int HB>
+template <int HB, bool RND>
 DSV4RT_INLINE void score_block(const float* qt, int64_t hp, const float* k0, const float* k1, const float* k2,
                                const float* k3, int64_t d, const float* w, float* part) {
     v16f acc[4][HB];
@@ -53,14 +54,18 @@ DSV4RT_INLINE void score_block(const float* qt, int64_t hp, const float* k0, con
     }
     for (int j = 0; j < 4; ++j) {
         v16f t = v16f{};
-        for (int hb = 0; hb < HB; ++hb) t += load16(w + hb * 16) * relu(acc[j][hb]);
+        if (RND)   // the release's bf16 tensors: round(q.k), round(w * relu), the sum rounded by the caller
+            for (int hb = 0; hb < HB; ++hb) t += round_bf16(load16(w + hb * 16) * relu(round_bf16(acc[j][hb])));
+        else
+            for (int hb = 0; hb < HB; ++hb) t += load16(w + hb * 16) * relu(acc[j][hb]);
         part[j] += hsum16(t);
     }
 }
 
 // Scores of keys kf[0:nk] ([nk][d] float32) for one query: qt [d][hp] and w [hp] zero-padded.
+// rnd: the bf16 precision points (score_block<.., true> and the rounded head sum)
 DSV4RT_CLONES void score_keys(const float* qt, const float* w, int64_t hp, int64_t d, const float* kf, int64_t nk,
-                              float* out) {
+                              float* out, bool rnd) {
     const int64_t hv = hp / 16;
     for (int64_t t = 0; t < nk; t += 4) {
         const int64_t nt = std::min<int64_t>(4, nk - t);
@@ -72,14 +77,24 @@ DSV4RT_CLONES void score_keys(const float* qt, const float* w, int64_t hp, int64
         for (int64_t h0 = 0; h0 < hv; h0 += 4) {
             const float* q0 = qt + h0 * 16;
             const float* w0 = w + h0 * 16;
-            switch (std::min<int64_t>(4, hv - h0)) {
-                case 1: score_block<1>(q0, hp, k0, k1, k2, k3, d, w0, part); break;
-                case 2: score_block<2>(q0, hp, k0, k1, k2, k3, d, w0, part); break;
-                case 3: score_block<3>(q0, hp, k0, k1, k2, k3, d, w0, part); break;
-                default: score_block<4>(q0, hp, k0, k1, k2, k3, d, w0, part); break;
+            const int64_t nb = std::min<int64_t>(4, hv - h0);
+            if (rnd) {
+                switch (nb) {
+                    case 1: score_block<1, true>(q0, hp, k0, k1, k2, k3, d, w0, part); break;
+                    case 2: score_block<2, true>(q0, hp, k0, k1, k2, k3, d, w0, part); break;
+                    case 3: score_block<3, true>(q0, hp, k0, k1, k2, k3, d, w0, part); break;
+                    default: score_block<4, true>(q0, hp, k0, k1, k2, k3, d, w0, part); break;
+                }
+            } else {
+                switch (nb) {
+                    case 1: score_block<1, false>(q0, hp, k0, k1, k2, k3, d, w0, part); break;
+                    case 2: score_block<2, false>(q0, hp, k0, k1, k2, k3, d, w0, part); break;
+                    case 3: score_block<3, false>(q0, hp, k0, k1, k2, k3, d, w0, part); break;
+                    default: score_block<4, false>(q0, hp, k0, k1, k2, k3, d, w0, part); break;
+                }
             }
         }
-        for (int64_t j = 0; j < nt; ++j) out[t + j] = part[j];
+        for (int64_t j = 0; j < nt; ++j) out[t + j] = rnd ? round_bf16(part[j]) : part[j];
     }
 }
 
@@ -170,7 +185,7 @@ void run_group(const IndexerArgs& a, int64_t b, int64_t s0, int64_t s1, bool inn
                 const int64_t nv = std::min(nk, vis[i] - t0);
                 if (nv > 0)
                     score_keys(scr.qt.data() + i * a.d * a.hp, scr.w.data() + i * a.hp, a.hp, a.d, kf.data(), nv,
-                               scr.sc.data() + i * nmax + t0);
+                               scr.sc.data() + i * nmax + t0, a.score_bf16);
             }
         }
     };
@@ -210,7 +225,7 @@ void indexer_run(const IndexerArgs& a) {
 }
 
 void indexer_topk(py::handle q_, py::handle k_, py::handle k_scale_, py::handle w_, py::handle vis_, int64_t topk,
-                  py::handle idx_, py::handle scores_) {
+                  py::handle idx_, py::handle scores_, bool score_bf16) {
     const char* fn = "indexer_topk";
     auto q = need({fn, "q"}, q_, 4, {Kind::f32, Kind::bf16});
     auto k = need({fn, "k"}, k_, 3, {Kind::f32, Kind::bf16, Kind::u8});
@@ -247,6 +262,7 @@ void indexer_topk(py::handle q_, py::handle k_, py::handle k_scale_, py::handle 
     a.vis = static_cast<const int32_t*>(vis.data());
     a.idx = static_cast<int32_t*>(idx.mutable_data());
     a.b = b, a.s = s, a.h = h, a.d = d, a.n = n, a.topk = topk, a.hp = (h + 15) / 16 * 16;
+    a.score_bf16 = score_bf16;
     py::gil_scoped_release nogil;
     indexer_run(a);
 }
@@ -256,11 +272,13 @@ void indexer_topk(py::handle q_, py::handle k_, py::handle k_scale_, py::handle 
 void bind_indexer(py::module_& m) {
     m.def("indexer_topk", &indexer_topk, py::arg("q"), py::arg("k"), py::arg("k_scale"), py::arg("weights"),
           py::arg("visible"), py::arg("topk"), py::arg("idx"), py::arg("scores") = py::none(),
+          py::arg("score_bf16") = false,
           "Fused lightning-indexer scores and top-k selection.\n\n"
           "q [B, S, H, D] float32 or int16/uint16 (bf16 bits); k [B, N, D] float32, bf16 bits, or uint8 E4M3\n"
           "bytes with k_scale float32 [B, N] (else None); weights float32 [B, S, H]; visible int32 [B, S]\n"
           "(clamped to [0, N]). Writes idx int32 [B, S, topk] (descending score, -1 after the visible ones)\n"
-          "and, if given, scores float32 [B, S, topk] (-inf where idx is -1).");
+          "and, if given, scores float32 [B, S, topk] (-inf where idx is -1). score_bf16 rounds q.k, w * relu(q.k) and\n"
+          "the head sum to bf16 (the release's bf16 indexer).");
 }
 
 }  // namespace dsv4rt

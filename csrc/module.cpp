@@ -14,7 +14,7 @@ void bind_moe(py::module_& m);
 PYBIND11_MODULE(_C, m) {
     using namespace dsv4rt;
     m.doc() = "dsv4rt native CPU kernels (NumPy buffers in, GIL released while they run)";
-    m.attr("ABI_VERSION") = 1;
+    m.attr("ABI_VERSION") = 3;   // 2: sparse_attention p_round, indexer_topk score_bf16; 3: fp8_gemm
     m.def("compiled_with", []() {
         py::dict info;
         info["cxx_standard"] = __cplusplus;

@@ -9,6 +9,7 @@ namespace dsv4rt {
 
 typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
 
 #define DSV4RT_INLINE __attribute__((always_inline)) inline
 
@@ -42,6 +43,37 @@ DSV4RT_INLINE float hsum16(v16f v) {
     t = t + __builtin_shuffle(t, v16i{2, 3, 0, 1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15});
 #endif
     return t[0] + t[1];
+}
+
+// Each float32 rounded to bf16 precision (round to nearest even) and back to float32. For finite values
+// and infinities only (the precision points round probabilities, products and sums, never NaN on purpose).
+DSV4RT_INLINE v16f round_bf16(v16f x) {
+    v16u u;
+    std::memcpy(&u, &x, sizeof(u));
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    std::memcpy(&x, &u, sizeof(x));
+    return x;
+}
+
+DSV4RT_INLINE float round_bf16(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+// Each non-negative finite float32 below 65520 (probabilities, scores of ReLU terms) rounded to fp16
+// precision (round to nearest even; subnormals below 2^-14 on the 2^-24 grid) and back to float32.
+DSV4RT_INLINE v16f round_f16_nonneg(v16f x) {
+    v16u u;
+    std::memcpy(&u, &x, sizeof(u));
+    u = (u + 0xFFFu + ((u >> 13) & 1u)) & 0xFFFFE000u;              // 10 mantissa bits
+    v16f normal;
+    std::memcpy(&normal, &u, sizeof(normal));
+    const v16f magic = splat(12582912.0f);                          // 1.5 * 2^23: adding rounds to an integer
+    const v16f sub = ((x * 16777216.0f + magic) - magic) * (1.0f / 16777216.0f);
+    return x < 6.103515625e-05f ? sub : normal;
 }
 
 DSV4RT_INLINE v16f vmax(v16f a, v16f b) { return a > b ? a : b; }

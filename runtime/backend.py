@@ -111,10 +111,34 @@ class Registrar:
                              f"known ops: {', '.join(sorted(self._known))}")
         if any(i.op == op and i.variant == variant for i in self.implementations):
             raise ValueError(f"backend {self.backend.name!r} registers {op} variant {variant!r} twice")
+        _check_callable(f"{self.backend.name}/{variant}", op, fn)
+        if supports is not None and not callable(supports):
+            raise ValueError(f"{self.backend.name}/{variant} ({op}): supports must be callable or None, "
+                             f"got {type(supports).__name__}")
         self.implementations.append(Implementation(
             op=op, backend=self.backend.name, variant=variant,
             device_type=device_type or self.backend.device_type, fn=fn, priority=priority,
             requires=frozenset(requires), supports=supports))
+
+
+def _check_callable(name: str, op: str, fn: Any) -> None:
+    """``fn`` must be callable with the op's parameters, positionally."""
+    import inspect
+
+    from .registry import REGISTRY   # lazy: the registry module imports this one
+
+    n_params = len(REGISTRY.specs[op].params)
+    if not callable(fn):
+        raise ValueError(f"{name} registers {op} with a {type(fn).__name__}, which is not callable")
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):   # builtins without a signature: cannot be checked here
+        return
+    try:
+        sig.bind(*range(n_params))
+    except TypeError as exc:
+        raise ValueError(f"{name} registers {op} with {getattr(fn, '__qualname__', fn)!r}{sig}, which cannot "
+                         f"take the op's {n_params} parameters positionally: {exc}") from None
 
 
 _POISON: contextvars.ContextVar[bool] = contextvars.ContextVar("dsv4rt_poison", default=False)

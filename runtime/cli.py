@@ -117,6 +117,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--check", action="store_true", help="also run the CPU backend on the same tokens and print "
                    "the max logit difference and top-1 agreement")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="activation dtype (default bf16)")
+    p.add_argument("--precision", default="release", choices=("release", "fp32"),
+                   help="release (default): round where the released code computes in bf16 (per-head q norm, "
+                   "attention P before P.V, indexer scores); fp32: keep those in fp32")
     p.add_argument("--prefill-chunk", type=int, metavar="N", help="prefill in chunks of N tokens")
     p.add_argument("--layers", type=int, default=4, metavar="N", help="layers of --preset flash-slice (default 4)")
     p.add_argument("--experts", type=int, metavar="N", help="routed experts of --preset flash-slice (default 256; "

@@ -102,8 +102,8 @@ class Op:
                 key.append((t.shape, t.dtype, t.device, t.is_contiguous()))
             else:  # a tensor subclass (e.g. a prepared weight) selects by its type and its own key
                 key.append((t.shape, t.dtype, t.device, t.is_contiguous(), type(t), getattr(t, "dsv4rt_key", None)))
-        for i in self._static_pos:
-            key.append(args[i])
+        for i in self._static_pos:   # typed: True == 1 == 1.0 == np.int64(1) must not share a checked entry
+            key.append((type(args[i]), args[i]))
         return tuple(key)
 
     def _device_type(self, a: Mapping[str, Any]) -> str:
@@ -151,7 +151,12 @@ class Op:
         entry = self._entry(args, backend)
         if entry.values:
             self.spec.check_values(dict(zip(self._names, args)))  # type: ignore[misc]
-        return entry.fn(*args)
+        try:
+            return entry.fn(*args)
+        except Exception as exc:   # free unless raised: say which implementation it came from
+            if hasattr(exc, "add_note"):
+                exc.add_note(f"raised by {entry.choice.impl.name}, the implementation dsv4rt chose for {self.name}")
+            raise
 
     # ---- introspection -----------------------------------------------------------------------------
     def resolve(self, *args: Any, backend: str | None = None, **kwargs: Any) -> Implementation:

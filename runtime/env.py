@@ -31,7 +31,11 @@ VARIABLES: dict[str, Variable] = {
         Variable("DSV4RT_STRICT", "0", "1: any fallback (to another device, or past a refused faster variant) "
                  "is an error."),
         Variable("DSV4RT_CHECK_VALUES", "auto", "Value checks (index ranges, finite scales, offsets): 'auto' runs "
-                 "them when every tensor is on the CPU (no device synchronisation), 'always', or 'never'."),
+                 "them when every tensor is on the CPU (no device synchronisation), 'always', or 'never'. What "
+                 "'never' (and 'auto' on a device) gives up: out-of-range or repeated indices, non-monotone "
+                 "offsets, and NaN/Inf scales are then undefined behaviour of the implementation (an IndexError, "
+                 "garbage values or an illegal memory access), exactly as passing a bad pointer to a kernel; "
+                 "shape, dtype and attribute checks always run."),
         Variable("DSV4RT_PLUGINS", "", "Comma-separated allowlist of entry-point plug-in names to load; "
                  "empty loads all, 'none' loads none."),
         Variable("DSV4RT_PLUGINS_STRICT", "0", "1: a failing plug-in raises PluginLoadError instead of being recorded."),

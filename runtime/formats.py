@@ -407,6 +407,27 @@ def fp4_to_fp8_tiles(w_packed: Array, w_scale: Array, *, check_lossless: bool = 
     return _e4m3_out(xp, w8), xp.astype(S, xp.uint8)
 
 
-__all__ = ["FP4_VALUES", "as_bytes", "unpack_fp4", "pack_fp4", "decode_fp4", "e8m0_to_float", "float_to_e8m0",
+def round_float(x: Array, dtype: Any) -> Array:
+    """The float32 values of ``x`` rounded to ``dtype`` (bfloat16 / float16, round to nearest even) and
+    returned as float32; ``float32`` (or None) returns ``x`` as float32 unchanged. Torch tensors and NumPy
+    arrays alike: the precision points of the ops (P before P.V, the indexer's bf16 sums)."""
+    xp, x32 = _as_f32(x, "round_float", "x")
+    name = dtype if isinstance(dtype, str) else str(dtype).replace("torch.", "") if dtype is not None else "float32"
+    if name == "float32":
+        return x32
+    if name not in ("bfloat16", "float16"):
+        raise TypeError(f"round_float: dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if xp.torch:
+        return x32.to(getattr(torch, name)).float()
+    if name == "float16":
+        with np.errstate(over="ignore"):
+            return x32.astype(np.float16).astype(np.float32)
+    bits = np.ascontiguousarray(x32).view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000))
+    rounded = np.where(np.isnan(x32), bits | np.uint32(0x00400000), rounded)   # NaN stays a (quiet) NaN
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+__all__ = ["FP4_VALUES", "round_float", "as_bytes", "unpack_fp4", "pack_fp4", "decode_fp4", "e8m0_to_float", "float_to_e8m0",
            "decode_e4m3", "encode_e4m3", "dequant_mxfp4", "quant_mxfp4", "fp4_fake_quant", "quant_fp8_block",
            "dequant_fp8_block", "act_quant_fp8", "fp8_fake_quant", "fp4_to_fp8_tiles"]

@@ -45,8 +45,9 @@ def _instantiate(name: str, factory: Callable[[], Any], source: str) -> Backend:
     if backend.api_version != API_VERSION:
         raise PluginLoadError(f"plug-in {name!r} ({source}) targets backend API {backend.api_version}; "
                               f"this dsv4rt speaks API {API_VERSION}")
-    if not backend.name or not backend.device_type:
-        raise PluginLoadError(f"plug-in {name!r} ({source}) has an empty name or device_type")
+    if not isinstance(backend.name, str) or not backend.name or not isinstance(backend.device_type, str) \
+            or not backend.device_type:
+        raise PluginLoadError(f"plug-in {name!r} ({source}) has an empty or non-string name or device_type")
     return backend
 
 
@@ -70,7 +71,7 @@ def discover() -> tuple[dict[str, Backend], list[PluginRecord]]:
     def add(name: str, source: str, factory: Callable[[], Any]) -> None:
         try:
             backend = _instantiate(name, factory, source)
-        except Exception as exc:  # a broken plug-in must not take the runtime down
+        except (Exception, SystemExit) as exc:  # a broken plug-in (even one calling sys.exit) must not take the runtime down
             fail(name, source, f"{type(exc).__name__}: {exc}")
             return
         if backend.name in backends:

@@ -87,8 +87,10 @@ class Registry:
             backend = self.backends()[name]
             try:
                 probe = backend.probe()
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:   # a plug-in's sys.exit() must not end the process
                 probe = Probe(False, f"probe() raised {type(exc).__name__}: {exc}")
+            if not isinstance(probe, Probe):
+                probe = Probe(False, f"probe() returned {type(probe).__name__}, not a dsv4rt.backend.Probe")
             self._probes[name] = probe
         return probe
 
@@ -115,7 +117,7 @@ class Registry:
             registrar = Registrar(backend, self.specs)
             try:
                 backend.load(registrar)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:   # a plug-in's sys.exit() must not end the process
                 reason = f"backend {name!r} failed to load: {type(exc).__name__}: {exc}"
                 self._load_errors[name] = reason
                 log.warning("dsv4rt: %s", reason)

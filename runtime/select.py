@@ -103,9 +103,12 @@ def _screen(reg: Registry, impls: list[Implementation], device_type: str, args: 
             rejected.append((impl.name, f"needs capabilities {', '.join(missing)} which this device lacks"))
             continue
         if impl.supports is not None:
-            reason = impl.supports(args)
+            try:
+                reason = impl.supports(args)
+            except Exception as exc:   # a broken supports() rejects its own variant, not the whole op
+                reason = f"supports() raised {type(exc).__name__}: {exc}"
             if reason:
-                rejected.append((impl.name, reason))
+                rejected.append((impl.name, str(reason)))
                 continue
         ok.append(impl)
     return ok
@@ -119,6 +122,8 @@ def _backend_impls(reg: Registry, name: str, op: str, rejected: list[tuple[str, 
     try:
         impls = reg.implementations(op, name)
     except PluginLoadError as exc:
+        if env.flag("DSV4RT_PLUGINS_STRICT"):   # strict: a backend that fails to load is an error, not a skip
+            raise
         rejected.append((name, str(exc)))
         return []
     if not impls:

@@ -133,6 +133,9 @@ def supports_attention(feat: Features) -> Callable[[Mapping[str, Any]], str | No
             return f"D = {d}: FIA needs D <= {MAX_D}, 16-byte aligned (a multiple of 8 for 2-byte types)"
         if h > MAX_HEADS:
             return f"H = {h} heads > {MAX_HEADS} (FIA limit)"
+        if a.get("p_dtype") not in (None, kv.dtype):
+            return (f"p_dtype {a['p_dtype']}: FIA forms P inside the kernel for {kv.dtype} inputs; only the "
+                    f"default (P in the kv dtype) maps onto it")
         return window_reason(a)
     return supports
 
@@ -172,17 +175,18 @@ def make_sparse_attention(npu: Any, feat: Features, fallback: Callable[..., Any]
         return o, lse
 
     def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, scale: float,
-                         return_lse: bool = False):
-        reason = supports({"q": q, "kv": kv, "idx": idx, "sink": sink, "scale": scale, "return_lse": return_lse})
+                         return_lse: bool = False, p_dtype: torch.dtype | None = None):
+        reason = supports({"q": q, "kv": kv, "idx": idx, "sink": sink, "scale": scale, "return_lse": return_lse,
+                           "p_dtype": p_dtype})
         if reason:  # the selection cache ignores the WindowedIndex type: re-check (no sync) and fall back
             log.info("dsv4rt: ascend/fused sparse_attention -> composite: %s", reason)
-            return fallback(q, kv, idx, sink, scale, return_lse)
+            return fallback(q, kv, idx, sink, scale, return_lse, p_dtype)
         w = idx.window
         o_w, lse = window_part(q, kv, w, scale)
         o = o_w.float()
         rest = idx.as_subclass(Tensor)[..., w.width:]
         if rest.shape[2]:
-            o_r, lse_r = fallback(q.float(), kv, rest, None, scale, True)
+            o_r, lse_r = fallback(q.float(), kv, rest, None, scale, True, kv.dtype if p_dtype is None else p_dtype)
             total = _logaddexp(lse, lse_r)
             o = o * torch.exp(lse - total)[..., None] + o_r * torch.exp(lse_r - total)[..., None]
             lse = total

@@ -21,6 +21,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
+from dsv4rt.formats import round_float
+
 from ._npu import Features
 
 __all__ = ["register", "make_indexer_topk", "supports_indexer", "valid_sparse_count"]
@@ -61,13 +63,17 @@ def supports_indexer(feat: Features) -> Callable[[Mapping[str, Any]], str | None
             return f"topk = {a['topk']}: sparse_count must be 1..2048 or 3072..8192 in steps of 1024"
         if k.shape[1] == 0:
             return "no keys (N = 0)"
+        if a.get("score_dtype") not in (None, q.dtype):
+            return (f"score_dtype {a['score_dtype']}: npu_lightning_indexer scores {q.dtype} inputs in its own "
+                    f"precision; only the default (scores in q's dtype) maps onto it")
         return None
     return supports
 
 
 def make_indexer_topk(npu: Any) -> Callable[..., Tensor]:
     def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: int,
-                     k_scale: Tensor | None = None, return_scores: bool = False) -> Tensor:
+                     k_scale: Tensor | None = None, return_scores: bool = False,
+                     score_dtype: torch.dtype | None = None) -> Tensor:
         b = q.shape[0]
         lengths = visible[:, 0].to(torch.int32).contiguous()
         idx, _ = npu.npu_lightning_indexer(
@@ -79,18 +85,20 @@ def make_indexer_topk(npu: Any) -> Callable[..., Tensor]:
         idx = torch.where(keep, idx, torch.full_like(idx, -1))
         if not return_scores:
             return idx
-        return idx, _scores(q, k, weights, idx)
+        return idx, _scores(q, k, weights, idx, q.dtype if score_dtype is None else score_dtype)
     return indexer_topk
 
 
-def _scores(q: Tensor, k: Tensor, weights: Tensor, idx: Tensor) -> Tensor:
-    """fp32 scores of the returned keys, recomputed from q, k and weights (the op's ``sparse_values`` have an
-    undocumented dtype): ``sum_h w[h] * relu(q[h] . k[idx])``, -inf where idx is -1. O(B * topk * H * D)."""
+def _scores(q: Tensor, k: Tensor, weights: Tensor, idx: Tensor, sd: torch.dtype) -> Tensor:
+    """Scores of the returned keys in the contract's ``score_dtype`` precision, recomputed from q, k and
+    weights (the op's ``sparse_values`` have an undocumented dtype): ``sum_h w[h] * relu(q[h] . k[idx])``,
+    -inf where idx is -1. O(B * topk * H * D)."""
     b, _, h, d = q.shape
     topk = idx.shape[-1]
     rows = torch.gather(k.float(), 1, idx.reshape(b, topk, 1).clamp(min=0).long().expand(b, topk, d))
-    dots = torch.matmul(q[:, 0].float(), rows.transpose(1, 2)).relu_()                 # [B, H, topk]
-    scores = torch.matmul(weights[:, 0].float().unsqueeze(1), dots)                    # [B, 1, topk]
+    dots = round_float(torch.matmul(q[:, 0].float(), rows.transpose(1, 2)).relu_(), sd)   # [B, H, topk]
+    terms = round_float(weights[:, 0].float().unsqueeze(2) * dots, sd)
+    scores = round_float(terms.sum(dim=1, keepdim=True), sd)                             # [B, 1, topk]
     return scores.masked_fill(idx < 0, float("-inf"))
 
 

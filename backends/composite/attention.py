@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from dsv4rt.backend import new_output
+from dsv4rt.formats import round_float
 
 __all__ = ["kv_compress", "sparse_attention", "CHUNK_ELEMS"]
 
@@ -65,14 +66,15 @@ def kv_compress(kv: Tensor, gate: Tensor, ape: Tensor, ratio: int, overlap: bool
 
 
 def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, scale: float,
-                     return_lse: bool = False):
+                     return_lse: bool = False, p_dtype: torch.dtype | None = None):
     """``o[B, S, H, D]`` in q's dtype: one softmax per (b, s, h) over the selected K=V rows plus the sink.
 
     Rows ``kv[b, idx]`` are gathered with the indices clamped into range (``index_select`` on the
     flattened kv); -1 entries are masked to -inf. ``lse = logsumexp(logits ++ [sink])`` (float32) is
     the log of the full denominator, ``p = exp(logit - lse)``, ``o = p @ rows``: a row with no valid
     index gets ``p = 0`` and so ``o = 0``, and ``lse = sink[h]`` (``-inf`` without a sink).
-    With ``return_lse`` also returns ``lse[B, S, H]`` float32.
+    With ``return_lse`` also returns ``lse[B, S, H]`` float32. A 16-bit effective ``p_dtype`` (None = kv's
+    dtype) rounds the numerator's P, taken against the largest logit, before ``P @ rows``.
     """
     b, s, h, d = q.shape
     n, k = kv.shape[1], idx.shape[2]
@@ -89,6 +91,8 @@ def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, sc
                 lse_out.copy_(sink_f.expand(b, s, h))
         return (o, lse_out) if return_lse else o
 
+    pd = kv.dtype if p_dtype is None else p_dtype
+    rounded = pd in (torch.bfloat16, torch.float16)
     qf = q.float()
     flat = kv.float().reshape(b * n, d)
     base = (torch.arange(b, device=dev) * n).view(b, 1, 1)
@@ -106,6 +110,10 @@ def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, sc
             lse = _add_sink(lse, sink_f)
         shift = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
         p = torch.exp(logits - shift[..., None])                          # 0 where masked
+        if rounded:   # round(exp(logit - max logit)), re-based onto the lse shift
+            ml = logits.amax(dim=-1)
+            ml = torch.where(torch.isfinite(ml), ml, shift)
+            p = round_float(torch.exp(logits - ml[..., None]), pd) * torch.exp(ml - shift)[..., None]
         o[:, s0:s1].copy_(torch.matmul(p, rows))
         if lse_out is not None:
             lse_out[:, s0:s1].copy_(lse)

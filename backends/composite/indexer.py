@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from dsv4rt.backend import new_output
-from dsv4rt.formats import decode_e4m3
+from dsv4rt.formats import decode_e4m3, round_float
 
 __all__ = ["indexer_topk", "CHUNK_ELEMS"]
 
@@ -26,13 +26,14 @@ def _keys(k: Tensor, k_scale: Tensor | None) -> Tensor:
 
 
 def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: int,
-                 k_scale: Tensor | None = None, return_scores: bool = False):
+                 k_scale: Tensor | None = None, return_scores: bool = False, score_dtype: torch.dtype | None = None):
     """``idx[B, S, topk]`` int32: per query, the ``topk`` visible keys with the largest score
     ``sum_h weights[h] * relu(q[h] . key[t])`` (float32), -1 in the slots beyond ``visible``.
 
     Keys ``t >= visible[b, s]`` are masked to -inf before ``torch.topk``; any returned index at or beyond
     ``visible`` is then replaced by -1 (its score by -inf), which also covers ``N < topk``.
-    With ``return_scores`` also returns ``scores[B, S, topk]`` float32.
+    With ``return_scores`` also returns ``scores[B, S, topk]`` float32. A 16-bit ``score_dtype`` (None =
+    q's dtype) rounds the dot products, the weighted terms and the head sum, as the contract says.
     """
     b, s, h, d = q.shape
     n = k.shape[1]
@@ -47,6 +48,8 @@ def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: i
     if kk == 0 or b * s == 0:
         return (idx, scores) if return_scores else idx
 
+    sd = q.dtype if score_dtype is None else score_dtype
+    rounded = sd in (torch.bfloat16, torch.float16)
     qf = q.float()
     kt = _keys(k, k_scale).transpose(1, 2)           # [B, D, N]
     w = weights.float()
@@ -57,7 +60,11 @@ def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: i
         s1 = min(s, s0 + chunk)
         c = s1 - s0
         dots = torch.matmul(qf[:, s0:s1].reshape(b, c * h, d), kt).view(b, c, h, n).relu_()
-        sc = torch.matmul(w[:, s0:s1].unsqueeze(2), dots).squeeze(2)     # [B, c, N]: sum over heads
+        if rounded:   # round(q.k), round(w * relu), round(sum over heads)
+            terms = round_float(round_float(dots, sd) * w[:, s0:s1, :, None], sd)
+            sc = round_float(terms.sum(dim=2), sd)
+        else:
+            sc = torch.matmul(w[:, s0:s1].unsqueeze(2), dots).squeeze(2)     # [B, c, N]: sum over heads
         vc = vis[:, s0:s1, None]                                          # [B, c, 1]
         sc.masked_fill_(pos >= vc, float("-inf"))
         vals, ids = torch.topk(sc, kk, dim=-1)

@@ -69,7 +69,7 @@ def moe_dispatch(x: Tensor, ids: Tensor, num_experts: int):
     offsets.copy_(torch.searchsorted(sorted_ids, bounds))
     src.copy_(order)
     if rows:
-        torch.index_select(x, 0, order // topk, out=x_sorted)
+        torch.index_select(x.detach(), 0, order // topk, out=x_sorted)   # ops carry no autograd graph
     return x_sorted, offsets, src
 
 

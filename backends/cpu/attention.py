@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from dsv4rt.backend import new_output
+from dsv4rt.formats import round_float
 
 from ._np import BUDGET, alloc_f32, f32, finish, gather_rows_f32, ints
 
@@ -67,8 +68,9 @@ def kv_compress(kv: torch.Tensor, gate: torch.Tensor, ape: torch.Tensor, ratio: 
 
 
 def _attend(qc: np.ndarray, keys: np.ndarray, valid: np.ndarray, sink: np.ndarray | None,
-            scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """One chunk: qc [S', H, D], keys [S', K, D] (K = V), valid [S', K] -> (o [S', H, D], lse [S', H])."""
+            scale: float, rnd: torch.dtype | None) -> tuple[np.ndarray, np.ndarray]:
+    """One chunk: qc [S', H, D], keys [S', K, D] (K = V), valid [S', K] -> (o [S', H, D], lse [S', H]).
+    ``rnd`` (a 16-bit dtype or None): P of the numerator rounded against the largest logit."""
     logits = np.matmul(qc, keys.transpose(0, 2, 1))                   # [S', H, K]
     logits *= np.float32(scale)
     logits[~np.broadcast_to(valid[:, None, :], logits.shape)] = -np.inf
@@ -80,6 +82,11 @@ def _attend(qc: np.ndarray, keys: np.ndarray, valid: np.ndarray, sink: np.ndarra
     den = p.sum(axis=2)
     if sink is not None:
         den += np.exp(sink[None, :] - m)
+    if rnd is not None and logits.shape[2]:
+        ml = logits.max(axis=2)
+        ml = np.where(np.isfinite(ml), ml, m)
+        with np.errstate(over="ignore"):
+            p = round_float(np.exp(logits - ml[:, :, None]), rnd) * np.exp(ml - m)[:, :, None]
     o = np.matmul(p, keys)
     with np.errstate(divide="ignore", invalid="ignore"):
         o /= den[:, :, None]
@@ -89,7 +96,7 @@ def _attend(qc: np.ndarray, keys: np.ndarray, valid: np.ndarray, sink: np.ndarra
 
 
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor | None,
-                     scale: float, return_lse: bool = False):
+                     scale: float, return_lse: bool = False, p_dtype: torch.dtype | None = None):
     """o[B, S, H, D] (+ lse[B, S, H] float32): one softmax over the gathered K=V rows plus the sink.
 
     Per batch row and chunk of queries: gathers the selected kv rows (-1 masked), float32 logits, a
@@ -99,6 +106,8 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink:
     """
     bsz, s, h, d = q.shape
     k = idx.shape[2]
+    pd = kv.dtype if p_dtype is None else p_dtype
+    rnd = pd if pd in (torch.bfloat16, torch.float16) else None
     out, obuf = alloc_f32((bsz, s, h, d), q.dtype)
     lse_t = new_output((bsz, s, h), torch.float32, "cpu") if return_lse else None
     lse_np = lse_t.numpy() if lse_t is not None else None
@@ -119,7 +128,7 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink:
                 keys = np.zeros(sel.shape + (d,), np.float32)
             else:
                 keys = kvb[safe] if kvb is not None else gather_rows_f32(kv[b], safe)
-            o, lse = _attend(qb[s0:s1], keys, valid, sink_np, scale)
+            o, lse = _attend(qb[s0:s1], keys, valid, sink_np, scale, rnd)
             obuf[b, s0:s1] = o
             if lse_np is not None:
                 lse_np[b, s0:s1] = lse

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from dsv4rt.backend import new_output
-from dsv4rt.formats import decode_e4m3
+from dsv4rt.formats import decode_e4m3, round_float
 
 from ._np import BUDGET, f32, ints, u8
 
@@ -18,9 +18,10 @@ def _keys(k: torch.Tensor, k_scale: torch.Tensor | None, b: int, n: int) -> np.n
     return f32(k[b, :n])
 
 
-def _scores(qb: np.ndarray, kb: np.ndarray, wb: np.ndarray, n: int) -> np.ndarray:
+def _scores(qb: np.ndarray, kb: np.ndarray, wb: np.ndarray, n: int, rnd: torch.dtype | None) -> np.ndarray:
     """score[s, t] = sum_h w[s, h] * relu(q[s, h] . k[t]) for t < n, float32 [S', n], computed in key
-    chunks so the per-head products stay within BUDGET."""
+    chunks so the per-head products stay within BUDGET; ``rnd`` (a 16-bit dtype or None) rounds the dot
+    products, the weighted terms and the head sum (the contract's ``score_dtype``)."""
     sc, h, d = qb.shape
     out = np.empty((sc, n), np.float32)
     step = max(1, BUDGET // max(sc * h, 1))
@@ -30,7 +31,11 @@ def _scores(qb: np.ndarray, kb: np.ndarray, wb: np.ndarray, n: int) -> np.ndarra
         t1 = min(n, t0 + step)
         dots = (q2 @ kb[t0:t1].T).reshape(sc, h, t1 - t0)  # [S', H, t]
         np.maximum(dots, 0.0, out=dots)
-        out[:, t0:t1] = np.matmul(w3, dots)[:, 0, :]
+        if rnd is None:
+            out[:, t0:t1] = np.matmul(w3, dots)[:, 0, :]
+        else:
+            terms = round_float(round_float(dots, rnd) * wb[:, :, None], rnd)
+            out[:, t0:t1] = round_float(terms.sum(axis=1), rnd)
     return out
 
 
@@ -60,7 +65,8 @@ def _select(scores: np.ndarray, vis: np.ndarray, topk: int, idx: np.ndarray,
 
 
 def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, visible: torch.Tensor, topk: int,
-                 k_scale: torch.Tensor | None = None, return_scores: bool = False):
+                 k_scale: torch.Tensor | None = None, return_scores: bool = False,
+                 score_dtype: torch.dtype | None = None):
     """idx[B, S, topk] int32 (+ scores float32): top-k keys by the lightning-indexer score.
 
     Float32 scores per batch row and query chunk (keys beyond the chunk's largest ``visible`` are never
@@ -69,6 +75,8 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, visibl
     """
     bsz, s, h, _ = q.shape
     n = k.shape[1]
+    sd = q.dtype if score_dtype is None else score_dtype
+    rnd = sd if sd in (torch.bfloat16, torch.float16) else None
     idx = new_output((bsz, s, topk), torch.int32, "cpu")
     scores_t = new_output((bsz, s, topk), torch.float32, "cpu") if return_scores else None
     idx_np = idx.numpy()
@@ -84,7 +92,7 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, visibl
             s1 = min(s, s0 + rows)
             vrow = vis[b, s0:s1]
             nmax = int(vrow.max()) if s1 > s0 else 0
-            scores = _scores(qb[s0:s1], kb, w_all[b, s0:s1], nmax)
+            scores = _scores(qb[s0:s1], kb, w_all[b, s0:s1], nmax, rnd)
             _select(scores, vrow, topk, idx_np[b, s0:s1], None if sc_np is None else sc_np[b, s0:s1])
     if return_scores:
         return idx, scores_t

@@ -17,31 +17,43 @@ def _sqrt_softplus(z: np.ndarray) -> np.ndarray:
     return np.sqrt(np.where(z > SOFTPLUS_THRESHOLD, z, sp))
 
 
+def _log_sqrt_softplus(z: np.ndarray) -> np.ndarray:
+    """log(sqrt(softplus(z))) in float32 without underflow: below -20 ``log(softplus(z)) = z`` (to within
+    exp(z)/2), where softplus itself reaches 0 near z = -104 (and s / sum s would be 0/0)."""
+    with np.errstate(divide="ignore"):
+        lsp = np.log(np.log1p(np.exp(np.clip(z, -SOFTPLUS_THRESHOLD, SOFTPLUS_THRESHOLD))))
+    lsp = np.where(z > SOFTPLUS_THRESHOLD, np.log(np.maximum(z, SOFTPLUS_THRESHOLD)), lsp)
+    return np.float32(0.5) * np.where(z < -SOFTPLUS_THRESHOLD, z, lsp)
+
+
 def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, topk: int, route_scale: float,
               score_func: str = "sqrtsoftplus", hash_ids: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids[T, topk] int32, weights[T, topk] float32): the V4 sqrt-softplus router in float32.
 
     ``np.argpartition`` picks the top-k of ``s + bias`` (no full sort); the k chosen are then ordered by
-    descending selection score. Hash layers take ``hash_ids`` as the ids.
+    descending selection score (by the logit itself without a bias: the same order, free of underflow
+    ties). Hash layers take ``hash_ids`` as the ids. The weights ``s / sum s`` are a softmax of ``log s``
+    over the chosen, finite where ``s`` underflows to 0 (logits below about -104).
     """
     if score_func != "sqrtsoftplus":
         raise NotImplementedError(f"cpu/numpy moe_route: score_func={score_func!r} (only 'sqrtsoftplus')")
-    s = _sqrt_softplus(f32(logits))
-    t, e = s.shape
+    z = f32(logits)
+    t, e = z.shape
     ids_t = new_output((t, topk), torch.int32, "cpu")
     w_t = new_output((t, topk), torch.float32, "cpu")
     ids, w = ids_t.numpy(), w_t.numpy()
     if hash_ids is not None:
         ids[...] = ints(hash_ids)
     elif t:
-        sel = s if bias is None else s + f32(bias)[None, :]
+        sel = z if bias is None else _sqrt_softplus(z) + f32(bias)[None, :]
         part = np.argpartition(sel, e - topk, axis=1)[:, e - topk:] if topk < e else \
             np.broadcast_to(np.arange(e), (t, e))
         order = np.argsort(-np.take_along_axis(sel, part, axis=1), axis=1, kind="stable")
         ids[...] = np.take_along_axis(part, order, axis=1)
-    chosen = np.take_along_axis(s, ids.astype(np.int64), axis=1)
-    np.multiply(chosen / chosen.sum(axis=1, keepdims=True), np.float32(route_scale), out=w)
+    ls = np.take_along_axis(_log_sqrt_softplus(z), ids.astype(np.int64), axis=1)
+    ex = np.exp(ls - ls.max(axis=1, keepdims=True)) if t else ls
+    np.multiply(ex / ex.sum(axis=1, keepdims=True), np.float32(route_scale), out=w)
     return ids_t, w_t
 
 

@@ -18,6 +18,7 @@ import torch
 from dsv4rt import _C
 from dsv4rt.backend import new_output
 from dsv4rt.formats import act_quant_fp8
+from dsv4rt.ops.indexer import score_dtype_of
 
 from ._np import bits_view, f32
 
@@ -117,8 +118,10 @@ def fp8_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
 # ---------------------------------------------------------------------------------------------- indexer
 
 def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, visible: torch.Tensor, topk: int,
-                 k_scale: torch.Tensor | None = None, return_scores: bool = False):
-    """Fused scores + per-row nth_element top-k (the k chosen ordered by descending score, -1 after)."""
+                 k_scale: torch.Tensor | None = None, return_scores: bool = False,
+                 score_dtype: torch.dtype | None = None):
+    """Fused scores + per-row nth_element top-k (the k chosen ordered by descending score, -1 after);
+    the bf16 score precision points in the kernel (fp16 ones are refused by :func:`supports_indexer`)."""
     bsz, s = q.shape[:2]
     idx = new_output((bsz, s, topk), torch.int32, "cpu")
     scores = new_output((bsz, s, topk), torch.float32, "cpu") if return_scores else None
@@ -126,20 +129,23 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, visibl
         keys, ks = _bytes(k), _arr(k_scale)  # type: ignore[arg-type]
     else:
         keys, ks = _act(k), None
+    sd = q.dtype if score_dtype is None else score_dtype
     _C.indexer_topk(_act(q), keys, ks, _arr(weights), _arr(visible), topk, idx.numpy(),
-                    None if scores is None else scores.numpy())
+                    None if scores is None else scores.numpy(), sd == torch.bfloat16)
     return (idx, scores) if return_scores else idx
 
 
 # ---------------------------------------------------------------------------------------------- attention
 
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor | None,
-                     scale: float, return_lse: bool = False):
-    """Online softmax with sink over the gathered K=V rows, per (b, s, head group), float32 statistics."""
+                     scale: float, return_lse: bool = False, p_dtype: torch.dtype | None = None):
+    """Online softmax with sink over the gathered K=V rows, per (b, s, head group), float32 statistics;
+    P rounded to bf16 / fp16 for the P.V product when the effective ``p_dtype`` is 16-bit."""
     out, obuf = _out(tuple(q.shape), q.dtype)
     lse = new_output(tuple(q.shape[:3]), torch.float32, "cpu") if return_lse else None
     _C.sparse_attention(_act(q), _act(kv), _arr(idx), None if sink is None else _arr(sink),
-                        float(scale), obuf, None if lse is None else lse.numpy())
+                        float(scale), obuf, None if lse is None else lse.numpy(),
+                        {torch.bfloat16: 1, torch.float16: 2}.get(kv.dtype if p_dtype is None else p_dtype, 0))
     _finish(out, obuf)
     return (out, lse) if return_lse else out
 
@@ -184,6 +190,12 @@ def _gemm_supports(args: Mapping[str, Any]) -> str | None:
     return _strided(args)
 
 
+def _indexer_supports(args: Mapping[str, Any]) -> str | None:
+    if score_dtype_of(args) == torch.float16:
+        return "score_dtype float16: cpu/native rounds indexer scores to bf16 only"
+    return _strided(args)
+
+
 def _attention_supports(args: Mapping[str, Any]) -> str | None:
     kv, idx = args["kv"], args["idx"]
     if kv.dtype == torch.float16 and idx.numel() < kv.shape[0] * kv.shape[1]:
@@ -192,5 +204,6 @@ def _attention_supports(args: Mapping[str, Any]) -> str | None:
     return _strided(args)
 
 
-SUPPORTS = {"fp4_gemm": _gemm_supports, "fp4_grouped_gemm": _gemm_supports, "fp8_gemm": _strided, "indexer_topk": _strided,
+SUPPORTS = {"fp4_gemm": _gemm_supports, "fp4_grouped_gemm": _gemm_supports, "fp8_gemm": _strided,
+            "indexer_topk": _indexer_supports,
             "sparse_attention": _attention_supports, "moe_dispatch": _strided, "moe_combine": _strided}

@@ -85,10 +85,11 @@ def plan(args: Mapping[str, Any]) -> AttentionPlan:
 
 
 def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, scale: float,
-                     return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                     return_lse: bool = False, p_dtype: torch.dtype | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """``o[B, S, H, D]`` (+ ``lse[B, S, H]``): sparse MQA over the selected K=V rows plus the sink.
 
-    Triton online softmax (fp32 statistics, P cast to the kv dtype for the P.V MMA); -1 entries are
+    Triton online softmax (fp32 statistics; P in its ``p_dtype``, by default the kv dtype for the P.V
+    MMA on the tensor cores; an fp32 or other P multiplies in fp32); -1 entries are
     skipped, rows with no valid entry give zeros and ``lse = sink`` (-inf without a sink). The path
     (prefill or split-K decode) comes from :func:`plan`.
     """
@@ -106,6 +107,8 @@ def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, sc
     lse_st = lse.stride() if lse is not None else (0, 0, 0)
     sink_arg = sink if sink is not None else q
     grid = (b * s, -(-h // p.block_h), p.splits)
+    pd = kv.dtype if p_dtype is None else p_dtype
+    p_mode = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[pd]
     common = dict(HAS_SINK=sink is not None, HAS_LSE=return_lse, BLOCK_H=p.block_h, BLOCK_D=p.block_d)
     with device_guard(q):
         if p.path == "decode":
@@ -118,6 +121,7 @@ def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, sc
             q, kv, idx, sink_arg, *out_args, s, h, d, k, p.k_per_split, float(scale),
             *q.stride(), *kv.stride(), *idx.stride(), *o.stride(), *lse_st,
             SPLIT=p.path == "decode", BLOCK_K=p.block_k, INTERP=interp,
+            P_MODE=p_mode, P_MMA=not interp and pd == kv.dtype and pd != torch.float32,
             num_warps=p.num_warps, num_stages=p.num_stages, **common)
         if p.path == "decode":
             kern.sparse_attn_combine_kernel[grid[:2]](

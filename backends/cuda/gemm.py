@@ -195,7 +195,7 @@ def _fp4(x: Tensor, w: Tensor, w_scale: Tensor, offsets: Tensor | None, act_quan
         grid = (_tiles("fp4_grouped_gemm" if grouped else "fp4_gemm", args, p.block_m) * _cdiv(n, p.block_n),
                 p.split_k)
         kernels("gemm").fp4_gemm_kernel[grid](
-            xk, wb, sb, y, offsets if grouped else wb, rows, n, k, e,
+            xk, wb, sb, y, offsets.contiguous() if grouped else wb, rows, n, k, e,   # the kernel reads offsets densely
             xk.stride(0), xk.stride(1), *wb.stride(), *sb.stride(), 0 if p.split_k == 1 else rows * n, n,
             GROUPED=grouped, BLOCK_E=max(16, _pow2(e)), EVEN_ODD=p.path == "small", **_meta(k, p))
         return _finish(out, y, p)
@@ -237,6 +237,8 @@ def fp8_gemm(x: Tensor, w: Tensor, w_scale: Tensor, act_quant: str | None = None
     out = new_output((m, n), x.dtype, x.device)
     if m == 0 or n == 0:
         return out
+    if k == 0:   # an empty sum; the kernel's K loop and scale tiles assume K >= 1
+        return out.zero_()
     p = plan("fp8_gemm", {"x": x, "w": w, "act_quant": act_quant}, path)
     e8m0 = w_scale.dtype != torch.float32
     sb = w_scale.view(torch.uint8) if e8m0 else w_scale

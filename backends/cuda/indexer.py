@@ -46,7 +46,7 @@ def _logit_tiles(s: int, h: int, n: int, d: int, interp: bool) -> dict[str, int]
 
 
 def _launch(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: int, k_scale: Tensor | None,
-            idx: Tensor, scores: Tensor | None, sc: Tensor, interp: bool) -> None:
+            idx: Tensor, scores: Tensor | None, sc: Tensor, interp: bool, rnd: int) -> None:
     """Logits of the queries of ``q`` (a chunk, as views) into ``sc`` [B, s, N], then their top-k select."""
     kern = kernels("indexer")
     b, s, h, d = q.shape
@@ -58,7 +58,7 @@ def _launch(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: int, k
         ks_st = k_scale.stride() if k_scale is not None else (0, 0)
         kern.indexer_logits_kernel[grid](
             q, k, ks, weights, visible, sc, s, h, n, d, *q.stride(), *k.stride(), *ks_st, *weights.stride(),
-            *visible.stride(), *sc.stride(), HAS_SCALE=k_scale is not None, INTERP=interp, **t)
+            *visible.stride(), *sc.stride(), HAS_SCALE=k_scale is not None, INTERP=interp, RND=rnd, **t)
     elif n:
         sc.zero_()  # no heads or an empty head dim: every score is 0
     vals = scores if scores is not None else sc
@@ -70,14 +70,18 @@ def _launch(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: int, k
 
 
 def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: int,
-                 k_scale: Tensor | None = None, return_scores: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                 k_scale: Tensor | None = None, return_scores: bool = False,
+                 score_dtype: torch.dtype | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """``idx[B, S, topk]`` int32 (+ ``scores``): the ``topk`` best visible keys per query, -1 padded.
 
     Fused logits kernel into an fp32 [B, s, N] score buffer (``s`` = all queries, or chunks of queries
     keeping it under ``SCORE_ELEMS``), then a per-row radix select (no full sort).
     Keys are bf16/fp16/fp32 like q, or float8_e4m3fn with ``k_scale`` [B, N] (converted to q's dtype for
-    the MMA, scaled on the fp32 accumulator before the ReLU).
+    the MMA, scaled on the fp32 accumulator before the ReLU). A 16-bit ``score_dtype`` (None = q's dtype)
+    rounds in the logits kernel, at the contract's three points.
     """
+    sd = q.dtype if score_dtype is None else score_dtype
+    rnd = {torch.bfloat16: 1, torch.float16: 2}.get(sd, 0)
     b, s, h, d = q.shape
     n = k.shape[1]
     dev = q.device
@@ -92,7 +96,7 @@ def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: i
         for s0 in range(0, s, chunk):
             s1 = min(s, s0 + chunk)
             _launch(q[:, s0:s1], k, weights[:, s0:s1], visible[:, s0:s1], topk, k_scale, idx[:, s0:s1],
-                    None if scores is None else scores[:, s0:s1], sc[:, :s1 - s0], interp)
+                    None if scores is None else scores[:, s0:s1], sc[:, :s1 - s0], interp, rnd)
     return (idx, scores) if return_scores else idx
 
 

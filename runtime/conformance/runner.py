@@ -11,7 +11,7 @@ from .. import env
 from ..backend import Implementation, poisoned_outputs
 from ..errors import BackendSelectionError, ContractError
 from ..registry import REGISTRY, Registry
-from ..spec import OpSpec, load_ref
+from ..spec import REQUIRED, OpSpec, load_ref
 from .case import Case, noncontig_on
 from .report import CaseResult, Report
 
@@ -37,8 +37,13 @@ def _as_tuple(out: Any) -> tuple:
     return out if isinstance(out, tuple) else (out,)
 
 
-def _prepare(case: Case, seed: int, device: torch.device) -> tuple[dict, dict]:
+def _prepare(spec: OpSpec, case: Case, seed: int, device: torch.device) -> tuple[dict, dict]:
+    """The case's inputs on the CPU and on ``device``, with every parameter the case leaves out at its
+    contract default (so references, tolerances and ``supports()`` see the whole call)."""
     cpu_args = case.inputs(seed)
+    for p in spec.params:
+        if p.name not in cpu_args and p.default is not REQUIRED:
+            cpu_args[p.name] = p.default
     dev_args = {}
     for name, value in cpu_args.items():
         if isinstance(value, torch.Tensor):
@@ -77,7 +82,7 @@ def _refusal(impl: Implementation, args: dict[str, Any], registry: Registry) -> 
 def _run_value_case(spec: OpSpec, op: Any, case: Case, impl: Implementation, seed: int,
                     registry: Registry, refs_cache: dict[str, tuple]) -> CaseResult:
     device = torch.device(impl.device_type)
-    cpu_args, dev_args = _prepare(case, seed, device)
+    cpu_args, dev_args = _prepare(spec, case, seed, device)
     row = CaseResult(case.id, spec.name, impl.name, "fail")
     try:
         dev_args = registry.backends()[impl.backend].prepare_inputs(spec.name, dev_args)
@@ -113,7 +118,7 @@ def _run_value_case(spec: OpSpec, op: Any, case: Case, impl: Implementation, see
 
 
 def _run_error_case(spec: OpSpec, op: Any, case: Case, backend: str, seed: int, device: torch.device) -> CaseResult:
-    _, dev_args = _prepare(case, seed, device)
+    _, dev_args = _prepare(spec, case, seed, device)
     row = CaseResult(case.id, spec.name, backend, "fail", tolerance="must raise")
     try:
         with env.override("DSV4RT_CHECK_VALUES", "always"):
@@ -163,6 +168,13 @@ def run_conformance(backend: str, ops: Sequence[str] | None = None, xfails: Mapp
     if unknown:
         raise BackendSelectionError(f"conformance: unknown ops {unknown}; ops: {', '.join(registry.specs)}")
     device_types = sorted({i.device_type for i in impls}) or [registry.backends()[backend].device_type]
+    for dt in device_types:
+        try:
+            torch.device(dt)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise BackendSelectionError(f"conformance: backend {backend!r} runs on device type {dt!r}, which this "
+                                        f"torch does not know ({exc}); install the extension that registers it") \
+                from None
     report = Report(backend, ",".join(device_types), seed)
     if probe.capabilities.get("interpreter"):
         report.notes.append("note: Triton kernels ran under the Triton interpreter on CPU tensors")

@@ -17,6 +17,8 @@ from typing import Any, Mapping
 import torch
 
 from .. import reference as ref
+from ..ops.attention import p_dtype_of
+from ..ops.indexer import score_dtype_of
 
 __all__ = ["Check", "gemm", "topk", "pooling", "attention", "route", "exact", "combine"]
 
@@ -95,11 +97,15 @@ def topk(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
     """Checked on reference scores of the returned set: right count, distinct, visible, and every chosen
     key's reference score within tolerance of the true k-th best; scores (if returned) vs reference."""
     q, k, w = args["q"], args["k"], args["weights"]
-    scores = ref.indexer_scores(q, k, w, args["visible"], args["k_scale"])
+    sd = score_dtype_of(args)
+    scores = ref.indexer_scores(q, k, w, args["visible"], args["k_scale"], sd)
     k_abs = _abs_e4m3(k) if k.dtype == torch.float8_e4m3fn else k.abs()
     bound = ref.indexer_scores(q.abs(), k_abs, w.abs(), torch.full_like(args["visible"], k.shape[1]),
-                               args["k_scale"])
-    u = U_TF32 if q.dtype == torch.float32 else 2.0**-18
+                               args["k_scale"], torch.float32)
+    # a 16-bit score: an fp32 value next to a rounding boundary may round one ulp (2^-7 / 2^-10 relative)
+    # the other way at each of the three rounding points (q.k, w*relu, the head sum): 3 ulps of the bound
+    u = {torch.bfloat16: 3 * 2.0**-7, torch.float16: 3 * 2.0**-10}.get(
+        sd, U_TF32 if q.dtype == torch.float32 else 2.0**-18)
     tol_all = u * bound + TINY
     idx = outs[0].long()
     b_n, s_n, top = idx.shape
@@ -158,7 +164,10 @@ def attention(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Che
     logit_abs = args["scale"] * torch.einsum("bshd,bskd->bshk", q.abs(), gathered.abs())
     logit_abs = logit_abs.amax(dim=-1) if idx.shape[2] else torch.zeros(q.shape[:3], dtype=torch.float64)
     dtype = args["q"].dtype
-    u_p = U_TF32 if dtype == torch.float32 else (2.0**-8 if dtype == torch.bfloat16 else 2.0**-11)
+    # P rounded for the P.V product (an online kernel rounds against its running max: one rounding
+    # either side of the reference's), or fp32 P (TF32 products for fp32 inputs)
+    p_dt = p_dtype_of(args)
+    u_p = U_TF32 if p_dt == torch.float32 else (2.0**-8 if p_dt == torch.bfloat16 else 2.0**-11)
     u_dot = U_TF32 if dtype == torch.float32 else 2.0**-18
     u_out = U_OUT[dtype]
     rel = 2 * u_p + 2 * u_dot * logit_abs  # [B,S,H]

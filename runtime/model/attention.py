@@ -21,7 +21,7 @@ from torch import Tensor
 from .cache import LayerCache
 from .compressor import Compressor
 from .config import CSA, HCA, SWA, ModelConfig
-from .functional import fp8_sim_nope, rms_norm
+from .functional import fp8_sim_nope, head_rms_norm, rms_norm
 from .indexer import Indexer
 from .opcall import OpCaller
 from .rope import RopeTable, apply_rope
@@ -71,7 +71,7 @@ class Attention:
         qr, kv = self.wq_a_wkv(ops, x.reshape(b * s, dim))
         qr = rms_norm(qr, self.q_norm, self.eps)
         q = self.wq_b(ops, qr).view(b, s, h, hd)
-        q = apply_rope(rms_norm(q, None, self.eps), cos[:, None], sin[:, None])
+        q = apply_rope(head_rms_norm(q, self.eps, ops.precision), cos[:, None], sin[:, None])
         kv = apply_rope(rms_norm(kv, self.kv_norm, self.eps).view(b, s, hd), cos, sin)
         if ops.quant:
             kv = fp8_sim_nope(kv, self.rd)

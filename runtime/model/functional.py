@@ -1,5 +1,6 @@
 """Small torch glue shared by the layers: RMSNorm, the Hadamard rotation and the reference's fake-quant
-points (spec 2.2, 2.3, 3.1). Everything is computed in float32 and returned in the input dtype."""
+points (spec 2.2, 2.3, 3.1). Computed in float32 and returned in the input dtype, except the release-precision
+per-head q norm (``head_rms_norm``). Nothing depends on torch's default dtype."""
 from __future__ import annotations
 
 import functools
@@ -10,7 +11,8 @@ from torch import Tensor
 
 from ..formats import fp4_fake_quant, fp8_fake_quant
 
-__all__ = ["rms_norm", "hadamard", "fp8_sim_nope", "fp4_sim", "hadamard_matrix"]
+__all__ = ["rms_norm", "head_rms_norm", "hadamard", "fp8_sim_nope", "fp4_sim", "hadamard_matrix", "PRECISIONS",
+           "check_precision"]
 
 
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
@@ -23,9 +25,30 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     return y.to(x.dtype)
 
 
+PRECISIONS = ("release", "fp32")
+"""Precision modes of the model: ``release`` rounds where the released inference code computes in bf16
+(the per-head q norm here; P before P.V in sparse_attention; the indexer scores), ``fp32`` keeps fp32 there."""
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def head_rms_norm(q: Tensor, eps: float, precision: str) -> Tensor:
+    """The weightless per-head RMS norm of the queries (spec 3.1), ``q * rsqrt(mean(q^2) + eps)``.
+
+    ``release``: computed on q's own dtype, step by step, as the released code does on its bf16 tensor
+    (``q *= torch.rsqrt(q.square().mean(-1, keepdim=True) + eps)``); ``fp32``: in float32, rounded once."""
+    if check_precision(precision) == "fp32":
+        return rms_norm(q, None, eps)
+    return q * torch.rsqrt(q.square().mean(-1, keepdim=True) + eps)
+
+
 @functools.lru_cache(maxsize=8)
 def _hadamard_cpu(n: int) -> Tensor:
-    h = torch.ones(1, 1)
+    h = torch.ones(1, 1, dtype=torch.float32)  # explicit: never the process's default dtype
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h * (1.0 / math.sqrt(n))

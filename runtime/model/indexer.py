@@ -42,7 +42,10 @@ class Indexer:
         if ops.quant:
             q = fp4_sim(q)
         n = self.compressor.update(ops, x, lc.index_comp, lc.index_keys, 0, p0, rope)
-        w = (x @ self.weights_proj.T).float() * self.weight_scale
+        if ops.precision == "release":   # the release scales the bf16 projection in bf16
+            w = ((x @ self.weights_proj.T) * self.weight_scale).float()
+        else:
+            w = (x @ self.weights_proj.T).float() * self.weight_scale
         visible = torch.div(positions + 1, self.ratio, rounding_mode="floor").to(torch.int32)
         visible = visible.unsqueeze(0).expand(b, s).contiguous()
         # keys beyond n are masked by ``visible``; rounding the count up to a power of two keeps the call's

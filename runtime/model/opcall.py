@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Callable
 
+import torch
 from torch import Tensor
 
 __all__ = ["OpCaller"]
@@ -27,12 +28,21 @@ class OpCaller:
     ``quant`` (default True) keeps every quantisation point of the reference: FP8 activation quantisation
     on the GEMMs, the FP8 simulation of the KV nope dims and the FP4 simulation of the indexer. False
     turns them all off (a smooth model, for debugging and for exact cache-consistency tests).
+
+    ``precision`` ("release", the default, or "fp32") sets the precision points where the released code
+    computes in bf16: the per-head q norm (model glue), P before P.V (sparse_attention ``p_dtype``) and the
+    indexer scores (indexer_topk ``score_dtype``). "fp32" keeps all three in fp32.
     """
 
-    def __init__(self, quant: bool = True) -> None:
+    def __init__(self, quant: bool = True, precision: str = "release") -> None:
+        from .functional import check_precision
+
         self._bound: dict[tuple, tuple[Callable[..., Any], str]] = {}
         self.calls: Counter = Counter()
         self.quant = quant
+        self.precision = check_precision(precision)
+        # the ops' precision points: None = the release's (P and scores in the activation dtype); fp32 mode
+        self._p_dtype = None if precision == "release" else torch.float32
 
     def call(self, name: str, *args: Any) -> Any:
         from ..registry import generation
@@ -80,10 +90,10 @@ class OpCaller:
         return self.call("kv_compress", kv, gate, ape, ratio, overlap, prev_kv, prev_gate)
 
     def sparse_attention(self, q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor, scale: float) -> Tensor:
-        return self.call("sparse_attention", q, kv, idx, sink, scale, False)
+        return self.call("sparse_attention", q, kv, idx, sink, scale, False, self._p_dtype)
 
     def indexer_topk(self, q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: int) -> Tensor:
-        return self.call("indexer_topk", q, k, weights, visible, topk, None, False)
+        return self.call("indexer_topk", q, k, weights, visible, topk, None, False, self._p_dtype)
 
     def moe_route(self, logits: Tensor, bias: Tensor | None, topk: int, route_scale: float,
                   hash_ids: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -37,6 +37,7 @@ class RunOptions:
     seed: int = 0
     check: bool = False
     dtype: str = "bf16"
+    precision: str = "release"     # the bf16 precision points of the release, or "fp32" (see OpCaller)
     prefill_chunk: int | None = None
     layers: int = 4
     experts: int | None = None
@@ -120,7 +121,8 @@ def build_model(opts: RunOptions, device: torch.device, quiet: bool = False,
         ck = Checkpoint(path, progress=opts.progress and not quiet and not distributed)
         names = Transformer.load_order(ck.cfg)
         ck.start_progress(names)
-        model = Transformer(ck.cfg, ck, device, dtype, convert_fp4=opts.convert_fp8, par=layout(ck.cfg))
+        model = Transformer(ck.cfg, ck, device, dtype, convert_fp4=opts.convert_fp8, par=layout(ck.cfg),
+                            precision=opts.precision)
         ck.finish_progress()
         return model, load_tokenizer(ck.cfg, path), path
     if opts.preset == "flash-slice":
@@ -130,7 +132,8 @@ def build_model(opts: RunOptions, device: torch.device, quiet: bool = False,
         if opts.experts:
             cfg = cfg.replace(n_routed_experts=opts.experts, n_activated_experts=min(cfg.n_activated_experts, opts.experts))
         src = SyntheticSource(cfg, opts.seed, gen_device or device, fast=True, mtp=False)
-        model = Transformer(cfg, src, device, dtype, convert_fp4=opts.convert_fp8, par=layout(cfg))
+        model = Transformer(cfg, src, device, dtype, convert_fp4=opts.convert_fp8, par=layout(cfg),
+                            precision=opts.precision)
         return model, ByteTokenizer(cfg.bos_token_id, cfg.eos_token_id), f"synthetic weights (seed {opts.seed}, in memory)"
     raise BackendSelectionError(f"--preset {opts.preset}: the full {opts.preset} model needs its checkpoint "
                                 f"(--checkpoint DIR); runnable presets: tiny, flash-slice")
@@ -261,6 +264,7 @@ def options_from_args(args: Any) -> RunOptions:
     """RunOptions from the argparse namespace of ``dsv4rt run``."""
     return RunOptions(checkpoint=args.checkpoint, preset=args.preset, backend=args.backend, prompt=args.prompt,
                       prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      seed=args.seed, check=args.check, dtype=args.dtype, prefill_chunk=args.prefill_chunk,
+                      seed=args.seed, check=args.check, dtype=args.dtype, precision=args.precision,
+                      prefill_chunk=args.prefill_chunk,
                       layers=args.layers, experts=args.experts, convert_fp8=args.convert_fp8,
                       progress=not args.quiet, tp=args.tp, ep=args.ep)

@@ -27,7 +27,8 @@ class Transformer:
     """``Transformer(cfg, source, device)``; ``forward(tokens, cache)`` returns fp32 logits.
 
     ``dtype`` is the activation dtype (bfloat16 as the reference; float32 for precise comparisons);
-    ``quant=False`` disables the reference's FP8/FP4 quantisation points (see OpCaller); ``mtp`` also
+    ``quant=False`` disables the reference's FP8/FP4 quantisation points and ``precision="fp32"`` its bf16
+    precision points (see OpCaller; default "release"); ``mtp`` also
     loads the MTP block; ``convert_fp4`` converts the FP4 experts losslessly to FP8 at load (spec 1.5).
     ``par`` (a :class:`dsv4rt.distributed.Parallel`) loads and runs this rank's part of a tensor / expert
     parallel layout (vocab-parallel embedding and head; see the attention, indexer and MoE layers).
@@ -35,7 +36,7 @@ class Transformer:
 
     def __init__(self, cfg: ModelConfig, source: WeightSource, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.bfloat16, mtp: bool = False, convert_fp4: bool = False,
-                 quant: bool = True, par: Any = None) -> None:
+                 quant: bool = True, par: Any = None, precision: str = "release") -> None:
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
         self.par = par
         self._tp = par if par is not None and par.tp > 1 else None
@@ -47,7 +48,7 @@ class Transformer:
         self.hc_head = load_hc(ld, "hc_head")
         self.mtp = [MTPBlock(cfg, cfg.n_layers + i, ld) for i in range(cfg.n_mtp_layers if mtp else 0)]
         self.rope = rope_tables(cfg, self.device)
-        self.ops = OpCaller(quant)
+        self.ops = OpCaller(quant, precision)
 
     @staticmethod
     def load_order(cfg: ModelConfig, mtp: bool = False) -> Iterable[str]:

@@ -30,7 +30,7 @@ def kv_compress(kv: Tensor, gate: Tensor, ape: Tensor, ratio: int, overlap: bool
 
 
 def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, scale: float,
-                     return_lse: bool = False) -> Tensor:
+                     return_lse: bool = False, p_dtype: torch.dtype | None = None) -> Tensor:
     """o[B, S, H, D]: one softmax per (b, s, h) over the selected shared K=V entries plus an attention sink.
 
     - ``q``: [B, S, H, D] float32 / bfloat16 / float16; ``kv``: [B, N, D] (K = V), same dtype family.
@@ -40,6 +40,13 @@ def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, sc
       A row with no valid index returns zeros. Output dtype = q dtype, fp32 statistics.
     - ``return_lse``: also return ``lse`` [B, S, H] float32 = log of the full denominator (sink
       included; -inf for a row with no valid index and no sink), so partial results merge exactly.
+    - ``p_dtype``: the precision of the probabilities in the P.V product. ``None`` (default) = kv's
+      dtype, as the release's kernel (online softmax with fp32 statistics, P cast to the bf16 KV dtype
+      for the P.V MMA); ``torch.float32`` keeps P in fp32; ``torch.bfloat16`` / ``torch.float16`` round
+      it. With ``m`` = the row's largest logit (the sink excluded),
+      ``o = sum_j round(exp(logit_j - m)) kv[idx_j] / (sum_j exp(logit_j - m) + exp(sink - m))``: only the
+      numerator's P is rounded, the denominator and ``lse`` stay fp32. An online kernel rounds against
+      its running max, which differs from ``m`` by at most one rounding of each P (inside the tolerance).
     """
 
 
@@ -89,6 +96,15 @@ def _check_attention(a: Mapping[str, Any]) -> None:
         c.shape(op, "sink", a["sink"], (h,), "[H]")
     c.number(op, "scale", a["scale"], positive=True)
     c.flag(op, "return_lse", a["return_lse"])
+    c.choice(op, "p_dtype", a["p_dtype"], P_DTYPES)
+
+
+P_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
+
+
+def p_dtype_of(a: Mapping[str, Any]) -> torch.dtype:
+    """The effective P dtype of a sparse_attention call (``p_dtype``, or kv's dtype when None)."""
+    return a["kv"].dtype if a.get("p_dtype") is None else a["p_dtype"]
 
 
 def _values_attention(a: Mapping[str, Any]) -> None:

@@ -14,7 +14,8 @@ KEY_DTYPES = c.FLOAT_ACT + (torch.float8_e4m3fn,)
 
 
 def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: int,
-                 k_scale: Tensor | None = None, return_scores: bool = False) -> Tensor:
+                 k_scale: Tensor | None = None, return_scores: bool = False,
+                 score_dtype: torch.dtype | None = None) -> Tensor:
     """idx[B, S, topk] int32: the ``topk`` best compressed keys of each query by the lightning-indexer score.
 
     ``score[b, s, t] = sum_h weights[b, s, h] * relu(q[b, s, h, :] . key[b, t, :])`` over keys
@@ -28,7 +29,13 @@ def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: i
       the remaining slots. Order within a row is unspecified; ties may be broken either way.
     - ``return_scores``: also return ``scores`` [B, S, topk] float32, the score of each returned index
       (-inf where idx is -1).
-    Scores are accumulated in fp32; per-head scores are never materialised by fused backends.
+    - ``score_dtype``: the precision of the score. ``None`` (default) = q's dtype, as the release (an
+      einsum of bf16 q and bf16 keys, ReLU, times the head weights and summed over heads, all bf16
+      tensors); ``torch.float32`` keeps every step in fp32. For a 16-bit ``score_dtype`` there are three
+      rounding points, each from an fp32 (or exact) value: ``d = round(q_h . key_t)`` (fp32 accumulation),
+      ``p = round(weights[h] * relu(d))``, ``score = round(sum_h p)`` (fp32 accumulation). Rounded scores
+      tie more often; ties may be broken either way. ``scores`` are returned as float32.
+    Per-head scores are never materialised by fused backends.
     """
 
 
@@ -52,6 +59,15 @@ def _check(a: Mapping[str, Any]) -> None:
     c.shape(op, "visible", a["visible"], (b, s), "[B, S]")
     c.integer(op, "topk", a["topk"], lo=1)
     c.flag(op, "return_scores", a["return_scores"])
+    c.choice(op, "score_dtype", a["score_dtype"], SCORE_DTYPES)
+
+
+SCORE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
+
+
+def score_dtype_of(a: Mapping[str, Any]) -> torch.dtype:
+    """The effective score dtype of an indexer_topk call (``score_dtype``, or q's dtype when None)."""
+    return a["q"].dtype if a.get("score_dtype") is None else a["score_dtype"]
 
 
 def _values(a: Mapping[str, Any]) -> None:

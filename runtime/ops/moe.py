@@ -11,6 +11,8 @@ from ..spec import OutputSpec, declare_spec
 
 FAMILY = "moe"
 SCORE_FUNCS = ("sqrtsoftplus",)
+MAX_INT32 = 2**31 - 1
+COMBINE_DTYPES = c.FLOAT_ACT + (torch.float64,)
 
 
 def moe_route(logits: Tensor, bias: Tensor | None, topk: int, route_scale: float,
@@ -30,7 +32,9 @@ def moe_route(logits: Tensor, bias: Tensor | None, topk: int, route_scale: float
 def moe_dispatch(x: Tensor, ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
     """(x_sorted[T*topk, H], offsets[E+1] int32, src[T*topk] int32): token copies grouped by expert.
 
-    - ``x``: [T, H] any float dtype; ``ids``: [T, topk] int32 in [0, num_experts).
+    - ``x``: [T, H] any float dtype (rows are moved bit for bit, packed FP8 / FP4 rows included);
+      ``ids``: [T, topk] int32 in [0, num_experts); ``1 <= num_experts <= 2^31 - 1``. An ``x`` that
+      requires grad is read as detached: the ops build no autograd graph.
     - Row r of ``x_sorted`` is ``x[src[r] // topk]``; rows are grouped by expert in ascending order and
       stable in (t, j) order inside an expert; ``src[r] = t * topk + j``.
     - ``offsets[e]`` = number of (t, j) pairs routed to experts < e (offsets[0] = 0, offsets[E] = T*topk):
@@ -41,7 +45,8 @@ def moe_dispatch(x: Tensor, ids: Tensor, num_experts: int) -> tuple[Tensor, Tens
 def moe_combine(y_sorted: Tensor, src: Tensor, weights: Tensor | None, topk: int | None = None) -> Tensor:
     """y[T, H]: un-permute and reduce: ``y[t] = sum_j weights[t, j] * y_sorted[r]`` where ``src[r] = t*topk + j``.
 
-    - ``y_sorted``: [T*topk, H] float; ``src``: [T*topk] int32, a permutation of 0..T*topk-1 (moe_dispatch's).
+    - ``y_sorted``: [T*topk, H] float32 / bfloat16 / float16 / float64; ``src``: [T*topk] int32, a
+      permutation of 0..T*topk-1 (moe_dispatch's).
     - ``weights``: [T, topk] float32, or None for an unweighted sum (then ``topk`` must be given;
       with weights, ``topk`` is weights.shape[1] and may be omitted).
     Summed in fp32; output dtype = y_sorted dtype.
@@ -86,7 +91,7 @@ def _check_dispatch(a: Mapping[str, Any]) -> None:
         c.tensor(op, "x", x, 2, c.FLOAT_ACT)
     c.tensor(op, "ids", a["ids"], 2, c.INDEX)
     c.shape(op, "ids", a["ids"], (x.shape[0], a["ids"].shape[1]), "[T, topk]")
-    c.integer(op, "num_experts", a["num_experts"], lo=1)
+    c.integer(op, "num_experts", a["num_experts"], lo=1, hi=MAX_INT32)   # expert ids and offsets are int32
 
 
 def _values_dispatch(a: Mapping[str, Any]) -> None:
@@ -107,15 +112,14 @@ def _combine_topk(a: Mapping[str, Any]) -> int:
 def _check_combine(a: Mapping[str, Any]) -> None:
     op = "moe_combine"
     y = a["y_sorted"]
-    if not isinstance(y, Tensor) or y.dim() != 2 or not y.dtype.is_floating_point:
-        c.tensor(op, "y_sorted", y, 2, c.FLOAT_ACT)
+    c.tensor(op, "y_sorted", y, 2, COMBINE_DTYPES)   # summed in fp32: no packed / 8-bit formats
     r = y.shape[0]
     c.tensor(op, "src", a["src"], 1, c.INDEX)
     c.shape(op, "src", a["src"], (r,), "[T*topk] like y_sorted rows")
     if a["weights"] is None:
         if a["topk"] is None:
             raise c.ContractError(op, "topk", "an int when weights is None", "None")
-        c.integer(op, "topk", a["topk"], lo=1)
+        c.integer(op, "topk", a["topk"], lo=1, hi=MAX_INT32)   # src holds t*topk + j as int32
     else:
         c.tensor(op, "weights", a["weights"], 2, (torch.float32,))
         if a["topk"] is not None and a["topk"] != a["weights"].shape[1]:

@@ -66,7 +66,12 @@ def kv_compress(kv, gate, ape, ratio, overlap, prev_kv=None, prev_gate=None):
     return out
 
 
-def sparse_attention(q, kv, idx, sink, scale, return_lse=False):
+def _round(x, dtype):
+    """float64 values rounded once to ``dtype`` (bfloat16 / float16), back in float64."""
+    return x.to(dtype).to(F64)
+
+
+def sparse_attention(q, kv, idx, sink, scale, return_lse=False, p_dtype=None):
     """Sparse MQA attention core with an attention sink (spec 3.5): ``o [B, S, H, D]`` float64.
 
     For each (b, s, h), over the selected entries ``j in idx[b, s, :]`` with ``j >= 0`` (``-1`` is
@@ -80,6 +85,11 @@ def sparse_attention(q, kv, idx, sink, scale, return_lse=False):
     computed stably in float64 (shifted by ``m = max(max_j logit_j, sink[h])``). A row with no valid
     index returns ``o = 0`` and ``lse = sink[h]`` (``-inf`` when sink is None). With
     ``return_lse=True`` returns ``(o, lse [B, S, H] float64)``.
+
+    ``p_dtype`` (None = kv's dtype): when 16-bit, the numerator's probabilities are rounded to it, once,
+    relative to the row's largest logit ``m_l`` (the sink excluded)::
+
+        o = sum_j round(exp(logit_j - m_l)) * kv[b, j, :] / (sum_j exp(logit_j - m_l) + exp(sink[h] - m_l))
     """
     qd = to_f64(q)
     kvd = to_f64(kv)
@@ -88,6 +98,8 @@ def sparse_attention(q, kv, idx, sink, scale, return_lse=False):
     o = torch.zeros((b, s, h, dim), dtype=F64)
     lse = torch.full((b, s, h), float("-inf"), dtype=F64)
     idx64 = idx.to(torch.int64)
+    pd = kv.dtype if p_dtype is None else p_dtype
+    rounded = pd in (torch.bfloat16, torch.float16)
     for bi in range(b):
         for si in range(s):
             sel = idx64[bi, si]
@@ -105,7 +117,12 @@ def sparse_attention(q, kv, idx, sink, scale, return_lse=False):
             den = p.sum(dim=1)
             if sink_d is not None:
                 den = den + torch.exp(sink_d - m)
-            o[bi, si] = (p @ keys) / den[:, None]
+            if rounded:   # P relative to the largest logit, rounded; the same denominator re-based there
+                ml = logits.max(dim=1).values
+                o[bi, si] = (_round(torch.exp(logits - ml[:, None]), pd) @ keys) * torch.exp(ml - m)[:, None] \
+                    / den[:, None]
+            else:
+                o[bi, si] = (p @ keys) / den[:, None]
             lse[bi, si] = m + torch.log(den)
     if return_lse:
         return o, lse

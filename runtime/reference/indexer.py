@@ -19,14 +19,18 @@ def _keys_f64(k, k_scale):
     return kv
 
 
-def indexer_scores(q, k, weights, visible, k_scale=None):
+def indexer_scores(q, k, weights, visible, k_scale=None, score_dtype=None):
     """Indexer scores ``[B, S, N]`` float64 (spec 2.5/2.6).
 
     ``score[b, s, t] = sum_h weights[b, s, h] * relu(q[b, s, h, :] . key[b, t, :])`` for
     ``t < clamp(visible[b, s], 0, N)`` and ``-inf`` for the other (invisible) keys, with
     ``key = k`` (bf16 / fp32) or ``key = e4m3(k) * k_scale[b, t]`` (float8_e4m3fn keys).
-    Everything is computed in float64 from the exact input values.
+    Everything is computed in float64 from the exact input values. ``score_dtype`` (None = q's dtype):
+    when 16-bit, the three rounding points of the contract, each rounding an exact value once:
+    ``round(q_h . key_t)``, ``round(weights[h] * relu(.))`` and ``round(sum_h .)``.
     """
+    sd = q.dtype if score_dtype is None else score_dtype
+    rnd = (lambda x: x.to(sd).to(F64)) if sd in (torch.bfloat16, torch.float16) else (lambda x: x)
     qd = to_f64(q)                                  # [B, S, H, D]
     kd = _keys_f64(k, k_scale)                      # [B, N, D]
     wd = to_f64(weights)                            # [B, S, H]
@@ -34,16 +38,16 @@ def indexer_scores(q, k, weights, visible, k_scale=None):
     score = torch.empty((b, s, n), dtype=F64)
     for bi in range(b):
         for s0 in range(0, s, _S_CHUNK):                    # chunked only to bound memory
-            dots = torch.einsum("shd,td->sht", qd[bi, s0:s0 + _S_CHUNK], kd[bi])  # q_h . k_t
-            score[bi, s0:s0 + _S_CHUNK] = torch.einsum(
-                "sh,sht->st", wd[bi, s0:s0 + _S_CHUNK], torch.relu(dots))
+            dots = rnd(torch.einsum("shd,td->sht", qd[bi, s0:s0 + _S_CHUNK], kd[bi]))  # q_h . k_t
+            prods = rnd(wd[bi, s0:s0 + _S_CHUNK, :, None] * torch.relu(dots))
+            score[bi, s0:s0 + _S_CHUNK] = rnd(prods.sum(dim=1))
     vis = torch.clamp(visible.to(torch.int64), 0, n)
     t = torch.arange(n)
     mask = t[None, None, :] < vis[:, :, None]
     return torch.where(mask, score, torch.full_like(score, float("-inf")))
 
 
-def indexer_topk(q, k, weights, visible, topk, k_scale=None, return_scores=False):
+def indexer_topk(q, k, weights, visible, topk, k_scale=None, return_scores=False, score_dtype=None):
     """Top-k key indices per query (spec 2.7): ``idx [B, S, topk]`` int32.
 
     Row ``(b, s)`` holds the ``min(topk, clamp(visible[b, s], 0, N))`` visible keys with the largest
@@ -54,7 +58,7 @@ def indexer_topk(q, k, weights, visible, topk, k_scale=None, return_scores=False
     With ``return_scores=True`` returns ``(idx, scores)`` where ``scores [B, S, topk]`` float64 is
     the score of each returned index and ``-inf`` where ``idx == -1``.
     """
-    scores = indexer_scores(q, k, weights, visible, k_scale)   # [B, S, N], -inf = invisible
+    scores = indexer_scores(q, k, weights, visible, k_scale, score_dtype)   # [B, S, N], -inf = invisible
     b, s, n = scores.shape
     vis = torch.clamp(visible.to(torch.int64), 0, n)
     idx = torch.full((b, s, topk), -1, dtype=torch.int32)

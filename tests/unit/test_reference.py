@@ -9,6 +9,7 @@ import dsv4rt.reference as ref
 from dsv4rt.reference import _decode
 
 F64 = torch.float64
+F32 = torch.float32
 
 
 def gen(seed):
@@ -344,6 +345,7 @@ def test_sparse_attention_one_entry_with_sink_closed_form():
 
 
 def test_sparse_attention_skips_minus_one_counts_duplicates_and_zero_rows():
+    # the exact softmax (P unrounded, p_dtype=float32); the rounded P is tests/unit/test_precision.py's
     g = gen(16)
     b, s, h, d, n = 2, 3, 2, 8, 6
     q = torch.randn(b, s, h, d, generator=g).to(torch.bfloat16)
@@ -352,10 +354,11 @@ def test_sparse_attention_skips_minus_one_counts_duplicates_and_zero_rows():
     scale = d ** -0.5
     idx = torch.tensor([[[0, -1, 3, -1], [5, 1, 2, 4], [-1, -1, -1, -1]],
                         [[-1, 2, -1, 0], [1, 1, -1, -1], [3, -1, -1, -1]]], dtype=torch.int32)
-    o, lse = ref.sparse_attention(q, kv, idx, sink, scale, return_lse=True)
+    o, lse = ref.sparse_attention(q, kv, idx, sink, scale, return_lse=True, p_dtype=F32)
     assert o.shape == (b, s, h, d) and lse.shape == (b, s, h)
     # -1 entries are skipped: same as the compacted list
-    o_c = ref.sparse_attention(q[:1, :1], kv[:1], torch.tensor([[[0, 3]]], dtype=torch.int32), sink, scale)
+    o_c = ref.sparse_attention(q[:1, :1], kv[:1], torch.tensor([[[0, 3]]], dtype=torch.int32), sink, scale,
+                               p_dtype=F32)
     torch.testing.assert_close(o[0, 0], o_c[0, 0], rtol=1e-13, atol=1e-13)
     # brute force with a dense softmax over [selected..., sink] (null value for the sink)
     for bi in range(b):
@@ -377,7 +380,7 @@ def test_sparse_attention_skips_minus_one_counts_duplicates_and_zero_rows():
     full = torch.cat([logit, sink.double()[:, None]], dim=1)
     torch.testing.assert_close(o[1, 1], torch.softmax(full, dim=1)[:, :1] @ keys, rtol=1e-12, atol=1e-12)
     # no sink and no valid index: zeros, lse -inf
-    o_n, lse_n = ref.sparse_attention(q, kv, idx, None, scale, return_lse=True)
+    o_n, lse_n = ref.sparse_attention(q, kv, idx, None, scale, return_lse=True, p_dtype=F32)
     assert torch.equal(o_n[0, 2], torch.zeros(h, d, dtype=F64))
     assert torch.all(lse_n[0, 2] == float("-inf"))
 

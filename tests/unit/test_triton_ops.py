@@ -114,6 +114,13 @@ def _():
     attn_case(1, 2, 4, 32, 100, 150, "decode", sink=False)
 
 
+@check("precision_points")
+def _():
+    from dsv4rt.conformance.precision import check_attention_p_dtype, check_indexer_score_dtype
+    check_attention_p_dtype(A.sparse_attention, seed=3)
+    check_indexer_score_dtype(I.indexer_topk, seed=5, modes=(torch.bfloat16, torch.float16))
+
+
 @check("attention_prefill")
 def _():
     attn_case(2, 12, 8, 64, 80, 40, "prefill")
@@ -178,6 +185,11 @@ def results() -> dict[str, str]:
 @pytest.mark.parametrize("name", ["topk_ties_and_fewer_visible", "topk_query_chunks", "topk_multi_chunk_row"])
 def test_topk_returns_exactly_min_k_visible_distinct(results, name):
     assert results[name] == "ok", results[name]
+
+
+def test_precision_points_are_honoured(results):
+    """p_dtype of sparse_attention and score_dtype of indexer_topk, each against its own reference."""
+    assert results["precision_points"] == "ok", results["precision_points"]
 
 
 @pytest.mark.parametrize("name", ["attention_decode_split", "attention_prefill"])

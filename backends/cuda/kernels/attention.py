@@ -3,12 +3,14 @@
 Only ``@triton.jit`` code lives here; the launchers are in ``backends/cuda/attention.py``.
 ``INTERP`` (constexpr) is True under the Triton interpreter, whose ``tl.dot`` multiplies bfloat16 tiles as
 their raw uint16 bits: there the MMA operands are upcast to float32 first (exact for bf16/fp16 values) and
-P stays float32. On a GPU the operands go to the tensor cores in the input dtype with fp32 accumulation.
+P is rounded to its ``p_dtype`` in float32 registers. On a GPU the operands go to the tensor cores in the input dtype with fp32 accumulation.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .rounding import round_to
 
 
 @triton.jit
@@ -71,9 +73,14 @@ def kv_compress_kernel(kv_ptr, gate_ptr, ape_ptr, pkv_ptr, pgate_ptr, out_ptr, N
 
 @triton.jit
 def _attend_block(k0, k_hi, q, m, l, acc, kv_ptr, idx_ptr, row_idx, kv_base, D, scale, s_kn, s_kd, s_ik,
-                  BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr):
+                  BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr,
+                  P_MODE: tl.constexpr, P_MMA: tl.constexpr):
     """One online-softmax step over entries ``[k0, min(k0 + BLOCK_K, k_hi))``: gathers the kv rows once
-    ([BLOCK_K, D]) and feeds them to every head of the block through two MMAs."""
+    ([BLOCK_K, D]) and feeds them to every head of the block through two MMAs.
+
+    P for the P.V product (``p_dtype``): P_MMA (P's dtype is the kv dtype, on a GPU) casts P to it and
+    multiplies on the tensor cores; otherwise P is rounded to bf16 (P_MODE 1) / fp16 (2) or kept (0) and
+    multiplied in fp32. The denominator always sums the fp32 P."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, BLOCK_D)
     ids = tl.load(idx_ptr + row_idx + offs_k * s_ik, mask=offs_k < k_hi, other=-1)
@@ -89,14 +96,19 @@ def _attend_block(k0, k_hi, q, m, l, acc, kv_ptr, idx_ptr, row_idx, kv_base, D, 
     alpha = tl.exp(m - m_use)
     p = tl.exp(s - m_use[:, None])
     l = l * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(rows.dtype), rows)
+    if P_MMA:
+        pv = tl.dot(p.to(rows.dtype), rows)
+    else:
+        pv = tl.dot(round_to(p, P_MODE), rows.to(tl.float32))
+    acc = acc * alpha[:, None] + pv
     return m_new, l, acc
 
 
 @triton.jit
 def _attend(q_ptr, kv_ptr, idx_ptr, row_q, row_idx, kv_base, k_lo, k_hi, H, D, scale,
             s_qh, s_qd, s_kn, s_kd, s_ik,
-            BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr):
+            BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr,
+            P_MODE: tl.constexpr, P_MMA: tl.constexpr):
     """Online softmax of one head block over entries ``[k_lo, k_hi)`` of one query row.
 
     Returns (m, l, acc): running max (-inf where nothing valid), sum of exp(logit - m) and the
@@ -116,12 +128,12 @@ def _attend(q_ptr, kv_ptr, idx_ptr, row_q, row_idx, kv_base, k_lo, k_hi, H, D, s
         k0 = k_lo
         while k0 < k_hi:
             m, l, acc = _attend_block(k0, k_hi, q, m, l, acc, kv_ptr, idx_ptr, row_idx, kv_base, D, scale,
-                                      s_kn, s_kd, s_ik, BLOCK_K, BLOCK_D, INTERP)
+                                      s_kn, s_kd, s_ik, BLOCK_K, BLOCK_D, INTERP, P_MODE, P_MMA)
             k0 += BLOCK_K
     else:
         for k0 in range(k_lo, k_hi, BLOCK_K):
             m, l, acc = _attend_block(k0, k_hi, q, m, l, acc, kv_ptr, idx_ptr, row_idx, kv_base, D, scale,
-                                      s_kn, s_kd, s_ik, BLOCK_K, BLOCK_D, INTERP)
+                                      s_kn, s_kd, s_ik, BLOCK_K, BLOCK_D, INTERP, P_MODE, P_MMA)
     return m, l, acc
 
 
@@ -156,7 +168,7 @@ def sparse_attn_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, o_ptr, lse_ptr, ws_ptr,
                        s_ob, s_os, s_oh, s_od, s_lb, s_ls, s_lh,
                        SPLIT: tl.constexpr, HAS_SINK: tl.constexpr, HAS_LSE: tl.constexpr,
                        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                       INTERP: tl.constexpr):
+                       INTERP: tl.constexpr, P_MODE: tl.constexpr, P_MMA: tl.constexpr):
     """Grid (B*S, head blocks, splits). SPLIT=False (prefill): all K entries, writes o and lse.
     SPLIT=True (decode): entries ``[split*k_per_split, ...)`` only; writes the unnormalised partial
     output to ``ws[row, h, split, :]`` and (m, l) to ``wsml[row, h, split, 0:2]`` for the combine kernel."""
@@ -167,7 +179,8 @@ def sparse_attn_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, o_ptr, lse_ptr, ws_ptr,
     k_lo = split * k_per_split
     k_hi = tl.minimum(K, k_lo + k_per_split)
     m, l, acc = _attend(q_ptr, kv_ptr, idx_ptr, b * s_qb + s * s_qs, b * s_ib + s * s_is, b * s_kb, k_lo, k_hi,
-                        H, D, scale, s_qh, s_qd, s_kn, s_kd, s_ik, BLOCK_H, BLOCK_K, BLOCK_D, INTERP)
+                        H, D, scale, s_qh, s_qd, s_kn, s_kd, s_ik, BLOCK_H, BLOCK_K, BLOCK_D, INTERP,
+                        P_MODE, P_MMA)
     if SPLIT:
         nsplit = tl.num_programs(2)
         offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)

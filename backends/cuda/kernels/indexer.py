@@ -10,6 +10,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .rounding import round_to
+
 
 @triton.jit
 def indexer_logits_kernel(q_ptr, k_ptr, ks_ptr, w_ptr, vis_ptr, sc_ptr, S, H, N, D,
@@ -17,8 +19,11 @@ def indexer_logits_kernel(q_ptr, k_ptr, ks_ptr, w_ptr, vis_ptr, sc_ptr, S, H, N,
                           s_vb, s_vs, s_cb, s_cs, s_cn,
                           HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_DC: tl.constexpr,
-                          INTERP: tl.constexpr):
+                          INTERP: tl.constexpr, RND: tl.constexpr):
     """Grid (key blocks, query blocks, B): ``score[s, t] = sum_h w[s, h] relu(q[s, h] . key[t])``.
+
+    RND (``score_dtype``): 0 keeps fp32; 1 / 2 round ``q . key``, ``w * relu(.)`` and the head sum to bf16 /
+    fp16 in registers (the release's bf16 indexer).
 
     The MMA's M dimension is (BLOCK_S queries x BLOCK_H heads) against BLOCK_N keys; ReLU, the key scale
     and the head weights are applied to the fp32 accumulator and the heads summed in registers, so only
@@ -53,8 +58,8 @@ def indexer_logits_kernel(q_ptr, k_ptr, ks_ptr, w_ptr, vis_ptr, sc_ptr, S, H, N,
         if HAS_SCALE:
             acc *= tl.load(ks_ptr + b * s_ksb + offs_n * s_ksn, mask=n_ok, other=0.0)[None, :]
         w = tl.load(w_ptr + b * s_wb + ms * s_ws + mh * s_wh, mask=m_ok, other=0.0)
-        acc = tl.maximum(acc, 0.0) * w[:, None]
-        sc = tl.sum(tl.reshape(acc, [BLOCK_S, BLOCK_H, BLOCK_N]), axis=1)
+        acc = round_to(tl.maximum(round_to(acc, RND), 0.0) * w[:, None], RND)
+        sc = round_to(tl.sum(tl.reshape(acc, [BLOCK_S, BLOCK_H, BLOCK_N]), axis=1), RND)
         tl.store(sc_ptr + b * s_cb + offs_s[:, None] * s_cs + offs_n[None, :] * s_cn, sc,
                  mask=s_ok[:, None] & n_ok[None, :])
 

@@ -67,12 +67,12 @@ def _window_plus_topk(gen: torch.Generator, b: int, s: int, n: int, k: int, pad:
 
 def _attn(label: str, b: int, s: int, h: int, d: int, n: int, k: int, dtype=BF16, sink: bool = True,
           pad: float = 0.2, lse: bool = False, idx_fn=None, qscale: float = 1.0,
-          noncontig: tuple[str, ...] = ()) -> Case:
+          noncontig: tuple[str, ...] = (), p_dtype: torch.dtype | None = None) -> Case:
     def make(gen: torch.Generator) -> dict:
         idx = idx_fn(gen) if idx_fn else _window_plus_topk(gen, b, s, n, k, pad)
         return {"q": randn(gen, b, s, h, d, dtype=dtype, scale=qscale), "kv": randn(gen, b, n, d, dtype=dtype),
                 "idx": idx, "sink": (torch.randn((h,), generator=gen) if sink else None),
-                "scale": d ** -0.5, "return_lse": lse}
+                "scale": d ** -0.5, "return_lse": lse, "p_dtype": p_dtype}
     return Case("sparse_attention", label, make, noncontig=noncontig)
 
 
@@ -96,6 +96,9 @@ def sparse_attention() -> list[Case]:
         _attn("large-logits", 1, 4, 4, 64, 30, 16, qscale=30.0, lse=True),
         _attn("head-dim-512", 1, 2, 4, 512, 64, 32),
         _attn("noncontiguous", 1, 4, 4, 64, 40, 16, noncontig=("q", "kv", "idx")),
+        _attn("p-fp32-bf16-inputs", 1, 4, 8, 64, 60, 32, lse=True, p_dtype=F32),
+        _attn("p-bf16-fp32-inputs", 1, 4, 8, 64, 60, 32, dtype=F32, lse=True, p_dtype=BF16),
+        _attn("p-fp16-fp32-inputs", 1, 3, 4, 64, 40, 24, dtype=F32, p_dtype=torch.float16),
     ]
 
     def good(gen):
@@ -112,5 +115,7 @@ def sparse_attention() -> list[Case]:
         ("sink-nan", "sink", {"sink": torch.tensor([0.0, float("nan"), 0.0, 0.0])}),
         ("scale-negative", "scale", {"scale": -1.0}),
         ("q-dtype", "q", {"q": lambda a: a["q"].to(torch.int8)}),
+        ("p-dtype-unknown", "p_dtype", {"p_dtype": torch.float64}),
+        ("p-dtype-string", "p_dtype", {"p_dtype": "bf16"}),
     ])
     return cases

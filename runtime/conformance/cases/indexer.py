@@ -15,7 +15,8 @@ def _causal(b: int, s: int, ratio: int = 4, start: int = 0) -> torch.Tensor:
 
 
 def _case(label: str, b: int, s: int, h: int, d: int, n: int, topk: int, visible=None, dtype=BF16,
-          fp8_keys: bool = False, scores: bool = False, noncontig: tuple[str, ...] = ()) -> Case:
+          fp8_keys: bool = False, scores: bool = False, noncontig: tuple[str, ...] = (),
+          score_dtype: torch.dtype | None = None) -> Case:
     def make(gen: torch.Generator) -> dict:
         q = randn(gen, b, s, h, d, dtype=dtype)
         if fp8_keys:
@@ -26,7 +27,7 @@ def _case(label: str, b: int, s: int, h: int, d: int, n: int, topk: int, visible
         weights = torch.randn((b, s, h), generator=gen)
         vis = visible(gen) if callable(visible) else _causal(b, s, start=4 * n - s)
         return {"q": q, "k": k, "weights": weights, "visible": vis, "topk": topk, "k_scale": k_scale,
-                "return_scores": scores}
+                "return_scores": scores, "score_dtype": score_dtype}
     return Case("indexer_topk", label, make, noncontig=noncontig)
 
 
@@ -46,6 +47,9 @@ def indexer_topk() -> list[Case]:
         _case("fp8-keys", 2, 3, 8, 64, 200, 32, fp8_keys=True, scores=True),
         _case("topk-equals-N", 1, 2, 4, 32, 24, 24),
         _case("noncontiguous", 1, 4, 4, 32, 64, 8, noncontig=("q", "k", "weights")),
+        _case("scores-fp32-bf16-inputs", 2, 2, 8, 64, 96, 16, scores=True, score_dtype=F32),
+        _case("scores-bf16-fp32-inputs", 2, 2, 8, 64, 96, 16, dtype=F32, scores=True, score_dtype=BF16),
+        _case("scores-bf16-fp8-keys", 1, 2, 8, 64, 80, 16, fp8_keys=True, scores=True, score_dtype=BF16),
     ]
 
     def good(gen):
@@ -65,5 +69,6 @@ def indexer_topk() -> list[Case]:
         ("visible-negative", "visible", {"visible": torch.tensor([[-1, 2]], dtype=torch.int32)}),
         ("topk-zero", "topk", {"topk": 0}),
         ("fp8-without-scale", "k_scale", {"k": fp8_keys}),
+        ("score-dtype-unknown", "score_dtype", {"score_dtype": torch.int32}),
     ])
     return cases

@@ -1,0 +1,139 @@
+"""Every op on every CPU variant (and cuda/triton + cuda/torch under Triton's interpreter) with hostile
+inputs: zero-size dims, views with odd strides (transposed, stride-0 expanded), E8M0 bytes 0 and 255,
+NaN/Inf activations and scales, int64 / out-of-range / duplicate indices, non-monotone offsets, top-k > N,
+K not a multiple of 32. The rule for each case: a defined result or a clean dsv4rt error (ContractError
+naming the argument, NoImplementationError for a variant that does not take the call), never another
+exception and never a crash. With ``--fuzz-full`` seeded random shapes are added."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from _child import run_cases
+
+T = "torch"
+I32 = "dtype=torch.int32"
+U8 = "dtype=torch.uint8"
+
+
+def _w4(n: int, k: int, byte: int = 127) -> str:
+    return f"torch.randint(0, 256, ({n}, {k // 2}), {U8}), torch.full(({n}, {max(k // 32, 0)}), {byte}, {U8})"
+
+
+EDGE = {
+    # sparse_attention
+    "attn-S0": "dsv4rt.ops.sparse_attention(torch.randn(1,0,16,64), torch.randn(1,8,64), torch.zeros(1,0,4,dtype=torch.int32), None, .125, backend=V)",
+    "attn-B0": "dsv4rt.ops.sparse_attention(torch.randn(0,2,4,64), torch.randn(0,8,64), torch.zeros(0,2,4,dtype=torch.int32), None, .125, backend=V)",
+    "attn-H0": "dsv4rt.ops.sparse_attention(torch.randn(1,2,0,64), torch.randn(1,8,64), torch.zeros(1,2,4,dtype=torch.int32), torch.zeros(0), .125, True, backend=V)",
+    "attn-D0": "dsv4rt.ops.sparse_attention(torch.randn(1,2,4,0), torch.randn(1,8,0), torch.zeros(1,2,4,dtype=torch.int32), None, .125, True, backend=V)",
+    "attn-K0": "dsv4rt.ops.sparse_attention(torch.randn(1,2,4,64), torch.randn(1,8,64), torch.zeros(1,2,0,dtype=torch.int32), None, .125, True, backend=V)",
+    "attn-N0": "dsv4rt.ops.sparse_attention(torch.randn(1,2,4,64), torch.randn(1,0,64), -torch.ones(1,2,3,dtype=torch.int32), None, .125, True, backend=V)",
+    "attn-idx-int64": "dsv4rt.ops.sparse_attention(torch.randn(1,2,4,64), torch.randn(1,8,64), torch.zeros(1,2,3,dtype=torch.int64), None, .125, backend=V)",
+    "attn-idx-out-of-range": "dsv4rt.ops.sparse_attention(torch.randn(1,2,4,64), torch.randn(1,8,64), torch.full((1,2,3),8,dtype=torch.int32), None, .125, backend=V)",
+    "attn-expanded-kv": "dsv4rt.ops.sparse_attention(torch.randn(1,2,4,64), torch.randn(1,1,64).expand(1,8,64), torch.randint(0,8,(1,2,3),dtype=torch.int32), None, .125, backend=V)",
+    "attn-transposed-q": "dsv4rt.ops.sparse_attention(torch.randn(1,4,2,64).transpose(1,2), torch.randn(1,8,64), torch.randint(0,8,(1,2,3),dtype=torch.int32), None, .125, backend=V)",
+    "attn-nan-q": "dsv4rt.ops.sparse_attention(torch.full((1,2,4,64), float('nan')), torch.randn(1,8,64), torch.randint(0,8,(1,2,3),dtype=torch.int32), None, .125, True, backend=V)",
+    "attn-scale-inf": "dsv4rt.ops.sparse_attention(torch.randn(1,2,4,64), torch.randn(1,8,64), torch.randint(0,8,(1,2,3),dtype=torch.int32), None, float('inf'), backend=V)",
+    # indexer_topk
+    "idx-S0": "dsv4rt.ops.indexer_topk(torch.randn(1,0,4,32), torch.randn(1,8,32), torch.randn(1,0,4), torch.zeros(1,0,dtype=torch.int32), 4, backend=V)",
+    "idx-N0": "dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.randn(1,0,32), torch.randn(1,2,4), torch.zeros(1,2,dtype=torch.int32), 4, backend=V)",
+    "idx-H0": "dsv4rt.ops.indexer_topk(torch.randn(1,2,0,32), torch.randn(1,8,32), torch.randn(1,2,0), torch.full((1,2),8,dtype=torch.int32), 4, backend=V)",
+    "idx-D0": "dsv4rt.ops.indexer_topk(torch.randn(1,2,4,0), torch.randn(1,8,0), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), 4, backend=V)",
+    "idx-topk-gt-N": "dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.randn(1,8,32), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), 50, backend=V)",
+    "idx-visible-gt-N": "dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.randn(1,8,32), torch.randn(1,2,4), torch.full((1,2),9,dtype=torch.int32), 4, backend=V)",
+    "idx-expanded-k": "dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.randn(1,1,32).expand(1,8,32), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), 4, backend=V)",
+    "idx-nan-weights": "dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.randn(1,8,32), torch.full((1,2,4), float('nan')), torch.full((1,2),8,dtype=torch.int32), 4, backend=V)",
+    # fp4_gemm / grouped / fp8
+    "gemm-M0": f"dsv4rt.ops.fp4_gemm(torch.randn(0,64), {_w4(8, 64)}, backend=V)",
+    "gemm-N0": f"dsv4rt.ops.fp4_gemm(torch.randn(3,64), {_w4(0, 64)}, backend=V)",
+    "gemm-K0": f"dsv4rt.ops.fp4_gemm(torch.randn(3,0), {_w4(8, 0)}, backend=V)",
+    "gemm-K48": f"dsv4rt.ops.fp4_gemm(torch.randn(3,48), torch.zeros(8,24,{U8}), torch.full((8,1),127,{U8}), backend=V)",
+    "gemm-e8m0-255": f"dsv4rt.ops.fp4_gemm(torch.randn(3,64), {_w4(8, 64, 255)}, backend=V)",
+    "gemm-e8m0-0": f"dsv4rt.ops.fp4_gemm(torch.randn(3,64), {_w4(8, 64, 0)}, backend=V)",
+    "gemm-x-inf-fp8": f"dsv4rt.ops.fp4_gemm(torch.full((3,128), float('inf')), {_w4(8, 128)}, 'fp8', backend=V)",
+    "gemm-x-transposed": f"dsv4rt.ops.fp4_gemm(torch.randn(64,3).t(), {_w4(8, 64)}, backend=V)",
+    "gemm-x-expanded": f"dsv4rt.ops.fp4_gemm(torch.randn(1,64).expand(5,64), {_w4(8, 64)}, backend=V)",
+    "ggemm-R0": "dsv4rt.ops.fp4_grouped_gemm(torch.randn(0,64), torch.zeros(2,8,32,dtype=torch.uint8), torch.full((2,8,2),127,dtype=torch.uint8), torch.zeros(3,dtype=torch.int32), backend=V)",
+    "ggemm-E0": "dsv4rt.ops.fp4_grouped_gemm(torch.randn(0,64), torch.zeros(0,8,32,dtype=torch.uint8), torch.full((0,8,2),127,dtype=torch.uint8), torch.zeros(1,dtype=torch.int32), backend=V)",
+    "ggemm-offsets-non-monotone": "dsv4rt.ops.fp4_grouped_gemm(torch.randn(4,64), torch.zeros(2,8,32,dtype=torch.uint8), torch.full((2,8,2),127,dtype=torch.uint8), torch.tensor([0,3,2],dtype=torch.int32), backend=V)",
+    "ggemm-offsets-strided": "dsv4rt.ops.fp4_grouped_gemm(torch.randn(4,64), torch.zeros(2,8,32,dtype=torch.uint8), torch.full((2,8,2),127,dtype=torch.uint8), torch.tensor([0,9,2,9,4,9],dtype=torch.int32)[::2], backend=V)",
+    "ggemm-offsets-int64": "dsv4rt.ops.fp4_grouped_gemm(torch.randn(4,64), torch.zeros(2,8,32,dtype=torch.uint8), torch.full((2,8,2),127,dtype=torch.uint8), torch.tensor([0,2,4]), backend=V)",
+    "fp8-K0": "dsv4rt.ops.fp8_gemm(torch.randn(3,0), torch.zeros(8,0).to(torch.float8_e4m3fn), torch.ones(1,0), backend=V)",
+    "fp8-M0": "dsv4rt.ops.fp8_gemm(torch.randn(0,128), torch.zeros(8,128).to(torch.float8_e4m3fn), torch.ones(1,1), backend=V)",
+    "fp8-scale-nan": "dsv4rt.ops.fp8_gemm(torch.randn(3,128), torch.zeros(8,128).to(torch.float8_e4m3fn), torch.full((1,1), float('nan')), backend=V)",
+    # MoE
+    "dispatch-T0": "dsv4rt.ops.moe_dispatch(torch.randn(0,16), torch.zeros(0,2,dtype=torch.int32), 4, backend=V)",
+    "dispatch-H0": "dsv4rt.ops.moe_dispatch(torch.randn(3,0), torch.zeros(3,2,dtype=torch.int32), 4, backend=V)",
+    "dispatch-ids-out-of-range": "dsv4rt.ops.moe_dispatch(torch.randn(3,8), torch.full((3,2),4,dtype=torch.int32), 4, backend=V)",
+    "dispatch-experts-2^63": "dsv4rt.ops.moe_dispatch(torch.randn(3,8), torch.zeros(3,2,dtype=torch.int32), 2**63, backend=V)",
+    "dispatch-experts-2^40": "dsv4rt.ops.moe_dispatch(torch.randn(3,8), torch.zeros(3,2,dtype=torch.int32), 2**40, backend=V)",
+    "dispatch-requires-grad": "dsv4rt.ops.moe_dispatch(torch.randn(3,8, requires_grad=True), torch.zeros(3,2,dtype=torch.int32), 4, backend=V)",
+    "combine-T0": "dsv4rt.ops.moe_combine(torch.randn(0,16), torch.zeros(0,dtype=torch.int32), torch.zeros(0,2), backend=V)",
+    "combine-float4": "dsv4rt.ops.moe_combine(torch.zeros(8,8,dtype=torch.float4_e2m1fn_x2), torch.randperm(8).int(), None, 2, backend=V)",
+    "combine-topk-2^63": "dsv4rt.ops.moe_combine(torch.zeros(8,8), torch.randperm(8).int(), None, 2**63, backend=V)",
+    "combine-src-repeated": "dsv4rt.ops.moe_combine(torch.zeros(4,8), torch.zeros(4,dtype=torch.int32), None, 2, backend=V)",
+    "route-T0": "dsv4rt.ops.moe_route(torch.randn(0,8), None, 2, 1.0, backend=V)",
+    "route-topk-gt-E": "dsv4rt.ops.moe_route(torch.randn(3,8), None, 9, 1.0, backend=V)",
+    "route-nan-logits": "dsv4rt.ops.moe_route(torch.full((3,8), float('nan')), None, 2, 1.0, backend=V)",
+    "route-very-negative": ("ids, w = dsv4rt.ops.moe_route(torch.full((3,8), -200.0), None, 2, 1.0, backend=V)\n"
+                            "assert torch.isfinite(w).all() and torch.allclose(w.sum(1), torch.ones(3)), w"),
+    "compress-S0": "dsv4rt.ops.kv_compress(torch.randn(1,0,16), torch.randn(1,0,16), torch.randn(4,16), 4, True, backend=V)",
+    "compress-ratio-float": "dsv4rt.ops.kv_compress(torch.randn(1,8,16), torch.randn(1,8,16), torch.randn(4,16), 4.0, True, backend=V)",
+    "compress-overlap-int": ("dsv4rt.ops.kv_compress(torch.randn(1,8,16), torch.randn(1,8,16), torch.randn(4,16), 4, True, backend=V)\n"
+                             "dsv4rt.ops.kv_compress(torch.randn(1,8,16), torch.randn(1,8,16), torch.randn(4,16), 4, 1, backend=V)"),
+}
+# a clean refusal is fine everywhere; these must be refused (ContractError), never computed
+MUST_REFUSE = {"attn-idx-int64", "attn-idx-out-of-range", "attn-scale-inf", "idx-visible-gt-N", "gemm-K48",
+               "ggemm-offsets-non-monotone", "ggemm-offsets-int64", "dispatch-ids-out-of-range",
+               "dispatch-experts-2^63", "dispatch-experts-2^40", "combine-float4", "combine-topk-2^63",
+               "combine-src-repeated", "route-topk-gt-E", "compress-ratio-float", "compress-overlap-int",
+               "fp8-scale-nan", "route-nan-logits"}
+CPU_VARIANTS = ("cpu/native", "cpu/numpy", "cpu/torch")
+CUDA_FAST = ("attn-S0", "attn-H0", "attn-K0", "attn-N0", "idx-S0", "idx-N0", "idx-H0", "gemm-M0", "gemm-K0",
+             "ggemm-R0", "ggemm-offsets-strided", "fp8-K0", "fp8-M0", "dispatch-T0", "combine-T0", "route-T0",
+             "compress-S0", "route-very-negative")
+
+
+def _random_attention(rng: random.Random, n: int) -> dict[str, str]:
+    out = {}
+    for i in range(n):
+        b, s, h, d, nk, k = (rng.choice([0, 1, 2]), rng.choice([0, 1, 3]), rng.choice([0, 1, 4, 17]),
+                             rng.choice([0, 8, 64]), rng.choice([0, 1, 9]), rng.choice([0, 1, 5]))
+        out[f"attn-rand{i}-B{b}S{s}H{h}D{d}N{nk}K{k}"] = (
+            f"idx = torch.randint(-1, max({nk}, 1), ({b},{s},{k}), dtype=torch.int32)\n"
+            f"idx = torch.where(idx < {nk}, idx, -1) if {nk} else torch.full_like(idx, -1)\n"
+            f"dsv4rt.ops.sparse_attention(torch.randn({b},{s},{h},{d}), torch.randn({b},{nk},{d}), idx, "
+            f"torch.randn({h}), .3, True, backend=V)")
+    return out
+
+
+def _judge(results: dict[str, str], variants: tuple[str, ...]) -> list[str]:
+    bad = []
+    for key, res in results.items():
+        name = key.split(" @ ")[0]
+        if res.startswith(("raw", "crash", "not run")):
+            bad.append(f"{key}: {res}")
+        elif name in MUST_REFUSE and not (res.startswith("dsv4rt ContractError")
+                                          or res.startswith("dsv4rt NoImplementationError")):
+            bad.append(f"{key}: must be refused with a ContractError, got {res}")
+    return bad
+
+
+def test_cpu_variants_never_crash_or_raise_raw(fuzz_full):
+    cases = dict(EDGE)
+    if fuzz_full:
+        cases.update(_random_attention(random.Random(0), 150))
+    todo = {f"{name} @ {v}": (v, code) for name, code in cases.items() for v in CPU_VARIANTS}
+    results = run_cases(todo, env={"DSV4RT_CHECK_VALUES": "always"})
+    bad = _judge(results, CPU_VARIANTS)
+    assert not bad, "\n".join(bad)
+
+
+def test_cuda_variants_under_the_interpreter(fuzz_full):
+    pytest.importorskip("triton", reason="Triton is not installed: the cuda/triton fuzz cases need its interpreter")
+    names = EDGE if fuzz_full else {n: EDGE[n] for n in CUDA_FAST}
+    todo = {f"{name} @ {v}": (v, code) for name, code in names.items() for v in ("cuda/triton",)}
+    results = run_cases(todo, env={"DSV4RT_TRITON_INTERPRET": "1", "DSV4RT_CHECK_VALUES": "always"})
+    bad = _judge(results, ("cuda/triton",))
+    assert not bad, "\n".join(bad)
