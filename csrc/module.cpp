@@ -5,6 +5,7 @@ namespace py = pybind11;
 
 namespace dsv4rt {
 void bind_gemm(py::module_& m);
+void bind_fp8_gemm(py::module_& m);
 void bind_indexer(py::module_& m);
 void bind_attention(py::module_& m);
 void bind_moe(py::module_& m);
@@ -13,7 +14,7 @@ void bind_moe(py::module_& m);
 PYBIND11_MODULE(_C, m) {
     using namespace dsv4rt;
     m.doc() = "dsv4rt native CPU kernels (NumPy buffers in, GIL released while they run)";
-    m.attr("ABI_VERSION") = 2;   // 2: sparse_attention p_round, indexer_topk score_bf16
+    m.attr("ABI_VERSION") = 3;   // 2: sparse_attention p_round, indexer_topk score_bf16; 3: fp8_gemm
     m.def("compiled_with", []() {
         py::dict info;
         info["cxx_standard"] = __cplusplus;
@@ -55,6 +56,7 @@ PYBIND11_MODULE(_C, m) {
        "the CPU), 'openmp', or 'pool' (std::thread pool; calls end when their tasks are done; the only mode\n"
        "without OpenMP). Returns the previous setting.");
     bind_gemm(m);
+    bind_fp8_gemm(m);
     bind_indexer(m);
     bind_attention(m);
     bind_moe(m);

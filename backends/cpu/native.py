@@ -22,7 +22,7 @@ from dsv4rt.ops.indexer import score_dtype_of
 
 from ._np import bits_view, f32
 
-__all__ = ["fp4_gemm", "fp4_grouped_gemm", "indexer_topk", "sparse_attention", "moe_dispatch", "moe_combine",
+__all__ = ["fp4_gemm", "fp4_grouped_gemm", "fp8_gemm", "indexer_topk", "sparse_attention", "moe_dispatch", "moe_combine",
            "SUPPORTS", "GEMV_MAX_M"]
 
 GEMV_MAX_M = 8          # rows of x up to which the GEMM streams the weight once (GEMV path)
@@ -102,6 +102,16 @@ def fp4_grouped_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, of
     out, acc = _out((x.shape[0], w.shape[1]), x.dtype)
     _C.fp4_grouped_gemm(_x_gemm(x, act_quant), _bytes(w), _bytes(w_scale), _arr(offsets), acc,
                         GEMV_MAX_M)
+    return _finish(out, acc)
+
+
+def fp8_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+             act_quant: str | None = None) -> torch.Tensor:
+    """y[M, N] = q(x) @ dequant(w)^T for E4M3 weights with 128x128 E8M0 or float32 block scales; the
+    weight is read once for all rows of x (threads split N), scales applied per 128-block sum."""
+    out, acc = _out((x.shape[0], w.shape[0]), x.dtype)
+    scale = _arr(w_scale) if w_scale.dtype == torch.float32 else _bytes(w_scale)
+    _C.fp8_gemm(_x_gemm(x, act_quant), _bytes(w), scale, acc)
     return _finish(out, acc)
 
 
@@ -194,5 +204,6 @@ def _attention_supports(args: Mapping[str, Any]) -> str | None:
     return _strided(args)
 
 
-SUPPORTS = {"fp4_gemm": _gemm_supports, "fp4_grouped_gemm": _gemm_supports, "indexer_topk": _indexer_supports,
+SUPPORTS = {"fp4_gemm": _gemm_supports, "fp4_grouped_gemm": _gemm_supports, "fp8_gemm": _strided,
+            "indexer_topk": _indexer_supports,
             "sparse_attention": _attention_supports, "moe_dispatch": _strided, "moe_combine": _strided}

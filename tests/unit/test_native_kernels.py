@@ -234,3 +234,24 @@ def test_moe_round_trip_with_no_tokens():
     assert xs.shape == (0, 8) and off.tolist() == [0] * 5 and src.shape == (0,)
     y = ops.moe_combine(xs, src, None, 2, backend=NATIVE)
     assert y.shape == (0, 8) and y.dtype == torch.bfloat16
+
+
+def rand_fp8(n: int, k: int, seed: int, f32_scale: bool = False):
+    """E4M3 weights (finite bytes, NaN patterns 0x7F/0xFF excluded) and 128x128 block scales."""
+    g = gen(seed)
+    b = torch.randint(0, 256, (n, k), generator=g, dtype=torch.int32)
+    b = torch.where((b & 0x7F) == 0x7F, b - 1, b).to(torch.uint8)
+    sn, sk = -(-n // 128), -(-k // 128)
+    s = (torch.rand(sn, sk, generator=g) * 0.01 + 1e-3) if f32_scale else \
+        torch.randint(118, 127, (sn, sk), generator=g, dtype=torch.uint8)
+    return b.view(torch.float8_e4m3fn), s
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 256, 512), (3, 200, 300), (8, 129, 128), (40, 64, 520)])
+@pytest.mark.parametrize("act_quant", [None, "fp8"])
+@pytest.mark.parametrize("f32_scale", [False, True])
+def test_fp8_gemm(m, n, k, act_quant, f32_scale):
+    x = torch.randn(m, k, generator=gen(m * 5 + k)).to(torch.bfloat16)
+    w, s = rand_fp8(n, k, seed=n + k, f32_scale=f32_scale)
+    args = {"x": x, "w": w, "w_scale": s, "act_quant": act_quant}
+    check(tol.gemm, "fp8_gemm", args, ops.fp8_gemm(**args, backend=NATIVE))

@@ -1,0 +1,90 @@
+// FP8 E4M3 GEMM with 128x128 block scales (E8M0 bytes or float32): fp8_gemm.
+//
+// One pass over the weight for all M rows of x: threads split the N rows; each 128-wide K block of a
+// weight row is decoded once (256-entry E4M3 table) into an L1 buffer and dotted with every row of x,
+// the block's scale applied to the block sum (as the reference's dequant, in fp32). For small M this
+// streams the weight once (GEMV); for larger M the decoded block is reused M times from L1.
+#include "common.h"
+#include "vec.h"
+
+namespace dsv4rt {
+namespace {
+
+constexpr int64_t kBlk = 128;
+
+struct Fp8Problem {
+    const float* x;        // [m, k]
+    const uint8_t* w;      // [n, k] E4M3 bytes
+    const uint8_t* s8;     // [sn, sk] E8M0 (or null)
+    const float* s32;      // [sn, sk] float32 (or null)
+    float* y;              // [m, n]
+    int64_t m, n, k, sk;
+};
+
+DSV4RT_CLONES void fp8_rows(const Fp8Problem& p, int64_t n0, int64_t n1) {
+    alignas(64) float wd[kBlk];
+    std::vector<float> acc(static_cast<size_t>(p.m));
+    for (int64_t n = n0; n < n1; ++n) {
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        const uint8_t* wr = p.w + n * p.k;
+        for (int64_t kb = 0; kb * kBlk < p.k; ++kb) {
+            const int64_t k0 = kb * kBlk, kw = std::min(kBlk, p.k - k0);
+            const int64_t si = (n / kBlk) * p.sk + kb;
+            const float sc = p.s8 ? kE8M0[p.s8[si]] : p.s32[si];
+            for (int64_t j = 0; j < kw; ++j) wd[j] = kE4M3[wr[k0 + j]];
+            for (int64_t j = kw; j < kBlk; ++j) wd[j] = 0.0f;
+            for (int64_t r = 0; r < p.m; ++r) {
+                const float* xr = p.x + r * p.k + k0;
+                v16f a = v16f{};
+                int64_t j = 0;
+                for (; j + 16 <= kw; j += 16) a += load16(wd + j) * load16(xr + j);
+                float t = hsum16(a);
+                for (; j < kw; ++j) t += wd[j] * xr[j];
+                acc[static_cast<size_t>(r)] += t * sc;
+            }
+        }
+        for (int64_t r = 0; r < p.m; ++r) p.y[r * p.n + n] = acc[static_cast<size_t>(r)];
+    }
+}
+
+void fp8_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_) {
+    const char* fn = "fp8_gemm";
+    auto x = need({fn, "x"}, x_, 2, {Kind::f32, Kind::bf16});
+    auto w = need({fn, "w"}, w_, 2, {Kind::u8});
+    auto s = need({fn, "w_scale"}, s_, 2, {Kind::u8, Kind::f32});
+    auto out = need({fn, "out"}, out_, 2, {Kind::f32, Kind::bf16}, true);
+    const int64_t m = dim(x, 0), k = dim(x, 1), n = dim(w, 0);
+    const int64_t sn = (n + kBlk - 1) / kBlk, sk = (k + kBlk - 1) / kBlk;
+    need_shape({fn, "w"}, w, {n, k}, "[N, K]");
+    need_shape({fn, "w_scale"}, s, {sn, sk}, "[ceil(N/128), ceil(K/128)]");
+    need_shape({fn, "out"}, out, {m, n}, "[M, N]");
+    const bool s_f32 = kind_of(s) == Kind::f32;
+    F32Out y(out);
+    F32In xf(x);
+    py::gil_scoped_release nogil;
+    xf.load();
+    Fp8Problem p{xf.ptr, static_cast<const uint8_t*>(w.data()),
+                 s_f32 ? nullptr : static_cast<const uint8_t*>(s.data()),
+                 s_f32 ? static_cast<const float*>(s.data()) : nullptr, y.ptr, m, n, k, sk};
+    if (m > 0 && n > 0) {
+        if (k == 0) {
+            std::fill(y.ptr, y.ptr + m * n, 0.0f);
+        } else {
+            const double bytes = static_cast<double>(n) * k * (1 + 0.25 * (m - 1));
+            parallel_for(n, [&](int64_t a, int64_t b) { fp8_rows(p, a, b); }, pick_threads(bytes, 256 << 10));
+        }
+    }
+    y.finish();
+}
+
+}  // namespace
+
+void bind_fp8_gemm(py::module_& m) {
+    m.def("fp8_gemm", &fp8_gemm, py::arg("x"), py::arg("w"), py::arg("w_scale"), py::arg("out"),
+          "out[M, N] = x[M, K] @ dequant(w, w_scale)^T for E4M3 weights with 128x128 block scales.\n\n"
+          "x float32 or bf16 bits [M, K], w uint8 [N, K] (E4M3 bytes), w_scale uint8 (E8M0) or float32\n"
+          "[ceil(N/128), ceil(K/128)], out float32 or bf16 bits [M, N]; all C-contiguous. Each weight byte is\n"
+          "read once for all M rows (threads split N).");
+}
+
+}  // namespace dsv4rt
