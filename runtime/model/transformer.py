@@ -87,6 +87,16 @@ class Transformer:
         logits = self._logits(x, b, s, self.hc_head, self.norm, all_logits)
         return (logits, x.view(b, s, cfg.hc_mult, cfg.dim)) if return_hidden else logits
 
+    @torch.inference_mode()
+    def forward_ragged(self, tokens: list[Tensor], caches: list[KVCache]) -> Tensor:
+        """One step over sequences at independent positions: ``tokens[i]`` (1-D, length >= 1: one decode
+        token or a prefill chunk) continues the one-sequence cache ``caches[i]`` (a ``KVPool`` slot view) at
+        its own position. Returns the fp32 logits of each sequence's last token [n, V]; advances each cache.
+        Gives each sequence what ``forward`` on it alone gives."""
+        if len(tokens) != len(caches) or not tokens:
+            raise ValueError(f"forward_ragged: {len(tokens)} token chunks for {len(caches)} caches (need n >= 1 of each)")
+        return torch.cat([self.forward(t.reshape(1, -1), c) for t, c in zip(tokens, caches)])
+
     def _embed(self, ids: Tensor) -> Tensor:
         return self.embed[ids] if self._tp is None else self._tp.embed(self.embed, ids, self.cfg.vocab_size)
 
