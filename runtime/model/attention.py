@@ -24,6 +24,7 @@ from .config import CSA, HCA, SWA, ModelConfig
 from .functional import fp8_sim_nope, head_rms_norm, rms_norm
 from .indexer import Indexer
 from .opcall import OpCaller
+from .ragged import RaggedLayer, flat_rows
 from .rope import RopeTable, apply_rope
 from .weights import Loader
 
@@ -65,33 +66,59 @@ class Attention:
     def __call__(self, ops: OpCaller, x: Tensor, lc: LayerCache, p0: int, rope: RopeTable) -> Tensor:
         """x [B, S, dim] (after attn_norm) at positions p0..p0+S-1 -> [B, S, dim]; updates ``lc``."""
         b, s, dim = x.shape
-        w, h, hd = self.window, self.n_heads, self.head_dim
         positions = torch.arange(p0, p0 + s, device=x.device)
-        cos, sin = rope.at(positions)
-        qr, kv = self.wq_a_wkv(ops, x.reshape(b * s, dim))
-        qr = rms_norm(qr, self.q_norm, self.eps)
-        q = self.wq_b(ops, qr).view(b, s, h, hd)
-        q = apply_rope(head_rms_norm(q, self.eps, ops.precision), cos[:, None], sin[:, None])
-        kv = apply_rope(rms_norm(kv, self.kv_norm, self.eps).view(b, s, hd), cos, sin)
-        if ops.quant:
-            kv = fp8_sim_nope(kv, self.rd)
+        cos, sin = rope.at(positions.repeat(b))
+        q, qr, kv = self._project(ops, x.reshape(b * s, dim), cos, sin)
+        n_comp = self.compressor.update(ops, x, lc.comp, lc.kv, self.window, p0, rope) if self.compressor else 0
+        top = self.indexer(ops, x, qr.view(b, s, -1), lc, p0, rope, positions) if self.kind == CSA else None
+        o = self._attend(ops, q.view(b, s, self.n_heads, -1), kv.view(b, s, -1), lc, p0, top, n_comp)
+        return self._output(ops, o.reshape(b * s, self.n_heads, -1), cos, sin, x.dtype).view(b, s, dim)
 
-        decode = s == 1
-        n_comp = 0
+    def ragged(self, ops: OpCaller, x: Tensor, rb: RaggedLayer, rope: RopeTable) -> Tensor:
+        """A ragged step (see ragged.py): x [T, dim] of sequences at their own positions -> [T, dim]."""
+        cos, sin = rope.at(rb.positions)
+        q, qr, kv = self._project(ops, x, cos, sin)
+        n_comp = [0] * len(rb.caches)
         if self.compressor is not None:
-            n_comp = self.compressor.update(ops, x, lc.comp, lc.kv, w, p0, rope)
+            kvg = self.compressor.project(x)
+            n_comp = [self.compressor.update_kvg(ops, kvg[rb.rows(i)].unsqueeze(0), lc.comp, lc.kv, self.window,
+                                                 rb.p0[i], rope) for i, lc in enumerate(rb.caches)]
+        top = self.indexer.ragged(ops, x, qr, rb, rope) if self.kind == CSA else None
+        o = torch.empty_like(q)
+        if rb.decode:
+            o[rb.decode_rows] = self._attend_decode_rows(ops, q, kv, rb, top, n_comp)
+        for i in rb.prefill:
+            r = rb.rows(i)
+            o[r] = self._attend(ops, q[r].unsqueeze(0), kv[r].unsqueeze(0), rb.caches[i], rb.p0[i],
+                                None if top is None else top[r].unsqueeze(0), n_comp[i])[0]
+        return self._output(ops, o, cos, sin, x.dtype)
+
+    def _project(self, ops: OpCaller, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Rows x [T, dim] -> (q [T, H, D] normed and rotated, query latent qr [T, q_lora], kv [T, D])."""
+        qr, kv = self.wq_a_wkv(ops, x)
+        qr = rms_norm(qr, self.q_norm, self.eps)
+        q = self.wq_b(ops, qr).view(x.shape[0], self.n_heads, self.head_dim)
+        q = apply_rope(head_rms_norm(q, self.eps, ops.precision), cos[:, None], sin[:, None])
+        kv = apply_rope(rms_norm(kv, self.kv_norm, self.eps), cos, sin)
+        return q, qr, (fp8_sim_nope(kv, self.rd) if ops.quant else kv)
+
+    def _attend(self, ops: OpCaller, q: Tensor, kv: Tensor, lc: LayerCache, p0: int, top: Tensor | None,
+                n_comp: int) -> Tensor:
+        """Lockstep attention of q [B, S, H, D] at positions p0.. over the cache (module docstring)."""
+        b, s = q.shape[:2]
+        w = self.window
+        decode = s == 1
+        positions = torch.arange(p0, p0 + s, device=q.device)
         offset = w if decode else w + s
         idx = [window_indices(positions, p0, w, decode).unsqueeze(0).expand(b, s, w)]
-        if self.kind == CSA:
-            top = self.indexer(ops, x, qr.view(b, s, -1), lc, p0, rope, positions)
+        if top is not None:
             idx.append(torch.where(top >= 0, top + offset, top))
         elif self.kind == HCA and n_comp:
-            t = torch.arange(n_comp, device=x.device)
+            t = torch.arange(n_comp, device=q.device)
             visible = torch.div(positions + 1, self.ratio, rounding_mode="floor")
             comp = torch.where(t[None, :] < visible[:, None], t[None, :] + offset, -1).to(torch.int32)
             idx.append(comp.unsqueeze(0).expand(b, s, n_comp))
         idx_t = torch.cat(idx, dim=-1).contiguous()
-
         if decode:
             lc.kv[:, p0 % w] = kv[:, 0]
             src = lc.kv
@@ -100,12 +127,50 @@ class Attention:
         o = ops.sparse_attention(q.contiguous(), src, idx_t, self.sink, self.scale)
         if not decode:
             keep = min(s, w)
-            slots = torch.remainder(positions[-keep:], w)
-            lc.kv[:, slots] = kv[:, -keep:]
+            lc.kv[:, torch.remainder(positions[-keep:], w)] = kv[:, -keep:]
+        return o
 
+    def _attend_decode_rows(self, ops: OpCaller, q: Tensor, kv: Tensor, rb: RaggedLayer, top: Tensor | None,
+                            n_comp: list[int]) -> Tensor:
+        """The decode rows of a ragged step, one ``sparse_attention`` call over their caches' buffers seen as
+        one flat buffer (sequence j's rows at ``offs[j]``) -> o [n_decode, H, D]."""
+        w, rows = self.window, rb.decode_rows
+        seqs = rb.decode
+        bufs = [rb.caches[i].kv for i in seqs]
+        pos = rb.positions[rows]
+        flat, offs, shared = flat_rows(bufs)
+        if flat.shape[1] >= 2 ** 31:
+            raise ValueError(f"forward_ragged: {flat.shape[1]:,} cache rows exceed int32 indexing; use fewer or "
+                             f"shorter slots")
+        off = torch.tensor(offs, dtype=torch.long, device=q.device)
+        ring = torch.remainder(pos, w)
+        if shared:
+            flat[0].index_copy_(0, off + ring, kv[rows])
+        else:
+            for j, buf in enumerate(bufs):
+                buf[0, int(ring[j])] = kv[rows[j]]
+            flat, offs, _ = flat_rows(bufs)
+        off = off[:, None]
+        win = window_indices(pos, 0, w, decode=True).long()
+        idx = [torch.where(win >= 0, win + off, -1)]
+        if top is not None:
+            t = top[rows].long()
+            idx.append(torch.where(t >= 0, t + off + w, -1))
+        elif self.kind == HCA:
+            m = max(n_comp[i] for i in seqs)
+            if m:
+                t = torch.arange(m, device=q.device)[None, :]
+                visible = torch.div(pos + 1, self.ratio, rounding_mode="floor")[:, None]
+                idx.append(torch.where(t < visible, t + off + w, -1))
+        idx_t = torch.cat(idx, dim=-1).to(torch.int32).unsqueeze(0).contiguous()
+        return ops.sparse_attention(q[rows].unsqueeze(0).contiguous(), flat, idx_t, self.sink, self.scale)[0]
+
+    def _output(self, ops: OpCaller, o: Tensor, cos: Tensor, sin: Tensor, dtype: torch.dtype) -> Tensor:
+        """o [T, H, D] -> inverse RoPE, grouped low-rank ``wo_a`` (BF16 einsum, as the reference), ``wo_b``."""
+        t = o.shape[0]
         o = apply_rope(o, cos[:, None], sin[:, None], inverse=True)
-        z = torch.einsum("bsgd,grd->bsgr", o.view(b, s, self.groups, -1), self.wo_a).reshape(b * s, -1)
+        z = torch.einsum("tgd,grd->tgr", o.view(t, self.groups, -1), self.wo_a).reshape(t, -1)
         if self.par is None:
-            return self.wo_b(ops, z).view(b, s, dim)
+            return self.wo_b(ops, z)
         # this rank's wo_b columns give a partial sum: fp32 out (same FP8 blocks of z), summed over the group
-        return self.par.tp_sum(self.wo_b(ops, z.float())).to(x.dtype).view(b, s, dim)
+        return self.par.tp_sum(self.wo_b(ops, z.float())).to(dtype)

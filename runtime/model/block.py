@@ -12,6 +12,7 @@ from .functional import rms_norm
 from .mhc import HcParams, hc_post, hc_pre
 from .moe import MoE
 from .opcall import OpCaller
+from .ragged import RaggedLayer
 from .rope import RopeTable
 from .schema import layer_prefix
 from .weights import Loader
@@ -37,13 +38,18 @@ class Block:
         self.hc_attn = load_hc(ld, f"{p}.hc_attn")
         self.hc_ffn = load_hc(ld, f"{p}.hc_ffn")
 
-    def __call__(self, ops: OpCaller, x: Tensor, batch: int, token_ids: Tensor, lc: LayerCache, p0: int,
-                 rope: RopeTable) -> Tensor:
-        """x [T, hc, dim] (T = batch * S tokens) -> [T, hc, dim]."""
+    def __call__(self, ops: OpCaller, x: Tensor, batch: int, token_ids: Tensor, lc: LayerCache | RaggedLayer,
+                 p0: int, rope: RopeTable) -> Tensor:
+        """x [T, hc, dim] (T = batch * S tokens of a lockstep batch, ``lc`` its layer cache; or a ragged step,
+        ``lc`` a RaggedLayer, ``batch`` and ``p0`` unused) -> [T, hc, dim]."""
         c = self.cfg
         t, _, dim = x.shape
         u, post, comb = hc_pre(x, self.hc_attn, c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps, c.norm_eps)
-        a = self.attn(ops, rms_norm(u, self.attn_norm, c.norm_eps).view(batch, t // batch, dim), lc, p0, rope)
+        u = rms_norm(u, self.attn_norm, c.norm_eps)
+        if isinstance(lc, RaggedLayer):
+            a = self.attn.ragged(ops, u, lc, rope)
+        else:
+            a = self.attn(ops, u.view(batch, t // batch, dim), lc, p0, rope)
         x = hc_post(a.view(t, dim), x, post, comb)
         u, post, comb = hc_pre(x, self.hc_ffn, c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps, c.norm_eps)
         f = self.ffn(ops, rms_norm(u, self.ffn_norm, c.norm_eps), token_ids)

@@ -40,8 +40,16 @@ class Compressor:
         """Feed the chunk ``x [B, S, dim]`` (positions ``p0..p0+S-1``); every block it completes becomes an
         entry written to ``out[:, out_offset + j]``. Returns the number of complete entries afterwards."""
         b, s, _ = x.shape
-        r, c = self.ratio, self.channels
-        kvg = (x.reshape(b * s, -1).float() @ self.w_kvg.T).view(b, s, 2 * c)
+        return self.update_kvg(ops, self.project(x.reshape(b * s, -1)).view(b, s, -1), st, out, out_offset, p0, rope)
+
+    def project(self, x: Tensor) -> Tensor:
+        """Rows ``x [T, dim]`` -> fp32 ``[wkv(x) | wgate(x)]`` [T, 2C] (one matmul for a whole step)."""
+        return x.float() @ self.w_kvg.T
+
+    def update_kvg(self, ops: OpCaller, kvg: Tensor, st: CompressorState, out: Tensor, out_offset: int, p0: int,
+                   rope: RopeTable) -> int:
+        """``update`` from the projected rows ``kvg [B, S, 2C]`` (see ``project``)."""
+        r, c, s = self.ratio, self.channels, kvg.shape[1]
         kv, gate = kvg[..., :c], kvg[..., c:]
         r0 = p0 % r
         if r0:

@@ -10,6 +10,7 @@ from .compressor import Compressor
 from .config import ModelConfig
 from .functional import fp4_sim, hadamard
 from .opcall import OpCaller
+from .ragged import RaggedLayer
 from .rope import RopeTable, apply_rope
 from .weights import Loader
 
@@ -36,22 +37,58 @@ class Indexer:
                  positions: Tensor) -> Tensor:
         """idx [B, S, topk] int32: compressed-entry indices (no offset) or -1, for queries at ``positions``."""
         b, s, _ = x.shape
-        q = self.wq_b(ops, qr.reshape(b * s, -1)).view(b, s, self.n_heads, self.head_dim)
-        cos, sin = rope.at(positions)
-        q = hadamard(apply_rope(q, cos[:, None], sin[:, None]))
-        if ops.quant:
-            q = fp4_sim(q)
+        q = self._queries(ops, qr.reshape(b * s, -1), rope.at(positions.repeat(b))).view(b, s, self.n_heads, -1)
         n = self.compressor.update(ops, x, lc.index_comp, lc.index_keys, 0, p0, rope)
+        w = self._weights(ops, x)
+        visible = self._visible(positions).unsqueeze(0).expand(b, s).contiguous()
+        return self._topk(ops, q, lc.index_keys[:, :self._bucket(n, lc)], w.contiguous(), visible)
+
+    def ragged(self, ops: OpCaller, x: Tensor, qr: Tensor, rb: RaggedLayer, rope: RopeTable) -> Tensor:
+        """A ragged step (see ragged.py): x [T, dim], qr [T, q_lora] -> idx [T, topk] int32 as ``__call__``;
+        one ``indexer_topk`` call for all decode rows, one per prefill chunk."""
+        q = self._queries(ops, qr, rope.at(rb.positions))
+        kvg = self.compressor.project(x)
+        n = [self.compressor.update_kvg(ops, kvg[rb.rows(i)].unsqueeze(0), lc.index_comp, lc.index_keys, 0,
+                                        rb.p0[i], rope) for i, lc in enumerate(rb.caches)]
+        w = self._weights(ops, x)
+        visible = self._visible(rb.positions)
+        out = torch.full((x.shape[0], self.topk), -1, dtype=torch.int32, device=x.device)
+        if rb.decode:
+            rows = rb.decode_rows
+            bucket = max(self._bucket(n[i], rb.caches[i]) for i in rb.decode)
+            keys = torch.cat([rb.caches[i].index_keys[:, :bucket] for i in rb.decode])
+            top = self._topk(ops, q[rows].unsqueeze(1), keys, w[rows].unsqueeze(1).contiguous(),
+                             visible[rows].unsqueeze(1).contiguous())
+            out[rows] = top[:, 0]
+        for i in rb.prefill:
+            r, lc = rb.rows(i), rb.caches[i]
+            keys = lc.index_keys[:, :self._bucket(n[i], lc)]
+            out[r] = self._topk(ops, q[r].unsqueeze(0), keys, w[r].unsqueeze(0).contiguous(),
+                                visible[r].unsqueeze(0).contiguous())[0]
+        return out
+
+    def _queries(self, ops: OpCaller, qr: Tensor, cos_sin: tuple[Tensor, Tensor]) -> Tensor:
+        """qr [T, q_lora] -> rotated (and FP4-simulated) queries [T, H, d]."""
+        q = self.wq_b(ops, qr).view(qr.shape[0], self.n_heads, self.head_dim)
+        cos, sin = cos_sin
+        q = hadamard(apply_rope(q, cos[:, None], sin[:, None]))
+        return fp4_sim(q) if ops.quant else q
+
+    def _weights(self, ops: OpCaller, x: Tensor) -> Tensor:
         if ops.precision == "release":   # the release scales the bf16 projection in bf16
-            w = ((x @ self.weights_proj.T) * self.weight_scale).float()
-        else:
-            w = (x @ self.weights_proj.T).float() * self.weight_scale
-        visible = torch.div(positions + 1, self.ratio, rounding_mode="floor").to(torch.int32)
-        visible = visible.unsqueeze(0).expand(b, s).contiguous()
+            return ((x @ self.weights_proj.T) * self.weight_scale).float()
+        return (x @ self.weights_proj.T).float() * self.weight_scale
+
+    def _visible(self, positions: Tensor) -> Tensor:
+        return torch.div(positions + 1, self.ratio, rounding_mode="floor").to(torch.int32)
+
+    @staticmethod
+    def _bucket(n: int, lc: LayerCache) -> int:
         # keys beyond n are masked by ``visible``; rounding the count up to a power of two keeps the call's
         # shape (and so its bound implementation) fixed for many decode steps
-        bucket = min(lc.index_keys.shape[1], max(64, 1 << max(n - 1, 0).bit_length()))
-        keys = lc.index_keys[:, :max(bucket, 1)]
+        return max(1, min(lc.index_keys.shape[1], max(64, 1 << max(n - 1, 0).bit_length())))
+
+    def _topk(self, ops: OpCaller, q: Tensor, keys: Tensor, w: Tensor, visible: Tensor) -> Tensor:
         if self.par is not None:
-            return self.par.indexer_topk(ops, q, keys, w.contiguous(), visible, self.topk)
-        return ops.indexer_topk(q, keys, w.contiguous(), visible, self.topk)
+            return self.par.indexer_topk(ops, q, keys, w, visible, self.topk)
+        return ops.indexer_topk(q, keys, w, visible, self.topk)

@@ -17,6 +17,7 @@ from .config import SWA, ModelConfig
 from .functional import rms_norm
 from .mhc import hc_head
 from .opcall import OpCaller
+from .ragged import RaggedBatch
 from .rope import RopeTable, rope_tables
 from .weights import Loader, WeightSource
 
@@ -89,13 +90,17 @@ class Transformer:
 
     @torch.inference_mode()
     def forward_ragged(self, tokens: list[Tensor], caches: list[KVCache]) -> Tensor:
-        """One step over sequences at independent positions: ``tokens[i]`` (1-D, length >= 1: one decode
-        token or a prefill chunk) continues the one-sequence cache ``caches[i]`` (a ``KVPool`` slot view) at
-        its own position. Returns the fp32 logits of each sequence's last token [n, V]; advances each cache.
-        Gives each sequence what ``forward`` on it alone gives."""
-        if len(tokens) != len(caches) or not tokens:
-            raise ValueError(f"forward_ragged: {len(tokens)} token chunks for {len(caches)} caches (need n >= 1 of each)")
-        return torch.cat([self.forward(t.reshape(1, -1), c) for t, c in zip(tokens, caches)])
+        """One step over sequences at independent positions (continuous batching, see ragged.py):
+        ``tokens[i]`` (1-D, length >= 1: one decode token or a prefill chunk) continues the one-sequence
+        cache ``caches[i]`` (a ``KVPool`` slot view) at its own position. Returns the fp32 logits of each
+        sequence's last token [n, V] and advances each cache; each sequence gets what ``forward`` on it
+        alone gives (up to the summation order of batched kernels)."""
+        rb = RaggedBatch(tokens, caches, self.device)
+        x = self._embed(rb.ids).unsqueeze(1).repeat(1, self.cfg.hc_mult, 1)  # [T, hc, dim]
+        for i, blk in enumerate(self.layers):
+            x = blk(self.ops, x, 1, rb.ids, rb.layer(i), 0, self._rope(i))
+        rb.advance()
+        return self._logits(x[rb.last], len(caches), 1, self.hc_head, self.norm, False)
 
     def _embed(self, ids: Tensor) -> Tensor:
         return self.embed[ids] if self._tp is None else self._tp.embed(self.embed, ids, self.cfg.vocab_size)
