@@ -6,6 +6,10 @@ Entry sizes by format: ``bf16`` is the reference layout (2 bytes per value: 1024
 ``fp8`` is the vLLM / production layout (584 B main = 448 E4M3 + 128 B BF16 rope + 8 B scales) with an
 FP8 indexer (132 B) or, with ``indexer="fp4"``, an MXFP4 one (68 B). Compressor state (fp32, constant in
 S) and the MTP layer are reported separately, as the published 9.62 GiB figure excludes them.
+
+``allocated_bytes`` is what dsv4rt's own cache (``KVCache``, one ``KVPool`` slot) allocates per sequence:
+the whole ring of ``window_size`` rows whatever the context, ``max_seq_len // ratio`` entry rows and indexer
+keys in the activation dtype, the fp32 compressor state, and the MTP layer when the model loads it.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from dataclasses import dataclass
 
 from .config import CSA, SWA, ModelConfig
 
-__all__ = ["KVBreakdown", "kv_cache_bytes", "entry_bytes", "format_report"]
+__all__ = ["KVBreakdown", "kv_cache_bytes", "entry_bytes", "format_report", "allocated_bytes"]
 
 
 def entry_bytes(cfg: ModelConfig, fmt: str, indexer: str | None = None) -> tuple[int, int]:
@@ -71,6 +75,25 @@ def kv_cache_bytes(cfg: ModelConfig, context: int, fmt: str = "bf16", indexer: s
     return KVBreakdown(context, fmt, win, comp, ind, state, mtp, kinds)
 
 
+def _layer_allocated(cfg: ModelConfig, layer: int, max_seq_len: int, act_bytes: int) -> int:
+    kind, ratio = cfg.kind(layer), cfg.ratio(layer)
+    cap = max_seq_len // ratio if ratio else 0
+    n = (cfg.window_size + cap) * cfg.head_dim * act_bytes
+    if kind == SWA:
+        return n
+    overlap = ratio == 4
+    n += (4 if overlap else 2) * ratio * (2 if overlap else 1) * cfg.head_dim * 4     # CompressorState, fp32
+    if kind == CSA:
+        n += cap * cfg.index_head_dim * act_bytes + 4 * ratio * 2 * cfg.index_head_dim * 4
+    return n
+
+
+def allocated_bytes(cfg: ModelConfig, max_seq_len: int, act_bytes: int = 2, mtp: bool = False) -> int:
+    """Bytes dsv4rt's cache allocates per sequence of up to ``max_seq_len`` tokens (module docstring)."""
+    layers = range(cfg.n_layers + (cfg.n_mtp_layers if mtp else 0))
+    return sum(_layer_allocated(cfg, i, max_seq_len, act_bytes) for i in layers)
+
+
 def format_report(cfg: ModelConfig, context: int, fmt: str = "bf16", indexer: str | None = None) -> str:
     """What ``dsv4rt kv-cache`` prints."""
     r = kv_cache_bytes(cfg, context, fmt, indexer)
@@ -85,4 +108,8 @@ def format_report(cfg: ModelConfig, context: int, fmt: str = "bf16", indexer: st
     lines.append(f"KV cache per sequence: {r.total / gib:.2f} GiB ({r.total:,} bytes)")
     lines.append(f"not counted above: compressor state {r.compressor_state / mib:.2f} MiB (fp32), "
                  f"MTP window {r.mtp_window / mib:.2f} MiB")
+    if fmt == "bf16":
+        alloc = allocated_bytes(cfg, context)
+        lines.append(f"dsv4rt allocates per sequence (KVPool slot, bf16, whole window ring, compressor state, "
+                     f"no MTP): {alloc / gib:.2f} GiB ({alloc:,} bytes)")
     return "\n".join(lines)

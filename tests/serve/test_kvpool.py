@@ -53,3 +53,30 @@ def test_pool_slots_match_alone_with_join_and_leave():
         assert len(ref) == len(got[k])
         for a, b in zip(ref, got[k]):
             assert torch.allclose(a, b, atol=1e-4, rtol=0), (k, (a - b).abs().max())
+
+
+import pytest  # noqa: E402
+
+from dsv4rt.model.cache import KVCache  # noqa: E402
+from dsv4rt.model.kvsize import allocated_bytes  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["tiny", "flash", "pro", "flash-slice"])
+@pytest.mark.parametrize("context", [128, 4096, 1 << 20])
+@pytest.mark.parametrize("mtp", [False, True])
+def test_kv_cache_figures_match_what_the_pool_allocates(name, context, mtp):
+    """`dsv4rt kv-cache`'s allocated figure is an independent formula; the pool's slots are real tensors."""
+    cfg = preset(name)
+    for dtype, nbytes in ((torch.bfloat16, 2), (torch.float32, 4)):
+        real = KVCache(cfg, 1, context, dtype, "meta", mtp=mtp).nbytes()
+        assert allocated_bytes(cfg, context, nbytes, mtp) == real
+
+
+def test_kv_cache_report_prints_the_pool_figure(capsys):
+    from dsv4rt.cli import main
+
+    model = _model()
+    assert main(["kv-cache", "--preset", "tiny", "--context", "256"]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("dsv4rt allocates")][0]
+    bf16 = KVCache(model.cfg, 1, 256, torch.bfloat16, "meta").nbytes()
+    assert f"({bf16:,} bytes)" in line
