@@ -26,6 +26,9 @@ def kv_compress(kv: Tensor, gate: Tensor, ape: Tensor, ratio: int, overlap: bool
       values ``kv`` at the same channels. For j = 0 the previous block is ``prev_kv``/``prev_gate``
       [B, ratio, C] when given (continuing a sequence), else empty (logit -inf).
     No norm or RoPE here: those are model glue. Computed in float32.
+    Non-finite inputs follow the IEEE arithmetic of the max-subtracted softmax, on every variant alike: a
+    NaN or +inf logit, a NaN value, or logits that are all -inf (an empty softmax) make that entry's
+    channel NaN; an infinite value with a nonzero weight makes it +-inf (NaN with both signs).
     """
 
 

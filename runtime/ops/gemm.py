@@ -51,8 +51,9 @@ def fp8_gemm(x: Tensor, w: Tensor, w_scale: Tensor, act_quant: str | None = None
     - ``w``: [N, K] torch.float8_e4m3fn.
     - ``w_scale``: [ceil(N/128), ceil(K/128)], E8M0 (float8_e8m0fnu or uint8 bytes) or float32 (the
       -Base checkpoints); ``dequant(w)[n, k] = w[n, k] * scale[n // 128, k // 128]``.
-    - ``act_quant``: None or "fp8" (per 1x128 block of K, as fp4_gemm).
-    Output dtype = x dtype, fp32 accumulation.
+    - ``act_quant``: None or "fp8" (per 1x128 block of K, as fp4_gemm, Inf / NaN blocks included).
+    Output dtype = x dtype, fp32 accumulation. Without act_quant, NaN / Inf in x follow IEEE arithmetic
+    (order-independent: a NaN or an Inf times a zero weight gives NaN, Infs of both signs give NaN).
     """
 
 

@@ -49,7 +49,8 @@ def moe_combine(y_sorted: Tensor, src: Tensor, weights: Tensor | None, topk: int
       permutation of 0..T*topk-1 (moe_dispatch's).
     - ``weights``: [T, topk] float32, or None for an unweighted sum (then ``topk`` must be given;
       with weights, ``topk`` is weights.shape[1] and may be omitted).
-    Summed in fp32; output dtype = y_sorted dtype.
+    Summed in fp32; output dtype = y_sorted dtype. NaN / Inf in ``y_sorted`` or ``weights`` follow IEEE
+    arithmetic (a NaN term makes its token's channel NaN; +inf and -inf terms give NaN), on every variant.
     """
 
 

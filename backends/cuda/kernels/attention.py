@@ -66,7 +66,7 @@ def kv_compress_kernel(kv_ptr, gate_ptr, ape_ptr, pkv_ptr, pgate_ptr, out_ptr, N
         pp = tl.exp(pg - m[:, None, :])
         den += tl.sum(pp, axis=1)
         num += tl.sum(pp * pv, axis=1)
-    den = tl.where(den > 0, den, 1.0)
+    # den = 0 (every logit -inf: an empty softmax) gives NaN as the contract says; padded lanes are not stored
     o_ok = (offs_j[:, None] < NB) & (offs_c[None, :] < D)
     tl.store(out_ptr + b * s_ob + offs_j[:, None] * s_oj + offs_c[None, :] * s_oc, num / den, mask=o_ok)
 
