@@ -201,6 +201,10 @@ def _attention_supports(args: Mapping[str, Any]) -> str | None:
     if kv.dtype == torch.float16 and idx.numel() < kv.shape[0] * kv.shape[1]:
         return ("float16 KV cache larger than the gathered rows: cpu/native would widen the whole cache, "
                 "cpu/numpy widens only the gathered rows")
+    if not kv.is_contiguous() and idx.numel() < kv.shape[0] * kv.shape[1]:
+        gib = kv.numel() * 4 / 2**30
+        return (f"kv is a non-contiguous view larger than the gathered rows: cpu/native would copy the whole "
+                f"cache ({gib:.2f} GiB as float32), cpu/numpy gathers only the selected rows")
     return _strided(args)
 
 
