@@ -1,5 +1,7 @@
 """CPU cases (docs/performance.md section 4, last paragraph): the FP4 GEMV/GEMM at V4-Flash expert shapes
-and on a 4096 x 4096 MXFP4 matrix, plus the other native ops at decode sizes.
+and on a 4096 x 4096 MXFP4 matrix, the FP8 block GEMM at the V4-Flash dense projections (wq_a, wkv, wo_b,
+the shared expert) for M = 1, 8, 64, 512, the KV compressor and router at model shapes, plus the other
+native ops at decode sizes.
 
 The runner times every variant of the cpu backend (cpu/native, cpu/numpy, cpu/torch) and reports each
 one's ratio to cpu/numpy and to the cpu/torch composite. The 4096 x 4096 GEMV also times the native
@@ -12,7 +14,7 @@ from typing import Any
 import torch
 
 from .case import BenchCase
-from .inputs import mxfp4, normal, routed_ids
+from .inputs import e4m3, e8m0, mxfp4, normal, routed_ids
 
 __all__ = ["cpu_cases", "KERNEL_ONLY"]
 
@@ -106,11 +108,49 @@ def _moe(t: int, quick: bool) -> list[BenchCase]:
             BenchCase(f"moe_combine[T{t}]", "moe_combine", combine, bytes=nbytes, flops=2 * t * k * dim, devices=("cpu",))]
 
 
+# V4-Flash dense FP8 projections (N, K): attention wq_a, wkv, wo_b and the shared expert's w1/w3 and w2
+FP8_SHAPES = {"wq_a": (1024, 4096), "wkv": (512, 4096), "wo_b": (4096, 8192), "shared_w13": (2048, 4096),
+              "shared_w2": (4096, 2048)}
+
+
+def _fp8(name: str, m: int, n: int, k: int) -> BenchCase:
+    def make(device: torch.device, gen: torch.Generator) -> dict[str, Any]:
+        return {"x": normal((m, k), device, gen), "w": e4m3((n, k), device, gen),
+                "w_scale": e8m0(((n + 127) // 128, (k + 127) // 128), device, gen).view(torch.float8_e8m0fnu),
+                "act_quant": "fp8"}
+    return BenchCase(f"fp8_gemm[{name}-M{m}-N{n}-K{k}]", "fp8_gemm", make,
+                     bytes=n * k + ((n + 127) // 128) * ((k + 127) // 128) + 2 * m * (k + n),
+                     flops=2 * m * n * k, devices=("cpu",))
+
+
+def _compress(s: int, ratio: int, quick: bool) -> BenchCase:
+    d = 64 if quick else 512
+    c = 2 * d if ratio == 4 else d
+
+    def make(device: torch.device, gen: torch.Generator) -> dict[str, Any]:
+        return {"kv": normal((1, s, c), device, gen, torch.float32), "gate": normal((1, s, c), device, gen, torch.float32),
+                "ape": normal((ratio, c), device, gen, torch.float32), "ratio": ratio, "overlap": ratio == 4,
+                "prev_kv": None, "prev_gate": None}
+    return BenchCase(f"kv_compress[S{s}-ratio{ratio}]", "kv_compress", make, bytes=2 * s * c * 4 + s // ratio * d * 4,
+                     flops=(8 if ratio == 4 else 4) * s * c, devices=("cpu",))
+
+
+def _route(t: int, quick: bool) -> BenchCase:
+    e, k = (16, 6) if quick else (256, 6)
+
+    def make(device: torch.device, gen: torch.Generator) -> dict[str, Any]:
+        return {"logits": normal((t, e), device, gen, torch.float32), "bias": normal((e,), device, gen, torch.float32, 0.1),
+                "topk": k, "route_scale": 1.5, "score_func": "sqrtsoftplus", "hash_ids": None}
+    return BenchCase(f"moe_route[T{t}-E{e}]", "moe_route", make, bytes=4 * t * (e + 2 * k), flops=8 * t * e,
+                     devices=("cpu",))
+
+
 def cpu_cases(quick: bool = False) -> list[BenchCase]:
     """Expert shapes at M = 1, 8, 64 (gate/up: N=2048, K=4096; down: N=4096, K=2048) and the 4096^2 GEMV."""
     if quick:
         cases = [_fp4(1, 256, 512), _fp4(8, 256, 512), _fp4(64, 256, 512), _grouped(4, True), _attention(True),
-                 _indexer(True), *_moe(16, True)]
+                 _indexer(True), *_moe(16, True), _fp8("small", 1, 256, 512), _fp8("small", 64, 256, 512),
+                 _compress(256, 4, True), _compress(256, 128, True), _route(16, True)]
     else:
         cases = [_fp4(1, 4096, 4096, target=">= 50% of read bandwidth and >= 10x cpu/numpy")]
         if _native_built():
@@ -118,4 +158,7 @@ def cpu_cases(quick: bool = False) -> list[BenchCase]:
         for m in (1, 8, 64):
             cases += [_fp4(m, 2048, 4096), _fp4(m, 4096, 2048)]
         cases += [_grouped(1, False), _attention(False), _indexer(False), *_moe(64, False)]
+        cases += [_fp8(name, m, n, k) for name, (n, k) in FP8_SHAPES.items() for m in (1, 8, 64, 512)]
+        cases += [_compress(4096, 4, False), _compress(4096, 128, False), _route(1, False), _route(64, False),
+                  _route(512, False)]
     return cases
