@@ -4,7 +4,10 @@
 // weight row is decoded once (256-entry E4M3 table) into an L1 buffer and dotted with every row of x,
 // the block's scale applied to the block sum (as the reference's dequant, in fp32). For small M this
 // streams the weight once (GEMV); for larger M the decoded block is reused M times from L1.
+// Where the CPU has AVX-512, fp8_gemm_avx512.cpp decodes E4M3 in registers (no table) and takes 8 rows of
+// x per pass over the weight; this portable path is the fallback (and the one set_isa(generic) tests).
 #include "common.h"
+#include "fp8_kernels.h"
 #include "vec.h"
 
 namespace dsv4rt {
@@ -12,14 +15,7 @@ namespace {
 
 constexpr int64_t kBlk = 128;
 
-struct Fp8Problem {
-    const float* x;        // [m, k]
-    const uint8_t* w;      // [n, k] E4M3 bytes
-    const uint8_t* s8;     // [sn, sk] E8M0 (or null)
-    const float* s32;      // [sn, sk] float32 (or null)
-    float* y;              // [m, n]
-    int64_t m, n, k, sk;
-};
+using Fp8Problem = fp8::Fp8Args;
 
 DSV4RT_CLONES void fp8_rows(const Fp8Problem& p, int64_t n0, int64_t n1) {
     alignas(64) float wd[kBlk];
@@ -71,6 +67,12 @@ void fp8_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_) {
             std::fill(y.ptr, y.ptr + m * n, 0.0f);
         } else {
             const double bytes = static_cast<double>(n) * k * (1 + 0.25 * (m - 1));
+#if defined(DSV4RT_X86)
+            if (active_isa() >= Isa::avx512) {
+                parallel_for(n, [&](int64_t a, int64_t b) { fp8::rows_avx512(p, a, b); },
+                             pick_threads(bytes, 256 << 10));
+            } else
+#endif
             parallel_for(n, [&](int64_t a, int64_t b) { fp8_rows(p, a, b); }, pick_threads(bytes, 256 << 10));
         }
     }

@@ -247,7 +247,7 @@ def rand_fp8(n: int, k: int, seed: int, f32_scale: bool = False):
     return b.view(torch.float8_e4m3fn), s
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 256, 512), (3, 200, 300), (8, 129, 128), (40, 64, 520)])
+@pytest.mark.parametrize("m,n,k", [(1, 256, 512), (3, 200, 300), (8, 129, 128), (9, 64, 256), (40, 64, 520)])
 @pytest.mark.parametrize("act_quant", [None, "fp8"])
 @pytest.mark.parametrize("f32_scale", [False, True])
 def test_fp8_gemm(m, n, k, act_quant, f32_scale):
@@ -255,3 +255,19 @@ def test_fp8_gemm(m, n, k, act_quant, f32_scale):
     w, s = rand_fp8(n, k, seed=n + k, f32_scale=f32_scale)
     args = {"x": x, "w": w, "w_scale": s, "act_quant": act_quant}
     check(tol.gemm, "fp8_gemm", args, ops.fp8_gemm(**args, backend=NATIVE))
+
+
+def test_fp8_gemm_nan_weight_bytes_and_subnormals():
+    """E4M3 NaN bytes (0x7F / 0xFF) make their columns NaN on every path (the AVX-512 decode has no NaN,
+    those blocks take the table); E4M3 subnormals decode exactly."""
+    w, s = rand_fp8(64, 384, seed=3)
+    b = w.view(torch.uint8).clone()
+    b[5, 130], b[40, 383] = 0x7F, 0xFF
+    b[7, :128] = torch.arange(128, dtype=torch.uint8) % 8          # every subnormal and zero
+    args = {"x": torch.randn(3, 384, generator=gen(4)), "w": b.view(torch.float8_e4m3fn), "w_scale": s,
+            "act_quant": None}
+    y = ops.fp8_gemm(**args, backend=NATIVE)
+    assert y.isnan().any(0).nonzero().flatten().tolist() == [5, 40]
+    keep = [i for i in range(64) if i not in (5, 40)]
+    clean = dict(args, w=b[keep].view(torch.float8_e4m3fn), w_scale=s)
+    check(tol.gemm, "fp8_gemm", clean, ops.fp8_gemm(**clean, backend=NATIVE))

@@ -1,0 +1,104 @@
+// AVX-512 kernel of fp8_gemm (see fp8_gemm.cpp for the driver). Every function carries a target attribute,
+// so this file compiles for plain x86-64 and the driver calls it only where the CPU has AVX-512.
+//
+// E4M3 -> float32 without a table: the byte's 7 magnitude bits shifted left by 7 form an IEEE half whose
+// value is the E4M3 value / 256 (exponent bias 15 instead of 7; E4M3 subnormals land on half subnormals,
+// so they are exact too), the sign bit moves to bit 15, and vcvtph2ps widens 16 at a time. The factor 256
+// is applied to each 128-block's dot product together with the block scale. A block holding an E4M3 NaN
+// byte (0x7F / 0xFF) takes the table path, so NaN weights stay NaN.
+#include "fp8_kernels.h"
+
+#if defined(DSV4RT_X86)
+#include <immintrin.h>
+
+namespace dsv4rt {
+namespace fp8 {
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,f16c"), always_inline)) inline
+#define AVX512_FN __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,f16c")))
+
+namespace {
+
+constexpr int64_t kBlk = 128;
+
+// true if any of the 128 bytes is an E4M3 NaN (magnitude bits all ones)
+AVX512 bool has_nan128(const uint8_t* p) {
+    const __m512i m7 = _mm512_set1_epi8(0x7F);
+    const __m512i a = _mm512_and_si512(_mm512_loadu_si512(p), m7);
+    const __m512i b = _mm512_and_si512(_mm512_loadu_si512(p + 64), m7);
+    return (_mm512_cmpeq_epi8_mask(a, m7) | _mm512_cmpeq_epi8_mask(b, m7)) != 0;
+}
+
+// 32 E4M3 bytes -> two vectors of 16 floats, each the E4M3 value / 256
+AVX512 void decode32(const uint8_t* p, __m512& lo, __m512& hi) {
+    const __m512i h = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    const __m512i mag = _mm512_slli_epi16(_mm512_and_si512(h, _mm512_set1_epi16(0x7F)), 7);
+    const __m512i sgn = _mm512_slli_epi16(_mm512_and_si512(h, _mm512_set1_epi16(0x80)), 8);
+    const __m512i f16 = _mm512_or_si512(mag, sgn);
+    lo = _mm512_cvtph_ps(_mm512_castsi512_si256(f16));
+    hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(f16, 1));
+}
+
+// M rows of x against weight rows [n0, n1): y[r, n] = sum over 128-blocks of (block dot) * scale
+template <int M>
+AVX512 void rows_m(const Fp8Args& a, const float* x, float* y, int64_t n0, int64_t n1) {
+    const __m512 k256 = _mm512_set1_ps(256.0f);
+    for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t* wr = a.w + n * a.k;
+        __m512 tot[M];
+        float side[M];
+        for (int r = 0; r < M; ++r) { tot[r] = _mm512_setzero_ps(); side[r] = 0.0f; }
+        for (int64_t kb = 0; kb * kBlk < a.k; ++kb) {
+            const int64_t k0 = kb * kBlk, kw = std::min(kBlk, a.k - k0);
+            const int64_t si = (n / kBlk) * a.sk + kb;
+            const float sc = a.s8 ? kE8M0[a.s8[si]] : a.s32[si];
+            if (kw == kBlk && !has_nan128(wr + k0)) {
+                __m512 blk[M];
+                for (int r = 0; r < M; ++r) blk[r] = _mm512_setzero_ps();
+                for (int64_t j = 0; j < kBlk; j += 32) {
+                    __m512 lo, hi;
+                    decode32(wr + k0 + j, lo, hi);
+                    for (int r = 0; r < M; ++r) {
+                        const float* xr = x + r * a.k + k0 + j;
+                        blk[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr), blk[r]);
+                        blk[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + 16), blk[r]);
+                    }
+                }
+                const __m512 scv = _mm512_set1_ps(sc);
+                for (int r = 0; r < M; ++r) tot[r] = _mm512_fmadd_ps(_mm512_mul_ps(blk[r], k256), scv, tot[r]);
+            } else {   // a tail block or a block with NaN bytes: the table
+                for (int r = 0; r < M; ++r) {
+                    const float* xr = x + r * a.k + k0;
+                    float t = 0.0f;
+                    for (int64_t j = 0; j < kw; ++j) t += kE4M3[wr[k0 + j]] * xr[j];
+                    side[r] += t * sc;
+                }
+            }
+        }
+        for (int r = 0; r < M; ++r) y[r * a.n + n] = _mm512_reduce_add_ps(tot[r]) + side[r];
+    }
+}
+
+}  // namespace
+
+AVX512_FN void rows_avx512(const Fp8Args& a, int64_t n0, int64_t n1) {
+    int64_t r0 = 0;
+    for (; r0 + 8 <= a.m; r0 += 8) rows_m<8>(a, a.x + r0 * a.k, a.y + r0 * a.n, n0, n1);
+    const float* x = a.x + r0 * a.k;
+    float* y = a.y + r0 * a.n;
+    switch (a.m - r0) {
+        case 1: rows_m<1>(a, x, y, n0, n1); break;
+        case 2: rows_m<2>(a, x, y, n0, n1); break;
+        case 3: rows_m<3>(a, x, y, n0, n1); break;
+        case 4: rows_m<4>(a, x, y, n0, n1); break;
+        case 5: rows_m<5>(a, x, y, n0, n1); break;
+        case 6: rows_m<6>(a, x, y, n0, n1); break;
+        case 7: rows_m<7>(a, x, y, n0, n1); break;
+        default: break;
+    }
+}
+
+}  // namespace fp8
+}  // namespace dsv4rt
+
+#endif  // DSV4RT_X86

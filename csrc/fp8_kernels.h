@@ -1,0 +1,25 @@
+// Internal interface between the FP8 block GEMM driver (fp8_gemm.cpp) and its AVX-512 kernel
+// (fp8_gemm_avx512.cpp, compiled for any x86-64 with per-function target attributes).
+#pragma once
+
+#include "common.h"
+
+namespace dsv4rt {
+namespace fp8 {
+
+struct Fp8Args {
+    const float* x;        // [m, k]
+    const uint8_t* w;      // [n, k] E4M3 bytes
+    const uint8_t* s8;     // [ceil(n/128), sk] E8M0 (or null)
+    const float* s32;      // [ceil(n/128), sk] float32 (or null)
+    float* y;              // [m, n]
+    int64_t m, n, k, sk;
+};
+
+#if defined(DSV4RT_X86)
+// y[:, n0:n1] for all m rows, 8 rows of x per pass over the weight rows
+void rows_avx512(const Fp8Args& a, int64_t n0, int64_t n1);
+#endif
+
+}  // namespace fp8
+}  // namespace dsv4rt
