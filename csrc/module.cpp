@@ -9,6 +9,7 @@ void bind_fp8_gemm(py::module_& m);
 void bind_indexer(py::module_& m);
 void bind_attention(py::module_& m);
 void bind_moe(py::module_& m);
+void bind_evict(py::module_& m);
 }  // namespace dsv4rt
 
 PYBIND11_MODULE(_C, m) {
@@ -60,4 +61,5 @@ PYBIND11_MODULE(_C, m) {
     bind_indexer(m);
     bind_attention(m);
     bind_moe(m);
+    bind_evict(m);
 }

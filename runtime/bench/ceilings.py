@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .timing import time_call
+from .timing import cold_data_flush, time_call
 
 __all__ = ["measure_ceilings"]
 
@@ -30,6 +30,8 @@ def measure_ceilings(device: torch.device, quick: bool = False) -> dict[str, Any
         t = time_call(lambda: a @ b, device, reps=3 if quick else 10)
         out["fp32_tflops"] = 2 * n**3 / t["median_us"] / 1e6
         out["threads"] = torch.get_num_threads()
+        out["flush"] = ("the inputs' data evicted from every cache level (clflush), code and runtime state warm"
+                        if cold_data_flush(device) else "a 256 MB buffer streamed through the caches")
     else:
         n = 2048 if quick else 8192
         a = torch.randn(n, n, device=device, dtype=torch.bfloat16)

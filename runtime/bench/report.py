@@ -27,6 +27,7 @@ def format_report(report: BenchReport) -> str:
         f"backend {report.backend} on {c['device']} ({', '.join(f'{k} {v}' for k, v in env.items())})",
         f"measured ceilings: read {c['read_tbs'] * 1e3:.3g} GB/s, copy {c['copy_tbs'] * 1e3:.3g} GB/s, "
         f"{peak_name} {peak * 1e3:.3g} GFLOP/s",
+        *([f"cache flush before every timed call: {c['flush']}"] if c.get("flush") else []),
         *(["quick run: small shapes (the '(quick)' cases), not comparable with the README table"]
           if report.quick else []),
         "",

@@ -140,6 +140,7 @@ def run_bench(backend: str, ops: Sequence[str] | None = None, quick: bool = Fals
         composite = next((v for v in variants if v.endswith("/torch")), None)
         roofline = max(case.bytes / (ceilings["read_tbs"] * 1e6), case.flops / (peak_tflops * 1e6))
         times: dict[str, float] = {}
+        cold = [v for v in args.values() if isinstance(v, torch.Tensor)]
         for variant in variants:
             build = _caller(case, variant)
             try:
@@ -154,10 +155,11 @@ def run_bench(backend: str, ops: Sequence[str] | None = None, quick: bool = Fals
                     report.failures.append(f"{case.name} [{variant}]: {problem}")
                     log(f"WRONG {case.name} [{variant}]: {problem}")
                     continue
-            t = time_call(build(args), device, reps=reps)["median_us"]
+            t = time_call(build(args), device, reps=reps, cold=cold)["median_us"]
             times[variant] = t
             log(f"{case.name} [{variant}]: {t:.1f} us")
-        extra = {name: time_call(make(args), device, reps=reps)["median_us"] for name, make in case.baselines.items()}
+        extra = {name: time_call(make(args), device, reps=reps, cold=cold)["median_us"]
+                 for name, make in case.baselines.items()}
         # baselines: the torch composite, the NumPy variant where there is one, and the case's extras
         baselines = {name: t for name, t in times.items() if name == composite or name.endswith("/numpy")} | extra
         for variant, t in list(times.items()) + list(extra.items()):
