@@ -21,6 +21,12 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
                    "case names carry the small shapes (not comparable with the README table)")
     p.add_argument("--reps", type=int, default=30, help="timed repetitions per case (default 30)")
     p.add_argument("--dispatch", action="store_true", help="only measure the registry's per-call overhead on CPU")
+    p.add_argument("--model", choices=("tiny", "flash-slice"), action="append",
+                   help="instead: whole-model CPU prefill / decode tokens/s, with fp8_gemm, kv_compress and "
+                        "moe_route on cpu/numpy and then chosen automatically (repeatable)")
+    p.add_argument("--layers", type=int, default=2, help="--model flash-slice: layers (default 2)")
+    p.add_argument("--prompt-len", type=int, default=128, help="--model: prompt tokens (default 128)")
+    p.add_argument("--new-tokens", type=int, default=32, help="--model: generated tokens (default 32)")
     p.set_defaults(func=_cmd_bench)
 
 
@@ -30,6 +36,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         print(format_rows(measure_dispatch_overhead(number=2000 if args.quick else 20000)))
         return 0
+    if args.model:
+        return _cmd_model(args)
     from .report import format_report, plot_roofline, require_matplotlib
     from .runner import bench_op_names, run_bench
 
@@ -53,3 +61,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.plot:
         plot_roofline(report, args.plot)
     return 1 if report.failures else 0
+
+
+def _cmd_model(args: argparse.Namespace) -> int:
+    from .model import format_model_rows, run_model_bench
+
+    if args.backend != "cpu":
+        print("dsv4rt bench: error: --model times the CPU backend only (use dsv4rt run --backend B on a device)",
+              file=sys.stderr)
+        return 2
+    rows = []
+    for preset in args.model:
+        rows += run_model_bench(preset, args.layers if preset == "flash-slice" else None, args.prompt_len,
+                                args.new_tokens, repeats=1 if args.quick else 3,
+                                log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(format_model_rows(rows))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump([r.to_dict() for r in rows], f, indent=2)
+    return 0

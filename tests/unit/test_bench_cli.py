@@ -58,3 +58,25 @@ def test_valid_ops_cover_every_cpu_case():
     assert set(runner.bench_op_names("cpu")) == {c.op for c in runner.cpu_cases(True)}
     assert "moe_layer" in runner.bench_op_names("cuda")
     assert bench_cli.add_bench is not None
+
+
+def test_model_bench_compares_the_configurations(tmp_path, capsys):
+    """`dsv4rt bench --model tiny`: both configurations run, give the same greedy tokens, and the automatic
+    one uses the native variants where they exist (timings are printed, never asserted)."""
+    import json
+
+    out = tmp_path / "model.json"
+    assert main(["bench", "--model", "tiny", "--quick", "--prompt-len", "16", "--new-tokens", "4",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["config"] for r in rows] == list(__import__("dsv4rt.bench.model", fromlist=["CONFIGS"]).CONFIGS)
+    assert all(r["same_tokens"] and r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in rows)
+    assert set(rows[0]["ops"]["fp8_gemm"]) == {"cpu/numpy"}
+    if "cpu/native" in rows[1]["ops"].get("fp4_grouped_gemm", {}):
+        assert "cpu/native" in rows[1]["ops"]["fp8_gemm"]
+    assert "| tiny | automatic |" in capsys.readouterr().out
+
+
+def test_model_bench_is_cpu_only(capsys):
+    assert main(["bench", "--model", "tiny", "--backend", "cuda"]) == 2
+    assert "CPU backend only" in capsys.readouterr().err
