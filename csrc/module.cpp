@@ -10,12 +10,15 @@ void bind_indexer(py::module_& m);
 void bind_attention(py::module_& m);
 void bind_moe(py::module_& m);
 void bind_evict(py::module_& m);
+void bind_compress(py::module_& m);
+void bind_route(py::module_& m);
 }  // namespace dsv4rt
 
 PYBIND11_MODULE(_C, m) {
     using namespace dsv4rt;
     m.doc() = "dsv4rt native CPU kernels (NumPy buffers in, GIL released while they run)";
-    m.attr("ABI_VERSION") = 3;   // 2: sparse_attention p_round, indexer_topk score_bf16; 3: fp8_gemm
+    m.attr("ABI_VERSION") = 4;   // 2: sparse_attention p_round, indexer_topk score_bf16; 3: fp8_gemm;
+                                 // 4: kv_compress, moe_route
     m.def("compiled_with", []() {
         py::dict info;
         info["cxx_standard"] = __cplusplus;
@@ -62,4 +65,6 @@ PYBIND11_MODULE(_C, m) {
     bind_attention(m);
     bind_moe(m);
     bind_evict(m);
+    bind_compress(m);
+    bind_route(m);
 }

@@ -22,8 +22,8 @@ from dsv4rt.ops.indexer import score_dtype_of
 
 from ._np import bits_view, f32
 
-__all__ = ["fp4_gemm", "fp4_grouped_gemm", "fp8_gemm", "indexer_topk", "sparse_attention", "moe_dispatch", "moe_combine",
-           "SUPPORTS", "GEMV_MAX_M"]
+__all__ = ["fp4_gemm", "fp4_grouped_gemm", "fp8_gemm", "indexer_topk", "kv_compress", "sparse_attention", "moe_route",
+           "moe_dispatch", "moe_combine", "SUPPORTS", "GEMV_MAX_M"]
 
 GEMV_MAX_M = 8          # rows of x up to which the GEMM streams the weight once (GEMV path)
 ACT_BLOCK = 128         # act_quant='fp8' block along K
@@ -137,6 +137,18 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, visibl
 
 # ---------------------------------------------------------------------------------------------- attention
 
+def kv_compress(kv: torch.Tensor, gate: torch.Tensor, ape: torch.Tensor, ratio: int, overlap: bool,
+                prev_kv: torch.Tensor | None = None, prev_gate: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-channel softmax pooling of each block, one task per (b, entry), float32 (bf16 widened in C++);
+    with overlap the previous block's first-half channels (or ``prev_kv``/``prev_gate`` for entry 0)
+    join each softmax."""
+    b, s, c = kv.shape
+    out = new_output((b, s // ratio, c // 2 if overlap else c), torch.float32, "cpu")
+    _C.kv_compress(_act(kv), _act(gate), _arr(ape), ratio, overlap, None if prev_kv is None else _act(prev_kv),
+                   None if prev_gate is None else _act(prev_gate), out.numpy())
+    return out
+
+
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor | None,
                      scale: float, return_lse: bool = False, p_dtype: torch.dtype | None = None):
     """Online softmax with sink over the gathered K=V rows, per (b, s, head group), float32 statistics;
@@ -151,6 +163,19 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink:
 
 
 # ---------------------------------------------------------------------------------------------- MoE
+
+def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, topk: int, route_scale: float,
+              score_func: str = "sqrtsoftplus", hash_ids: torch.Tensor | None = None):
+    """Per token: top-k of sqrt(softplus(logits)) + bias (of the logits without a bias) in descending
+    order, or ``hash_ids``; weights s / sum s * route_scale from log s (finite where s underflows)."""
+    if score_func != "sqrtsoftplus":
+        raise NotImplementedError(f"cpu/native moe_route: score_func={score_func!r} (only 'sqrtsoftplus')")
+    shape = (logits.shape[0], topk)
+    ids, w = new_output(shape, torch.int32, "cpu"), new_output(shape, torch.float32, "cpu")
+    _C.moe_route(_arr(logits), None if bias is None else _arr(bias), topk, float(route_scale),
+                 None if hash_ids is None else _arr(hash_ids), ids.numpy(), w.numpy())
+    return ids, w
+
 
 def moe_dispatch(x: torch.Tensor, ids: torch.Tensor, num_experts: int):
     """Stable counting sort by expert; rows moved as raw bytes (any dtype, bit-exact)."""
@@ -208,6 +233,13 @@ def _attention_supports(args: Mapping[str, Any]) -> str | None:
     return _strided(args)
 
 
+def _route_supports(args: Mapping[str, Any]) -> str | None:
+    if args.get("score_func", "sqrtsoftplus") != "sqrtsoftplus":
+        return f"score_func {args['score_func']!r}: cpu/native implements only 'sqrtsoftplus'"
+    return _strided(args)
+
+
 SUPPORTS = {"fp4_gemm": _gemm_supports, "fp4_grouped_gemm": _gemm_supports, "fp8_gemm": _strided,
-            "indexer_topk": _indexer_supports,
-            "sparse_attention": _attention_supports, "moe_dispatch": _strided, "moe_combine": _strided}
+            "indexer_topk": _indexer_supports, "kv_compress": _strided,
+            "sparse_attention": _attention_supports, "moe_route": _route_supports, "moe_dispatch": _strided,
+            "moe_combine": _strided}

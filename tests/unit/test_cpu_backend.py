@@ -109,7 +109,11 @@ def test_automatic_selection_prefers_native_then_numpy():
     native = cpu.backend().probe().capabilities["native"]
     assert ops.fp4_gemm.resolve(x, w, s).name == ("cpu/native" if native else NP)
     assert ops.kv_compress.resolve(torch.zeros(1, 4, 8), torch.zeros(1, 4, 8), torch.zeros(4, 8), 4,
-                                   True).name == NP      # no native kv_compress: NumPy wins over torch
+                                   True).name == ("cpu/native" if native else NP)
+    # where cpu/native declines (a strided KV view larger than the gathered rows), NumPy wins over torch
+    kv = torch.zeros(1, 64, 16)[:, ::2]
+    assert ops.sparse_attention.resolve(torch.zeros(1, 1, 2, 16), kv, torch.zeros(1, 1, 3, dtype=torch.int32),
+                                        None, 0.25).name == NP
 
 
 # ---------------------------------------------------------------------------------------------- GEMMs
