@@ -271,3 +271,41 @@ def test_fp8_gemm_nan_weight_bytes_and_subnormals():
     keep = [i for i in range(64) if i not in (5, 40)]
     clean = dict(args, w=b[keep].view(torch.float8_e4m3fn), w_scale=s)
     check(tol.gemm, "fp8_gemm", clean, ops.fp8_gemm(**clean, backend=NATIVE))
+
+
+# ---------------------------------------------------------------------------------------------- kv_compress / moe_route
+
+@pytest.mark.parametrize("ratio,overlap,prev", [(4, True, False), (4, True, True), (128, False, False), (8, False, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_compress(ratio, overlap, prev, dtype):
+    g = gen(ratio * 7 + prev)
+    b, nb, d = 2, 3, 24
+    c = 2 * d if overlap else d
+    args = {"kv": torch.randn(b, nb * ratio, c, generator=g).to(dtype),
+            "gate": (torch.randn(b, nb * ratio, c, generator=g) * 3).to(dtype),
+            "ape": torch.randn(ratio, c, generator=g), "ratio": ratio, "overlap": overlap,
+            "prev_kv": torch.randn(b, ratio, c, generator=g).to(dtype) if prev else None,
+            "prev_gate": torch.randn(b, ratio, c, generator=g).to(dtype) if prev else None}
+    check(tol.pooling, "kv_compress", args, ops.kv_compress(**args, backend=NATIVE))
+
+
+@pytest.mark.parametrize("t,e,k,bias,lo", [(1, 256, 6, True, 0.0), (37, 64, 8, False, 0.0), (5, 16, 16, True, 0.0),
+                                           (9, 256, 40, True, 0.0), (4, 32, 6, True, -150.0)])
+def test_moe_route(t, e, k, bias, lo):
+    """Score routing incl. top-k > 32 (the partial-sort path) and logits where sqrt(softplus) underflows."""
+    g = gen(t + e + k)
+    args = {"logits": torch.randn(t, e, generator=g) * 2 + lo, "bias": torch.randn(e, generator=g) * 0.1 if bias else None,
+            "topk": k, "route_scale": 2.5, "score_func": "sqrtsoftplus", "hash_ids": None}
+    ids, w = ops.moe_route(**args, backend=NATIVE)
+    check(tol.route, "moe_route", args, (ids, w))
+    assert bool(torch.isfinite(w).all())
+
+
+def test_moe_route_hash_ids():
+    g = gen(3)
+    hid = torch.randint(0, 64, (7, 6), generator=g)
+    args = {"logits": torch.randn(7, 64, generator=g), "bias": None, "topk": 6, "route_scale": 1.0,
+            "score_func": "sqrtsoftplus", "hash_ids": hid}
+    ids, w = ops.moe_route(**args, backend=NATIVE)
+    assert torch.equal(ids.long(), hid)
+    check(tol.route, "moe_route", args, (ids, w))
