@@ -194,7 +194,8 @@ def _cmd_kv_cache(args: argparse.Namespace) -> int:
 
 
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_info, _add_conformance, _add_bench,
-                                                                          _add_run, _add_kv_cache)
+                                                                          _add_run, _add_kv_cache, *(  # serve, loadtest
+    lambda s, n=n: getattr(__import__("dsv4rt.serve.cli", fromlist=[n]), n)(s) for n in ("add_serve", "add_loadtest")))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ class Variable:
     name: str
     default: str
     doc: str
+    secret: bool = False     # never printed (``in_effect`` shows it as set, not its value)
 
 
 VARIABLES: dict[str, Variable] = {
@@ -44,6 +45,8 @@ VARIABLES: dict[str, Variable] = {
         Variable("DSV4RT_CACHE_DIR", "", "Where generated artefacts (the tiny preset checkpoint) are kept; "
                  "default ~/.cache/dsv4rt."),
         Variable("DSV4RT_LOG_LEVEL", "", "Level of the 'dsv4rt' logger (DEBUG, INFO, WARNING...)."),
+        Variable("DSV4RT_API_KEY", "", "dsv4rt serve / loadtest: the bearer key every /v1 request must carry "
+                 "when --api-key is not given (empty: no key).", secret=True),
     )
 }
 
@@ -92,8 +95,9 @@ def override(name: str, value: str) -> Iterator[None]:
 
 
 def in_effect() -> dict[str, str]:
-    """DSV4RT_* variables set in the environment, documented or not."""
-    return {k: v for k, v in os.environ.items() if k.startswith("DSV4RT_")}
+    """DSV4RT_* variables set in the environment, documented or not (secret ones as '<set>')."""
+    return {k: ("<set>" if k in VARIABLES and VARIABLES[k].secret else v)
+            for k, v in os.environ.items() if k.startswith("DSV4RT_")}
 
 
 def unknown() -> list[str]:
