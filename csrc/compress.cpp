@@ -22,23 +22,10 @@ namespace {
 DSV4RT_INLINE v16f exp_pool(v16f x) {
     const auto in_range = x >= -104.0f;                      // false for NaN and x < -104
     const v16f xc = in_range ? x : v16f{};
-    v16f n = xc * 1.44269504088896341f;
-    const v16i ni = __builtin_convertvector(n + (n < 0.0f ? splat(-0.5f) : splat(0.5f)), v16i);   // round half away
-    n = __builtin_convertvector(ni, v16f);
-    v16f r = xc - n * 0.693145751953125f;
-    r = r - n * 1.428606765330187045e-06f;
-    v16f p = splat(1.0f / 720);
-    p = p * r + 1.0f / 120;
-    p = p * r + 1.0f / 24;
-    p = p * r + 1.0f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    v16i ni;
+    const v16f p = exp_reduced(xc, ni);
     const v16i n1 = ni >> 1, n2 = ni - n1;                   // each in [-75, 0]: 2^n1, 2^n2 are normal
-    const v16i b1 = (n1 + 127) << 23, b2 = (n2 + 127) << 23;
-    v16f s1, s2;
-    std::memcpy(&s1, &b1, sizeof(s1));
-    std::memcpy(&s2, &b2, sizeof(s2));
+    const v16f s1 = pow2i(n1), s2 = pow2i(n2);
     const v16f out = in_range ? (p * s1) * s2 : v16f{};
     return x == x ? out : x;                                 // NaN stays NaN
 }

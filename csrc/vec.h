@@ -79,12 +79,11 @@ DSV4RT_INLINE v16f round_f16_nonneg(v16f x) {
 DSV4RT_INLINE v16f vmax(v16f a, v16f b) { return a > b ? a : b; }
 DSV4RT_INLINE v16f relu(v16f a) { return a < 0.0f ? v16f{} : a; }   // NaN stays NaN (as torch.relu)
 
-// exp(x) for x <= 0 (softmax weights): Cody-Waite reduction by ln 2 and a degree-6 polynomial,
-// relative error < 2e-7; x < -87 (and -inf) give 0.
-DSV4RT_INLINE v16f exp_neg(v16f x) {
-    const v16f xc = x < -87.0f ? splat(-87.0f) : x;
+// exp of a clamped argument xc without the final 2^n: Cody-Waite reduction by ln 2 (n = round(xc / ln 2),
+// returned in ni) and a degree-6 polynomial of the remainder; exp(xc) = result * 2^ni.
+DSV4RT_INLINE v16f exp_reduced(v16f xc, v16i& ni) {
     v16f n = xc * 1.44269504088896341f;
-    v16i ni = __builtin_convertvector(n + (n < 0.0f ? splat(-0.5f) : splat(0.5f)), v16i);   // round half away
+    ni = __builtin_convertvector(n + (n < 0.0f ? splat(-0.5f) : splat(0.5f)), v16i);   // round half away
     n = __builtin_convertvector(ni, v16f);
     v16f r = xc - n * 0.693145751953125f;
     r = r - n * 1.428606765330187045e-06f;
@@ -94,12 +93,22 @@ DSV4RT_INLINE v16f exp_neg(v16f x) {
     p = p * r + 1.0f / 6;
     p = p * r + 0.5f;
     p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    v16i bits = (ni + 127) << 23;
-    v16f scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    v16f out = p * scale;
-    return x < -87.0f ? v16f{} : out;
+    return p * r + 1.0f;
+}
+
+// 2^e for integer lanes with e + 127 in [1, 254] (a normal float)
+DSV4RT_INLINE v16f pow2i(v16i e) {
+    const v16i bits = (e + 127) << 23;
+    v16f out;
+    std::memcpy(&out, &bits, sizeof(out));
+    return out;
+}
+
+// exp(x) for x <= 0 (softmax weights): relative error < 2e-7; x < -87 (and -inf) give 0.
+DSV4RT_INLINE v16f exp_neg(v16f x) {
+    v16i ni;
+    const v16f p = exp_reduced(x < -87.0f ? splat(-87.0f) : x, ni);
+    return x < -87.0f ? v16f{} : p * pow2i(ni);
 }
 
 }  // namespace dsv4rt
