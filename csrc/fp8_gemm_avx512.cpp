@@ -20,6 +20,7 @@ namespace fp8 {
 namespace {
 
 constexpr int64_t kBlk = 128;
+constexpr int64_t kPrefetch = 2048;   // GEMV: software prefetch distance in weight bytes
 
 // true if any of the 128 bytes is an E4M3 NaN (magnitude bits all ones)
 AVX512 bool has_nan128(const uint8_t* p) {
@@ -52,6 +53,9 @@ AVX512 void rows_m(const Fp8Args& a, const float* x, float* y, int64_t n0, int64
             const int64_t k0 = kb * kBlk, kw = std::min(kBlk, a.k - k0);
             const int64_t si = (n / kBlk) * a.sk + kb;
             const float sc = a.s8 ? kE8M0[a.s8[si]] : a.s32[si];
+            // software prefetch kPrefetch bytes ahead (runs on into the next rows, which follow in memory)
+            _mm_prefetch(reinterpret_cast<const char*>(wr + k0 + kPrefetch), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(wr + k0 + kPrefetch + 64), _MM_HINT_T0);
             if (kw == kBlk && !has_nan128(wr + k0)) {
                 __m512 blk[M];
                 for (int r = 0; r < M; ++r) blk[r] = _mm512_setzero_ps();
