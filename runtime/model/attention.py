@@ -24,7 +24,7 @@ from .config import CSA, HCA, SWA, ModelConfig
 from .functional import fp8_sim_nope, head_rms_norm, rms_norm
 from .indexer import Indexer
 from .opcall import OpCaller
-from .ragged import RaggedLayer, flat_rows
+from .ragged import RaggedLayer, pool_rows
 from .rope import RopeTable, apply_rope
 from .weights import Loader
 
@@ -80,9 +80,8 @@ class Attention:
         q, qr, kv = self._project(ops, x, cos, sin)
         n_comp = [0] * len(rb.caches)
         if self.compressor is not None:
-            kvg = self.compressor.project(x)
-            n_comp = [self.compressor.update_kvg(ops, kvg[rb.rows(i)].unsqueeze(0), lc.comp, lc.kv, self.window,
-                                                 rb.p0[i], rope) for i, lc in enumerate(rb.caches)]
+            n_comp = self.compressor.update_ragged(ops, x, rb, [lc.comp for lc in rb.caches],
+                                                   [lc.kv for lc in rb.caches], self.window, rope)
         top = self.indexer.ragged(ops, x, qr, rb, rope) if self.kind == CSA else None
         o = torch.empty_like(q)
         if rb.decode:
@@ -138,18 +137,20 @@ class Attention:
         seqs = rb.decode
         bufs = [rb.caches[i].kv for i in seqs]
         pos = rb.positions[rows]
-        flat, offs, shared = flat_rows(bufs)
+        ring = torch.remainder(pos, w)
+        pooled = pool_rows(bufs)
+        if pooled is not None:          # slot views of one pool: write the rings through the flat view
+            flat, offs = pooled
+            off = torch.tensor(offs, dtype=torch.long, device=q.device)
+            flat[0].index_copy_(0, off + ring, kv[rows])
+        else:                           # separate caches: write each ring, then concatenate
+            for j, buf in enumerate(bufs):
+                buf[0, int(ring[j])] = kv[rows[j]]
+            flat = torch.cat(bufs, dim=1)
+            off = torch.tensor([0] + [b.shape[1] for b in bufs[:-1]], device=q.device).cumsum(0)
         if flat.shape[1] >= 2 ** 31:
             raise ValueError(f"forward_ragged: {flat.shape[1]:,} cache rows exceed int32 indexing; use fewer or "
                              f"shorter slots")
-        off = torch.tensor(offs, dtype=torch.long, device=q.device)
-        ring = torch.remainder(pos, w)
-        if shared:
-            flat[0].index_copy_(0, off + ring, kv[rows])
-        else:
-            for j, buf in enumerate(bufs):
-                buf[0, int(ring[j])] = kv[rows[j]]
-            flat, offs, _ = flat_rows(bufs)
         off = off[:, None]
         win = window_indices(pos, 0, w, decode=True).long()
         idx = [torch.where(win >= 0, win + off, -1)]

@@ -16,6 +16,7 @@ from torch import Tensor
 from .cache import CompressorState
 from .functional import fp4_sim, fp8_sim_nope, hadamard, rms_norm
 from .opcall import OpCaller
+from .ragged import RaggedLayer
 from .rope import RopeTable, apply_rope
 from .weights import Loader
 
@@ -45,6 +46,14 @@ class Compressor:
     def project(self, x: Tensor) -> Tensor:
         """Rows ``x [T, dim]`` -> fp32 ``[wkv(x) | wgate(x)]`` [T, 2C] (one matmul for a whole step)."""
         return x.float() @ self.w_kvg.T
+
+    def update_ragged(self, ops: OpCaller, x: Tensor, rb: RaggedLayer, states: list[CompressorState],
+                      outs: list[Tensor], out_offset: int, rope: RopeTable) -> list[int]:
+        """A ragged step (see ragged.py): rows ``x [T, dim]`` projected in one matmul, then each sequence's
+        rows fed to its own state and entry buffer; the complete entries of each sequence afterwards."""
+        kvg = self.project(x)
+        return [self.update_kvg(ops, kvg[rb.rows(i)].unsqueeze(0), st, out, out_offset, rb.p0[i], rope)
+                for i, (st, out) in enumerate(zip(states, outs))]
 
     def update_kvg(self, ops: OpCaller, kvg: Tensor, st: CompressorState, out: Tensor, out_offset: int, p0: int,
                    rope: RopeTable) -> int:

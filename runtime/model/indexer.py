@@ -47,9 +47,8 @@ class Indexer:
         """A ragged step (see ragged.py): x [T, dim], qr [T, q_lora] -> idx [T, topk] int32 as ``__call__``;
         one ``indexer_topk`` call for all decode rows, one per prefill chunk."""
         q = self._queries(ops, qr, rope.at(rb.positions))
-        kvg = self.compressor.project(x)
-        n = [self.compressor.update_kvg(ops, kvg[rb.rows(i)].unsqueeze(0), lc.index_comp, lc.index_keys, 0,
-                                        rb.p0[i], rope) for i, lc in enumerate(rb.caches)]
+        n = self.compressor.update_ragged(ops, x, rb, [lc.index_comp for lc in rb.caches],
+                                          [lc.index_keys for lc in rb.caches], 0, rope)
         w = self._weights(ops, x)
         visible = self._visible(rb.positions)
         out = torch.full((x.shape[0], self.topk), -1, dtype=torch.int32, device=x.device)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .cache import KVCache, LayerCache
 
-__all__ = ["RaggedBatch", "RaggedLayer", "flat_rows"]
+__all__ = ["RaggedBatch", "RaggedLayer", "pool_rows"]
 
 
 @dataclass
@@ -75,18 +75,13 @@ class RaggedBatch:
             c.pos += s
 
 
-def flat_rows(tensors: list[Tensor]) -> tuple[Tensor, list[int], bool]:
-    """``[1, N_i, d]`` buffers -> (one ``[1, R, d]`` buffer, row offset of each, whether it is a view): a view
-    of the common pool tensor when all are slot views of it (the usual case, no copy), else their
-    concatenation (a copy: write into the originals, then call again)."""
+def pool_rows(tensors: list[Tensor]) -> tuple[Tensor, list[int]] | None:
+    """``[1, N, d]`` slot views of one contiguous pool tensor -> (the pool as one ``[1, R, d]`` buffer, the
+    row offset of each view in it), no copy; None when they are not views of one pool."""
     base = tensors[0]._base
-    if (base is not None and base.dim() == 3 and base.is_contiguous()
-            and all(t._base is base and t.shape[1:] == base.shape[1:] for t in tensors)):
-        rows = base.shape[1]
-        return base.view(1, -1, base.shape[2]), [
-            (t.storage_offset() - base.storage_offset()) // base.stride(0) * rows for t in tensors], True
-    offsets, n = [], 0
-    for t in tensors:
-        offsets.append(n)
-        n += t.shape[1]
-    return torch.cat(tensors, dim=1), offsets, False
+    if (base is None or base.dim() != 3 or not base.is_contiguous()
+            or not all(t._base is base and t.shape[1:] == base.shape[1:] for t in tensors)):
+        return None
+    rows = base.shape[1]
+    return base.view(1, -1, base.shape[2]), [
+        (t.storage_offset() - base.storage_offset()) // base.stride(0) * rows for t in tensors]
