@@ -67,3 +67,17 @@ def run_cases(cases: dict[str, tuple[str, str]], env: dict[str, str] | None = No
                 results[name] = "not run"
             break
     return results
+
+
+CPU_VARIANTS = ("cpu/native", "cpu/numpy", "cpu/torch")
+INTERPRETER_VARIANTS = ("cuda/triton", "cuda/torch")
+
+
+def assert_ok_on_variants(snippets: dict[str, str], interp: bool, cpu: tuple[str, ...] = CPU_VARIANTS) -> None:
+    """Run every snippet (name -> code) on every CPU variant, or with ``interp`` on the cuda variants under
+    Triton's interpreter, and fail naming each case whose outcome is not "ok"."""
+    variants = INTERPRETER_VARIANTS if interp else cpu
+    cases = {f"{name} @ {v}": (v, code) for name, code in snippets.items() for v in variants}
+    res = run_cases(cases, env={"DSV4RT_TRITON_INTERPRET": "1"} if interp else None)
+    bad = [f"{k}: {r}" for k, r in res.items() if r != "ok"]
+    assert not bad, "\n".join(bad)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from _child import run_cases
+from _child import assert_ok_on_variants
 
 CHECK = """
 import dsv4rt.reference as ref
@@ -43,16 +43,9 @@ for dt in (torch.bfloat16, torch.float32):
         check("fp8_gemm", dict(x=x, w=w, w_scale=sf))
 """
 
-CPU = ("cpu/native", "cpu/numpy", "cpu/torch")
-
-
 @pytest.mark.parametrize("interp", [False, True], ids=["cpu", "cuda-interpreter"])
 def test_extreme_scales_within_tolerance(interp):
     if interp:
         pytest.importorskip("triton", reason="Triton is not installed: cuda/triton cases need its interpreter")
-    variants = ("cuda/triton", "cuda/torch") if interp else CPU
-    cases = {f"{name}-byte{b} @ {v}": (v, code.replace("BYTE", str(b)))
-             for name, code in (("fp4", FP4), ("fp8", FP8)) for b in (0, 1, 2, 200) for v in variants}
-    res = run_cases(cases, env={"DSV4RT_TRITON_INTERPRET": "1"} if interp else None)
-    bad = [f"{k}: {r}" for k, r in res.items() if r != "ok"]
-    assert not bad, "\n".join(bad)
+    assert_ok_on_variants({f"{name}-byte{b}": code.replace("BYTE", str(b))
+                           for name, code in (("fp4", FP4), ("fp8", FP8)) for b in (0, 1, 2, 200)}, interp)

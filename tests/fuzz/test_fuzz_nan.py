@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from _child import run_cases
+from _child import assert_ok_on_variants
 
 ATTN = """
 g = torch.Generator().manual_seed(0)
@@ -40,18 +40,12 @@ w, s = quant_mxfp4(torch.randn(8, 256, generator=g))
 rows = dsv4rt.ops.fp4_gemm(x, w, s, 'fp8', backend=V).isnan().any(1).tolist()
 assert rows == [True, False, True], rows            # an Inf / NaN block quantises to NaN: its rows are NaN
 """
-VARIANTS = ("cpu/native", "cpu/numpy", "cpu/torch")
-
 
 @pytest.mark.parametrize("interp", [False, True], ids=["cpu", "cuda-interpreter"])
 def test_nan_semantics_agree(interp):
     if interp:
         pytest.importorskip("triton", reason="Triton is not installed: cuda/triton NaN cases need its interpreter")
-    variants = ("cuda/triton", "cuda/torch") if interp else VARIANTS
-    cases = {f"{n} @ {v}": (v, code) for n, code in (("attention", ATTN), ("indexer", INDEXER), ("fp4-gemm-act-quant", GEMM)) for v in variants}
-    res = run_cases(cases, env={"DSV4RT_TRITON_INTERPRET": "1"} if interp else None)
-    bad = [f"{k}: {r}" for k, r in res.items() if r != "ok"]
-    assert not bad, "\n".join(bad)
+    assert_ok_on_variants({"attention": ATTN, "indexer": INDEXER, "fp4-gemm-act-quant": GEMM}, interp)
 
 
 MASKS = """
@@ -91,8 +85,4 @@ def test_non_finite_patterns_match_the_reference(interp):
     block before)."""
     if interp:
         pytest.importorskip("triton", reason="Triton is not installed: cuda/triton cases need its interpreter")
-    variants = ("cuda/triton", "cuda/torch") if interp else ("cpu/native", "cpu/numpy", "cpu/torch")
-    cases = {f"non-finite @ {v}": (v, MASKS) for v in variants}
-    res = run_cases(cases, env={"DSV4RT_TRITON_INTERPRET": "1"} if interp else None)
-    bad = [f"{k}: {r}" for k, r in res.items() if r != "ok"]
-    assert not bad, "\n".join(bad)
+    assert_ok_on_variants({"non-finite": MASKS}, interp)

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from _child import run_cases
+from _child import CPU_VARIANTS, run_cases
 
 T = "torch"
 I32 = "dtype=torch.int32"
@@ -89,7 +89,6 @@ MUST_REFUSE = {"attn-idx-int64", "attn-idx-out-of-range", "attn-scale-inf", "idx
                "dispatch-experts-2^63", "dispatch-experts-2^40", "combine-float4", "combine-topk-2^63",
                "combine-src-repeated", "route-topk-gt-E", "compress-ratio-float", "compress-overlap-int",
                "fp8-scale-nan", "route-nan-logits"}
-CPU_VARIANTS = ("cpu/native", "cpu/numpy", "cpu/torch")
 CUDA_FAST = ("attn-S0", "attn-H0", "attn-K0", "attn-N0", "idx-S0", "idx-N0", "idx-H0", "gemm-M0", "gemm-K0",
              "ggemm-R0", "ggemm-offsets-strided", "fp8-K0", "fp8-M0", "dispatch-T0", "combine-T0", "route-T0",
              "compress-S0", "route-very-negative")
