@@ -12,7 +12,7 @@ int64_t check_k(const Arg& a, int64_t k) {
     return k;
 }
 
-void fp4_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_, int64_t gemv_max_m) {
+void fp4_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_, int64_t gemv_max_m, bool act_quant) {
     const char* fn = "fp4_gemm";
     auto x = need({fn, "x"}, x_, 2, {Kind::f32, Kind::bf16});
     auto w = need({fn, "w"}, w_, 2, {Kind::u8});
@@ -26,7 +26,7 @@ void fp4_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_, int6
     F32Out y(out);
     F32In xf(x);
     py::gil_scoped_release nogil;
-    xf.load();
+    xf.load_gemm(act_quant, m, k);
     std::vector<Fp4Expert> ex{{xf.ptr, static_cast<const uint8_t*>(w.data()), static_cast<const uint8_t*>(s.data()),
                                y.ptr, m, n, k, n}};
     fp4_gemm_run(ex, gemv_max_m);
@@ -34,7 +34,7 @@ void fp4_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_, int6
 }
 
 void fp4_grouped_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle off_, py::handle out_,
-                      int64_t gemv_max_m) {
+                      int64_t gemv_max_m, bool act_quant) {
     const char* fn = "fp4_grouped_gemm";
     auto x = need({fn, "x"}, x_, 2, {Kind::f32, Kind::bf16});
     auto w = need({fn, "w"}, w_, 3, {Kind::u8});
@@ -62,7 +62,7 @@ void fp4_grouped_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle of
     F32Out y(out);
     F32In xf(x);
     py::gil_scoped_release nogil;
-    xf.load();
+    xf.load_gemm(act_quant, r, k);
     std::vector<Fp4Expert> ex;
     for (int64_t i = 0; i < e; ++i) {
         const int64_t lo = o[i], cnt = o[i + 1] - o[i];
@@ -77,17 +77,18 @@ void fp4_grouped_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle of
 
 void bind_gemm(py::module_& m) {
     m.def("fp4_gemm", &fp4_gemm, py::arg("x"), py::arg("w"), py::arg("w_scale"), py::arg("out"),
-          py::arg("gemv_max_m") = 8,
+          py::arg("gemv_max_m") = 8, py::arg("act_quant") = false,
           "out[M, N] = x[M, K] @ dequant(w, w_scale)^T on packed MXFP4.\n\n"
           "x float32 or int16/uint16 (bf16 bits) [M, K] (K % 32 == 0), w uint8 [N, K/2] (E2M1 pairs, low nibble =\n"
           "even k), w_scale uint8 [N, K/32] (E8M0), out float32 or bf16 bits [M, N] (rounded to nearest even);\n"
           "all C-contiguous. M <= gemv_max_m takes the GEMV path\n"
-          "(weights streamed once), larger M the blocked path (dequantised tiles reused across rows).");
+          "(weights streamed once), larger M the blocked path (dequantised tiles reused across rows). act_quant:\n"
+          "x goes through act_quant='fp8' first (as dsv4rt.formats.act_quant_fp8).");
     m.def("fp4_grouped_gemm", &fp4_grouped_gemm, py::arg("x"), py::arg("w"), py::arg("w_scale"), py::arg("offsets"),
-          py::arg("out"), py::arg("gemv_max_m") = 8,
+          py::arg("out"), py::arg("gemv_max_m") = 8, py::arg("act_quant") = false,
           "out[R, N]: rows offsets[e]:offsets[e+1] of x (float32 or bf16 bits [R, K]) times expert e of w (uint8\n"
           "[E, N, K/2]) with scales w_scale (uint8 [E, N, K/32]); offsets int32 [E+1] from 0 to R, non-decreasing;\n"
-          "out float32 or bf16 bits [R, N].");
+          "out float32 or bf16 bits [R, N]; act_quant as in fp4_gemm.");
 }
 
 }  // namespace dsv4rt

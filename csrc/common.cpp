@@ -12,7 +12,7 @@ static Isa detect() {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-        return Isa::avx512;
+        return __builtin_cpu_supports("avx512bf16") ? Isa::avx512_bf16 : Isa::avx512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
 #endif
     return Isa::generic;
@@ -27,6 +27,7 @@ void set_isa(Isa isa) { g_active.store(static_cast<int>(std::min(isa, g_detected
 
 const char* isa_name(Isa isa) {
     switch (isa) {
+        case Isa::avx512_bf16: return "avx512_bf16";
         case Isa::avx512: return "avx512";
         case Isa::avx2: return "avx2";
         default: return "generic";

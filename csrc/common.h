@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <thread>
 #include <type_traits>
@@ -31,7 +32,7 @@ namespace py = pybind11;
 #define DSV4RT_CLONES
 #endif
 
-enum class Isa { generic = 0, avx2 = 1, avx512 = 2 };
+enum class Isa { generic = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3 };   // avx512_bf16: AVX-512 + AVX512-BF16
 Isa detected_isa();   // what the CPU supports
 Isa active_isa();     // detected, or lowered by set_isa() (tests)
 void set_isa(Isa isa);
@@ -135,6 +136,10 @@ inline uint16_t f32_to_bf16(float f) {
 void bf16_to_f32_array(const uint16_t* src, float* dst, int64_t n);
 void f32_to_bf16_array(const float* src, uint16_t* dst, int64_t n);
 
+// act_quant='fp8' in place on the float32 rows x[m, k] (act_quant.cpp): each 128-block of a row becomes
+// q * s, bit-identical to dsv4rt.formats.act_quant_fp8
+void act_quant_fp8_rows(float* x, int64_t m, int64_t k);
+
 // A float32 view of a float32 or bf16-bits array: the data itself, or a copy converted by load()
 // (which runs without the GIL; the constructor reads the array with it).
 struct F32In {
@@ -152,6 +157,17 @@ struct F32In {
         } else {
             ptr = static_cast<const float*>(data);
         }
+    }
+    // load() for the GEMMs: with act_quant, a copy of the [m, k] rows after act_quant='fp8' (the input is
+    // never written)
+    void load_gemm(bool act_quant, int64_t m, int64_t k) {
+        if (!act_quant) return load();
+        buf.resize(static_cast<size_t>(n));
+        if (bf16) bf16_to_f32_array(static_cast<const uint16_t*>(data), buf.data(), n);
+        else std::copy(static_cast<const float*>(data), static_cast<const float*>(data) + n, buf.begin());
+        act_quant_fp8_rows(buf.data(), m, k);
+        ptr = buf.data();
+        bf16 = false;
     }
 };
 

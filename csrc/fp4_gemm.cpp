@@ -8,7 +8,10 @@
 //    once per call to match the decoded lane order, and the per-32 scales are applied once per 128 codes.
 //  * blocked (larger M): a tile of 32 rows x 128 k is dequantised (scale applied) into a 16 KiB L1 scratch
 //    in k-major order, then an 8 x 32 register-blocked FMA micro-kernel reuses it for every row of x.
+//    Where the CPU has AVX512-BF16, x is exactly bf16 and the scales keep E2M1 x scale a normal bf16, the
+//    blocked vdpbf16ps GEMM of bf16_gemm.h runs instead (tiles decoded to bf16, scales folded in).
 // The AVX-512 kernels are in fp4_gemm_avx512.cpp.
+#include "bf16_gemm.h"
 #include "fp4_gemm.h"
 #include "fp4_kernels.h"
 #include "vec.h"
@@ -224,6 +227,24 @@ void fp4_gemm_run(const std::vector<Fp4Expert>& experts, int64_t gemv_max_m) {
             }
         }, pick_threads(bytes, 512 << 10));
     }
+#if defined(DSV4RT_X86)
+    // AVX512-BF16: the blocked vdpbf16ps GEMM for each expert whose x is exactly bf16, whose scales keep
+    // the folded weights normal bf16 and whose products stay normal (bf16_gemm.h: kMinProductExp; the
+    // smallest nonzero weight is 0.5 * 2^(e - 127)); the others take the float32 tiles below
+    if (!blocked.empty() && bf16gemm::available()) {
+        std::vector<const Fp4Expert*> rest;
+        for (const Fp4Expert* e : blocked) {
+            bf16gemm::PackedX px;
+            const auto [lo, hi] = scale_range(*e);
+            if (lo >= 2 && hi <= 252 && bf16gemm::pack_x(e->x, false, e->m, e->k, px) &&
+                px.min_exp + lo - 128 >= bf16gemm::kMinProductExp)
+                bf16gemm::gemm(px, e->n, decode_tile_bf16, e, e->y, e->ldy);
+            else
+                rest.push_back(e);
+        }
+        blocked.swap(rest);
+    }
+#endif
     if (!blocked.empty()) {
         std::vector<std::pair<const Fp4Expert*, int64_t>> tiles;
         for (const Fp4Expert* e : blocked)

@@ -194,6 +194,49 @@ AVX512_FN void decode_tile_avx512(const uint8_t* w, const uint8_t* s, int64_t k,
         }
     }
 }
+
+namespace {
+// bf16 patterns of the 16 E2M1 values (codes 8-15 negative), padded to the 32 entries of vpermw
+alignas(64) const uint16_t kE2M1Bf16[32] = {0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
+                                           0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0};
+
+// one 32-block (16 bytes, low nibble = even k) -> its 32 values in k order as bf16, times 2^(e - 127)
+// (exact where 2 <= e <= 252: every nonzero value times 2^(e - 127) is a normal bf16)
+AVX512 __m512i decode32_bf16(const uint8_t* p, uint8_t e, __m512i tbl) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m512i idx = _mm512_or_si512(_mm512_and_si512(v, _mm512_set1_epi32(0xF)),
+                                        _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0xF0)), 12));
+    const __m512i b = _mm512_permutexvar_epi16(idx, tbl);
+    const __mmask32 nz = _mm512_test_epi16_mask(b, _mm512_set1_epi16(0x7FFF));
+    return _mm512_mask_add_epi16(b, nz, b, _mm512_set1_epi16(static_cast<int16_t>((e - 127) * 128)));
+}
+}  // namespace
+
+AVX512_FN void decode_tile_bf16(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint16_t* wd, float* sc) {
+    const Fp4Expert& ex = *static_cast<const Fp4Expert*>(ctx);
+    const __m512i tbl = _mm512_load_si512(kE2M1Bf16);
+    const int64_t k0 = kb * kKB, kw = std::min(kKB, ex.k - k0);
+    for (int64_t r = 0; r < nt; ++r) {
+        const uint8_t* wr = ex.w + (n0 + r) * (ex.k / 2) + k0 / 2;
+        const uint8_t* sr = ex.s + (n0 + r) * (ex.k / 32) + k0 / 32;
+        uint16_t* out = wd + r * kKB;
+        for (int64_t b = 0; b < kw / 32; ++b) _mm512_storeu_si512(out + 32 * b, decode32_bf16(wr + 16 * b, sr[b], tbl));
+        std::fill(out + kw, out + kKB, uint16_t{0});
+        sc[r] = 1.0f;
+    }
+}
+
+std::pair<int, int> scale_range(const Fp4Expert& ex) {
+    const uint8_t* s = ex.s;
+    const int64_t n = ex.n * (ex.k / 32);
+    uint8_t lo = 255, hi = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        lo = std::min(lo, s[i]);
+        hi = std::max(hi, s[i]);
+    }
+    return {lo, hi};
+}
+
 }  // namespace fp4
 }  // namespace dsv4rt
 #endif

@@ -2,7 +2,10 @@
 // (fp4_gemm_avx512.cpp, compiled for any x86-64 with per-function target attributes).
 #pragma once
 
+#include <utility>
+
 #include "common.h"
+#include "fp4_gemm.h"
 
 namespace dsv4rt {
 namespace fp4 {
@@ -23,6 +26,11 @@ void gemv_rows_avx512(int rows, const float* xr, int64_t k, const uint8_t* w, co
 // dequantise rows [n0, n0 + nvalid) x k [k0, k0 + kw) into wt[kw][kNB] (k-major, scale applied)
 void decode_tile_avx512(const uint8_t* w, const uint8_t* s, int64_t k, int64_t n0, int64_t nvalid, int64_t k0,
                         int64_t kw, float* wt);
+// bf16_gemm.h DecodeFn (ctx: the Fp4Expert): rows [n0, n0 + nt) of K block kb as bf16 values with their
+// E8M0 scales folded in (sc = 1); exact where every scale byte is in [2, 252]
+void decode_tile_bf16(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint16_t* wd, float* sc);
+// (smallest, largest) scale byte of the expert
+std::pair<int, int> scale_range(const Fp4Expert& ex);
 #endif
 
 }  // namespace fp4

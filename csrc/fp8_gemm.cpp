@@ -6,6 +6,7 @@
 // streams the weight once (GEMV); for larger M the decoded block is reused M times from L1.
 // Where the CPU has AVX-512, fp8_gemm_avx512.cpp decodes E4M3 in registers (no table) and takes 8 rows of
 // x per pass over the weight; this portable path is the fallback (and the one set_isa(generic) tests).
+#include "bf16_gemm.h"
 #include "common.h"
 #include "fp8_kernels.h"
 #include "vec.h"
@@ -43,7 +44,7 @@ DSV4RT_CLONES void fp8_rows(const Fp8Problem& p, int64_t n0, int64_t n1) {
     }
 }
 
-void fp8_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_) {
+void fp8_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_, bool act_quant, int64_t gemv_max_m) {
     const char* fn = "fp8_gemm";
     auto x = need({fn, "x"}, x_, 2, {Kind::f32, Kind::bf16});
     auto w = need({fn, "w"}, w_, 2, {Kind::u8});
@@ -54,14 +55,29 @@ void fp8_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_) {
     need_shape({fn, "w"}, w, {n, k}, "[N, K]");
     need_shape({fn, "w_scale"}, s, {sn, sk}, "[ceil(N/128), ceil(K/128)]");
     need_shape({fn, "out"}, out, {m, n}, "[M, N]");
+    if (gemv_max_m < 0) value_error({fn, "gemv_max_m"}, "must be >= 0, got " + std::to_string(gemv_max_m));
     const bool s_f32 = kind_of(s) == Kind::f32;
     F32Out y(out);
     F32In xf(x);
     py::gil_scoped_release nogil;
-    xf.load();
-    Fp8Problem p{xf.ptr, static_cast<const uint8_t*>(w.data()),
+    Fp8Problem p{nullptr, static_cast<const uint8_t*>(w.data()),
                  s_f32 ? nullptr : static_cast<const uint8_t*>(s.data()),
                  s_f32 ? static_cast<const float*>(s.data()) : nullptr, y.ptr, m, n, k, sk};
+#if defined(DSV4RT_X86)
+    // prefill sizes: the blocked AVX512-BF16 path, when x is exactly bf16 (bf16 input, or act_quant's
+    // E4M3 x power-of-two values) and every product with a nonzero weight (>= 2^-9) stays normal
+    if (act_quant) xf.load_gemm(true, m, k);
+    bf16gemm::PackedX px;
+    if (m > gemv_max_m && n > 0 && k > 0 && bf16gemm::available() &&
+        bf16gemm::pack_x(act_quant ? xf.ptr : xf.data, xf.bf16, m, k, px) &&
+        px.min_exp - 9 >= bf16gemm::kMinProductExp) {
+        bf16gemm::gemm(px, n, fp8::decode_tile_bf16, &p, y.ptr, n);
+        y.finish();
+        return;
+    }
+#endif
+    if (!act_quant) xf.load();
+    p.x = xf.ptr;
     if (m > 0 && n > 0) {
         if (k == 0) {
             std::fill(y.ptr, y.ptr + m * n, 0.0f);
@@ -83,10 +99,13 @@ void fp8_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_) {
 
 void bind_fp8_gemm(py::module_& m) {
     m.def("fp8_gemm", &fp8_gemm, py::arg("x"), py::arg("w"), py::arg("w_scale"), py::arg("out"),
+          py::arg("act_quant") = false, py::arg("gemv_max_m") = 8,
           "out[M, N] = x[M, K] @ dequant(w, w_scale)^T for E4M3 weights with 128x128 block scales.\n\n"
           "x float32 or bf16 bits [M, K], w uint8 [N, K] (E4M3 bytes), w_scale uint8 (E8M0) or float32\n"
-          "[ceil(N/128), ceil(K/128)], out float32 or bf16 bits [M, N]; all C-contiguous. Each weight byte is\n"
-          "read once for all M rows (threads split N).");
+          "[ceil(N/128), ceil(K/128)], out float32 or bf16 bits [M, N]; all C-contiguous. act_quant: x goes\n"
+          "through act_quant='fp8' first (as dsv4rt.formats.act_quant_fp8). Small M reads each weight byte once for\n"
+          "all rows; above gemv_max_m rows, where the CPU has AVX512-BF16 and x is exactly bf16, a blocked vdpbf16ps\n"
+          "GEMM.");
 }
 
 }  // namespace dsv4rt

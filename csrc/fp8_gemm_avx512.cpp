@@ -83,6 +83,23 @@ AVX512 void rows_m(const Fp8Args& a, const float* x, float* y, int64_t n0, int64
     }
 }
 
+// 32 E4M3 bytes -> 32 bf16 patterns of their values (exact: E4M3 values are bf16 values); NaN bytes -> NaN
+AVX512 __m512i decode32_bf16(const uint8_t* p) {
+    __m512 lo, hi;
+    decode32(p, lo, hi);
+    const __m512 k256 = _mm512_set1_ps(256.0f);
+    // the upper halves of the 32 float32 patterns, in order
+    const __m512i idx = _mm512_setr_epi32(
+        0x00030001, 0x00070005, 0x000B0009, 0x000F000D, 0x00130011, 0x00170015, 0x001B0019, 0x001F001D,
+        0x00230021, 0x00270025, 0x002B0029, 0x002F002D, 0x00330031, 0x00370035, 0x003B0039, 0x003F003D);
+    const __m512i b = _mm512_permutex2var_epi16(_mm512_castps_si512(_mm512_mul_ps(lo, k256)), idx,
+                                                _mm512_castps_si512(_mm512_mul_ps(hi, k256)));
+    const __m512i h = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    const __m512i m7 = _mm512_set1_epi16(0x7F);
+    const __mmask32 nan = _mm512_cmpeq_epi16_mask(_mm512_and_si512(h, m7), m7);
+    return _mm512_mask_mov_epi16(b, nan, _mm512_set1_epi16(0x7FC0));
+}
+
 }  // namespace
 
 AVX512_FN void rows_avx512(const Fp8Args& a, int64_t n0, int64_t n1) {
@@ -99,6 +116,28 @@ AVX512_FN void rows_avx512(const Fp8Args& a, int64_t n0, int64_t n1) {
         case 6: rows_m<6>(a, x, y, n0, n1); break;
         case 7: rows_m<7>(a, x, y, n0, n1); break;
         default: break;
+    }
+}
+
+AVX512_FN void decode_tile_bf16(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint16_t* wd, float* sc) {
+    const Fp8Args& a = *static_cast<const Fp8Args*>(ctx);
+    const int64_t k0 = kb * kBlk, kw = std::min(kBlk, a.k - k0);
+    for (int64_t r = 0; r < nt; ++r) {
+        const int64_t n = n0 + r;
+        const uint8_t* wr = a.w + n * a.k + k0;
+        uint16_t* out = wd + r * kBlk;
+        const int64_t si = (n / kBlk) * a.sk + kb;
+        sc[r] = a.s8 ? kE8M0[a.s8[si]] : a.s32[si];
+        if (kw == kBlk) {
+            for (int64_t j = 0; j < kBlk; j += 32)
+                _mm512_storeu_si512(out + j, decode32_bf16(wr + j));
+            continue;
+        }
+        for (int64_t j = 0; j < kw; ++j) {   // the K % 128 tail block
+            const uint8_t b = wr[j];
+            out[j] = (b & 0x7F) == 0x7F ? static_cast<uint16_t>(0x7FC0 | ((b & 0x80) << 8)) : f32_to_bf16(kE4M3[b]);
+        }
+        std::fill(out + kw, out + kBlk, uint16_t{0});
     }
 }
 

@@ -12,13 +12,15 @@ void bind_moe(py::module_& m);
 void bind_evict(py::module_& m);
 void bind_compress(py::module_& m);
 void bind_route(py::module_& m);
+void bind_act_quant(py::module_& m);
+void bind_peak(py::module_& m);
 }  // namespace dsv4rt
 
 PYBIND11_MODULE(_C, m) {
     using namespace dsv4rt;
     m.doc() = "dsv4rt native CPU kernels (NumPy buffers in, GIL released while they run)";
-    m.attr("ABI_VERSION") = 4;   // 2: sparse_attention p_round, indexer_topk score_bf16; 3: fp8_gemm;
-                                 // 4: kv_compress, moe_route
+    m.attr("ABI_VERSION") = 5;   // 2: sparse_attention p_round, indexer_topk score_bf16; 3: fp8_gemm;
+                                 // 4: kv_compress, moe_route; 5: act_quant in the GEMMs, avx512_bf16, peak_gflops
     m.def("compiled_with", []() {
         py::dict info;
         info["cxx_standard"] = __cplusplus;
@@ -36,10 +38,11 @@ PYBIND11_MODULE(_C, m) {
     }, "Build and run-time facts of the extension (C++ standard, OpenMP, detected and active ISA, threads).");
     m.def("set_isa", [](const std::string& name) {
         const std::string before = isa_name(active_isa());
-        if (name == "avx512") set_isa(Isa::avx512);
+        if (name == "avx512_bf16") set_isa(Isa::avx512_bf16);
+        else if (name == "avx512") set_isa(Isa::avx512);
         else if (name == "avx2") set_isa(Isa::avx2);
         else if (name == "generic") set_isa(Isa::generic);
-        else throw py::value_error("dsv4rt._C.set_isa: argument 'name' must be 'avx512', 'avx2' or 'generic', got '" + name + "'");
+        else throw py::value_error("dsv4rt._C.set_isa: argument 'name' must be 'avx512_bf16', 'avx512', 'avx2' or 'generic', got '" + name + "'");
         return before;
     }, py::arg("name"),
        "Use at most this instruction set for the hand-written kernels (capped at what the CPU has); returns the "
@@ -67,4 +70,6 @@ PYBIND11_MODULE(_C, m) {
     bind_evict(m);
     bind_compress(m);
     bind_route(m);
+    bind_act_quant(m);
+    bind_peak(m);
 }

@@ -15,7 +15,7 @@ __all__ = ["CpuBackend", "backend"]
 NATIVE_PRIORITY = 20
 NUMPY_PRIORITY = 10
 COMPOSITE_PRIORITY = 5
-NATIVE_ABI = 4
+NATIVE_ABI = 5
 NATIVE_OPS = ("fp4_gemm", "fp4_grouped_gemm", "fp8_gemm", "indexer_topk", "kv_compress", "sparse_attention",
               "moe_route", "moe_dispatch", "moe_combine")
 

@@ -17,7 +17,6 @@ import torch
 
 from dsv4rt import _C
 from dsv4rt.backend import new_output
-from dsv4rt.formats import act_quant_fp8
 from dsv4rt.ops.indexer import score_dtype_of
 
 from ._np import bits_view, f32
@@ -26,7 +25,6 @@ __all__ = ["fp4_gemm", "fp4_grouped_gemm", "fp8_gemm", "indexer_topk", "kv_compr
            "moe_dispatch", "moe_combine", "SUPPORTS", "GEMV_MAX_M"]
 
 GEMV_MAX_M = 8          # rows of x up to which the GEMM streams the weight once (GEMV path)
-ACT_BLOCK = 128         # act_quant='fp8' block along K
 MAX_K = 1 << 28         # the tile decode addresses a 16-row tile with 32-bit byte offsets
 
 
@@ -55,19 +53,6 @@ def _act(x: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(f32(x))
 
 
-def _x_gemm(x: torch.Tensor, act_quant: str | None) -> np.ndarray:
-    """The GEMM activations for the kernel: float32 or bf16 bits as they are (the kernel widens bf16);
-    with act_quant='fp8', float32 E4M3 values times their power-of-two scales
-    (dsv4rt.formats.act_quant_fp8, the bit-exact spec rule; the product is exact in float32)."""
-    if act_quant is None:
-        return _act(x)
-    xf = f32(x)
-    if xf.size:
-        q, s = act_quant_fp8(xf, ACT_BLOCK)
-        xf = q * np.repeat(s, ACT_BLOCK, axis=1)[:, :xf.shape[1]]
-    return np.ascontiguousarray(xf, dtype=np.float32)
-
-
 def _finish(out: torch.Tensor, buf: np.ndarray) -> torch.Tensor:
     """Round the float32 scratch of a float16 output into it (float32 / bf16 were written in place)."""
     if out.dtype not in (torch.float32, torch.bfloat16):
@@ -92,7 +77,7 @@ def fp4_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
              act_quant: str | None = None) -> torch.Tensor:
     """y[M, N] = q(x) @ dequant(w)^T on the packed MXFP4 bytes (GEMV path for M <= 8, blocked above)."""
     out, acc = _out((x.shape[0], w.shape[0]), x.dtype)
-    _C.fp4_gemm(_x_gemm(x, act_quant), _bytes(w), _bytes(w_scale), acc, GEMV_MAX_M)
+    _C.fp4_gemm(_act(x), _bytes(w), _bytes(w_scale), acc, GEMV_MAX_M, act_quant == "fp8")
     return _finish(out, acc)
 
 
@@ -100,18 +85,20 @@ def fp4_grouped_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, of
                      act_quant: str | None = None) -> torch.Tensor:
     """y[R, N]: rows offsets[e]:offsets[e+1] times expert e; all experts in one parallel kernel call."""
     out, acc = _out((x.shape[0], w.shape[1]), x.dtype)
-    _C.fp4_grouped_gemm(_x_gemm(x, act_quant), _bytes(w), _bytes(w_scale), _arr(offsets), acc,
-                        GEMV_MAX_M)
+    _C.fp4_grouped_gemm(_act(x), _bytes(w), _bytes(w_scale), _arr(offsets), acc, GEMV_MAX_M,
+                        act_quant == "fp8")
     return _finish(out, acc)
 
 
 def fp8_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
              act_quant: str | None = None) -> torch.Tensor:
-    """y[M, N] = q(x) @ dequant(w)^T for E4M3 weights with 128x128 E8M0 or float32 block scales; the
-    weight is read once for all rows of x (threads split N), scales applied per 128-block sum."""
+    """y[M, N] = q(x) @ dequant(w)^T for E4M3 weights with 128x128 E8M0 or float32 block scales, scales
+    applied per 128-block sum: small M reads the weight once for all rows (threads split N); above
+    GEMV_MAX_M rows, on CPUs with AVX512-BF16 and x exactly bf16 (bf16 input or act_quant's output), a
+    blocked vdpbf16ps GEMM. act_quant runs in the kernel (bit-identical to dsv4rt.formats.act_quant_fp8)."""
     out, acc = _out((x.shape[0], w.shape[0]), x.dtype)
     scale = _arr(w_scale) if w_scale.dtype == torch.float32 else _bytes(w_scale)
-    _C.fp8_gemm(_x_gemm(x, act_quant), _bytes(w), scale, acc)
+    _C.fp8_gemm(_act(x), _bytes(w), scale, acc, act_quant == "fp8", GEMV_MAX_M)
     return _finish(out, acc)
 
 

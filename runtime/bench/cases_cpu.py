@@ -5,7 +5,9 @@ native ops at decode sizes.
 
 The runner times every variant of the cpu backend (cpu/native, cpu/numpy, cpu/torch) and reports each
 one's ratio to cpu/numpy and to the cpu/torch composite. The 4096 x 4096 GEMV also times the native
-kernel alone (``_C.fp4_gemm (kernel only)``), without the wrapper's per-call cost.
+kernel alone (``_C.fp4_gemm (kernel only)``), without the wrapper's per-call cost; on CPUs with
+AVX512-BF16 the prefill-size GEMMs also time cpu/native on its AVX-512 FP32 path (the blocked kernels
+without vdpbf16ps), the comparison the blocked BF16 path is judged by.
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ import torch
 from .case import BenchCase
 from .inputs import e4m3, e8m0, mxfp4, normal, routed_ids
 
-__all__ = ["cpu_cases", "KERNEL_ONLY"]
+__all__ = ["cpu_cases", "KERNEL_ONLY", "AVX512_FP32"]
 
 KERNEL_ONLY = "_C.fp4_gemm (kernel only)"
+AVX512_FP32 = "cpu/native AVX-512 FP32 path"   # the blocked GEMMs without AVX512-BF16 (set_isa('avx512'))
 
 
 def _kernel_only(args: dict[str, Any]):
@@ -33,6 +36,32 @@ def _kernel_only(args: dict[str, Any]):
     wa, sa = w.view(torch.uint8).numpy(), s.view(torch.uint8).numpy()
     ya = np.empty((x.shape[0], w.shape[0]), np.int16 if x.dtype == torch.bfloat16 else np.float32)
     return lambda: _C.fp4_gemm(xa, wa, sa, ya)
+
+
+def _bf16_path() -> bool:
+    """True where cpu/native's prefill GEMMs take the AVX512-BF16 path (the CPU has it, _C is built)."""
+    try:
+        from dsv4rt import _C
+    except ImportError:
+        return False
+    return _C.compiled_with()["active_isa"] == "avx512_bf16"
+
+
+def _on_isa(isa: str, op: str, args: dict[str, Any]):
+    """cpu/native's ``op`` with the hand-written kernels capped at ``isa`` (``_C.set_isa``) for the call:
+    the same wrapper and threads, another kernel path."""
+    from dsv4rt import _C
+    from dsv4rt.backends.cpu import native
+
+    fn = getattr(native, op)
+
+    def call():
+        before = _C.set_isa(isa)
+        try:
+            return fn(**args)
+        finally:
+            _C.set_isa(before)
+    return call
 
 
 def _native_built() -> bool:
@@ -118,9 +147,17 @@ def _fp8(name: str, m: int, n: int, k: int) -> BenchCase:
         return {"x": normal((m, k), device, gen), "w": e4m3((n, k), device, gen),
                 "w_scale": e8m0(((n + 127) // 128, (k + 127) // 128), device, gen).view(torch.float8_e8m0fnu),
                 "act_quant": "fp8"}
-    return BenchCase(f"fp8_gemm[{name}-M{m}-N{n}-K{k}]", "fp8_gemm", make,
+    case = BenchCase(f"fp8_gemm[{name}-M{m}-N{n}-K{k}]", "fp8_gemm", make,
                      bytes=n * k + ((n + 127) // 128) * ((k + 127) // 128) + 2 * m * (k + n),
                      flops=2 * m * n * k, devices=("cpu",))
+    if m == 1:   # the issue's GEMV goal
+        case.target, case.meets = ">= 60% of read bandwidth", lambda fraction, ratios: fraction >= 0.6
+    elif m >= 64 and _bf16_path():
+        case.baselines[AVX512_FP32] = lambda args: _on_isa("avx512", "fp8_gemm", args)
+        if m == 512:
+            case.target = f">= 2x {AVX512_FP32}"
+            case.meets = lambda fraction, ratios: ratios.get(AVX512_FP32, 0.0) >= 2.0
+    return case
 
 
 def _compress(s: int, ratio: int, quick: bool) -> BenchCase:
@@ -157,6 +194,9 @@ def cpu_cases(quick: bool = False) -> list[BenchCase]:
             cases[0].baselines[KERNEL_ONLY] = _kernel_only
         for m in (1, 8, 64):
             cases += [_fp4(m, 2048, 4096), _fp4(m, 4096, 2048)]
+        if _bf16_path():
+            for c in cases[-2:]:
+                c.baselines[AVX512_FP32] = lambda args: _on_isa("avx512", "fp4_gemm", args)
         cases += [_grouped(1, False), _attention(False), _indexer(False), *_moe(64, False)]
         cases += [_fp8(name, m, n, k) for name, (n, k) in FP8_SHAPES.items() for m in (1, 8, 64, 512)]
         cases += [_compress(4096, 4, False), _compress(4096, 128, False), _route(1, False), _route(64, False),

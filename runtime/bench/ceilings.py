@@ -8,12 +8,23 @@ import torch
 
 from .timing import cold_data_flush, time_call
 
-__all__ = ["measure_ceilings"]
+__all__ = ["measure_ceilings", "matrix_peak"]
+
+
+def matrix_peak(ceilings: dict[str, Any]) -> tuple[str, float]:
+    """(name, TFLOP/s) of the matrix ceiling the roofline uses: the best measured rate of the device
+    (BF16 where measured, else FP32; on CPU the instruction peaks, torch's sgemm where _C is not built)."""
+    for key, name in (("bf16_tflops", "BF16"), ("fp32_tflops", "FP32"), ("sgemm_tflops", "FP32 sgemm")):
+        if ceilings.get(key):
+            return name, float(ceilings[key])
+    raise KeyError("ceilings hold no matrix rate (bf16_tflops, fp32_tflops or sgemm_tflops)")
 
 
 def measure_ceilings(device: torch.device, quick: bool = False) -> dict[str, Any]:
     """read_tbs: read-only bandwidth (TB/s, a full reduction over a buffer far larger than any cache);
-    copy_tbs: device-to-device copy (read + write counted); bf16_tflops (GPU) / fp32_tflops (CPU)."""
+    copy_tbs: device-to-device copy (read + write counted); bf16_tflops (GPU: a bf16 matmul; CPU: vdpbf16ps
+    register chains, where the CPU has AVX512-BF16); CPU: fp32_tflops (FMA register chains) and
+    sgemm_tflops (torch's float32 matmul, a library rate, for reference)."""
     n_bytes = (64 if quick else 1024) * 2**20
     buf = torch.ones(n_bytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(buf)
@@ -28,7 +39,8 @@ def measure_ceilings(device: torch.device, quick: bool = False) -> dict[str, Any
         n = 512 if quick else 2048
         a, b = torch.randn(n, n), torch.randn(n, n)
         t = time_call(lambda: a @ b, device, reps=3 if quick else 10)
-        out["fp32_tflops"] = 2 * n**3 / t["median_us"] / 1e6
+        out["sgemm_tflops"] = 2 * n**3 / t["median_us"] / 1e6
+        out.update(_cpu_instruction_peaks(quick))
         out["threads"] = torch.get_num_threads()
         out["flush"] = ("the inputs' data evicted from every cache level (clflush), code and runtime state warm"
                         if cold_data_flush(device) else "a 256 MB buffer streamed through the caches")
@@ -38,6 +50,22 @@ def measure_ceilings(device: torch.device, quick: bool = False) -> dict[str, Any
         b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
         t = time_call(lambda: a @ b, device, reps=5 if quick else 20)
         out["bf16_tflops"] = 2 * n**3 / t["median_us"] / 1e6
+    return out
+
+
+def _cpu_instruction_peaks(quick: bool) -> dict[str, float]:
+    """FP32 FMA and (with AVX512-BF16) vdpbf16ps peaks of all cores, from dsv4rt._C's register-only probe;
+    empty where the extension is not built (the roofline then uses torch's sgemm rate)."""
+    try:
+        from dsv4rt import _C
+    except ImportError:
+        return {}
+    if not hasattr(_C, "peak_gflops"):
+        return {}
+    iters = 1 << (18 if quick else 21)
+    out = {"fp32_tflops": _C.peak_gflops("fp32", iters) / 1e3}
+    if _C.compiled_with()["active_isa"] == "avx512_bf16":
+        out["bf16_tflops"] = _C.peak_gflops("bf16", iters) / 1e3
     return out
 
 

@@ -1,6 +1,7 @@
 """Bench output: a Markdown table (pasted into the README), JSON, and an optional roofline plot."""
 from __future__ import annotations
 
+from .ceilings import matrix_peak
 from .runner import BenchReport
 
 __all__ = ["format_report", "plot_roofline", "require_matplotlib"]
@@ -21,12 +22,13 @@ def _fmt(v: float) -> str:
 def format_report(report: BenchReport) -> str:
     c = report.ceilings
     env = report.environment
-    peak = c.get("bf16_tflops") or c.get("fp32_tflops")
-    peak_name = "BF16" if "bf16_tflops" in c else "FP32"
+    peak_name, peak = matrix_peak(c)
     lines = [
         f"backend {report.backend} on {c['device']} ({', '.join(f'{k} {v}' for k, v in env.items())})",
         f"measured ceilings: read {c['read_tbs'] * 1e3:.3g} GB/s, copy {c['copy_tbs'] * 1e3:.3g} GB/s, "
-        f"{peak_name} {peak * 1e3:.3g} GFLOP/s",
+        f"{peak_name} {peak * 1e3:.3g} GFLOP/s" + "".join(
+            f", {name} {c[key] * 1e3:.3g} GFLOP/s" for key, name in
+            (("fp32_tflops", "FP32 FMA"), ("sgemm_tflops", "torch sgemm")) if c.get(key) and name != peak_name),
         *([f"cache flush before every timed call: {c['flush']}"] if c.get("flush") else []),
         *(["quick run: small shapes (the '(quick)' cases), not comparable with the README table"]
           if report.quick else []),
@@ -57,7 +59,7 @@ def plot_roofline(report: BenchReport, path: str) -> None:
         raise OSError("--plot needs matplotlib (pip install matplotlib)") from exc
     c = report.ceilings
     bw = c["read_tbs"]
-    peak = c.get("bf16_tflops") or c.get("fp32_tflops")
+    _, peak = matrix_peak(c)
     fig, ax = plt.subplots(figsize=(8, 5.5))
     xs = [10 ** (i / 20) for i in range(-60, 101)]
     ax.plot(xs, [min(peak, bw * x) for x in xs], color="black", label=f"roofline ({bw:.3g} TB/s, {peak:.3g} TFLOP/s)")

@@ -13,7 +13,7 @@ from ..registry import REGISTRY
 from .case import BenchCase
 from .cases_cpu import cpu_cases
 from .cases_gpu import gpu_cases
-from .ceilings import measure_ceilings
+from .ceilings import matrix_peak, measure_ceilings
 from .check import agree
 from .timing import time_call
 
@@ -125,7 +125,7 @@ def run_bench(backend: str, ops: Sequence[str] | None = None, quick: bool = Fals
     log(f"ceilings on {ceilings['device']}: " + ", ".join(f"{k} {v:.3g}" for k, v in ceilings.items()
                                                         if isinstance(v, float)))
     report = BenchReport(backend, _environment(device), ceilings, quick=quick)
-    peak_tflops = ceilings.get("bf16_tflops") or ceilings.get("fp32_tflops")
+    _, peak_tflops = matrix_peak(ceilings)
     cases = cpu_cases(quick) if device.type == "cpu" else gpu_cases(quick)
     for case in cases:
         if ops and case.op not in ops:

@@ -131,6 +131,34 @@ def test_set_isa_and_build_facts():
         _C.set_isa("sse9")
 
 
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_act_quant_bit_identical_to_formats(dtype):
+    """_C.act_quant_fp8 (the GEMMs' act_quant='fp8') gives the bits of q * s of formats.act_quant_fp8: partial
+    last block, blocks below the 1e-4 amax floor, huge and subnormal values, values that saturate, NaN and
+    Inf blocks."""
+    from dsv4rt.formats import act_quant_fp8
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 300, generator=g) * torch.logspace(-8, 8, 300).float()
+    x[1, :128] *= 1e-9                                  # amax under the floor
+    x[2, 7] = 1e-40                                     # float32 subnormal
+    x[3, 130] = float("nan")
+    x[4, 260] = float("inf")
+    x[5, 0] = 3e38
+    x = x.to(dtype)
+    out = np.full(x.shape, np.nan, f32)
+    _C.act_quant_fp8(x.view(torch.int16).numpy() if dtype == torch.bfloat16 else x.numpy(), out)
+    with np.errstate(invalid="ignore"):                  # the Inf block: inf / inf and 0 * inf
+        q, sc = act_quant_fp8(x.float().numpy())
+        want = q * np.repeat(sc, 128, axis=1)[:, :300]
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(out), nan)                       # NaN payloads may differ, positions not
+    assert np.array_equal(out[~nan].view(np.uint32), want[~nan].astype(f32).view(np.uint32))
+    assert np.isnan(out[3, 128:256]).all() and np.isnan(out[4, 256:]).all() and not np.isnan(out[0]).any()
+    with pytest.raises(ValueError, match="act_quant_fp8: argument 'out'"):
+        _C.act_quant_fp8(np.zeros((2, 4), f32), np.zeros((2, 5), f32))
+
 # ---------------------------------------------------------------------------------------------- GIL
 
 @needs_c

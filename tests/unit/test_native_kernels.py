@@ -26,7 +26,9 @@ except ImportError as exc:  # pragma: no cover - exercised only where the build 
 from dsv4rt.backends.cpu import native  # noqa: E402  (needs _C)
 
 NATIVE = "cpu/native"
-ISAS = ["generic"] + (["avx512"] if _C.compiled_with()["isa"] == "avx512" else [])
+# the hand-written paths up to what this CPU has: portable, AVX-512, AVX-512 + AVX512-BF16 (blocked GEMMs)
+ISAS = {"generic": ["generic"], "avx2": ["generic"], "avx512": ["generic", "avx512"],
+        "avx512_bf16": ["generic", "avx512", "avx512_bf16"]}[_C.compiled_with()["isa"]]
 
 
 @pytest.fixture(params=ISAS, autouse=True)
@@ -247,24 +249,28 @@ def rand_fp8(n: int, k: int, seed: int, f32_scale: bool = False):
     return b.view(torch.float8_e4m3fn), s
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 256, 512), (3, 200, 300), (8, 129, 128), (9, 64, 256), (40, 64, 520)])
+@pytest.mark.parametrize("m,n,k", [(1, 256, 512), (3, 200, 300), (8, 129, 128), (9, 64, 256), (40, 64, 520),
+                                   (16, 48, 128), (33, 130, 129), (70, 100, 384), (64, 7, 1001)])
 @pytest.mark.parametrize("act_quant", [None, "fp8"])
 @pytest.mark.parametrize("f32_scale", [False, True])
-def test_fp8_gemm(m, n, k, act_quant, f32_scale):
+@pytest.mark.parametrize("path", ["gemv", "blocked"])
+def test_fp8_gemm(m, n, k, act_quant, f32_scale, path, monkeypatch):
+    monkeypatch.setattr(native, "GEMV_MAX_M", 1 << 30 if path == "gemv" else 0)
     x = torch.randn(m, k, generator=gen(m * 5 + k)).to(torch.bfloat16)
     w, s = rand_fp8(n, k, seed=n + k, f32_scale=f32_scale)
     args = {"x": x, "w": w, "w_scale": s, "act_quant": act_quant}
     check(tol.gemm, "fp8_gemm", args, ops.fp8_gemm(**args, backend=NATIVE))
 
 
-def test_fp8_gemm_nan_weight_bytes_and_subnormals():
+@pytest.mark.parametrize("m,xdtype", [(3, torch.float32), (20, torch.bfloat16)])
+def test_fp8_gemm_nan_weight_bytes_and_subnormals(m, xdtype):
     """E4M3 NaN bytes (0x7F / 0xFF) make their columns NaN on every path (the AVX-512 decode has no NaN,
-    those blocks take the table); E4M3 subnormals decode exactly."""
+    those blocks take the table; the bf16 tile decode sets NaN); E4M3 subnormals decode exactly."""
     w, s = rand_fp8(64, 384, seed=3)
     b = w.view(torch.uint8).clone()
     b[5, 130], b[40, 383] = 0x7F, 0xFF
     b[7, :128] = torch.arange(128, dtype=torch.uint8) % 8          # every subnormal and zero
-    args = {"x": torch.randn(3, 384, generator=gen(4)), "w": b.view(torch.float8_e4m3fn), "w_scale": s,
+    args = {"x": torch.randn(m, 384, generator=gen(4)).to(xdtype), "w": b.view(torch.float8_e4m3fn), "w_scale": s,
             "act_quant": None}
     y = ops.fp8_gemm(**args, backend=NATIVE)
     assert y.isnan().any(0).nonzero().flatten().tolist() == [5, 40]
@@ -272,6 +278,37 @@ def test_fp8_gemm_nan_weight_bytes_and_subnormals():
     clean = dict(args, w=b[keep].view(torch.float8_e4m3fn), w_scale=s)
     check(tol.gemm, "fp8_gemm", clean, ops.fp8_gemm(**clean, backend=NATIVE))
 
+
+
+@pytest.mark.parametrize("case", ["f32-exact", "f32-inexact", "bf16-subnormal", "bf16-tiny", "f32-nan-inf", "fp16"])
+def test_fp8_gemm_activations_that_leave_the_bf16_path(case):
+    """The blocked AVX512-BF16 path takes x only where it is exactly bf16 and its products with the weights
+    stay normal (vdpbf16ps reads subnormals as zero and flushes subnormal products); float32 x that is not
+    bf16, bf16 subnormals, x so small that products would be subnormal, NaN / Inf and float16 x all give
+    the reference's result within tolerance (another path where needed)."""
+    m, n, k = 24, 96, 384
+    x = torch.randn(m, k, generator=gen(11))
+    if case == "f32-exact":
+        x = x.to(torch.bfloat16).float()
+    elif case == "bf16-subnormal":
+        x = x.to(torch.bfloat16)
+        x[3, 7] = 1e-39                                                 # a bf16 subnormal
+    elif case == "bf16-tiny":
+        x = (x * 2.0**-118).to(torch.bfloat16)                          # normal, but x * 2^-9 is not
+    elif case == "f32-nan-inf":
+        x[2, 5], x[9, 200] = float("nan"), float("inf")
+    elif case == "fp16":
+        x = x.to(torch.float16)
+    w, s = rand_fp8(n, k, seed=12)
+    args = {"x": x, "w": w, "w_scale": s, "act_quant": None}
+    y = ops.fp8_gemm(**args, backend=NATIVE)
+    if case == "f32-nan-inf":
+        r = ref.fp8_gemm(**args)
+        assert torch.equal(y.isnan(), r.isnan()) and torch.equal(y.isinf(), r.isinf())
+        rows = [i for i in range(m) if i not in (2, 9)]
+        args = dict(args, x=x[rows])
+        y = y[rows]
+    check(tol.gemm, "fp8_gemm", args, y)
 
 # ---------------------------------------------------------------------------------------------- kv_compress / moe_route
 

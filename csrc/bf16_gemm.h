@@ -1,0 +1,51 @@
+// Blocked GEMM core on AVX512-BF16 (vdpbf16ps) for the prefill-size quantised GEMMs (fp8_gemm first).
+//
+// The weight is the caller's format: a decode callback turns one tile (up to kNt rows x one 128-wide K
+// block) into bf16 and names one float32 scale per row for that block. E4M3 and E2M1 values are bf16 values,
+// so the decode is exact; bf16 activations (or act_quant's E4M3 x power-of-two values) are too, and the
+// products are summed in float32 by the instruction. Layout:
+//  * x is packed once per call into bf16 pairs [K/2][Mp] (a 32-bit pair holds x[m, 2p], x[m, 2p + 1]), so a
+//    vector holds 16 rows of x at one pair of k;
+//  * the decoded tile is row-major [nt][128], so one output column's pair is a 32-bit broadcast;
+//  * a 64-row x 6-column register tile (24 accumulators) sums one K block; the block's partial sums are
+//    scaled per column into a float32 tile C [nt][Mp] in L2, transposed into y when the tile is done.
+#pragma once
+
+#include "common.h"
+
+namespace dsv4rt {
+namespace bf16gemm {
+
+constexpr int64_t kKb = 128;   // K block: the decode unit and the scale granularity
+constexpr int64_t kNt = 48;    // rows of the weight per tile (one task)
+
+// x as bf16 pairs [kblocks * 64][mp] (zero past K and past m), mp = m rounded up to 16
+struct PackedX {
+    std::vector<uint32_t> pairs;
+    int64_t m = 0, mp = 0, kblocks = 0;
+    int min_exp = 255;   // smallest biased exponent of a nonzero x (0: a subnormal; 255: x is all zero)
+};
+
+// vdpbf16ps reads subnormal inputs as zero and flushes subnormal products and sums, so a caller takes this
+// path only where every nonzero product x * w has a biased exponent >= kMinProductExp: then what is flushed
+// is a sum cancelling to below 2^-126, at most 2^-20 of the products' magnitudes (the float32 tolerance
+// allows 2^-22 sqrt(K))
+constexpr int kMinProductExp = 127 - 106;
+
+// Decode weight rows [n0, n0 + nt) (nt <= kNt) of K block kb into wd[nt][kKb] bf16 bits (zero past K) and
+// the per-row scale of the block's partial sums into sc[nt].
+using DecodeFn = void (*)(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint16_t* wd, float* sc);
+
+// True where the CPU has AVX512-BF16 and set_isa allows it.
+bool available();
+
+// Pack x (float32 or bf16 bits, [m, k], rows of stride k) and find its min_exp. Returns false, packing
+// nothing, when a float32 value is not a bf16 value. Threads split the K blocks.
+bool pack_x(const void* x, bool is_bf16, int64_t m, int64_t k, PackedX& out);
+
+// y[r * ldy + c] = sum over K blocks of sc * (x[r] . wd[c]) for r < x.m, c < n; threads split the tiles.
+void gemm(const PackedX& x, int64_t n, DecodeFn decode, const void* ctx, float* y, int64_t ldy,
+          int64_t threads = 0);
+
+}  // namespace bf16gemm
+}  // namespace dsv4rt

@@ -1,0 +1,82 @@
+// Matrix-instruction peak of this CPU, measured: every thread runs independent chains of float32 FMAs
+// (the widest vectors the CPU has, through target_clones) or of AVX512-BF16 vdpbf16ps on registers only,
+// and the probe reports GFLOP/s. The bench divides the GEMM rates by it (its roofline ceiling); a
+// library GEMM (torch's sgemm) reaches only part of it, so it is no ceiling for hand-written kernels.
+#include <chrono>
+
+#include "bf16_gemm.h"
+#include "common.h"
+
+#if defined(DSV4RT_X86)
+#include <immintrin.h>
+#endif
+
+namespace dsv4rt {
+namespace {
+
+constexpr int kChains = 12;   // independent accumulators: more than FMA latency x throughput
+
+// flops done: iters x kChains x 16 lanes x 2
+DSV4RT_CLONES float fma_chains(int64_t iters, float seed) {
+    typedef float v16 __attribute__((vector_size(64)));
+    v16 acc[kChains];
+    const v16 a = v16{} + 0.999f, b = v16{} + seed * 1e-3f;
+    for (int c = 0; c < kChains; ++c) acc[c] = v16{} + (seed + c);
+    for (int64_t i = 0; i < iters; ++i)
+        for (int c = 0; c < kChains; ++c) acc[c] = acc[c] * a + b;
+    float s = 0.0f;
+    for (int c = 0; c < kChains; ++c)
+        for (int j = 0; j < 16; ++j) s += acc[c][j];
+    return s;
+}
+
+#if defined(DSV4RT_X86)
+// flops done: iters x kChains x 16 lanes x 2 pairs x 2
+__attribute__((target("avx512f,avx512bf16"))) float dp_chains(int64_t iters, float seed) {
+    __m512 acc[kChains];
+    for (int c = 0; c < kChains; ++c) acc[c] = _mm512_set1_ps(seed + c);
+    const __m512bh a = (__m512bh)_mm512_set1_epi16(0x3580), b = (__m512bh)_mm512_set1_epi16(0x3F80);
+    for (int64_t i = 0; i < iters; ++i) {
+        for (int c = 0; c < kChains; ++c) acc[c] = _mm512_dpbf16_ps(acc[c], a, b);
+    }
+    float s = 0.0f;
+    for (int c = 0; c < kChains; ++c) s += _mm512_reduce_add_ps(acc[c]);
+    return s;
+}
+#endif
+
+double peak_gflops(const std::string& kind, int64_t iters) {
+    const bool bf16 = kind == "bf16";
+    if (!bf16 && kind != "fp32") value_error({"peak_gflops", "kind"}, "must be 'fp32' or 'bf16', got '" + kind + "'");
+    if (bf16 && !bf16gemm::available())
+        value_error({"peak_gflops", "kind"}, "'bf16' needs AVX512-BF16, which this CPU (or set_isa) does not offer");
+    if (iters < 1) value_error({"peak_gflops", "iters"}, "must be >= 1, got " + std::to_string(iters));
+    const int64_t threads = max_threads();
+    std::vector<float> sink(static_cast<size_t>(threads));
+    py::gil_scoped_release nogil;
+    double best = 0.0;
+    for (int rep = 0; rep < 3; ++rep) {
+        const auto t0 = std::chrono::steady_clock::now();
+        parallel_tasks(threads, [&](int64_t t) {
+#if defined(DSV4RT_X86)
+            sink[static_cast<size_t>(t)] = bf16 ? dp_chains(iters, 1.0f + t) : fma_chains(iters, 1.0f + t);
+#else
+            sink[static_cast<size_t>(t)] = fma_chains(iters, 1.0f + t);
+#endif
+        }, threads);
+        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        const double flops = static_cast<double>(threads) * iters * kChains * 16 * 2 * (bf16 ? 2 : 1);
+        best = std::max(best, flops / s / 1e9);
+    }
+    return best;
+}
+
+}  // namespace
+
+void bind_peak(py::module_& m) {
+    m.def("peak_gflops", &peak_gflops, py::arg("kind"), py::arg("iters") = 1 << 21,
+          "GFLOP/s of register-only chains on all threads (best of three): kind 'fp32' (FMA on the widest\n"
+          "vectors) or 'bf16' (vdpbf16ps; ValueError without AVX512-BF16). The bench's matrix ceiling on CPU.");
+}
+
+}  // namespace dsv4rt
