@@ -3,6 +3,8 @@
 
 * ``numpy for fp8_gemm, kv_compress, moe_route``: those three ops pinned to ``cpu/numpy`` (how the
   model ran before they had native variants), the others automatic;
+* ``automatic, no AVX512-BF16``: the registry's own choice with the native kernels capped at AVX-512
+  (``_C.set_isa("avx512")``: the prefill GEMMs on their FP32 path), only on CPUs that have AVX512-BF16;
 * ``automatic``: the registry's own choice (``cpu/native`` wherever it implements the op).
 
 Each configuration is run after a warm-up generation; the best of ``repeats`` runs is reported (the
@@ -21,11 +23,38 @@ import torch
 
 __all__ = ["ModelRow", "CONFIGS", "run_model_bench", "format_model_rows"]
 
-CONFIGS: dict[str, dict[str, str] | None] = {
-    "numpy for fp8_gemm, kv_compress, moe_route": {"fp8_gemm": "cpu/numpy", "kv_compress": "cpu/numpy",
-                                                    "moe_route": "cpu/numpy"},
-    "automatic": None,
+NO_BF16 = "automatic, no AVX512-BF16"
+# configuration -> (op -> implementation pins, or None; native ISA cap, or None)
+CONFIGS: dict[str, tuple[dict[str, str] | None, str | None]] = {
+    "numpy for fp8_gemm, kv_compress, moe_route": ({"fp8_gemm": "cpu/numpy", "kv_compress": "cpu/numpy",
+                                                     "moe_route": "cpu/numpy"}, None),
+    NO_BF16: (None, "avx512"),
+    "automatic": (None, None),
 }
+
+
+def _configs() -> dict[str, tuple[dict[str, str] | None, str | None]]:
+    """CONFIGS this machine can tell apart: the no-BF16 row only where the native kernels use AVX512-BF16."""
+    try:
+        from dsv4rt import _C
+        bf16 = _C.compiled_with()["active_isa"] == "avx512_bf16"
+    except ImportError:
+        bf16 = False
+    return {k: v for k, v in CONFIGS.items() if bf16 or k != NO_BF16}
+
+
+@contextlib.contextmanager
+def _isa_cap(isa: str | None):
+    """The native kernels capped at ``isa`` inside the block (nothing when None)."""
+    if isa is None:
+        yield
+        return
+    from dsv4rt import _C
+    before = _C.set_isa(isa)
+    try:
+        yield
+    finally:
+        _C.set_isa(before)
 
 
 @dataclass
@@ -60,9 +89,9 @@ def run_model_bench(preset: str = "tiny", layers: int | None = None, prompt_len:
     name = preset if layers is None else f"{preset} --layers {layers}"
     rows, first_tokens = [], None
     with _cpu_threads(device):
-        for config, mapping in CONFIGS.items():
+        for config, (mapping, isa) in _configs().items():
             ctx = use_backend(mapping) if mapping else contextlib.nullcontext()
-            with ctx:
+            with ctx, _isa_cap(isa):
                 generate(model, [prompt], 4)                       # warm-up: binds every op's shapes
                 best = None
                 for _ in range(repeats):
