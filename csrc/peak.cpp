@@ -1,7 +1,9 @@
-// Matrix-instruction peak of this CPU, measured: every thread runs independent chains of float32 FMAs
-// (the widest vectors the CPU has, through target_clones) or of AVX512-BF16 vdpbf16ps on registers only,
-// and the probe reports GFLOP/s. The bench divides the GEMM rates by it (its roofline ceiling); a
-// library GEMM (torch's sgemm) reaches only part of it, so it is no ceiling for hand-written kernels.
+// Ceilings of this CPU, measured for the bench's roofline:
+//  * peak_gflops: every thread runs independent chains of float32 FMAs (the widest vectors the CPU has,
+//    through target_clones) or of AVX512-BF16 vdpbf16ps on registers only. A library GEMM (torch's sgemm)
+//    reaches only part of it, so it is no ceiling for hand-written kernels.
+//  * read_gbps: every thread streams its slice of a large buffer with vector loads and software prefetch,
+//    as the GEMV kernels read their weights (torch's sum over the same buffer reads slower here).
 #include <chrono>
 
 #include "bf16_gemm.h"
@@ -71,9 +73,60 @@ double peak_gflops(const std::string& kind, int64_t iters) {
     return best;
 }
 
+// sum of the slice as 64-byte vectors (four independent accumulators), prefetching 2 KB ahead
+DSV4RT_CLONES uint64_t read_slice(const uint8_t* p, int64_t n) {
+    typedef uint64_t v8u __attribute__((vector_size(64)));
+    v8u a{}, b{}, c{}, d{};
+    int64_t i = 0;
+    for (; i + 256 <= n; i += 256) {
+        __builtin_prefetch(p + i + 2048);
+        __builtin_prefetch(p + i + 2048 + 64);
+        __builtin_prefetch(p + i + 2048 + 128);
+        __builtin_prefetch(p + i + 2048 + 192);
+        v8u t0, t1, t2, t3;
+        std::memcpy(&t0, p + i, 64);
+        std::memcpy(&t1, p + i + 64, 64);
+        std::memcpy(&t2, p + i + 128, 64);
+        std::memcpy(&t3, p + i + 192, 64);
+        a += t0;
+        b += t1;
+        c += t2;
+        d += t3;
+    }
+    const v8u t = a + b + c + d;
+    uint64_t s = 0;
+    for (int j = 0; j < 8; ++j) s += t[j];
+    for (; i < n; ++i) s += p[i];
+    return s;
+}
+
+double read_gbps(const py::array& buf) {
+    const uint8_t* p = static_cast<const uint8_t*>(buf.data());
+    const int64_t n = static_cast<int64_t>(buf.nbytes());
+    const int64_t threads = max_threads();
+    std::vector<uint64_t> sink(static_cast<size_t>(threads));
+    py::gil_scoped_release nogil;
+    double best = 0.0;
+    for (int rep = 0; rep < 3; ++rep) {
+        const auto t0 = std::chrono::steady_clock::now();
+        parallel_tasks(threads, [&](int64_t t) {
+            const int64_t a = n * t / threads / 64 * 64, b = t + 1 == threads ? n : n * (t + 1) / threads / 64 * 64;
+            sink[static_cast<size_t>(t)] = read_slice(p + a, b - a);
+        }, threads);
+        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        best = std::max(best, static_cast<double>(n) / s / 1e9);
+    }
+    return best;
+}
+
 }  // namespace
 
 void bind_peak(py::module_& m) {
+    m.def("read_gbps", [](py::handle buf) {
+        return read_gbps(need({"read_gbps", "buf"}, buf, 1, {Kind::u8}));
+    }, py::arg("buf"),
+          "GB/s of all threads streaming their slices of buf (uint8, C-contiguous; make it far larger than the\n"
+          "caches), vector loads with software prefetch, best of three passes. The bench's CPU read ceiling.");
     m.def("peak_gflops", &peak_gflops, py::arg("kind"), py::arg("iters") = 1 << 21,
           "GFLOP/s of register-only chains on all threads (best of three): kind 'fp32' (FMA on the widest\n"
           "vectors) or 'bf16' (vdpbf16ps; ValueError without AVX512-BF16). The bench's matrix ceiling on CPU.");

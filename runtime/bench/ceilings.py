@@ -21,7 +21,8 @@ def matrix_peak(ceilings: dict[str, Any]) -> tuple[str, float]:
 
 
 def measure_ceilings(device: torch.device, quick: bool = False) -> dict[str, Any]:
-    """read_tbs: read-only bandwidth (TB/s, a full reduction over a buffer far larger than any cache);
+    """read_tbs: read-only bandwidth (TB/s, a full reduction over a buffer far larger than any cache; on CPU
+    the faster of torch's sum and dsv4rt._C's streaming read, torch's kept as torch_read_tbs);
     copy_tbs: device-to-device copy (read + write counted); bf16_tflops (GPU: a bf16 matmul; CPU: vdpbf16ps
     register chains, where the CPU has AVX512-BF16); CPU: fp32_tflops (FMA register chains) and
     sgemm_tflops (torch's float32 matmul, a library rate, for reference)."""
@@ -36,6 +37,10 @@ def measure_ceilings(device: torch.device, quick: bool = False) -> dict[str, Any
         "copy_tbs": 2 * n_bytes / copy["median_us"] / 1e6,
     }
     if device.type == "cpu":
+        native_read = _cpu_read_probe(buf)
+        if native_read:   # the faster of the two read probes is the ceiling
+            out["torch_read_tbs"] = out["read_tbs"]
+            out["read_tbs"] = max(out["read_tbs"], native_read)
         n = 512 if quick else 2048
         a, b = torch.randn(n, n), torch.randn(n, n)
         t = time_call(lambda: a @ b, device, reps=3 if quick else 10)
@@ -67,6 +72,18 @@ def _cpu_instruction_peaks(quick: bool) -> dict[str, float]:
     if _C.compiled_with()["active_isa"] == "avx512_bf16":
         out["bf16_tflops"] = _C.peak_gflops("bf16", iters) / 1e3
     return out
+
+
+def _cpu_read_probe(buf: torch.Tensor) -> float | None:
+    """TB/s of dsv4rt._C's streaming read of buf (vector loads with software prefetch on all threads, as the
+    GEMV kernels read weights), or None where the extension is not built."""
+    try:
+        from dsv4rt import _C
+    except ImportError:
+        return None
+    if not hasattr(_C, "read_gbps"):
+        return None
+    return _C.read_gbps(buf.view(torch.uint8).numpy()) / 1e3
 
 
 def _device_name(device: torch.device) -> str:

@@ -25,7 +25,9 @@ def format_report(report: BenchReport) -> str:
     peak_name, peak = matrix_peak(c)
     lines = [
         f"backend {report.backend} on {c['device']} ({', '.join(f'{k} {v}' for k, v in env.items())})",
-        f"measured ceilings: read {c['read_tbs'] * 1e3:.3g} GB/s, copy {c['copy_tbs'] * 1e3:.3g} GB/s, "
+        f"measured ceilings: read {c['read_tbs'] * 1e3:.3g} GB/s"
+        + (f" (torch sum {c['torch_read_tbs'] * 1e3:.3g} GB/s)" if c.get("torch_read_tbs") else "")
+        + f", copy {c['copy_tbs'] * 1e3:.3g} GB/s, "
         f"{peak_name} {peak * 1e3:.3g} GFLOP/s" + "".join(
             f", {name} {c[key] * 1e3:.3g} GFLOP/s" for key, name in
             (("fp32_tflops", "FP32 FMA"), ("sgemm_tflops", "torch sgemm")) if c.get(key) and name != peak_name),

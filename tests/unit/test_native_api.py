@@ -159,6 +159,25 @@ def test_act_quant_bit_identical_to_formats(dtype):
     with pytest.raises(ValueError, match="act_quant_fp8: argument 'out'"):
         _C.act_quant_fp8(np.zeros((2, 4), f32), np.zeros((2, 5), f32))
 
+
+@needs_c
+def test_ceiling_probes():
+    """The bench's CPU ceilings: positive rates, vdpbf16ps only where the CPU has AVX512-BF16, bad arguments
+    named."""
+    assert _C.peak_gflops("fp32", 1 << 12) > 0
+    if _C.compiled_with()["active_isa"] == "avx512_bf16":
+        assert _C.peak_gflops("bf16", 1 << 12) > 0
+    else:
+        with pytest.raises(ValueError, match="needs AVX512-BF16"):
+            _C.peak_gflops("bf16", 1 << 12)
+    with pytest.raises(ValueError, match="peak_gflops: argument 'kind'"):
+        _C.peak_gflops("fp64")
+    with pytest.raises(ValueError, match="peak_gflops: argument 'iters'"):
+        _C.peak_gflops("fp32", 0)
+    assert _C.read_gbps(np.ones(1 << 20, np.uint8)) > 0
+    with pytest.raises(TypeError, match="read_gbps: argument 'buf'"):
+        _C.read_gbps(np.ones(16, f32))
+
 # ---------------------------------------------------------------------------------------------- GIL
 
 @needs_c

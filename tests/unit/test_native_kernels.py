@@ -255,7 +255,7 @@ def rand_fp8(n: int, k: int, seed: int, f32_scale: bool = False):
 @pytest.mark.parametrize("f32_scale", [False, True])
 @pytest.mark.parametrize("path", ["gemv", "blocked"])
 def test_fp8_gemm(m, n, k, act_quant, f32_scale, path, monkeypatch):
-    monkeypatch.setattr(native, "GEMV_MAX_M", 1 << 30 if path == "gemv" else 0)
+    monkeypatch.setattr(native, "FP8_GEMV_MAX_M", 1 << 30 if path == "gemv" else 0)
     x = torch.randn(m, k, generator=gen(m * 5 + k)).to(torch.bfloat16)
     w, s = rand_fp8(n, k, seed=n + k, f32_scale=f32_scale)
     args = {"x": x, "w": w, "w_scale": s, "act_quant": act_quant}
