@@ -220,6 +220,7 @@ AVX512_FN void decode_tile_bf16(const void* ctx, int64_t n0, int64_t nt, int64_t
         const uint8_t* wr = ex.w + (n0 + r) * (ex.k / 2) + k0 / 2;
         const uint8_t* sr = ex.s + (n0 + r) * (ex.k / 32) + k0 / 32;
         uint16_t* out = wd + r * kKB;
+        _mm_prefetch(reinterpret_cast<const char*>(wr + kKB / 2), _MM_HINT_T0);   // this row's next K block
         for (int64_t b = 0; b < kw / 32; ++b) _mm512_storeu_si512(out + 32 * b, decode32_bf16(wr + 16 * b, sr[b], tbl));
         std::fill(out + kw, out + kKB, uint16_t{0});
         sc[r] = 1.0f;

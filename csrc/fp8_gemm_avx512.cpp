@@ -20,7 +20,7 @@ namespace fp8 {
 namespace {
 
 constexpr int64_t kBlk = 128;
-constexpr int64_t kPrefetch = 2048;   // GEMV: software prefetch distance in weight bytes
+constexpr int64_t kPrefetch = 8192;   // GEMV: software prefetch distance in weight bytes (see fp4_kernels.h)
 
 // true if any of the 128 bytes is an E4M3 NaN (magnitude bits all ones)
 AVX512 bool has_nan128(const uint8_t* p) {
@@ -133,6 +133,10 @@ AVX512_FN void decode_tile_bf16(const void* ctx, int64_t n0, int64_t nt, int64_t
         const int64_t si = (n / kBlk) * a.sk + kb;
         sc[r] = a.s8 ? kE8M0[a.s8[si]] : a.s32[si];
         if (kw == kBlk) {
+            // the same rows' next K block is decoded next: fetch it while this block is multiplied (48
+            // strided rows are more streams than the hardware prefetcher follows)
+            _mm_prefetch(reinterpret_cast<const char*>(wr + kBlk), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(wr + kBlk + 64), _MM_HINT_T0);
             for (int64_t j = 0; j < kBlk; j += 32)
                 _mm512_storeu_si512(out + j, decode32_bf16(wr + j));
             continue;
