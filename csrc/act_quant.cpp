@@ -11,17 +11,6 @@ namespace {
 
 constexpr int64_t kBlock = 128;
 
-inline float bits_f32(uint32_t u) {
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-inline uint32_t f32_bits(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    return u;
-}
-
 // one block of n <= 128 values, in place (written so the compiler vectorises both loops)
 DSV4RT_CLONES void quant_block(float* v, int64_t n) {
     float amax = 0.0f;

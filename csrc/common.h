@@ -116,17 +116,22 @@ bool is_none(const py::handle& obj);
 inline int64_t dim(const py::array& a, int i) { return static_cast<int64_t>(a.shape(i)); }
 
 // ------------------------------------------------------------------------------------------- formats
-inline float bf16_to_f32(uint16_t b) {
-    uint32_t u = static_cast<uint32_t>(b) << 16;
+inline float bits_f32(uint32_t u) {
     float f;
     std::memcpy(&f, &u, 4);
     return f;
 }
+inline uint32_t f32_bits(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+
+inline float bf16_to_f32(uint16_t b) { return bits_f32(static_cast<uint32_t>(b) << 16); }
 
 // float32 -> bf16 bits, round to nearest even (as torch); NaN stays a quiet NaN
 inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
+    const uint32_t u = f32_bits(f);
     if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
     return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }

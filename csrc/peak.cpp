@@ -49,6 +49,20 @@ __attribute__((target("avx512f,avx512bf16"))) float dp_chains(int64_t iters, flo
 }
 #endif
 
+// work / seconds of the fastest of kReps runs of pass(t) on every thread t (call without the GIL)
+template <class F>
+double best_rate(double work, F&& pass) {
+    const int64_t threads = max_threads();
+    double best = 0.0;
+    for (int rep = 0; rep < kReps; ++rep) {
+        const auto t0 = std::chrono::steady_clock::now();
+        parallel_tasks(threads, [&](int64_t t) { pass(t, threads); }, threads);
+        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        best = std::max(best, work / s);
+    }
+    return best;
+}
+
 double peak_gflops(const std::string& kind, int64_t iters) {
     const bool bf16 = kind == "bf16";
     if (!bf16 && kind != "fp32") value_error({"peak_gflops", "kind"}, "must be 'fp32' or 'bf16', got '" + kind + "'");
@@ -56,23 +70,16 @@ double peak_gflops(const std::string& kind, int64_t iters) {
         value_error({"peak_gflops", "kind"}, "'bf16' needs AVX512-BF16, which this CPU (or set_isa) does not offer");
     if (iters < 1) value_error({"peak_gflops", "iters"}, "must be >= 1, got " + std::to_string(iters));
     const int64_t threads = max_threads();
-    std::vector<float> sink(static_cast<size_t>(threads));
+    std::vector<float> sink(static_cast<size_t>(threads));   // keeps the chains' results alive
+    const double flops = static_cast<double>(threads) * iters * kChains * 16 * 2 * (bf16 ? 2 : 1);
     py::gil_scoped_release nogil;
-    double best = 0.0;
-    for (int rep = 0; rep < kReps; ++rep) {
-        const auto t0 = std::chrono::steady_clock::now();
-        parallel_tasks(threads, [&](int64_t t) {
+    return best_rate(flops, [&](int64_t t, int64_t) {
 #if defined(DSV4RT_X86)
-            sink[static_cast<size_t>(t)] = bf16 ? dp_chains(iters, 1.0f + t) : fma_chains(iters, 1.0f + t);
+        sink[static_cast<size_t>(t)] = bf16 ? dp_chains(iters, 1.0f + t) : fma_chains(iters, 1.0f + t);
 #else
-            sink[static_cast<size_t>(t)] = fma_chains(iters, 1.0f + t);
+        sink[static_cast<size_t>(t)] = fma_chains(iters, 1.0f + t);
 #endif
-        }, threads);
-        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        const double flops = static_cast<double>(threads) * iters * kChains * 16 * 2 * (bf16 ? 2 : 1);
-        best = std::max(best, flops / s / 1e9);
-    }
-    return best;
+    }) / 1e9;
 }
 
 // sum of the slice as 64-byte vectors (four independent accumulators), prefetching 2 KB ahead
@@ -105,20 +112,12 @@ DSV4RT_CLONES uint64_t read_slice(const uint8_t* p, int64_t n) {
 double read_gbps(const py::array& buf) {
     const uint8_t* p = static_cast<const uint8_t*>(buf.data());
     const int64_t n = static_cast<int64_t>(buf.nbytes());
-    const int64_t threads = max_threads();
-    std::vector<uint64_t> sink(static_cast<size_t>(threads));
+    std::vector<uint64_t> sink(static_cast<size_t>(max_threads()));   // keeps the sums alive
     py::gil_scoped_release nogil;
-    double best = 0.0;
-    for (int rep = 0; rep < kReps; ++rep) {
-        const auto t0 = std::chrono::steady_clock::now();
-        parallel_tasks(threads, [&](int64_t t) {
-            const int64_t a = n * t / threads / 64 * 64, b = t + 1 == threads ? n : n * (t + 1) / threads / 64 * 64;
-            sink[static_cast<size_t>(t)] = read_slice(p + a, b - a);
-        }, threads);
-        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        best = std::max(best, static_cast<double>(n) / s / 1e9);
-    }
-    return best;
+    return best_rate(static_cast<double>(n), [&](int64_t t, int64_t threads) {
+        const int64_t a = n * t / threads / 64 * 64, b = t + 1 == threads ? n : n * (t + 1) / threads / 64 * 64;
+        sink[static_cast<size_t>(t)] = read_slice(p + a, b - a);
+    }) / 1e9;
 }
 
 }  // namespace
