@@ -175,13 +175,12 @@ bool pack_x(const void* x, bool is_bf16, int64_t m, int64_t k, PackedX& out) {
     return true;
 }
 
-void gemm(const PackedX& x, int64_t n, DecodeFn decode, const void* ctx, float* y, int64_t ldy,
-          int64_t threads) {
+void gemm(const PackedX& x, int64_t n, DecodeFn decode, const void* ctx, float* y, int64_t ldy) {
     const int64_t tiles = (n + kNt - 1) / kNt;
     parallel_tasks(tiles, [&](int64_t t) {
         const int64_t n0 = t * kNt;
         run_tile(x, n0, std::min(kNt, n - n0), decode, ctx, y, ldy);
-    }, threads);
+    });
 }
 
 #pragma GCC pop_options
@@ -195,7 +194,7 @@ namespace dsv4rt {
 namespace bf16gemm {
 bool available() { return false; }
 bool pack_x(const void*, bool, int64_t, int64_t, PackedX&) { return false; }
-void gemm(const PackedX&, int64_t, DecodeFn, const void*, float*, int64_t, int64_t) {}
+void gemm(const PackedX&, int64_t, DecodeFn, const void*, float*, int64_t) {}
 }  // namespace bf16gemm
 }  // namespace dsv4rt
 

@@ -32,6 +32,12 @@ struct PackedX {
 // allows 2^-22 sqrt(K))
 constexpr int kMinProductExp = 127 - 106;
 
+// True when every product of a nonzero x with a nonzero weight of biased exponent >= w_min_exp has a biased
+// exponent >= kMinProductExp (x's smallest is x.min_exp)
+inline bool products_normal(const PackedX& x, int w_min_exp) {
+    return x.min_exp + w_min_exp - 127 >= kMinProductExp;
+}
+
 // Decode weight rows [n0, n0 + nt) (nt <= kNt) of K block kb into wd[nt][kKb] bf16 bits (zero past K) and
 // the per-row scale of the block's partial sums into sc[nt].
 using DecodeFn = void (*)(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint16_t* wd, float* sc);
@@ -44,8 +50,7 @@ bool available();
 bool pack_x(const void* x, bool is_bf16, int64_t m, int64_t k, PackedX& out);
 
 // y[r * ldy + c] = sum over K blocks of sc * (x[r] . wd[c]) for r < x.m, c < n; threads split the tiles.
-void gemm(const PackedX& x, int64_t n, DecodeFn decode, const void* ctx, float* y, int64_t ldy,
-          int64_t threads = 0);
+void gemm(const PackedX& x, int64_t n, DecodeFn decode, const void* ctx, float* y, int64_t ldy);
 
 }  // namespace bf16gemm
 }  // namespace dsv4rt

@@ -229,15 +229,15 @@ void fp4_gemm_run(const std::vector<Fp4Expert>& experts, int64_t gemv_max_m) {
     }
 #if defined(DSV4RT_X86)
     // AVX512-BF16: the blocked vdpbf16ps GEMM for each expert whose x is exactly bf16, whose scales keep
-    // the folded weights normal bf16 and whose products stay normal (bf16_gemm.h: kMinProductExp; the
-    // smallest nonzero weight is 0.5 * 2^(e - 127)); the others take the float32 tiles below
+    // the folded weights normal bf16 and whose products stay normal (the smallest nonzero folded weight,
+    // 0.5 * 2^(lo - 127), has the biased exponent lo - 1); the others take the float32 tiles below
     if (!blocked.empty() && bf16gemm::available()) {
         std::vector<const Fp4Expert*> rest;
         for (const Fp4Expert* e : blocked) {
             bf16gemm::PackedX px;
             const auto [lo, hi] = scale_range(*e);
             if (lo >= 2 && hi <= 252 && bf16gemm::pack_x(e->x, false, e->m, e->k, px) &&
-                px.min_exp + lo - 128 >= bf16gemm::kMinProductExp)
+                bf16gemm::products_normal(px, lo - 1))
                 bf16gemm::gemm(px, e->n, decode_tile_bf16, e, e->y, e->ldy);
             else
                 rest.push_back(e);

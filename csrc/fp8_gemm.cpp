@@ -63,14 +63,14 @@ void fp8_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_, bool
     Fp8Problem p{nullptr, static_cast<const uint8_t*>(w.data()),
                  s_f32 ? nullptr : static_cast<const uint8_t*>(s.data()),
                  s_f32 ? static_cast<const float*>(s.data()) : nullptr, y.ptr, m, n, k, sk};
+    if (act_quant) xf.load_gemm(true, m, k);   // without act_quant, x is loaded below if the bf16 path declines
 #if defined(DSV4RT_X86)
     // prefill sizes: the blocked AVX512-BF16 path, when x is exactly bf16 (bf16 input, or act_quant's
     // E4M3 x power-of-two values) and every product with a nonzero weight (>= 2^-9) stays normal
-    if (act_quant) xf.load_gemm(true, m, k);
     bf16gemm::PackedX px;
     if (m > gemv_max_m && n > 0 && k > 0 && bf16gemm::available() &&
         bf16gemm::pack_x(act_quant ? xf.ptr : xf.data, xf.bf16, m, k, px) &&
-        px.min_exp - 9 >= bf16gemm::kMinProductExp) {
+        bf16gemm::products_normal(px, 127 - 9)) {
         bf16gemm::gemm(px, n, fp8::decode_tile_bf16, &p, y.ptr, n);
         y.finish();
         return;

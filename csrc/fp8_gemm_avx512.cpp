@@ -3,9 +3,9 @@
 //
 // E4M3 -> float32 without a table: the byte's 7 magnitude bits shifted left by 7 form an IEEE half whose
 // value is the E4M3 value / 256 (exponent bias 15 instead of 7; E4M3 subnormals land on half subnormals,
-// so they are exact too), the sign bit moves to bit 15 (see decode32), and vcvtph2ps widens 16 at a time. The factor 256
-// is applied to each 128-block's dot product together with the block scale. A block holding an E4M3 NaN
-// byte (0x7F / 0xFF) takes the table path, so NaN weights stay NaN.
+// so they are exact too), the sign bit moves to bit 15 (see decode32), and vcvtph2ps widens 16 at a
+// time. The factor 256 is applied to each 128-block's dot product together with the block scale. A block
+// holding an E4M3 NaN byte (0x7F / 0xFF) takes the table path, so NaN weights stay NaN.
 #include "fp8_kernels.h"
 
 #if defined(DSV4RT_X86)
@@ -16,6 +16,9 @@ namespace fp8 {
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,f16c"), always_inline)) inline
 #define AVX512_FN __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,f16c")))
+// the bf16 tile decode runs only on the AVX512-BF16 path (bf16_gemm.h)
+#define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,f16c,avx512bf16"), always_inline)) inline
+#define AVX512_BF16_FN __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,f16c,avx512bf16")))
 
 namespace {
 
@@ -30,9 +33,13 @@ AVX512 bool has_nan128(const uint8_t* p) {
     return (_mm512_cmpeq_epi8_mask(a, m7) | _mm512_cmpeq_epi8_mask(b, m7)) != 0;
 }
 
-// 32 E4M3 bytes -> two vectors of 16 floats, each the E4M3 value / 256
-AVX512 void decode32(const uint8_t* p, __m512& lo, __m512& hi) {
-    const __m512i h = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+// 32 E4M3 bytes widened to 16-bit lanes
+AVX512 __m512i widen32(const uint8_t* p) {
+    return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// 32 widened E4M3 bytes -> two vectors of 16 floats, each the E4M3 value / 256
+AVX512 void decode32(__m512i h, __m512& lo, __m512& hi) {
     // t = byte << 7 holds the magnitude at bits 7-13 and the sign at bit 14; adding bit 14 to itself
     // carries the sign into bit 15 (and clears bit 14): three operations instead of five
     const __m512i t = _mm512_slli_epi16(h, 7);
@@ -64,7 +71,7 @@ AVX512 void rows_m(const Fp8Args& a, const float* x, float* y, int64_t n0, int64
                 for (int r = 0; r < M; ++r) blk[r] = blk2[r] = _mm512_setzero_ps();
                 for (int64_t j = 0; j < kBlk; j += 32) {
                     __m512 lo, hi;
-                    decode32(wr + k0 + j, lo, hi);
+                    decode32(widen32(wr + k0 + j), lo, hi);
                     for (int r = 0; r < M; ++r) {
                         const float* xr = x + r * a.k + k0 + j;
                         blk[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr), blk[r]);
@@ -87,18 +94,14 @@ AVX512 void rows_m(const Fp8Args& a, const float* x, float* y, int64_t n0, int64
     }
 }
 
-// 32 E4M3 bytes -> 32 bf16 patterns of their values (exact: E4M3 values are bf16 values); NaN bytes -> NaN
-AVX512 __m512i decode32_bf16(const uint8_t* p) {
+// 32 E4M3 bytes -> 32 bf16 patterns of their values (exact: E4M3 values are bf16 values, all normal
+// floats once the 1/256 is undone, so vcvtne2ps2bf16 neither rounds nor flushes); NaN bytes -> NaN
+AVX512_BF16 __m512i decode32_bf16(const uint8_t* p) {
+    const __m512i h = widen32(p);
     __m512 lo, hi;
-    decode32(p, lo, hi);
+    decode32(h, lo, hi);
     const __m512 k256 = _mm512_set1_ps(256.0f);
-    // the upper halves of the 32 float32 patterns, in order
-    const __m512i idx = _mm512_setr_epi32(
-        0x00030001, 0x00070005, 0x000B0009, 0x000F000D, 0x00130011, 0x00170015, 0x001B0019, 0x001F001D,
-        0x00230021, 0x00270025, 0x002B0029, 0x002F002D, 0x00330031, 0x00370035, 0x003B0039, 0x003F003D);
-    const __m512i b = _mm512_permutex2var_epi16(_mm512_castps_si512(_mm512_mul_ps(lo, k256)), idx,
-                                                _mm512_castps_si512(_mm512_mul_ps(hi, k256)));
-    const __m512i h = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    const __m512i b = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, k256), _mm512_mul_ps(lo, k256));
     const __m512i m7 = _mm512_set1_epi16(0x7F);
     const __mmask32 nan = _mm512_cmpeq_epi16_mask(_mm512_and_si512(h, m7), m7);
     return _mm512_mask_mov_epi16(b, nan, _mm512_set1_epi16(0x7FC0));
@@ -123,7 +126,7 @@ AVX512_FN void rows_avx512(const Fp8Args& a, int64_t n0, int64_t n1) {
     }
 }
 
-AVX512_FN void decode_tile_bf16(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint16_t* wd, float* sc) {
+AVX512_BF16_FN void decode_tile_bf16(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint16_t* wd, float* sc) {
     const Fp8Args& a = *static_cast<const Fp8Args*>(ctx);
     const int64_t k0 = kb * kBlk, kw = std::min(kBlk, a.k - k0);
     for (int64_t r = 0; r < nt; ++r) {
