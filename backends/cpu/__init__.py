@@ -8,9 +8,12 @@ Tensors arrive as torch CPU tensors and are viewed as NumPy without a copy where
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 from dsv4rt.backend import Backend, Probe, Registrar
 
-__all__ = ["CpuBackend", "backend"]
+__all__ = ["CpuBackend", "backend", "native_status", "native_isa", "native_isa_cap"]
 
 NATIVE_PRIORITY = 20
 NUMPY_PRIORITY = 10
@@ -34,6 +37,26 @@ def native_status() -> tuple[bool, str]:
     info = _C.compiled_with()
     return True, (f"dsv4rt._C loaded: {info['active_isa']} kernels, {info['threading']} threading, "
                   f"{info['threads']} threads")
+
+
+def native_isa() -> str | None:
+    """The instruction-set level the native kernels run at (``"avx512_bf16"``, ``"avx512"``, ``"avx2"``,
+    ``"generic"``: ``_C.compiled_with()["active_isa"]``), or None where ``dsv4rt._C`` is not usable."""
+    if not native_status()[0]:
+        return None
+    from dsv4rt import _C
+    return _C.compiled_with()["active_isa"]
+
+
+@contextlib.contextmanager
+def native_isa_cap(isa: str) -> Iterator[None]:
+    """Inside the block the native kernels use at most ``isa`` (``_C.set_isa``); the previous level after."""
+    from dsv4rt import _C
+    before = _C.set_isa(isa)
+    try:
+        yield
+    finally:
+        _C.set_isa(before)
 
 
 class CpuBackend(Backend):

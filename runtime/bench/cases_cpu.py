@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..backends.cpu import native_isa, native_isa_cap
 from .case import BenchCase
 from .inputs import e4m3, e8m0, mxfp4, normal, routed_ids
 
@@ -40,36 +41,20 @@ def _kernel_only(args: dict[str, Any]):
 
 def _bf16_path() -> bool:
     """True where cpu/native's prefill GEMMs take the AVX512-BF16 path (the CPU has it, _C is built)."""
-    try:
-        from dsv4rt import _C
-    except ImportError:
-        return False
-    return _C.compiled_with()["active_isa"] == "avx512_bf16"
+    return native_isa() == "avx512_bf16"
 
 
 def _on_isa(isa: str, op: str, args: dict[str, Any]):
-    """cpu/native's ``op`` with the hand-written kernels capped at ``isa`` (``_C.set_isa``) for the call:
-    the same wrapper and threads, another kernel path."""
-    from dsv4rt import _C
+    """cpu/native's ``op`` with the hand-written kernels capped at ``isa`` for the call: the same wrapper
+    and threads, another kernel path."""
     from dsv4rt.backends.cpu import native
 
     fn = getattr(native, op)
 
     def call():
-        before = _C.set_isa(isa)
-        try:
+        with native_isa_cap(isa):
             return fn(**args)
-        finally:
-            _C.set_isa(before)
     return call
-
-
-def _native_built() -> bool:
-    try:
-        from dsv4rt import _C  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _gemv_target(fraction: float, ratios: dict[str, float]) -> bool:
@@ -190,7 +175,7 @@ def cpu_cases(quick: bool = False) -> list[BenchCase]:
                  _compress(256, 4, True), _compress(256, 128, True), _route(16, True)]
     else:
         cases = [_fp4(1, 4096, 4096, target=">= 50% of read bandwidth and >= 10x cpu/numpy")]
-        if _native_built():
+        if native_isa() is not None:
             cases[0].baselines[KERNEL_ONLY] = _kernel_only
         for m in (1, 8, 64):
             cases += [_fp4(m, 2048, 4096), _fp4(m, 4096, 2048)]

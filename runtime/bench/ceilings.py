@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from ..backends.cpu import native_isa
 from .timing import cold_data_flush, time_call
 
 __all__ = ["measure_ceilings", "matrix_peak"]
@@ -60,29 +61,24 @@ def measure_ceilings(device: torch.device, quick: bool = False) -> dict[str, Any
 
 def _cpu_instruction_peaks(quick: bool) -> dict[str, float]:
     """FP32 FMA and (with AVX512-BF16) vdpbf16ps peaks of all cores, from dsv4rt._C's register-only probe;
-    empty where the extension is not built (the roofline then uses torch's sgemm rate)."""
-    try:
-        from dsv4rt import _C
-    except ImportError:
+    empty where the extension is not usable (the roofline then uses torch's sgemm rate)."""
+    isa = native_isa()
+    if isa is None:
         return {}
-    if not hasattr(_C, "peak_gflops"):
-        return {}
+    from dsv4rt import _C
     iters = 1 << (18 if quick else 21)
     out = {"fp32_tflops": _C.peak_gflops("fp32", iters) / 1e3}
-    if _C.compiled_with()["active_isa"] == "avx512_bf16":
+    if isa == "avx512_bf16":
         out["bf16_tflops"] = _C.peak_gflops("bf16", iters) / 1e3
     return out
 
 
 def _cpu_read_probe(buf: torch.Tensor) -> float | None:
     """TB/s of dsv4rt._C's streaming read of buf (vector loads with software prefetch on all threads, as the
-    GEMV kernels read weights), or None where the extension is not built."""
-    try:
-        from dsv4rt import _C
-    except ImportError:
+    GEMV kernels read weights), or None where the extension is not usable."""
+    if native_isa() is None:
         return None
-    if not hasattr(_C, "read_gbps"):
-        return None
+    from dsv4rt import _C
     return _C.read_gbps(buf.view(torch.uint8).numpy()) / 1e3
 
 

@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..backends.cpu import native_isa, native_isa_cap
+
 __all__ = ["ModelRow", "CONFIGS", "run_model_bench", "format_model_rows"]
 
 NO_BF16 = "automatic, no AVX512-BF16"
@@ -35,26 +37,8 @@ CONFIGS: dict[str, tuple[dict[str, str] | None, str | None]] = {
 
 def _configs() -> dict[str, tuple[dict[str, str] | None, str | None]]:
     """CONFIGS this machine can tell apart: the no-BF16 row only where the native kernels use AVX512-BF16."""
-    try:
-        from dsv4rt import _C
-        bf16 = _C.compiled_with()["active_isa"] == "avx512_bf16"
-    except ImportError:
-        bf16 = False
+    bf16 = native_isa() == "avx512_bf16"
     return {k: v for k, v in CONFIGS.items() if bf16 or k != NO_BF16}
-
-
-@contextlib.contextmanager
-def _isa_cap(isa: str | None):
-    """The native kernels capped at ``isa`` inside the block (nothing when None)."""
-    if isa is None:
-        yield
-        return
-    from dsv4rt import _C
-    before = _C.set_isa(isa)
-    try:
-        yield
-    finally:
-        _C.set_isa(before)
 
 
 @dataclass
@@ -91,7 +75,7 @@ def run_model_bench(preset: str = "tiny", layers: int | None = None, prompt_len:
     with _cpu_threads(device):
         for config, (mapping, isa) in _configs().items():
             ctx = use_backend(mapping) if mapping else contextlib.nullcontext()
-            with ctx, _isa_cap(isa):
+            with ctx, (native_isa_cap(isa) if isa else contextlib.nullcontext()):
                 generate(model, [prompt], 4)                       # warm-up: binds every op's shapes
                 best = None
                 for _ in range(repeats):

@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..backends.cpu import native_isa
+
 __all__ = ["time_call", "Timing", "cold_data_flush"]
 
 _FLUSH: dict[str, torch.Tensor] = {}
@@ -43,15 +45,10 @@ def _sync(device: torch.device) -> None:
 
 
 def _evictor(cold: Any) -> Callable[[], None] | None:
-    """A function evicting the CPU tensors ``cold`` from the caches, or None without dsv4rt._C.evict."""
-    if cold is None:
+    """A function evicting the CPU tensors ``cold`` from the caches, or None where dsv4rt._C is not usable."""
+    if cold is None or native_isa() is None:
         return None
-    try:
-        from dsv4rt import _C
-    except ImportError:
-        return None
-    if not hasattr(_C, "evict"):
-        return None
+    from dsv4rt import _C
     ranges = [(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in cold
               if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel()]
 

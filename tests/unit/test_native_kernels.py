@@ -23,7 +23,7 @@ except ImportError as exc:  # pragma: no cover - exercised only where the build 
     warnings.warn(f"dsv4rt._C is not built, native kernel tests skipped: {exc}", stacklevel=1)
     pytest.skip(f"dsv4rt._C failed to build or import: {exc}", allow_module_level=True)
 
-from dsv4rt.backends.cpu import native  # noqa: E402  (needs _C)
+from dsv4rt.backends.cpu import native, native_isa_cap  # noqa: E402  (native needs _C)
 
 NATIVE = "cpu/native"
 # the hand-written paths up to what this CPU has: portable, AVX-512, AVX-512 + AVX512-BF16 (blocked GEMMs)
@@ -34,12 +34,8 @@ ISAS = {"generic": ["generic"], "avx2": ["generic"], "avx512": ["generic", "avx5
 @pytest.fixture(params=ISAS, autouse=True)
 def isa(request):
     """Run every test on each instruction-set path the CPU offers; outputs poisoned (NaN / sentinels)."""
-    before = _C.set_isa(request.param)
-    try:
-        with poisoned_outputs():
-            yield request.param
-    finally:
-        _C.set_isa(before)
+    with native_isa_cap(request.param), poisoned_outputs():
+        yield request.param
 
 
 def gen(seed: int) -> torch.Generator:
