@@ -20,6 +20,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="small shapes and few repetitions: a smoke run whose "
                    "case names carry the small shapes (not comparable with the README table)")
     p.add_argument("--reps", type=int, default=30, help="timed repetitions per case (default 30)")
+    p.add_argument("--no-reprobe", action="store_true", help="skip re-measuring the ceilings after the cases "
+                   "(then only the probes' agreement and the documented figures decide whether the machine "
+                   "was too noisy for a verdict)")
     p.add_argument("--dispatch", action="store_true", help="only measure the registry's per-call overhead on CPU")
     p.add_argument("--model", choices=("tiny", "flash-slice"), action="append",
                    help="instead: whole-model CPU prefill / decode tokens/s, with fp8_gemm, kv_compress and "
@@ -53,7 +56,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                   f"ops with bench cases on {args.backend}: {', '.join(valid)}", file=sys.stderr)
             return 2
     report = run_bench(args.backend, ops, quick=args.quick, reps=3 if args.quick else args.reps,
-                       log=lambda s: print(s, file=sys.stderr, flush=True))
+                       log=lambda s: print(s, file=sys.stderr, flush=True), reprobe=not args.no_reprobe)
     print(format_report(report))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

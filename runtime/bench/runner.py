@@ -1,5 +1,6 @@
 """`dsv4rt bench`: measure the ceilings, then time every case on every variant of a backend next to
-its baselines, each checked for correctness first (docs/performance.md section 5)."""
+its baselines, each checked for correctness first (docs/performance.md section 5); re-measure the ceilings
+and give no verdict where trust.py finds them untrustworthy (a noisy machine)."""
 from __future__ import annotations
 
 import platform
@@ -15,7 +16,9 @@ from .cases_cpu import cpu_cases
 from .cases_gpu import gpu_cases
 from .ceilings import matrix_peak, measure_ceilings
 from .check import agree
+from .reference import reference_for
 from .timing import time_call
+from .trust import judge_run, no_verdict_text
 
 __all__ = ["BenchRow", "BenchReport", "run_bench"]
 
@@ -27,8 +30,8 @@ class BenchRow:
     us: float
     tbs: float
     tflops: float
-    roofline_us: float
-    fraction: float
+    roofline_us: float | None   # None (with fraction and met): no verdict, the ceilings are not trusted
+    fraction: float | None
     ratios: dict[str, float]  # baseline name -> baseline time / this time (> 1: faster than the baseline)
     target: str
     met: bool | None
@@ -44,9 +47,21 @@ class BenchReport:
     failures: list[str] = field(default_factory=list)
     unsupported: list[str] = field(default_factory=list)
     quick: bool = False
+    ceilings_after: dict[str, Any] | None = None   # re-measured after the cases (None: not re-measured)
+    noisy: list[str] = field(default_factory=list)  # why no verdict is given ([]: verdicts given)
+
+    def withhold(self, problems: list[str]) -> None:
+        """Give no verdict: keep the raw timings and ratios, drop every roofline fraction and "met"."""
+        self.noisy = list(problems)
+        if problems:
+            for r in self.rows:
+                r.roofline_us = r.fraction = r.met = None
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON form; ``verdict`` is null and ``noisy`` says why when the run gives no verdict."""
         return {"backend": self.backend, "environment": self.environment, "ceilings": self.ceilings,
+                "ceilings_after": self.ceilings_after, "verdict": None if self.noisy else "given",
+                "noisy": no_verdict_text(self.noisy) if self.noisy else None,
                 "rows": [asdict(r) for r in self.rows], "failures": self.failures, "unsupported": self.unsupported, "quick": self.quick}
 
 
@@ -118,8 +133,9 @@ def bench_op_names(backend: str) -> list[str]:
 
 
 def run_bench(backend: str, ops: Sequence[str] | None = None, quick: bool = False, reps: int = 30,
-              log: Callable[[str], None] = lambda s: None) -> BenchReport:
-    """Time every case of ``backend``'s device (filtered by op names) on every variant of the backend."""
+              log: Callable[[str], None] = lambda s: None, reprobe: bool = True) -> BenchReport:
+    """Time every case of ``backend``'s device (filtered by op names) on every variant of the backend;
+    with ``reprobe``, measure the ceilings again after the cases so that trust.py can compare the two."""
     device = _device_for(backend)
     ceilings = measure_ceilings(device, quick)
     log(f"ceilings on {ceilings['device']}: " + ", ".join(f"{k} {v:.3g}" for k, v in ceilings.items()
@@ -169,4 +185,18 @@ def run_bench(backend: str, ops: Sequence[str] | None = None, quick: bool = Fals
                 f"{case.name} (quick)" if quick else case.name, variant, t, case.bytes / t / 1e6, case.flops / t / 1e6, roofline, roofline / t,
                 ratios, case.target if variant not in extra else "baseline", met, case.note))
         del args
+    _judge(report, device, quick, reprobe, log)
     return report
+
+
+def _judge(report: BenchReport, device: torch.device, quick: bool, reprobe: bool,
+           log: Callable[[str], None]) -> None:
+    """Re-measure the ceilings (``reprobe``) and withhold every verdict where trust.py finds them wrong;
+    quick runs' probes are smaller than the documented ones, so only their agreement judges them."""
+    if reprobe:
+        report.ceilings_after = measure_ceilings(device, quick)
+    reference = None if quick else reference_for(report.ceilings.get("machine"))
+    fractions = [(f"{r.case} [{r.implementation}]", r.fraction) for r in report.rows]
+    report.withhold(judge_run(report.ceilings, fractions, reference, report.ceilings_after))
+    if report.noisy:
+        log(no_verdict_text(report.noisy))
