@@ -428,6 +428,21 @@ def round_float(x: Array, dtype: Any) -> Array:
     return rounded.astype(np.uint32).view(np.float32)
 
 
-__all__ = ["FP4_VALUES", "round_float", "as_bytes", "unpack_fp4", "pack_fp4", "decode_fp4", "e8m0_to_float", "float_to_e8m0",
+ORDER_KEY_FLOOR = -(1 << 31)
+"""An int32 key below :func:`order_key` of every float32, -inf included (int32 min): for masked-out entries."""
+
+
+def order_key(x: Array) -> Array:
+    """int32 keys that sort as the float32 values of ``x`` do: ``a < b`` (as floats, -0.0 just below +0.0)
+    iff ``key(a) < key(b)``; -inf maps to ``-2**31 + 0x7FFFFF``, above ``ORDER_KEY_FLOOR``. NaN has no
+    place in the order: callers map it first. The
+    bits of the float are reordered (sign-magnitude to two's complement), the same key Triton's top-k
+    select ranks on. Torch tensors and NumPy arrays alike."""
+    xp, x32 = _as_f32(x, "order_key", "x")
+    bits = xp.contig(x32).view(xp.int32)
+    return xp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+__all__ = ["FP4_VALUES", "round_float", "order_key", "ORDER_KEY_FLOOR", "as_bytes", "unpack_fp4", "pack_fp4", "decode_fp4", "e8m0_to_float", "float_to_e8m0",
            "decode_e4m3", "encode_e4m3", "dequant_mxfp4", "quant_mxfp4", "fp4_fake_quant", "quant_fp8_block",
            "dequant_fp8_block", "act_quant_fp8", "fp8_fake_quant", "fp4_to_fp8_tiles"]

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from dsv4rt.backend import new_output
-from dsv4rt.formats import decode_e4m3, round_float
+from dsv4rt.formats import ORDER_KEY_FLOOR, decode_e4m3, order_key, round_float
 
 __all__ = ["indexer_topk", "CHUNK_ELEMS"]
 
@@ -30,8 +30,10 @@ def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: i
     """``idx[B, S, topk]`` int32: per query, the ``topk`` visible keys with the largest score
     ``sum_h weights[h] * relu(q[h] . key[t])`` (float32), -1 in the slots beyond ``visible``.
 
-    Keys ``t >= visible[b, s]`` are masked to -inf before ``torch.topk``; any returned index at or beyond
-    ``visible`` is then replaced by -1 (its score by -inf), which also covers ``N < topk``.
+    ``torch.topk`` ranks int32 keys of the scores (:func:`dsv4rt.formats.order_key`, NaN mapped to -inf
+    first) with the keys ``t >= visible[b, s]`` set to ``ORDER_KEY_FLOOR``, so a visible key scoring -inf still ranks
+    above every invisible one; any returned index at or beyond ``visible`` (only when fewer than ``topk``
+    keys are visible) is then replaced by -1 (its score by -inf).
     With ``return_scores`` also returns ``scores[B, S, topk]`` float32. A 16-bit ``score_dtype`` (None =
     q's dtype) rounds the dot products, the weighted terms and the head sum, as the contract says.
     """
@@ -66,8 +68,10 @@ def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: i
         else:
             sc = torch.matmul(w[:, s0:s1].unsqueeze(2), dots).squeeze(2)     # [B, c, N]: sum over heads
         vc = vis[:, s0:s1, None]                                          # [B, c, 1]
-        sc.masked_fill_((pos >= vc) | torch.isnan(sc), float("-inf"))     # a NaN score counts as -inf
-        vals, ids = torch.topk(sc, kk, dim=-1)
+        sc.masked_fill_(torch.isnan(sc), float("-inf"))                   # a NaN score counts as -inf
+        key = order_key(sc).masked_fill_(pos >= vc, ORDER_KEY_FLOOR)     # invisible: below -inf too
+        ids = torch.topk(key, kk, dim=-1).indices
+        vals = sc.gather(-1, ids)
         invalid = ids >= vc
         idx[:, s0:s1, :kk].copy_(ids.masked_fill(invalid, -1))
         if scores is not None:

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from dsv4rt.backend import new_output
-from dsv4rt.formats import decode_e4m3, round_float
+from dsv4rt.formats import ORDER_KEY_FLOOR, decode_e4m3, order_key, round_float
 
 from ._np import BUDGET, f32, ints, u8
 
@@ -41,7 +41,9 @@ def _scores(qb: np.ndarray, kb: np.ndarray, wb: np.ndarray, n: int, rnd: torch.d
 
 def _select(scores: np.ndarray, vis: np.ndarray, topk: int, idx: np.ndarray,
             best: np.ndarray | None) -> None:
-    """Write the top-k visible keys of each row (descending score, -1 after) into idx / best."""
+    """Write the top-k visible keys of each row (descending score, -1 after) into idx / best. Rows rank
+    on :func:`dsv4rt.formats.order_key` of the scores, the keys beyond ``vis`` at ``ORDER_KEY_FLOOR``,
+    so a visible key scoring -inf (or NaN, counted as -inf) is taken before any invisible one."""
     sc, n = scores.shape
     idx[...] = -1
     if best is not None:
@@ -49,15 +51,16 @@ def _select(scores: np.ndarray, vis: np.ndarray, topk: int, idx: np.ndarray,
     kk = min(topk, n)
     if kk == 0:
         return
-    scores[(np.arange(n)[None, :] >= vis[:, None]) | np.isnan(scores)] = -np.inf   # NaN counts as -inf
+    scores[np.isnan(scores)] = -np.inf                                # a NaN score counts as -inf
+    key = order_key(scores)                                           # invisible: below every score
+    key[np.arange(n)[None, :] >= vis[:, None]] = ORDER_KEY_FLOOR
     if kk < n:
-        sel = np.argpartition(scores, n - kk, axis=1)[:, n - kk:]     # the kk largest, unordered
+        sel = np.argpartition(key, n - kk, axis=1)[:, n - kk:]        # the kk largest, unordered
     else:
         sel = np.broadcast_to(np.arange(n), (sc, n))
-    val = np.take_along_axis(scores, sel, axis=1)
-    order = np.argsort(-val, axis=1, kind="stable")                   # only kk per row: cheap
+    order = np.argsort(~np.take_along_axis(key, sel, axis=1), axis=1, kind="stable")   # descending; kk per row
     sel = np.take_along_axis(sel, order, axis=1)
-    val = np.take_along_axis(val, order, axis=1)
+    val = np.take_along_axis(scores, sel, axis=1)
     valid = sel < vis[:, None]
     idx[:, :kk] = np.where(valid, sel, -1)
     if best is not None:

@@ -78,6 +78,16 @@ def _abs_e4m3(w: torch.Tensor) -> torch.Tensor:
     return (w.view(torch.uint8) & 0x7F).view(torch.float8_e4m3fn)
 
 
+def _finite_abs(t: torch.Tensor) -> torch.Tensor:
+    """|t| with NaN and +-inf (E4M3: the NaN codes) as 0, for a rounding bound over the finite terms only.
+    A non-finite input makes the products it enters exact (+-inf, NaN, or relu's exact 0), so the error of
+    a result stays that of its finite terms."""
+    if t.dtype == torch.float8_e4m3fn:
+        b = t.view(torch.uint8) & 0x7F
+        return b.masked_fill(b == 0x7F, 0).view(torch.float8_e4m3fn)
+    return t.abs().nan_to_num(0.0, 0.0, 0.0)
+
+
 def gemm(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
     """|y - ref| <= u_out |ref| + (2 u_in + u_w + 2^-22 sqrt(K)) * sum_k |q(x)| |w| (fp32 accumulation)."""
     x = args["x"]
@@ -99,9 +109,8 @@ def topk(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
     q, k, w = args["q"], args["k"], args["weights"]
     sd = score_dtype_of(args)
     scores = ref.indexer_scores(q, k, w, args["visible"], args["k_scale"], sd)
-    k_abs = _abs_e4m3(k) if k.dtype == torch.float8_e4m3fn else k.abs()
-    bound = ref.indexer_scores(q.abs(), k_abs, w.abs(), torch.full_like(args["visible"], k.shape[1]),
-                               args["k_scale"], torch.float32)
+    bound = ref.indexer_scores(_finite_abs(q), _finite_abs(k), _finite_abs(w),
+                               torch.full_like(args["visible"], k.shape[1]), args["k_scale"], torch.float32)
     # a 16-bit score: an fp32 value next to a rounding boundary may round one ulp (2^-7 / 2^-10 relative)
     # the other way at each of the three rounding points (q.k, w*relu, the head sum): 3 ulps of the bound
     u = {torch.bfloat16: 3 * 2.0**-7, torch.float16: 3 * 2.0**-10}.get(

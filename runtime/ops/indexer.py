@@ -36,7 +36,9 @@ def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: i
       ``p = round(weights[h] * relu(d))``, ``score = round(sum_h p)`` (fp32 accumulation). Rounded scores
       tie more often; ties may be broken either way. ``scores`` are returned as float32.
     - NaN: a NaN score (NaN in q, a key or a weight) counts as -inf: it ranks below every number, and
-      ``scores`` reports -inf for it. Infinite inputs follow IEEE arithmetic.
+      ``scores`` reports -inf for it. Infinite inputs follow IEEE arithmetic. A visible key is a candidate
+      whatever its score: keys scoring -inf (or NaN) still fill the row's ``min(topk, visible)`` slots
+      when fewer finite ones are visible, and only keys ``t >= visible`` are never returned.
     Per-head scores are never materialised by fused backends.
     """
 

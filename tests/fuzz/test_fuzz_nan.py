@@ -32,6 +32,26 @@ for r in range(2):
     assert len(nan_slot) == 1 and sc[0, r, nan_slot[0]] == float('-inf'), (got, sc)
     assert not sc.isnan().any() and bool(torch.isfinite(sc[0, r, [i for i, t in enumerate(got) if t not in (3, 7)]]).all())
 """
+VISIBLE_NON_FINITE = """
+g = torch.Generator().manual_seed(11)
+n, rows = 9, 12
+kv = torch.rand(n, generator=g) + 0.5
+kv[[1, 4]] = float('inf'); kv[6] = float('nan')
+k = torch.zeros(1, n, 2); k[0, :, 0] = kv
+q = torch.zeros(1, rows, 1, 2); q[..., 0] = 1.0
+w = torch.tensor(WEIGHTS)[torch.randint(0, len(WEIGHTS), (1, rows, 1), generator=g)]
+vis = torch.randint(0, n + 1, (1, rows), generator=g, dtype=torch.int32); vis[0, :3] = torch.tensor([3, n, 7])
+for topk in (4, n, n + 2):
+    idx, sc = dsv4rt.ops.indexer_topk(q, k, w, vis, topk, None, True, backend=V)
+    for r in range(rows):
+        v, got, m = int(vis[0, r]), idx[0, r], min(topk, int(vis[0, r]))
+        want = w[0, r, 0].double() * torch.relu(kv[:v].double())        # inf key: -inf (w < 0), NaN (w = 0)
+        want = torch.where(want.isnan(), float('-inf'), want).sort(descending=True).values[:m]
+        keys = got[got != -1]
+        assert keys.numel() == m and keys.unique().numel() == m and bool((keys < v).all()), (topk, r, v, got)
+        assert torch.equal(sc[0, r][got != -1].double().sort(descending=True).values, want), (topk, r, got, sc[0, r], want)
+        assert bool((sc[0, r][got == -1] == float('-inf')).all()), sc[0, r]
+"""
 GEMM = """
 from dsv4rt.formats import quant_mxfp4, quant_fp8_block
 g = torch.Generator().manual_seed(2)
@@ -46,6 +66,32 @@ def test_nan_semantics_agree(interp):
     if interp:
         pytest.importorskip("triton", reason="Triton is not installed: cuda/triton NaN cases need its interpreter")
     assert_ok_on_variants({"attention": ATTN, "indexer": INDEXER, "fp4-gemm-act-quant": GEMM}, interp)
+
+
+@pytest.mark.parametrize("interp", [False, True], ids=["cpu", "cuda-interpreter"])
+def test_indexer_keeps_visible_keys_scoring_minus_inf(interp):
+    """A visible key whose score is -inf or NaN (NaN counts as -inf) still fills a slot: each row holds
+    min(topk, visible) keys (cpu/torch and cuda/torch let torch.topk pick invisible keys, also masked to
+    -inf, in their place, then dropped them: [1, 0, -1, -1] for [1, 0, 2, -1]; cpu/numpy did so across rows
+    of different ``visible``)."""
+    if interp:
+        pytest.importorskip("triton", reason="Triton is not installed: cuda/triton cases need its interpreter")
+    assert_ok_on_variants({"indexer-visible-non-finite": VISIBLE_NON_FINITE.replace("WEIGHTS", "[-1.0, 0.0, -0.5]")},
+                          interp)
+
+
+@pytest.mark.parametrize("variant", ["cpu/numpy", "cpu/torch", pytest.param("cpu/native", marks=pytest.mark.xfail(
+    strict=True, reason="csrc/indexer.cpp pads the heads to 16 with q = 0 and w = 0: an infinite key gives "
+    "0 * inf = NaN in the pad lanes, so a +inf score counts as -inf (H = 64, as V4, is not padded)"))])
+def test_indexer_plus_inf_scores_rank_first(variant):
+    """An infinite key under a positive head weight scores +inf and ranks above every finite score."""
+    assert_ok_on_variants({"indexer-plus-inf": VISIBLE_NON_FINITE.replace("WEIGHTS", "[1.0, 0.0, -1.0]")},
+                          False, cpu=(variant,))
+
+
+def test_indexer_plus_inf_scores_rank_first_interpreter():
+    pytest.importorskip("triton", reason="Triton is not installed: cuda/triton cases need its interpreter")
+    assert_ok_on_variants({"indexer-plus-inf": VISIBLE_NON_FINITE.replace("WEIGHTS", "[1.0, 0.0, -1.0]")}, True)
 
 
 MASKS = """

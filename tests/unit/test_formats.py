@@ -288,6 +288,22 @@ def test_fp4_to_fp8_tiles_rejects_span_beyond_2_14():
 
 
 # ---------------------------------------------------------------- bad inputs ---------------------------
+def test_order_key_sorts_as_the_floats():
+    """Every non-NaN float32 class (infinities, extremes, subnormals, signed zeros) and random values: the
+    int32 keys sort as the floats, torch and NumPy give the same keys, and ORDER_KEY_FLOOR is below all."""
+    special = np.array([-np.inf, -3.4028235e38, -1.0, -1e-45, -0.0, 0.0, 1e-45, 1.0, 3.4028235e38, np.inf], np.float32)
+    x = np.concatenate([special, log_uniform((500,), -149, 127, seed=4)])
+    np.random.default_rng(5).shuffle(x)
+    kn, kt = F.order_key(x), F.order_key(t(x))
+    assert kn.dtype == np.int32 and kt.dtype == torch.int32 and np.array_equal(kn, kt.numpy())
+    by_key = x[np.argsort(kn)]
+    assert np.all(by_key[1:] >= by_key[:-1])                             # ascending keys, ascending floats
+    assert len(np.unique(kn)) == len(np.unique(x.view(np.uint32)))       # distinct floats, distinct keys
+    assert F.order_key(np.float32([-0.0]))[0] < F.order_key(np.float32([0.0]))[0]
+    assert int(kn.min()) > F.ORDER_KEY_FLOOR == np.iinfo(np.int32).min
+    assert F.order_key(torch.tensor([0.5, -2.0], dtype=torch.bfloat16)).tolist() == F.order_key(t(np.float32([0.5, -2.0]))).tolist()
+
+
 @pytest.mark.parametrize("call, exc, pattern", [
     (lambda: F.decode_fp4(np.zeros(4, np.float32)), TypeError, r"decode_fp4: packed .*float32"),
     (lambda: F.unpack_fp4([1, 2]), TypeError, r"unpack_fp4: packed .*list"),

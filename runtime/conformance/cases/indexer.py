@@ -16,7 +16,7 @@ def _causal(b: int, s: int, ratio: int = 4, start: int = 0) -> torch.Tensor:
 
 def _case(label: str, b: int, s: int, h: int, d: int, n: int, topk: int, visible=None, dtype=BF16,
           fp8_keys: bool = False, scores: bool = False, noncontig: tuple[str, ...] = (),
-          score_dtype: torch.dtype | None = None) -> Case:
+          score_dtype: torch.dtype | None = None, nan_keys: int = 0) -> Case:
     def make(gen: torch.Generator) -> dict:
         q = randn(gen, b, s, h, d, dtype=dtype)
         if fp8_keys:
@@ -24,6 +24,12 @@ def _case(label: str, b: int, s: int, h: int, d: int, n: int, topk: int, visible
             k_scale = torch.rand((b, n), generator=gen) * 0.1 + 0.01
         else:
             k, k_scale = randn(gen, b, n, d, dtype=dtype), None
+        if nan_keys:   # keys scoring NaN (counted as -inf): still visible, they fill slots before -1
+            bad = torch.randperm(n, generator=gen)[:nan_keys]
+            if fp8_keys:
+                k.view(torch.uint8)[:, bad, 0] = 0x7F    # the E4M3 NaN code
+            else:
+                k[:, bad, 0] = float("nan")
         weights = torch.randn((b, s, h), generator=gen)
         vis = visible(gen) if callable(visible) else _causal(b, s, start=4 * n - s)
         return {"q": q, "k": k, "weights": weights, "visible": vis, "topk": topk, "k_scale": k_scale,
@@ -33,7 +39,8 @@ def _case(label: str, b: int, s: int, h: int, d: int, n: int, topk: int, visible
 
 @case_generator
 def indexer_topk() -> list[Case]:
-    """Decode and prefill shapes, fewer visible keys than top-k, causal ratio-4 boundaries, FP8 keys."""
+    """Decode and prefill shapes, fewer visible keys than top-k, causal ratio-4 boundaries, FP8 keys, keys
+    scoring NaN (visible: they must still fill slots)."""
     cases = [
         _case("decode-B2-H8-N256-top64", 2, 1, 8, 64, 256, 64),
         _case("prefill-B1-S64-H4-N16-top8-causal", 1, 64, 4, 32, 16, 8,
@@ -50,6 +57,10 @@ def indexer_topk() -> list[Case]:
         _case("scores-fp32-bf16-inputs", 2, 2, 8, 64, 96, 16, scores=True, score_dtype=F32),
         _case("scores-bf16-fp32-inputs", 2, 2, 8, 64, 96, 16, dtype=F32, scores=True, score_dtype=BF16),
         _case("scores-bf16-fp8-keys", 1, 2, 8, 64, 80, 16, fp8_keys=True, scores=True, score_dtype=BF16),
+        _case("nan-keys-fill-slots", 2, 6, 4, 32, 24, 16, scores=True, nan_keys=10,
+              visible=lambda g: torch.randint(8, 25, (2, 6), generator=g, dtype=torch.int32)),
+        _case("nan-fp8-keys-fill-slots", 1, 4, 8, 64, 40, 32, fp8_keys=True, nan_keys=12,
+              visible=lambda g: torch.randint(20, 41, (1, 4), generator=g, dtype=torch.int32)),
     ]
 
     def good(gen):
