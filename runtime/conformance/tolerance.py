@@ -88,6 +88,13 @@ def _finite_abs(t: torch.Tensor) -> torch.Tensor:
     return t.abs().nan_to_num(0.0, 0.0, 0.0)
 
 
+def _at(t: torch.Tensor, idx: torch.Tensor, fill: float) -> torch.Tensor:
+    """``t[b, s, idx[b, s, j]]`` where ``idx >= 0``, ``fill`` where it is -1 (also when ``t`` has no keys)."""
+    if t.shape[2] == 0:
+        return torch.full(idx.shape, fill, dtype=t.dtype)
+    return torch.where(idx >= 0, t.gather(2, idx.clamp(min=0)), torch.full_like(t[..., :1], fill))
+
+
 def gemm(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
     """|y - ref| <= u_out |ref| + (2 u_in + u_w + 2^-22 sqrt(K)) * sum_k |q(x)| |w| (fp32 accumulation)."""
     x = args["x"]
@@ -147,8 +154,8 @@ def topk(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
     set_check = Check(True, 0.0, 0.0, budget, f"set within {u:.2g}*sum|w||q||k| of the k-th best")
     if len(outs) < 2:
         return set_check
-    want = torch.where(idx >= 0, scores.gather(2, idx.clamp(min=0)), torch.full_like(idx, -math.inf, dtype=torch.float64))
-    tol = torch.where(idx >= 0, tol_all.gather(2, idx.clamp(min=0)), torch.zeros_like(want)) + u * want.abs().nan_to_num(0, 0, 0)
+    want = _at(scores, idx, -math.inf)
+    tol = _at(tol_all, idx, 0.0) + u * want.abs().nan_to_num(0, 0, 0)
     return _worst(set_check, _compare(outs[1], want, tol, f"scores {u:.2g}*bound", "scores"))
 
 

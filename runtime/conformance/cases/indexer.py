@@ -39,8 +39,8 @@ def _case(label: str, b: int, s: int, h: int, d: int, n: int, topk: int, visible
 
 @case_generator
 def indexer_topk() -> list[Case]:
-    """Decode and prefill shapes, fewer visible keys than top-k, causal ratio-4 boundaries, FP8 keys, keys
-    scoring NaN (visible: they must still fill slots)."""
+    """Decode and prefill shapes, fewer visible keys than top-k, causal ratio-4 boundaries, FP8 keys, no keys
+    at all, keys scoring NaN (visible: they must still fill slots)."""
     cases = [
         _case("decode-B2-H8-N256-top64", 2, 1, 8, 64, 256, 64),
         _case("prefill-B1-S64-H4-N16-top8-causal", 1, 64, 4, 32, 16, 8,
@@ -57,6 +57,8 @@ def indexer_topk() -> list[Case]:
         _case("scores-fp32-bf16-inputs", 2, 2, 8, 64, 96, 16, scores=True, score_dtype=F32),
         _case("scores-bf16-fp32-inputs", 2, 2, 8, 64, 96, 16, dtype=F32, scores=True, score_dtype=BF16),
         _case("scores-bf16-fp8-keys", 1, 2, 8, 64, 80, 16, fp8_keys=True, scores=True, score_dtype=BF16),
+        _case("no-keys-scores", 2, 3, 4, 32, 0, 4, scores=True,
+              visible=lambda g: torch.zeros((2, 3), dtype=torch.int32)),
         _case("nan-keys-fill-slots", 2, 6, 4, 32, 24, 16, scores=True, nan_keys=10,
               visible=lambda g: torch.randint(8, 25, (2, 6), generator=g, dtype=torch.int32)),
         _case("nan-fp8-keys-fill-slots", 1, 4, 8, 64, 40, 32, fp8_keys=True, nan_keys=12,
