@@ -196,6 +196,8 @@ def _judge(report: BenchReport, device: torch.device, quick: bool, reprobe: bool
     if reprobe:
         report.ceilings_after = measure_ceilings(device, quick)
     reference = None if quick else reference_for(report.ceilings.get("machine"))
+    if reference is not None:
+        log(f"ceilings judged against the figures documented for {reference.machine} ({reference.source})")
     fractions = [(f"{r.case} [{r.implementation}]", r.fraction) for r in report.rows]
     report.withhold(judge_run(report.ceilings, fractions, reference, report.ceilings_after))
     if report.noisy:

@@ -62,11 +62,13 @@ def _spread(key: str, passes: Sequence[float], when: str) -> list[str]:
     return []
 
 
-def _floor(key: str, value: float, reference: Reference, when: str) -> list[str]:
+def _floor(key: str, before: float, after: float | None, reference: Reference) -> list[str]:
+    """One message for the lower of the ceiling before and after the cases, where it is below the floor."""
     figure = reference.figures.get(key)
+    value, when = (after, " after the cases") if after is not None and after < before else (before, "")
     if figure and value < FLOOR * figure:
-        return [f"{_name(key)} {fmt_ceiling(key, value)} {when}is {value / figure:.0%} of the documented "
-                f"{fmt_ceiling(key, figure)} for {reference.machine} (needs >= {FLOOR:.0%})"]
+        return [f"{_name(key)} {fmt_ceiling(key, value)}{when} is {value / figure:.0%} of the documented "
+                f"{fmt_ceiling(key, figure)} (needs >= {FLOOR:.0%})"]
     return []
 
 
@@ -94,14 +96,14 @@ def judge_run(ceilings: Mapping[str, Any], fractions: Iterable[tuple[str, float]
     and ``after``, the ceilings re-measured after the cases (None: not re-measured)."""
     problems: list[str] = []
     for key in _judged(ceilings, reference):
+        before = float(ceilings[key])
+        again = float(after[key]) if after is not None and after.get(key) else None
         problems += _spread(key, _passes(ceilings, key), "")
+        if again is not None:
+            problems += _spread(key, _passes(after or {}, key), "after the cases ")
+            problems += _drift(key, before, again)
         if reference is not None:
-            problems += _floor(key, float(ceilings[key]), reference, "")
-        if after is not None and after.get(key):
-            problems += _spread(key, _passes(after, key), "after the cases ")
-            if reference is not None:
-                problems += _floor(key, float(after[key]), reference, "after the cases ")
-            problems += _drift(key, float(ceilings[key]), float(after[key]))
+            problems += _floor(key, before, again, reference)
     return problems + _over_roofline(fractions)
 
 

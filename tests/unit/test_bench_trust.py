@@ -78,6 +78,12 @@ def test_ceilings_that_moved_during_the_run_give_no_verdict():
     assert rep.noisy == ["read 66 GB/s before the cases, 50 GB/s after (-24%, bound 15%)"]
 
 
+def test_a_ceiling_that_collapsed_during_the_cases_is_reported_once():
+    rep = _judge(_report(_ceilings()), after=_ceilings(read=(0.00437, 0.00437, 0.00430)))
+    assert rep.noisy == ["read 66 GB/s before the cases, 4.37 GB/s after (-93%, bound 15%)",
+                         "read 4.37 GB/s after the cases is 7% of the documented 66 GB/s (needs >= 70%)"]
+
+
 def test_a_peak_far_below_its_documented_figure_gives_no_verdict():
     """One of the two cores taken by another process: the passes agree, at half the documented peak."""
     rep = _judge(_report(_ceilings(bf16=(0.465, 0.464, 0.461), fp32=(0.233, 0.232, 0.231))))
