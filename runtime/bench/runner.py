@@ -200,5 +200,3 @@ def _judge(report: BenchReport, device: torch.device, quick: bool, reprobe: bool
         log(f"ceilings judged against the figures documented for {reference.machine} ({reference.source})")
     fractions = [(f"{r.case} [{r.implementation}]", r.fraction) for r in report.rows]
     report.withhold(judge_run(report.ceilings, fractions, reference, report.ceilings_after))
-    if report.noisy:
-        log(no_verdict_text(report.noisy))
