@@ -60,6 +60,30 @@ w, s = quant_mxfp4(torch.randn(8, 256, generator=g))
 rows = dsv4rt.ops.fp4_gemm(x, w, s, 'fp8', backend=V).isnan().any(1).tolist()
 assert rows == [True, False, True], rows            # an Inf / NaN block quantises to NaN: its rows are NaN
 """
+ACT_QUANT_INF = """
+import dsv4rt.reference as R
+from dsv4rt.formats import quant_mxfp4, quant_fp8_block
+g = torch.Generator().manual_seed(12)
+x = torch.randn(5, 384, generator=g)
+x[0, 5] = float('inf'); x[1, 200] = float('-inf'); x[2, 300] = float('nan'); x[3, 7] = float('inf'); x[3, 9] = float('nan')
+for dt in (torch.float32, torch.bfloat16):
+    w8, s8 = quant_fp8_block(torch.randn(256, 384, generator=g))
+    w4, s4 = quant_mxfp4(torch.randn(64, 384, generator=g))
+    for op, args in (("fp8_gemm", dict(x=x.to(dt), w=w8, w_scale=s8)), ("fp4_gemm", dict(x=x.to(dt), w=w4, w_scale=s4))):
+        y = getattr(dsv4rt.ops, op)(**args, act_quant="fp8", backend=V)
+        ref = getattr(R, op)(**args, act_quant="fp8")
+        assert ref.isnan().all(1).tolist() == [True, True, True, True, False], ref.isnan().all(1)
+        assert torch.equal(y.isnan(), ref.isnan()) and not y.isinf().any(), (op, dt, y.isnan().all(1), y.isinf().any(1))
+"""
+
+@pytest.mark.parametrize("interp", [False, True], ids=["cpu", "cuda-interpreter"])
+def test_act_quant_block_holding_inf_gives_nan(interp):
+    """act_quant="fp8": a 1x128 block holding +-Inf (or NaN) quantises to NaN, so its whole output row is NaN
+    as in the reference (cuda/triton clamped the Inf block's scale to 2^126: the row came out +-inf)."""
+    if interp:
+        pytest.importorskip("triton", reason="Triton is not installed: cuda/triton cases need its interpreter")
+    assert_ok_on_variants({"act-quant-inf": ACT_QUANT_INF}, interp)
+
 
 @pytest.mark.parametrize("interp", [False, True], ids=["cpu", "cuda-interpreter"])
 def test_nan_semantics_agree(interp):

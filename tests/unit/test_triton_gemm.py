@@ -34,7 +34,7 @@ from dsv4rt.conformance.tolerance import gemm as tolerance
 from dsv4rt.backends.cuda import gemm as G
 
 gen = torch.Generator().manual_seed(1234)
-out = {"plan": {}, "value": {}, "quant": {}}
+out = {"plan": {}, "value": {}, "quant": {}, "quant-nonfinite": {}}
 
 def randn(*shape, dtype=torch.bfloat16, scale=1.0):
     return (torch.randn(shape, generator=gen) * scale).to(dtype)
@@ -99,6 +99,15 @@ for dt in (torch.float32, torch.bfloat16, torch.float16):
     out["quant"][str(dt)] = {"q": bool(torch.equal(q.view(torch.int32), rq.view(torch.int32))),
                              "s": bool(torch.equal(s.view(torch.int32), rs.view(torch.int32))),
                              "shapes": [list(q.shape), list(s.shape), list(rq.shape), list(rs.shape)]}
+x = torch.randn((6, 300), generator=gen)
+x[0, 5] = float("inf"); x[1, 200] = float("-inf"); x[2, 3] = float("nan"); x[3, 7] = float("nan"); x[3, 9] = float("inf")
+x[4, 290] = float("nan")   # one non-finite kind per block, rows 5 finite
+def bits(t):   # every NaN as one pattern, the other values bit for bit (signed zeros included)
+    return torch.where(t.isnan(), torch.full_like(t, float("nan")), t).view(torch.int32)
+for dt in (torch.float32, torch.bfloat16):
+    q, s = G.act_quant_fp8(x.to(dt))
+    rq, rs = formats.act_quant_fp8(x.to(dt), 128)
+    out["quant-nonfinite"][str(dt)] = {"q": bool(torch.equal(bits(q), bits(rq))), "s": bool(torch.equal(bits(s), bits(rs)))}
 print("JSON" + json.dumps(out))
 """
 
@@ -162,3 +171,13 @@ def test_act_quant_fp8_bit_exact(report: dict, dtype: str) -> None:
     assert row["shapes"][0] == row["shapes"][2] and row["shapes"][1] == row["shapes"][3], row["shapes"]
     assert row["s"], "scales differ from dsv4rt.formats.act_quant_fp8"
     assert row["q"], "quantised values differ from dsv4rt.formats.act_quant_fp8"
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("dtype", ["torch.float32", "torch.bfloat16"])
+def test_act_quant_fp8_non_finite_blocks_as_formats(report: dict, dtype: str) -> None:
+    """A block holding Inf has scale Inf, one holding NaN scale NaN, and q = x / s, as
+    dsv4rt.formats.act_quant_fp8 (the kernel clamped an Inf block's scale to 2^126 before)."""
+    row = report["quant-nonfinite"][dtype]
+    assert row["s"], "scales of non-finite blocks differ from dsv4rt.formats.act_quant_fp8"
+    assert row["q"], "quantised values of non-finite blocks differ from dsv4rt.formats.act_quant_fp8"

@@ -219,8 +219,10 @@ def act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, sxm, sxk, sqm, ssm,
 
     Bit-identical to dsv4rt.formats.act_quant_fp8: the ceil-log2 is taken from the float32 bits, x/s is an
     exact power-of-two multiply, and round-to-nearest-even onto the E4M3 grid uses the 2^23 trick on the
-    scaled magnitude. FOLD: store q * s (exact in bf16) into q [M, K]; else store q into q (float32 or float8)
-    and s into s [M, ceil(K/128)] float32. Grid: (cdiv(M, BLOCK_R), ceil(K/128)).
+    scaled magnitude. A block holding Inf gets s = Inf, one holding NaN s = NaN, and q = x / s there (as
+    formats does), so q * s is NaN over the block. FOLD: store q * s (exact in bf16) into q [M, K]; else
+    store q into q (float32 or float8) and s into s [M, ceil(K/128)] float32. Grid: (cdiv(M, BLOCK_R),
+    ceil(K/128)).
     """
     rm = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     kb = tl.program_id(1)
@@ -228,12 +230,16 @@ def act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, sxm, sxk, sqm, ssm,
     mask = (rm < M)[:, None] & (rk < K)[None, :]
     x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * sxm + rk[None, :] * sxk, mask=mask, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=1)
+    # 0: a finite block, 1: it holds +-Inf, >= 2: it holds NaN (GPU max reductions may drop NaN: counted apart)
+    kind = tl.max((tl.abs(x) > 3.4028234663852886e38).to(tl.int32) + 2 * (x != x).to(tl.int32), axis=1)
     y = tl.maximum(amax, 1e-4) * 0.0022321429569274187  # float32(1 / 448), exactly
     bits = y.to(tl.int32, bitcast=True)
     b = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-    b = tl.minimum(b, 253)  # s <= 2^126, so 1/s is a normal power of two
-    s = (b << 23).to(tl.float32, bitcast=True)
-    inv = ((254 - b) << 23).to(tl.float32, bitcast=True)
+    b = tl.minimum(b, 253)  # finite amax gives b <= 247; the clamp keeps 1/s a normal power of two
+    # a non-finite block as formats.act_quant_fp8 has it: s = Inf (Inf in the block) or NaN, q = x / s
+    # (0, or NaN for the Inf / NaN entries), so q * s is NaN over the whole block
+    s = tl.where(kind == 0, (b << 23).to(tl.float32, bitcast=True), tl.where(kind == 1, float("inf"), float("nan")))
+    inv = tl.where(kind == 0, ((254 - b) << 23).to(tl.float32, bitcast=True), tl.where(kind == 1, 0.0, float("nan")))
     q = x * inv[:, None]
     a = tl.minimum(tl.abs(q), 448.0, propagate_nan=tl.PropagateNan.ALL)  # NaN x stays NaN
     ea = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
