@@ -22,12 +22,14 @@ def _pool(logits: Tensor, values: Tensor) -> Tensor:
     return (torch.softmax(logits, dim=2) * values).sum(dim=2)
 
 
-def _add_sink(lse: Tensor, sink: Tensor) -> Tensor:
-    """``log(exp(lse) + exp(sink))`` from elementary ops (logaddexp is not on every device); both -inf
-    (an empty row and a padded head's -inf sink) gives -inf, not NaN."""
-    m = torch.maximum(lse, sink)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return m + torch.log(torch.exp(lse - m) + torch.exp(sink - m))
+def _row_max(logits: Tensor, sink: Tensor | None) -> Tensor:
+    """The softmax shift ``m = max(max_j logit_j, sink)`` of each row ([B, c, H]), as the reference takes
+    it; 0 where that is -inf (no valid index and no sink, or a padded head's -inf sink), so such a row gets
+    ``p = 0``. A +inf logit keeps ``m = +inf``: its ``exp(inf - inf)`` is NaN, as IEEE arithmetic has it."""
+    m = logits.amax(dim=-1)
+    if sink is not None:
+        m = torch.maximum(m, sink)
+    return m.masked_fill(m == float("-inf"), 0.0)
 
 
 def kv_compress(kv: Tensor, gate: Tensor, ape: Tensor, ratio: int, overlap: bool,
@@ -70,8 +72,9 @@ def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, sc
     """``o[B, S, H, D]`` in q's dtype: one softmax per (b, s, h) over the selected K=V rows plus the sink.
 
     Rows ``kv[b, idx]`` are gathered with the indices clamped into range (``index_select`` on the
-    flattened kv); -1 entries are masked to -inf. ``lse = logsumexp(logits ++ [sink])`` (float32) is
-    the log of the full denominator, ``p = exp(logit - lse)``, ``o = p @ rows``: a row with no valid
+    flattened kv); -1 entries are masked to -inf. As the reference: ``m = max(logits ++ [sink])``,
+    ``p = exp(logit - m)``, ``den = sum p + exp(sink - m)``, ``o = p @ rows / den``, ``lse = m + log(den)``
+    (float32), so a +inf logit gives NaN (``exp(inf - inf)``) in o and lse, not +-inf. A row with no valid
     index gets ``p = 0`` and so ``o = 0``, and ``lse = sink[h]`` (``-inf`` without a sink).
     With ``return_lse`` also returns ``lse[B, S, H]`` float32. A 16-bit effective ``p_dtype`` (None = kv's
     dtype) rounds the numerator's P, taken against the largest logit, before ``P @ rows``.
@@ -105,16 +108,17 @@ def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, sc
         rows = flat.index_select(0, (ic.clamp(0, n - 1) + base).reshape(-1)).view(b, c, k, d)
         logits = torch.matmul(qf[:, s0:s1], rows.transpose(-1, -2)).mul_(scale)   # [B, c, H, K]
         logits.masked_fill_(~valid[:, :, None, :], float("-inf"))
-        lse = torch.logsumexp(logits, dim=-1)                             # [B, c, H]
+        m = _row_max(logits, sink_f)                                      # [B, c, H]
+        p = torch.exp(logits - m[..., None])                              # 0 where masked
+        den = p.sum(dim=-1)
         if sink_f is not None:
-            lse = _add_sink(lse, sink_f)
-        shift = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-        p = torch.exp(logits - shift[..., None])                          # 0 where masked
-        if rounded:   # round(exp(logit - max logit)), re-based onto the lse shift
+            den = den + torch.exp(sink_f - m)
+        if rounded:   # round(exp(logit - max logit)), re-based onto the shift m
             ml = logits.amax(dim=-1)
-            ml = torch.where(torch.isfinite(ml), ml, shift)
-            p = round_float(torch.exp(logits - ml[..., None]), pd) * torch.exp(ml - shift)[..., None]
-        o[:, s0:s1].copy_(torch.matmul(p, rows))
+            ml = torch.where(ml == float("-inf"), m, ml)
+            p = round_float(torch.exp(logits - ml[..., None]), pd) * torch.exp(ml - m)[..., None]
+        # den = 0 only where every p is 0 (no valid index, no sink): o = 0 there, not 0 / 0
+        o[:, s0:s1].copy_(torch.matmul(p, rows) / den.masked_fill(den == 0, 1.0)[..., None])
         if lse_out is not None:
-            lse_out[:, s0:s1].copy_(lse)
+            lse_out[:, s0:s1].copy_(m + torch.log(den))
     return (o, lse_out) if return_lse else o

@@ -77,7 +77,7 @@ def _attend(qc: np.ndarray, keys: np.ndarray, valid: np.ndarray, sink: np.ndarra
     m = logits.max(axis=2) if logits.shape[2] else np.full(logits.shape[:2], -np.inf, np.float32)
     if sink is not None:
         m = np.maximum(m, sink[None, :])
-    m = np.where(np.isfinite(m), m, np.float32(0.0))                  # rows with nothing: no shift
+    m = np.where(m == -np.inf, np.float32(0.0), m)   # rows with nothing: no shift; +inf stays (exp(inf - inf) = NaN)
     p = np.exp(logits - m[:, :, None])
     den = p.sum(axis=2)
     if sink is not None:

@@ -44,7 +44,9 @@ def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, sc
     - ``return_lse``: also return ``lse`` [B, S, H] float32 = log of the full denominator (sink
       included; -inf for a row with no valid index and no sink), so partial results merge exactly.
     - NaN in q or in a selected kv row gives NaN in that (b, s, h)'s ``o`` and ``lse``; other rows are
-      unaffected.
+      unaffected. Infinite inputs follow the IEEE arithmetic of the max-subtracted softmax (shift
+      ``m = max(logits, sink)``), on every variant alike: a +inf logit gives ``exp(inf - inf)`` = NaN in
+      that (b, s, h)'s ``o`` and ``lse``, a -inf logit weight 0.
     - ``p_dtype``: the precision of the probabilities in the P.V product. ``None`` (default) = kv's
       dtype, as the release's kernel (online softmax with fp32 statistics, P cast to the bf16 KV dtype
       for the P.V MMA); ``torch.float32`` keeps P in fp32; ``torch.bfloat16`` / ``torch.float16`` round

@@ -60,6 +60,30 @@ w, s = quant_mxfp4(torch.randn(8, 256, generator=g))
 rows = dsv4rt.ops.fp4_gemm(x, w, s, 'fp8', backend=V).isnan().any(1).tolist()
 assert rows == [True, False, True], rows            # an Inf / NaN block quantises to NaN: its rows are NaN
 """
+ATTN_INF = """
+import dsv4rt.reference as R
+def kinds(t):
+    t = t.double()
+    return torch.stack([t.isnan(), t == float("inf"), t == float("-inf")])
+g = torch.Generator().manual_seed(4)
+for dt in (torch.float32, torch.bfloat16):
+    for sink in (torch.randn(4, generator=g), None):
+        q = torch.randn(2, 3, 4, 64, generator=g)
+        kv = torch.randn(2, 9, 64, generator=g)
+        kv[0, :, 3] = kv[0, :, 3].abs() + 0.25; kv[0, 0, 5] = -1.0
+        q[0, 0, 1, 3] = float('inf')                  # +inf logits on every key
+        q[0, 2, 2, 5] = float('-inf')                 # +inf on key 0, -inf or NaN on the others
+        q[0, 1, 0, :] = float('inf')                  # NaN logits (inf * mixed signs)
+        kv[1, 4, 7] = float('inf')                    # +-inf logits and an infinite value
+        idx = torch.randint(0, 9, (2, 3, 5), generator=g, dtype=torch.int32)
+        idx[0, 2, 0] = 0; idx[1, 1, :2] = 4; idx[1, 2, 3] = -1
+        a = dict(q=q.to(dt), kv=kv.to(dt), idx=idx, sink=sink, scale=.125, return_lse=True)
+        (o, lse), (ro, rl) = dsv4rt.ops.sparse_attention(**a, backend=V), R.sparse_attention(**a)
+        assert ro[0, 0, 1].isnan().all() and rl[0, 2, 2].isnan() and not ro[0, 0, 0].isnan().any()
+        assert torch.equal(kinds(o), kinds(ro)), (dt, sink is None, (kinds(o) != kinds(ro)).any(0).any(-1).nonzero().tolist())
+        assert torch.equal(kinds(lse), kinds(rl)), (dt, sink is None, (kinds(lse) != kinds(rl)).any(0).nonzero().tolist())
+"""
+
 ACT_QUANT_INF = """
 import dsv4rt.reference as R
 from dsv4rt.formats import quant_mxfp4, quant_fp8_block
@@ -75,6 +99,16 @@ for dt in (torch.float32, torch.bfloat16):
         assert ref.isnan().all(1).tolist() == [True, True, True, True, False], ref.isnan().all(1)
         assert torch.equal(y.isnan(), ref.isnan()) and not y.isinf().any(), (op, dt, y.isnan().all(1), y.isinf().any(1))
 """
+
+@pytest.mark.parametrize("interp", [False, True], ids=["cpu", "cuda-interpreter"])
+def test_attention_plus_inf_logit_gives_nan(interp):
+    """sparse_attention follows the reference's max-subtracted softmax: a +inf logit (Inf in q or in a
+    selected kv row) gives exp(inf - inf) = NaN in that (b, s, h)'s o and lse (cpu/torch and cuda/torch
+    gave +-inf in o and +inf in lse: torch.logsumexp returns +inf there; cpu/numpy gave lse +inf)."""
+    if interp:
+        pytest.importorskip("triton", reason="Triton is not installed: cuda/triton cases need its interpreter")
+    assert_ok_on_variants({"attention-inf": ATTN_INF}, interp)
+
 
 @pytest.mark.parametrize("interp", [False, True], ids=["cpu", "cuda-interpreter"])
 def test_act_quant_block_holding_inf_gives_nan(interp):
