@@ -72,7 +72,7 @@ def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, sc
     """``o[B, S, H, D]`` in q's dtype: one softmax per (b, s, h) over the selected K=V rows plus the sink.
 
     Rows ``kv[b, idx]`` are gathered with the indices clamped into range (``index_select`` on the
-    flattened kv); -1 entries are masked to -inf. As the reference: ``m = max(logits ++ [sink])``,
+    flattened kv); -1 entries are masked to -inf and their stand-in rows zeroed. As the reference: ``m = max(logits ++ [sink])``,
     ``p = exp(logit - m)``, ``den = sum p + exp(sink - m)``, ``o = p @ rows / den``, ``lse = m + log(den)``
     (float32), so a +inf logit gives NaN (``exp(inf - inf)``) in o and lse, not +-inf. A row with no valid
     index gets ``p = 0`` and so ``o = 0``, and ``lse = sink[h]`` (``-inf`` without a sink).
@@ -106,6 +106,7 @@ def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, sc
         ic = idx[:, s0:s1].long()                                        # [B, c, K]
         valid = ic >= 0
         rows = flat.index_select(0, (ic.clamp(0, n - 1) + base).reshape(-1)).view(b, c, k, d)
+        rows.masked_fill_(~valid[..., None], 0.0)   # a skipped entry's stand-in row: p = 0 must not meet Inf / NaN
         logits = torch.matmul(qf[:, s0:s1], rows.transpose(-1, -2)).mul_(scale)   # [B, c, H, K]
         logits.masked_fill_(~valid[:, :, None, :], float("-inf"))
         m = _row_max(logits, sink_f)                                      # [B, c, H]

@@ -128,6 +128,7 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink:
                 keys = np.zeros(sel.shape + (d,), np.float32)
             else:
                 keys = kvb[safe] if kvb is not None else gather_rows_f32(kv[b], safe)
+                keys[~valid] = 0.0   # a skipped entry's stand-in row: its p = 0 must not meet Inf / NaN there
             o, lse = _attend(qb[s0:s1], keys, valid, sink_np, scale, rnd)
             obuf[b, s0:s1] = o
             if lse_np is not None:

@@ -37,7 +37,8 @@ def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, sc
     """o[B, S, H, D]: one softmax per (b, s, h) over the selected shared K=V entries plus an attention sink.
 
     - ``q``: [B, S, H, D] float32 / bfloat16 / float16; ``kv``: [B, N, D] (K = V), same dtype family.
-    - ``idx``: [B, S, K] int32 entries in [0, N) or -1 (skip); duplicates count as separate entries.
+    - ``idx``: [B, S, K] int32 entries in [0, N) or -1 (skip: reads no kv row, so non-finite values in
+      rows nobody selects never reach the output); duplicates count as separate entries.
     - ``sink``: [H] float32 logits or None: ``exp(sink[h])`` is added to the denominator only.
     - ``logit_j = scale * q . kv[idx_j]``; ``o = sum_j exp(logit_j) kv[idx_j] / (sum_j exp(logit_j) + exp(sink))``.
       A row with no valid index returns zeros. Output dtype = q dtype, fp32 statistics.

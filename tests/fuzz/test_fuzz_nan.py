@@ -84,6 +84,22 @@ for dt in (torch.float32, torch.bfloat16):
         assert torch.equal(kinds(lse), kinds(rl)), (dt, sink is None, (kinds(lse) != kinds(rl)).any(0).nonzero().tolist())
 """
 
+ATTN_SKIPPED = """
+g = torch.Generator().manual_seed(5)
+for dt in (torch.float32, torch.bfloat16):
+    for n in (5, 300):                                     # 300: more rows than gathered (cpu/numpy converts kv whole)
+        q = torch.randn(2, 2, 4, 64, generator=g).to(dt)
+        kv = torch.randn(2, n, 64, generator=g)
+        kv[:, 0, 2] = float('inf'); kv[:, 0, 3] = float('nan'); kv[:, -1, 5] = float('-inf')   # the stand-in rows
+        kv = kv.to(dt)
+        idx = torch.randint(1, n - 1, (2, 2, 6), generator=g, dtype=torch.int32)
+        idx[:, :, ::2] = -1; idx[1, 1] = -1                # skipped entries; one row skips everything
+        for sink in (None, torch.randn(4, generator=g)):
+            o, lse = dsv4rt.ops.sparse_attention(q, kv, idx, sink, .125, True, backend=V)
+            assert torch.isfinite(o).all() and torch.isfinite(lse[0]).all(), (dt, n, o.isnan().any(-1), lse)
+            assert (o[1, 1] == 0).all() and (lse[1, 1] == (float('-inf') if sink is None else sink)).all(), (o[1, 1], lse[1, 1])
+"""
+
 ACT_QUANT_INF = """
 import dsv4rt.reference as R
 from dsv4rt.formats import quant_mxfp4, quant_fp8_block
@@ -108,6 +124,16 @@ def test_attention_plus_inf_logit_gives_nan(interp):
     if interp:
         pytest.importorskip("triton", reason="Triton is not installed: cuda/triton cases need its interpreter")
     assert_ok_on_variants({"attention-inf": ATTN_INF}, interp)
+
+
+@pytest.mark.parametrize("interp", [False, True], ids=["cpu", "cuda-interpreter"])
+def test_attention_skipped_entries_never_read(interp):
+    """A -1 entry of idx is skipped: Inf / NaN in the kv row a variant gathers in its place (row 0 or N-1,
+    clamped) must not reach o or lse (cpu/numpy, cpu/torch and cuda/torch multiplied its p = 0 by that row:
+    0 * inf = NaN)."""
+    if interp:
+        pytest.importorskip("triton", reason="Triton is not installed: cuda/triton cases need its interpreter")
+    assert_ok_on_variants({"attention-skipped": ATTN_SKIPPED}, interp)
 
 
 @pytest.mark.parametrize("interp", [False, True], ids=["cpu", "cuda-interpreter"])
