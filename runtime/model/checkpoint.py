@@ -29,10 +29,25 @@ INDEX_NAME = "model.safetensors.index.json"
 _EXPERT_PROBE = "layers.0.ffn.experts.0.w1.weight"
 
 
+def _unusable(name: str) -> str | None:
+    """Why no file can have the name ``name`` (a NUL byte, or a character the file system encoding cannot
+    encode, e.g. a lone surrogate from a JSON escape), or None: os.path would raise ValueError on it."""
+    if "\0" in name:
+        return "it holds a NUL byte"
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError as exc:
+        return f"the file system encoding cannot encode it ({exc.reason})"
+    return None
+
+
 def _shard_path(root: str, name: object, where: str) -> str:
     """The path of a shard named in the index; only plain files inside ``root`` are accepted."""
     if not isinstance(name, str) or not name or os.path.isabs(name) or "\\" in name:
         raise CheckpointError(f"{where}: shard name {name!r} is not a relative file name inside {root}")
+    why = _unusable(name)
+    if why:
+        raise CheckpointError(f"{where}: shard name {name!r} is not a file name: {why}")
     norm = os.path.normpath(name)
     if norm.startswith("..") or norm.split(os.sep)[0] == ".." or norm == ".":
         raise CheckpointError(f"{where}: shard {name!r} is named outside the checkpoint directory {root}")

@@ -212,6 +212,20 @@ def test_hostile_directories_give_checkpoint_errors(tmp_path, small_dir, fuzz_fu
         assert root in str(err.value) or os.path.basename(root) in str(err.value), (kind, seed, str(err.value))
 
 
+@pytest.mark.parametrize("name", ["model\x00.safetensors", "\x00", "a/\x00/../b.safetensors", "\ud800.safetensors",
+                                  "model-1.safetensors\x00.txt"])
+def test_unusable_shard_names_give_checkpoint_errors(tmp_path, small_dir, name):
+    """A shard name no file can have (a NUL byte; a lone surrogate, which the file system cannot encode)
+    is refused as a CheckpointError naming the index and the tensor (os.path raised ValueError before)."""
+    root = str(tmp_path / "bad-name")
+    shutil.copytree(small_dir, root)
+    tensor = sorted(json.load(open(os.path.join(root, INDEX_NAME)))["weight_map"])[0]
+    _edit_index(root, lambda m: m.__setitem__(tensor, name))
+    with pytest.raises(CheckpointError) as err:
+        Checkpoint(root)
+    assert INDEX_NAME in str(err.value) and repr(tensor) in str(err.value), str(err.value)
+
+
 _FIFO_CHILD = """
 import os, sys, json
 from dsv4rt.errors import CheckpointError
