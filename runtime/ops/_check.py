@@ -12,6 +12,8 @@ FP4_PACKED = (torch.uint8, torch.int8, torch.float4_e2m1fn_x2)
 E8M0 = (torch.uint8, torch.float8_e8m0fnu)
 E8M0_OR_F32 = E8M0 + (torch.float32,)
 INDEX = (torch.int32,)
+MAX_INT32 = 2**31 - 1
+"""The largest count an int32 index tensor can address (ids, offsets, positions)."""
 
 
 def _names(dtypes: Iterable[torch.dtype]) -> str:

@@ -11,6 +11,8 @@ from ..spec import OutputSpec, declare_spec
 
 FAMILY = "indexer"
 KEY_DTYPES = c.FLOAT_ACT + (torch.float8_e4m3fn,)
+TOPK_PAD_SLOTS = 1 << 16
+"""Slots a row may have beyond the N keys (all -1): ``topk <= max(N, TOPK_PAD_SLOTS)``."""
 
 
 def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: int,
@@ -27,6 +29,9 @@ def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: i
     - ``weights``: [B, S, H] float32 head weights; ``visible``: [B, S] int32 in [0, N].
     - ``topk`` >= 1. Row ``(b, s)`` holds ``min(topk, visible[b, s])`` distinct key indices and -1 in
       the remaining slots. Order within a row is unspecified; ties may be broken either way.
+      ``topk <= max(N, 65536)`` and ``<= 2^31 - 1``: topk is the only output size a scalar sets, so it
+      is tied to the keys. A row holds at most N keys; slots beyond N are -1 padding, allowed up to
+      65536 per row (a fixed-width row while the cache is short: the model's 512 / 1024 fit).
     - ``return_scores``: also return ``scores`` [B, S, topk] float32, the score of each returned index
       (-inf where idx is -1).
     - ``score_dtype``: the precision of the score. ``None`` (default) = q's dtype, as the release (an
@@ -62,6 +67,10 @@ def _check(a: Mapping[str, Any]) -> None:
     c.tensor(op, "visible", a["visible"], 2, c.INDEX)
     c.shape(op, "visible", a["visible"], (b, s), "[B, S]")
     c.integer(op, "topk", a["topk"], lo=1)
+    hi = min(max(n, TOPK_PAD_SLOTS), c.MAX_INT32)
+    if a["topk"] > hi:
+        raise c.ContractError(op, "topk", f"an int in [1, {hi}] (at most max(N, {TOPK_PAD_SLOTS}) and 2^31 - 1: a "
+                              f"row holds at most N = {n} keys, slots beyond them are -1 padding)", repr(a["topk"]))
     c.flag(op, "return_scores", a["return_scores"])
     c.choice(op, "score_dtype", a["score_dtype"], SCORE_DTYPES)
 

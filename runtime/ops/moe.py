@@ -11,7 +11,6 @@ from ..spec import OutputSpec, declare_spec
 
 FAMILY = "moe"
 SCORE_FUNCS = ("sqrtsoftplus",)
-MAX_INT32 = 2**31 - 1
 COMBINE_DTYPES = c.FLOAT_ACT + (torch.float64,)
 
 
@@ -92,7 +91,7 @@ def _check_dispatch(a: Mapping[str, Any]) -> None:
         c.tensor(op, "x", x, 2, c.FLOAT_ACT)
     c.tensor(op, "ids", a["ids"], 2, c.INDEX)
     c.shape(op, "ids", a["ids"], (x.shape[0], a["ids"].shape[1]), "[T, topk]")
-    c.integer(op, "num_experts", a["num_experts"], lo=1, hi=MAX_INT32)   # expert ids and offsets are int32
+    c.integer(op, "num_experts", a["num_experts"], lo=1, hi=c.MAX_INT32)   # expert ids and offsets are int32
 
 
 def _values_dispatch(a: Mapping[str, Any]) -> None:
@@ -120,7 +119,7 @@ def _check_combine(a: Mapping[str, Any]) -> None:
     if a["weights"] is None:
         if a["topk"] is None:
             raise c.ContractError(op, "topk", "an int when weights is None", "None")
-        c.integer(op, "topk", a["topk"], lo=1, hi=MAX_INT32)   # src holds t*topk + j as int32
+        c.integer(op, "topk", a["topk"], lo=1, hi=c.MAX_INT32)   # src holds t*topk + j as int32
     else:
         c.tensor(op, "weights", a["weights"], 2, (torch.float32,))
         if a["topk"] is not None and a["topk"] != a["weights"].shape[1]:

@@ -41,6 +41,12 @@ EDGE = {
     "idx-H0": "dsv4rt.ops.indexer_topk(torch.randn(1,2,0,32), torch.randn(1,8,32), torch.randn(1,2,0), torch.full((1,2),8,dtype=torch.int32), 4, backend=V)",
     "idx-D0": "dsv4rt.ops.indexer_topk(torch.randn(1,2,4,0), torch.randn(1,8,0), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), 4, backend=V)",
     "idx-topk-gt-N": "dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.randn(1,8,32), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), 50, backend=V)",
+    "idx-topk-2^63": "dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.randn(1,8,32), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), 2**63, backend=V)",
+    "idx-topk-2^31": "dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.randn(1,8,32), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), 2**31, backend=V)",
+    "idx-topk-padding-cap": ("idx = dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.randn(1,8,32), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), 65536, backend=V)\n"
+                             "assert idx.shape == (1, 2, 65536) and (idx[..., 8:] == -1).all() and (idx[..., :8] >= 0).all()"),
+    "idx-topk-N-beyond-cap": ("idx = dsv4rt.ops.indexer_topk(torch.randn(1,1,2,4), torch.randn(1,70000,4), torch.rand(1,1,2), torch.full((1,1),70000,dtype=torch.int32), 70000, backend=V)\n"
+                              "assert idx.shape == (1, 1, 70000) and idx.sort().values.flatten().tolist() == list(range(70000))"),
     "idx-visible-gt-N": "dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.randn(1,8,32), torch.randn(1,2,4), torch.full((1,2),9,dtype=torch.int32), 4, backend=V)",
     "idx-expanded-k": "dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.randn(1,1,32).expand(1,8,32), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), 4, backend=V)",
     "idx-nan-weights": "dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.randn(1,8,32), torch.full((1,2,4), float('nan')), torch.full((1,2),8,dtype=torch.int32), 4, backend=V)",
@@ -84,12 +90,13 @@ EDGE = {
                              "dsv4rt.ops.kv_compress(torch.randn(1,8,16), torch.randn(1,8,16), torch.randn(4,16), 4, 1, backend=V)"),
 }
 # a clean refusal is fine everywhere; these must be refused (ContractError), never computed
-MUST_REFUSE = {"attn-idx-int64", "attn-idx-out-of-range", "attn-scale-inf", "idx-visible-gt-N", "gemm-K48",
+MUST_REFUSE = {"attn-idx-int64", "attn-idx-out-of-range", "attn-scale-inf", "idx-visible-gt-N", "idx-topk-2^63",
+               "idx-topk-2^31", "gemm-K48",
                "ggemm-offsets-non-monotone", "ggemm-offsets-int64", "dispatch-ids-out-of-range",
                "dispatch-experts-2^63", "dispatch-experts-2^40", "combine-float4", "combine-topk-2^63",
                "combine-src-repeated", "route-topk-gt-E", "compress-ratio-float", "compress-overlap-int",
                "fp8-scale-nan", "route-nan-logits"}
-CUDA_FAST = ("attn-S0", "attn-H0", "attn-K0", "attn-N0", "idx-S0", "idx-N0", "idx-H0", "gemm-M0", "gemm-K0",
+CUDA_FAST = ("attn-S0", "attn-H0", "attn-K0", "attn-N0", "idx-S0", "idx-N0", "idx-H0", "idx-topk-2^63", "gemm-M0", "gemm-K0",
              "ggemm-R0", "ggemm-offsets-strided", "fp8-K0", "fp8-M0", "dispatch-T0", "combine-T0", "route-T0",
              "compress-S0", "route-very-negative")
 

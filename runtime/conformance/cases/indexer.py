@@ -81,6 +81,9 @@ def indexer_topk() -> list[Case]:
         ("visible-beyond-N", "visible", {"visible": torch.tensor([[3, 17]], dtype=torch.int32)}),
         ("visible-negative", "visible", {"visible": torch.tensor([[-1, 2]], dtype=torch.int32)}),
         ("topk-zero", "topk", {"topk": 0}),
+        ("topk-2^63", "topk", {"topk": 2**63}),
+        ("topk-2^31", "topk", {"topk": 2**31}),
+        ("topk-padding-beyond-cap", "topk", {"topk": 65537}),
         ("fp8-without-scale", "k_scale", {"k": fp8_keys}),
         ("score-dtype-unknown", "score_dtype", {"score_dtype": torch.int32}),
     ])
