@@ -11,7 +11,8 @@
 #   conf.json     dsv4rt conformance --backend cuda --report
 #   bench.json    dsv4rt bench --backend cuda --json
 #   roofline.png  dsv4rt bench --plot
-#   run.txt       dsv4rt run --backend cuda --check   (tiny preset against the CPU)
+#   run.txt       dsv4rt run --backend cuda --check   (tiny preset: fp32 verdict against the float64 reference
+#                 ops, bf16 agreement measured; docs/verification.md)
 #   slice.txt     dsv4rt run --preset flash-slice --layers 4 --prompt-len 1024 --max-new-tokens 64
 #
 # The package is installed into the machine's own Python (no network there: no build isolation, no

@@ -1,13 +1,13 @@
 """``dsv4rt run``: load a model (a checkpoint, the tiny preset, or the synthetic V4-Flash slice), generate,
-print the text, prefill / decode tokens/s and the implementation every op used; ``--check`` replays the
-same tokens on the CPU backend and prints the max logit difference and the top-1 agreement."""
+print the text, prefill / decode tokens/s and the implementation every op used; ``--check`` verifies the
+run on its own tokens against the float64 reference ops (:mod:`dsv4rt.model.verdict`)."""
 from __future__ import annotations
 
 import contextlib
 import io
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, TextIO
 
 import torch
@@ -19,7 +19,7 @@ from .generate import GenerationResult, generate
 from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from .transformer import Transformer
 
-__all__ = ["RunOptions", "run", "resolve_device", "build_model", "compare_logits", "slice_ratios", "DEFAULT_PROMPT"]
+__all__ = ["RunOptions", "run", "resolve_device", "build_model", "slice_ratios", "DEFAULT_PROMPT"]
 
 DEFAULT_PROMPT = "DeepSeek-V4 on dsv4rt:"
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -167,16 +167,6 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() or c in "\n\t" else f"\\x{ord(c):02x}" for c in text)
 
 
-def compare_logits(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, int, int]:
-    """(max |a - b| over every step, steps whose argmax agrees, steps) of two runs' step logits."""
-    n = min(len(a), len(b))
-    diff, agree = 0.0, 0
-    for x, y in zip(a[:n], b[:n]):
-        diff = max(diff, float((x - y).abs().max()))
-        agree += int(bool((x.argmax(-1) == y.argmax(-1)).all()))
-    return diff, agree, n
-
-
 def _prompts(opts: RunOptions, tok: Tokenizer, cfg: ModelConfig) -> list[list[int]]:
     """Token ids of every prompt of the batch (one, unless several --prompt were given)."""
     texts = opts.prompt if isinstance(opts.prompt, list) else [opts.prompt]
@@ -226,7 +216,7 @@ def _run(opts: RunOptions, out: TextIO, distributed: bool) -> int:
         prompts = _prompts(opts, tok, model.cfg)
         with contextlib.nullcontext() if choice is None else _use(choice):
             res = generate(model, prompts, opts.max_new_tokens, opts.temperature, opts.seed,
-                           prefill_chunk=opts.prefill_chunk, record_logits=opts.check)
+                           prefill_chunk=opts.prefill_chunk)
         label = opts.backend + (" (Triton interpreter)" if choice == "cuda" and device.type == "cpu" else "")
         print(f"model    {_describe(model.cfg)}", file=out)
         conv = ", FP4 experts converted to FP8 at load" if opts.convert_fp8 else ""
@@ -243,8 +233,8 @@ def _run(opts: RunOptions, out: TextIO, distributed: bool) -> int:
             print(f"{'ids' + tag:<8} {ids[:16]}{' ...' if len(ids) > 16 else ''}", file=out)
         _timings(res, out)
         _ops(model, out)
-        if opts.check and (model.par is None or model.par.rank == 0):
-            return 0 if _check(opts, model, device, prompts, res, out) else 1
+        if opts.check:
+            return 0 if _check(opts, model, device, choice, prompts, res, out) else 1
     return 0
 
 
@@ -271,38 +261,24 @@ def _ops(model: Transformer, out: TextIO) -> None:
         print(f"  {name:<18} {used}", file=out)
 
 
-def _check(opts: RunOptions, model: Transformer, device: torch.device, prompts: list[list[int]], res: GenerationResult,
-           out: TextIO) -> bool:
-    """Replay prompt + generated tokens on the CPU backend, compare every step's logits and print the verdict
-    against ``CHECK_RTOL`` of the activation dtype (True: within it)."""
-    fresh = device.type != "cpu" or model.par is not None     # a parallel run: compare with one CPU process
-    ref = build_model(opts, torch.device("cpu"), True, device)[0] if fresh else model
-    ref.ops.reset_counts()
-    with _cpu_threads(torch.device("cpu")), _use("cpu"):
-        cpu = generate(ref, prompts, opts.max_new_tokens, opts.temperature, opts.seed,
-                       prefill_chunk=opts.prefill_chunk, record_logits=True, forced=res.tokens)
-    diff, agree, n = compare_logits(res.step_logits, cpu.step_logits)
-    impls = sorted({i for v in ref.ops.used().values() for i in v})
-    print(f"check    vs the CPU backend ({', '.join(impls)}) on the same {n} steps: max |logit diff| = {diff:.4g}, "
-          f"top-1 agreement {agree}/{n} ({100.0 * agree / max(n, 1):.1f}%)", file=out)
-    scale = max((float(t.abs().max()) for t in cpu.step_logits[:n]), default=0.0)
-    ok, tol = check_verdict(diff, scale, opts.dtype)
-    print(f"verdict  {'PASS' if ok else 'FAIL'}: max |logit diff| {diff:.4g} {'<=' if ok else '>'} tolerance "
-          f"{tol:.4g} = {CHECK_RTOL[opts.dtype]:g} x max |CPU logit| {scale:.4g} ({opts.dtype} activations; top-1 "
-          f"agreement is reported, not judged: near-ties may flip)", file=out)
-    return ok
+def _check(opts: RunOptions, model: Transformer, device: torch.device, choice: str | None,
+           prompts: list[list[int]], res: GenerationResult, out: TextIO) -> bool:
+    """Teacher-forced check of the run's tokens against the float64 reference ops (verdict.check_run)."""
+    from .verdict import check_run
 
+    distributed = model.par is not None
 
-# Tolerance of `run --check`: the backends differ by the rounding of every op output in the activation dtype
-# along the whole network, so the bound is relative to the logits' magnitude. bf16 (8-bit mantissa, 2^-9
-# relative per rounding) over tens of rounded ops per layer: 5%; fp32: 1e-3.
-CHECK_RTOL = {"bf16": 0.05, "fp32": 1e-3}
+    def build(dtype: str, one_process: bool) -> Transformer:
+        if dtype == opts.dtype and (not one_process or (not distributed and device.type == "cpu")):
+            return model
+        if not one_process:
+            return build_model(replace(opts, dtype=dtype), device, True, distributed=distributed)[0]
+        return build_model(replace(opts, dtype=dtype), torch.device("cpu"), True, gen_device=device)[0]
 
-
-def check_verdict(diff: float, logit_scale: float, dtype: str) -> tuple[bool, float]:
-    """(within tolerance, the tolerance) of a --check max logit difference."""
-    tol = CHECK_RTOL[dtype] * max(logit_scale, 1e-6)
-    return diff == diff and diff <= tol, tol
+    seqs = [p + t for p, t in zip(prompts, res.tokens)]
+    tested = (lambda: contextlib.nullcontext()) if choice is None else (lambda: _use(choice))
+    return check_run(model, seqs, [len(p) for p in prompts], opts.dtype, opts.precision, opts.prefill_chunk,
+                     tested, build, out)
 
 
 def options_from_args(args: Any) -> RunOptions:
