@@ -9,15 +9,33 @@ positions are -1, no compressed entry is visible yet and the compressor's first 
 from __future__ import annotations
 
 import copy
+import numbers
+import os
+
+import torch
 
 from .cache import CompressorState, KVCache, LayerCache
 
-__all__ = ["KVPool", "slot_bytes"]
+__all__ = ["KVPool", "slot_bytes", "device_memory"]
 
 
 def slot_bytes(model, max_seq_len: int) -> int:
     """Bytes one sequence of up to ``max_seq_len`` tokens takes in the pool (what ``KVPool`` allocates)."""
     return KVCache(model.cfg, 1, max_seq_len, model.dtype, "meta", mtp=bool(model.mtp)).nbytes()
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory ``device`` has in all (host RAM for ``cpu``, the GPU's for ``cuda``), or None where
+    that is not known: no pool larger than it can be allocated."""
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):   # no sysconf names on this platform
+            return None
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device.index if device.index is not None
+                                                else torch.cuda.current_device()).total_memory
+    return None
 
 
 def _state_view(st: CompressorState | None, i: int) -> CompressorState | None:
@@ -69,6 +87,11 @@ class KVPool:
         return i, view
 
     def free(self, slot: int) -> None:
+        """Return ``slot`` (an id ``alloc`` handed out) to the pool; a float or bool id is refused, as
+        ``0.0`` or ``True`` would match slot 0 / 1 and go back into the free list as a non-int."""
+        if isinstance(slot, bool) or not isinstance(slot, numbers.Integral):
+            raise TypeError(f"KV pool: slot must be an int (an id alloc() returned), got {type(slot).__name__} {slot!r}")
+        slot = int(slot)
         if slot not in self._views:
             raise ValueError(f"KV pool: slot {slot} is not allocated")
         del self._views[slot]

@@ -9,6 +9,7 @@ smaller of the two.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -63,7 +64,7 @@ class Served:
 
 def build_server(o: ServeOptions) -> Served:
     """Model, KV pool, engine (not started) and chat template for ``o``."""
-    from ..model.kvpool import KVPool, slot_bytes
+    from ..model.kvpool import KVPool, device_memory, slot_bytes
     from ..model.runner import RunOptions, _cpu_threads, build_model, resolve_device
     from .chat import ChatTemplate
     from .engine import Engine
@@ -71,8 +72,10 @@ def build_server(o: ServeOptions) -> Served:
     for name, v in (("--max-seqs", o.max_seqs), ("--max-seq-len", o.max_seq_len), ("--prefill-chunk", o.prefill_chunk)):
         if v is not None and v < 1:
             raise ServeConfigError(f"{name} must be >= 1, got {v}")
-    if o.max_queue < 0 or (o.kv_cache_gib is not None and not o.kv_cache_gib > 0):
-        raise ServeConfigError("--max-queue must be >= 0 and --kv-cache-gib > 0")
+    if o.max_queue < 0:
+        raise ServeConfigError(f"--max-queue must be >= 0, got {o.max_queue}")
+    if o.kv_cache_gib is not None and not (math.isfinite(o.kv_cache_gib) and o.kv_cache_gib > 0):
+        raise ServeConfigError(f"--kv-cache-gib must be a finite number > 0, got {o.kv_cache_gib}")
     device, choice = resolve_device(o.backend)
     with _cpu_threads(device):
         model, tok, origin = build_model(RunOptions(checkpoint=o.checkpoint, preset=o.preset, backend=o.backend,
@@ -86,6 +89,10 @@ def build_server(o: ServeOptions) -> Served:
     if o.kv_cache_gib is not None:
         budget = int(o.kv_cache_gib * 2 ** 30)
         budget = min(budget, o.max_seqs * per) if o.max_seqs else budget
+        memory = device_memory(device)
+        if memory is not None and budget // per * per > memory:
+            raise ServeConfigError(f"--kv-cache-gib {o.kv_cache_gib:g} asks for a pool larger than the memory of "
+                                   f"{device} ({memory / 2 ** 30:.3g} GiB); lower it or cap it with --max-seqs")
     else:
         budget = (o.max_seqs or 8) * per
     try:

@@ -80,3 +80,23 @@ def test_kv_cache_report_prints_the_pool_figure(capsys):
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("dsv4rt allocates")][0]
     bf16 = KVCache(model.cfg, 1, 256, torch.bfloat16, "meta").nbytes()
     assert f"({bf16:,} bytes)" in line
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, True, False, 0.5, "0", None])
+def test_free_refuses_slot_ids_that_are_not_ints(bad):
+    """0.0 and True equal slot ids 0 / 1: free() took them and put a float / bool into the free list, which
+    a later alloc() handed out as a slot. They are refused; the pool stays as it was."""
+    import numpy as np
+
+    model = _model()
+    pool = KVPool(model, 2 * slot_bytes(model, 64), 64)
+    slots = [pool.alloc()[0], pool.alloc()[0]]
+    with pytest.raises(TypeError, match=r"KV pool: slot must be an int"):
+        pool.free(bad)
+    assert pool.used == 2 and pool.alloc() is None
+    pool.free(np.int64(slots[1]))                      # an integer of another type is an id
+    assert pool.used == 1
+    slot, _ = pool.alloc()
+    assert type(slot) is int and slot == slots[1]
+    with pytest.raises(ValueError, match=r"slot 7 is not allocated"):
+        pool.free(7)
