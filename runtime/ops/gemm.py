@@ -48,7 +48,8 @@ def fp8_gemm(x: Tensor, w: Tensor, w_scale: Tensor, act_quant: str | None = None
     """y[M, N] = q(x) @ dequant(w)^T for FP8 E4M3 weights with 128x128 block scales (the dense projections).
 
     - ``x``: [M, K] float32 / bfloat16 / float16.
-    - ``w``: [N, K] torch.float8_e4m3fn.
+    - ``w``: [N, K] torch.float8_e4m3fn; its NaN codes (0x7F / 0xFF) are NaN, so they make output column n
+      NaN in every row.
     - ``w_scale``: [ceil(N/128), ceil(K/128)], E8M0 (float8_e8m0fnu or uint8 bytes) or float32 (the
       -Base checkpoints); ``dequant(w)[n, k] = w[n, k] * scale[n // 128, k // 128]``.
     - ``act_quant``: None or "fp8" (per 1x128 block of K, as fp4_gemm, Inf / NaN blocks included).

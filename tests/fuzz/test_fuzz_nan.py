@@ -100,6 +100,28 @@ for dt in (torch.float32, torch.bfloat16):
             assert (o[1, 1] == 0).all() and (lse[1, 1] == (float('-inf') if sink is None else sink)).all(), (o[1, 1], lse[1, 1])
 """
 
+E4M3_NAN_CODES = """
+import dsv4rt.reference as R
+g = torch.Generator().manual_seed(13)
+w = (torch.randn(128, 256, generator=g) * 8).to(torch.float8_e4m3fn)
+w.view(torch.uint8)[5, 10] = 0x7F; w.view(torch.uint8)[9, 200] = 0xFF; w.view(torch.uint8)[100, 0] = 0xFF
+for dt in (torch.float32, torch.bfloat16):
+    for scale in (torch.ones(1, 2), torch.full((1, 2), 127, dtype=torch.uint8)):
+        args = dict(x=torch.randn(3, 256, generator=g).to(dt), w=w, w_scale=scale)
+        y, ref = dsv4rt.ops.fp8_gemm(**args, backend=V), R.fp8_gemm(**args)
+        assert ref.isnan().any(0).nonzero().flatten().tolist() == [5, 9, 100]
+        assert torch.equal(y.isnan(), ref.isnan()), (dt, y.isnan().any(0).nonzero().flatten().tolist())
+q = torch.randn(1, 2, 4, 32, generator=g)
+k = (torch.randn(1, 10, 32, generator=g) * 8).to(torch.float8_e4m3fn)
+k.view(torch.uint8)[0, 3, 4] = 0x7F; k.view(torch.uint8)[0, 7, 0] = 0xFF          # keys 3 and 7 score NaN
+idx, sc = dsv4rt.ops.indexer_topk(q, k, torch.rand(1, 2, 4, generator=g), torch.full((1, 2), 10, dtype=torch.int32),
+                                  9, torch.rand(1, 10, generator=g) + 0.5, True, backend=V)
+for r in range(2):
+    got = idx[0, r].tolist()
+    assert set(range(10)) - {3, 7} <= set(got), got                       # every finite key before a NaN one
+    assert [float(sc[0, r, i]) for i, t in enumerate(got) if t in (3, 7)] == [float('-inf')], (got, sc[0, r])
+"""
+
 ACT_QUANT_INF = """
 import dsv4rt.reference as R
 from dsv4rt.formats import quant_mxfp4, quant_fp8_block
@@ -134,6 +156,17 @@ def test_attention_skipped_entries_never_read(interp):
     if interp:
         pytest.importorskip("triton", reason="Triton is not installed: cuda/triton cases need its interpreter")
     assert_ok_on_variants({"attention-skipped": ATTN_SKIPPED}, interp)
+
+
+@pytest.mark.parametrize("interp", [False, True], ids=["cpu", "cuda-interpreter"])
+def test_e4m3_nan_codes_are_nan(interp):
+    """The E4M3 NaN codes 0x7F / 0xFF in fp8_gemm weights make their output column NaN, and in indexer_topk
+    keys a NaN score (counted as -inf). cuda/triton under the interpreter decoded them as +-480 (finite
+    columns, keys ranked by a made-up score); it now puts NaN back from the bits there (the GPU path is
+    unchanged)."""
+    if interp:
+        pytest.importorskip("triton", reason="Triton is not installed: cuda/triton cases need its interpreter")
+    assert_ok_on_variants({"e4m3-nan-codes": E4M3_NAN_CODES}, interp)
 
 
 @pytest.mark.parametrize("interp", [False, True], ids=["cpu", "cuda-interpreter"])

@@ -15,6 +15,7 @@ docstring for the design. Conventions shared by every kernel here:
 import triton
 import triton.language as tl
 
+from .e4m3 import e4m3_to_f32
 from .rounding import round_to
 
 
@@ -190,7 +191,7 @@ def fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K,
         else:
             xt = tl.load(x_rows + kk[None, :] * sxk, mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
             wb = tl.load(w_rows + kk[None, :] * swk, mask=n_ok[:, None] & (kk < K)[None, :], other=0)
-        w = wb.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        w = e4m3_to_f32(wb, INTERP)
         if SCALE_E8M0:
             sc = _e8m0(tl.load(s_row + (k0 // 128) * ssk).to(tl.int32))
         else:

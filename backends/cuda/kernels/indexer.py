@@ -10,6 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .e4m3 import e4m3_to_f32
 from .rounding import round_to
 
 
@@ -53,6 +54,8 @@ def indexer_logits_kernel(q_ptr, k_ptr, ks_ptr, w_ptr, vis_ptr, sc_ptr, S, H, N,
                          mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             if INTERP:
                 q = q.to(tl.float32)
+                if HAS_SCALE:   # E4M3 keys: the interpreter's own decode turns the NaN codes into +-480
+                    kt = e4m3_to_f32(kt.to(tl.uint8, bitcast=True), INTERP)
             kt = kt.to(q.dtype)
             acc += tl.dot(q, tl.trans(kt))
         if HAS_SCALE:
