@@ -49,7 +49,7 @@ def _compare(out: torch.Tensor, want: torch.Tensor, tol: torch.Tensor, desc: str
     err = torch.where(same_inf, torch.zeros_like(got), (got - want).abs())
     err = torch.where(inf & ~same_inf, torch.full_like(got, math.inf), err)
     err = torch.where(torch.isnan(got), torch.full_like(got, math.nan), err)
-    ok = err <= tol
+    ok = (err <= tol) | (torch.isnan(got) & torch.isnan(want))   # NaN where the reference has NaN is right
     finite_err = torch.nan_to_num(err, nan=math.inf)
     max_abs = float(finite_err.max())
     scale = float(want[~inf].abs().max()) if bool((~inf).any()) else 1.0
@@ -112,7 +112,8 @@ def gemm(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
 
 def topk(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
     """Checked on reference scores of the returned set: right count, distinct, visible, and every chosen
-    key's reference score within tolerance of the true k-th best; scores (if returned) vs reference."""
+    key's reference score within tolerance of the true k-th best (when that is -inf: every key scoring
+    above -inf chosen); scores (if returned) vs reference."""
     q, k, w = args["q"], args["k"], args["weights"]
     sd = score_dtype_of(args)
     scores = ref.indexer_scores(q, k, w, args["visible"], args["k_scale"], sd)
@@ -143,6 +144,11 @@ def topk(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
                              f"{where}: indices {valid.tolist()} are not {count} distinct keys < {int(vis[b, s])}")
             kth = scores[b, s].sort(descending=True).values[count - 1]
             chosen = scores[b, s, valid]
+            if kth == -math.inf and int((chosen > -math.inf).sum()) < int((scores[b, s] > -math.inf).sum()):
+                return Check(False, math.inf, math.inf, math.inf, "set check",
+                             f"{where}: fewer than all {int((scores[b, s] > -math.inf).sum())} keys above -inf "
+                             f"are among the {count} chosen (visible {int(vis[b, s])}, topk {top}); a key scoring "
+                             "-inf or NaN took a slot of one scoring a number")
             slack = tol_all[b, s, valid] + float(tol_all[b, s].max())
             short = (kth - chosen) / slack
             budget = max(budget, float(short.max()))

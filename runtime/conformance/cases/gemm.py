@@ -103,18 +103,22 @@ def fp4_grouped_gemm() -> list[Case]:
 
 
 def _fp8_case(m: int, n: int, k: int, dtype=BF16, act=None, f32_scale=False, label: str = "",
-              noncontig: tuple[str, ...] = ()) -> Case:
+              noncontig: tuple[str, ...] = (), nan_codes: int = 0) -> Case:
     def make(gen: torch.Generator) -> dict:
         sn, sk = -(-n // 128), -(-k // 128)
         scale = (torch.rand((sn, sk), generator=gen) * 0.01 + 1e-3) if f32_scale else rand_e8m0(gen, (sn, sk), 118, 126)
-        return {"x": randn(gen, m, k, dtype=dtype), "w": rand_e4m3(gen, (n, k)), "w_scale": scale, "act_quant": act}
+        w = rand_e4m3(gen, (n, k))
+        for i in range(nan_codes):   # E4M3 NaN codes 0x7F / 0xFF: their output column is NaN
+            w.view(torch.uint8)[int(torch.randint(0, n, (1,), generator=gen)),
+                                int(torch.randint(0, k, (1,), generator=gen))] = 0x7F | (0x80 * (i % 2))
+        return {"x": randn(gen, m, k, dtype=dtype), "w": w, "w_scale": scale, "act_quant": act}
     name = label or f"M{m}-N{n}-K{k}-{_DT[dtype]}" + (f"-{act}" if act else "")
     return Case("fp8_gemm", name, make, noncontig=noncontig)
 
 
 @case_generator
 def fp8_gemm() -> list[Case]:
-    """128x128 block scales incl. partial edge blocks, E8M0 and fp32 scales, fp8 activations."""
+    """128x128 block scales incl. partial edge blocks, E8M0 and fp32 scales, fp8 activations, E4M3 NaN codes."""
     cases = [
         _fp8_case(1, 256, 512),
         _fp8_case(64, 256, 384),
@@ -123,6 +127,8 @@ def fp8_gemm() -> list[Case]:
         _fp8_case(8, 256, 256, f32_scale=True, label="fp32-scales"),
         _fp8_case(32, 192, 320, act="fp8", label="fp8-act-partial"),
         _fp8_case(8, 128, 256, noncontig=("x", "w_scale"), label="noncontiguous"),
+        _fp8_case(6, 192, 256, nan_codes=5, label="nan-weight-codes"),
+        _fp8_case(3, 128, 256, dtype=F32, nan_codes=3, label="nan-weight-codes-f32"),
     ]
 
     def good(gen):
