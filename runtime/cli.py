@@ -109,6 +109,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                      "flash-slice (V4-Flash widths, --layers layers, weights drawn in memory; for GPUs)")
     p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "ascend"),
                    help="where the ops run (default auto: the best available device)")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json, or a folder holding one (default: the "
+                   "checkpoint's; the presets: bytes); its ids must fit the model's vocabulary")
     p.add_argument("--prompt", metavar="TEXT", action="append", help="prompt text; repeat it to run several "
                    "prompts as one batch")
     p.add_argument("--prompt-len", type=int, metavar="N", help="use N synthetic prompt tokens instead (benchmarks)")

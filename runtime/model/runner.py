@@ -45,6 +45,7 @@ class RunOptions:
     progress: bool = True
     tp: int | None = None          # tensor-parallel size of attention (None: the largest the config allows)
     ep: int | None = None          # expert-parallel size of the MoE (None: the largest the config allows)
+    tokenizer: str | None = None   # --tokenizer: a tokenizer.json, or a folder holding one
 
 
 def resolve_device(backend: str) -> tuple[torch.device, str | None]:
@@ -119,13 +120,14 @@ def build_model(opts: RunOptions, device: torch.device, quiet: bool = False,
     if opts.checkpoint or (opts.preset or "tiny") == "tiny":
         path = opts.checkpoint or tiny_checkpoint(opts.seed)  # safe when ranks race: the first rename wins
         ck = Checkpoint(path, progress=opts.progress and not quiet and not distributed)
+        tok = load_tokenizer(ck.cfg, path, opts.tokenizer)          # checked before the weights load
         names = Transformer.load_order(ck.cfg)
         ck.start_progress(names)
         model = Transformer(ck.cfg, ck, device, dtype, convert_fp4=opts.convert_fp8, par=layout(ck.cfg),
                             precision=opts.precision)
         ck.finish_progress()
         origin = path if opts.checkpoint else f"{path} (tiny preset: random weights, so the text is noise)"
-        return model, load_tokenizer(ck.cfg, path), origin
+        return model, tok, origin
     if opts.preset == "flash-slice":
         cfg = preset("flash-slice")
         if opts.layers is not None and opts.layers != cfg.n_layers:
@@ -135,12 +137,14 @@ def build_model(opts: RunOptions, device: torch.device, quiet: bool = False,
             cfg = cfg.replace(n_routed_experts=opts.experts, n_activated_experts=min(cfg.n_activated_experts, opts.experts))
         from .progress import ProgressSource
 
+        tok = load_tokenizer(cfg, None, opts.tokenizer) if opts.tokenizer else ByteTokenizer(cfg.bos_token_id,
+                                                                                            cfg.eos_token_id)
         src = ProgressSource(SyntheticSource(cfg, opts.seed, gen_device or device, fast=True, mtp=False),
                              "drawing synthetic weights", enabled=opts.progress and not quiet and not distributed)
         model = Transformer(cfg, src, device, dtype, convert_fp4=opts.convert_fp8, par=layout(cfg),
                             precision=opts.precision)
         src.progress.close()
-        return model, ByteTokenizer(cfg.bos_token_id, cfg.eos_token_id), (
+        return model, tok, (
             f"synthetic random weights (seed {opts.seed}, in memory; the text is noise)")
     raise BackendSelectionError(f"--preset {opts.preset}: the full {opts.preset} model needs its checkpoint "
                                 f"(--checkpoint DIR); runnable presets: tiny, flash-slice")
@@ -288,4 +292,4 @@ def options_from_args(args: Any) -> RunOptions:
                       seed=args.seed, check=args.check, dtype=args.dtype, precision=args.precision,
                       prefill_chunk=args.prefill_chunk,
                       layers=args.layers, experts=args.experts, convert_fp8=args.convert_fp8,
-                      progress=not args.quiet, tp=args.tp, ep=args.ep)
+                      progress=not args.quiet, tp=args.tp, ep=args.ep, tokenizer=args.tokenizer)

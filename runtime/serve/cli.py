@@ -40,6 +40,7 @@ class ServeOptions:
     max_queue: int = 256
     prefill_chunk: int = 512
     model_name: str | None = None
+    tokenizer: str | None = None
 
 
 @dataclass
@@ -80,7 +81,7 @@ def build_server(o: ServeOptions) -> Served:
     with _cpu_threads(device):
         model, tok, origin = build_model(RunOptions(checkpoint=o.checkpoint, preset=o.preset, backend=o.backend,
                                                     seed=o.seed, dtype=o.dtype, precision=o.precision,
-                                                    progress=False), device, quiet=True)
+                                                    progress=False, tokenizer=o.tokenizer), device, quiet=True)
     window = model.cfg.window_size
     max_seq_len = o.max_seq_len or max(min(model.cfg.max_seq_len, 4096), window)
     if max_seq_len < window:
@@ -112,6 +113,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--preset", choices=("tiny", "flash-slice"), help="synthetic model (default tiny)")
     p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "ascend"),
                    help="where the ops run (default auto)")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json, or a folder holding one (and maybe a "
+                   "tokenizer_config.json with a chat template); default: the checkpoint's, the presets: bytes")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="activation dtype (default bf16)")
     p.add_argument("--precision", default="release", choices=("release", "fp32"),
                    help="bf16 precision points of the release (default) or fp32")
