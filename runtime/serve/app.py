@@ -6,6 +6,10 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON, or server
 text). Every error is an OpenAI error body; with an API key every ``/v1`` request needs
 ``Authorization: Bearer KEY`` (``/health`` and ``/metrics`` stay open). A client that disconnects cancels
 its request (streaming or not), which frees its KV slot at the engine's next step.
+
+With a DeepSeek-V4 chat format the completion goes through the format's parser: the message gets
+``reasoning_content`` and ``tool_calls`` (finish_reason ``tool_calls`` when it stopped after calling), and
+the stream sends ``delta.reasoning_content``, ``delta.content`` and ``delta.tool_calls`` chunks.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import replace
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
@@ -111,19 +116,20 @@ class _Api:
         body = await self._body(request)
         req = self._validate(lambda: parse_chat(body, self.model_name))
         try:
-            ids = self.template.encode(req.messages, self.engine.tokenizer)
+            prompt = self.template.prepare(req.messages, self.engine.tokenizer, req.options)
         except MessageError as exc:
             self.engine.counters.request("invalid")
             raise ApiError(400, str(exc), exc.param) from None
-        handle = self.engine.submit_async(ids, req.params, "messages")
-        return await self._respond(request, handle, req.stream, req.include_usage, chat=True)
+        params = req.params if prompt.parser is None else replace(req.params, skip_special_tokens=False)
+        handle = self.engine.submit_async(prompt.ids, params, "messages")
+        return await self._respond(request, handle, req.stream, req.include_usage, chat=True, parser=prompt.parser)
 
     def _head(self, rid: str, chat: bool, stream: bool) -> dict[str, Any]:
         obj = ("chat.completion.chunk" if stream else "chat.completion") if chat else "text_completion"
         return {"id": rid, "object": obj, "created": int(time.time()), "model": self.model_name}
 
     async def _respond(self, request: Request, handle: Handle, stream: bool, include_usage: bool,
-                       chat: bool) -> Response:
+                       chat: bool, parser: Any = None) -> Response:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         waiter = _Waiter(handle, request)
         first = await waiter.next()
@@ -132,7 +138,7 @@ class _Api:
         if first.kind == "error":
             raise ApiError(first.status, first.message, None, "server_error")
         if stream:
-            return StreamingResponse(self._stream(request, handle, first, rid, chat, include_usage),
+            return StreamingResponse(self._stream(request, handle, first, rid, chat, include_usage, parser),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         parts, ev = [], first
@@ -145,18 +151,24 @@ class _Api:
         if ev.kind == "error":
             raise ApiError(ev.status, ev.message, None, "server_error")
         text = "".join(parts)
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": ev.finish_reason}
-        choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+        if parser is not None:
+            parser.feed(text)
+            parser.finish()
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": _finish(ev.finish_reason, parser)}
+        if parser is not None:
+            choice["message"] = _message(parser)
+        else:
+            choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
         return JSONResponse({**self._head(rid, chat, False), "choices": [choice], "usage": ev.usage})
 
     async def _stream(self, request: Request, handle: Handle, first: Event, rid: str, chat: bool,
-                      include_usage: bool) -> AsyncIterator[str]:
+                      include_usage: bool, parser: Any = None) -> AsyncIterator[str]:
         head = self._head(rid, chat, True)
         extra = {"usage": None} if include_usage else {}
 
-        def chunk(text: str | None, finish: str | None) -> str:
+        def chunk(text: str | None, finish: str | None, delta: dict[str, Any] | None = None) -> str:
             if chat:
-                delta = {} if text is None else {"content": text}
+                delta = delta if delta is not None else {} if text is None else {"content": text}
                 c: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
                 c = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
@@ -168,12 +180,18 @@ class _Api:
                                                  "logprobs": None, "finish_reason": None}], **extra})
             ev = first
             while ev.kind == "token":
-                yield chunk(ev.text, None)
+                if parser is None:
+                    yield chunk(ev.text, None)
+                else:
+                    for delta in parser.feed(ev.text):
+                        yield chunk(None, None, delta)
                 ev = await handle.next()
             if ev.kind == "error":
                 yield _sse(error_body(ev.message, "server_error"))
             else:
-                yield chunk(None, ev.finish_reason)
+                for delta in parser.finish() if parser is not None else ():
+                    yield chunk(None, None, delta)
+                yield chunk(None, _finish(ev.finish_reason, parser))
                 if include_usage:
                     yield _sse({**head, "choices": [], "usage": ev.usage})
             yield "data: [DONE]\n\n"
@@ -195,6 +213,20 @@ class _Api:
         """``GET /metrics``."""
         return PlainTextResponse(render(self.engine.snapshot(), self.model_name),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _finish(reason: str | None, parser: Any) -> str | None:
+    """OpenAI's finish_reason: ``tool_calls`` when a parsed completion stopped after calling tools."""
+    return "tool_calls" if reason == "stop" and parser is not None and parser.tool_calls else reason
+
+
+def _message(parser: Any) -> dict[str, Any]:
+    """The assistant message of a parsed completion (content null when it only called tools)."""
+    msg: dict[str, Any] = {"role": "assistant", "content": parser.content or (None if parser.tool_calls else ""),
+                           "reasoning_content": parser.reasoning}
+    if parser.tool_calls:
+        msg["tool_calls"] = parser.tool_calls
+    return msg
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -104,7 +104,7 @@ def build_server(o: ServeOptions) -> Served:
     name = o.model_name or (os.path.basename(os.path.normpath(o.checkpoint)) if o.checkpoint
                             else f"dsv4-{o.preset or 'tiny'}")
     label = o.backend if choice is None or o.backend != "auto" else choice
-    return Served(engine, ChatTemplate.from_checkpoint(o.checkpoint), name, origin, label)
+    return Served(engine, ChatTemplate.from_checkpoint(o.checkpoint, tok, o.tokenizer), name, origin, label)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

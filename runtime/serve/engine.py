@@ -144,7 +144,8 @@ class Engine:
             raise ApiError(400, f"This model's maximum context length is {cap} tokens; this request asks for "
                            f"{len(prompt) + params.max_tokens} ({len(prompt)} in the prompt, {params.max_tokens} "
                            f"for the completion). Shorten the prompt or lower max_tokens.", param)
-        seq = Sequence(next(self._ids), list(prompt), params, sink, TextStream(self.tokenizer, params.stop),
+        seq = Sequence(next(self._ids), list(prompt), params, sink, TextStream(self.tokenizer, params.stop,
+                                                                            params.skip_special_tokens),
                        make_generator(params, self.model.device))
         with self._cv:
             if self._stopping:

@@ -3,14 +3,22 @@ typed parameters, and OpenAI-style error bodies ``{"error": {"message", "type", 
 
 Unknown fields are ignored (clients send many); known fields of the wrong type or out of range are refused
 with 400 and the field's name as ``param``. ``null`` stands for "not given". Beyond OpenAI, ``top_k``
-(0 and -1 disable it) and ``ignore_eos`` (vLLM's extension) are read.
+(0 and -1 disable it), ``ignore_eos`` and ``skip_special_tokens`` (vLLM's extensions) are read.
+
+Chat requests also take ``tools`` (``[{"type": "function", "function": {"name", "description",
+"parameters"}}]``), ``tool_choice`` ("none", "auto", "required" or ``{"type": "function", "function":
+{"name"}}`` naming one of ``tools``), ``reasoning_effort`` (a string, or an integer for V4.1) and
+``chat_template_kwargs`` (an object; its ``thinking`` or ``enable_thinking`` boolean selects thinking
+mode, as vLLM reads them). Thinking mode is off unless asked for there, or implied by a
+``reasoning_effort`` other than "none"; "none" turns it off.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
-from .chat import MessageError, validate_messages
+from .chat import ChatOptions, MessageError, validate_messages
 from .sampling import SamplingParams
 
 __all__ = ["ApiError", "error_body", "CompletionRequest", "ChatRequest", "parse_completion", "parse_chat"]
@@ -49,12 +57,13 @@ class CompletionRequest:
 
 @dataclass
 class ChatRequest:
-    """A validated ``/v1/chat/completions`` body; ``messages`` are ``{"role", "content": str}``."""
+    """A validated ``/v1/chat/completions`` body; ``messages`` as :func:`~.chat.validate_messages` gives them."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     params: SamplingParams
     stream: bool = False
     include_usage: bool = False
+    options: ChatOptions = ChatOptions()
 
 
 def _bad(param: str | None, message: str) -> ApiError:
@@ -131,7 +140,8 @@ def _sampling(body: dict[str, Any], max_tokens_names: tuple[str, ...]) -> Sampli
     else:
         raise _bad("stop", f"'stop' must be a string or an array of strings, got {_type_name(stop)}")
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                          stop=tuple(s for s in stops if s), ignore_eos=bool(_bool(body, "ignore_eos")))
+                          stop=tuple(s for s in stops if s), ignore_eos=bool(_bool(body, "ignore_eos")),
+                          skip_special_tokens=_bool(body, "skip_special_tokens") is not False)
 
 
 def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -188,4 +198,59 @@ def parse_chat(body: Any, model_name: str) -> ChatRequest:
     except MessageError as exc:
         raise _bad(exc.param, str(exc)) from None
     params = _sampling(body, ("max_completion_tokens", "max_tokens"))
-    return ChatRequest(messages, params, *_stream(body))
+    return ChatRequest(messages, params, *_stream(body), options=_chat_options(body))
+
+
+def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    tools = _get(body, "tools", (list,), "an array of tools")
+    if tools is None:
+        return None
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not (isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(fn, dict)
+                and isinstance(fn.get("name"), str) and fn["name"]):
+            raise _bad(f"tools[{i}]", f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": str, "
+                       f"\"description\": str, \"parameters\": object}}}}")
+        if not isinstance(fn.get("parameters", {}), dict) or not isinstance(fn.get("description", ""), str):
+            raise _bad(f"tools[{i}].function", f"tools[{i}].function: 'parameters' must be an object and "
+                       f"'description' a string")
+    return tools
+
+
+def _tool_choice(body: dict[str, Any], tools: list[dict[str, Any]] | None) -> Any:
+    choice = body.get("tool_choice")
+    if choice is None:
+        return "auto"
+    if choice in ("none", "auto", "required"):
+        if choice == "required" and not tools:
+            raise _bad("tool_choice", "'tool_choice' \"required\" needs 'tools'")
+        return choice
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str):
+        raise _bad("tool_choice", f"'tool_choice' must be \"none\", \"auto\", \"required\" or "
+                   f"{{\"type\": \"function\", \"function\": {{\"name\": str}}}}, got {json.dumps(choice)[:100]}")
+    known = [t["function"]["name"] for t in tools or []]
+    if name not in known:
+        raise _bad("tool_choice", f"'tool_choice' names the function {name!r}, which is not among 'tools' "
+                   f"({', '.join(known) or 'none given'})"[:300])
+    return {"type": "function", "function": {"name": name}}
+
+
+def _chat_options(body: dict[str, Any]) -> ChatOptions:
+    tools = _tools(body)
+    choice = _tool_choice(body, tools)
+    effort = _get(body, "reasoning_effort", (str, int), "a string or an integer")
+    kwargs = _get(body, "chat_template_kwargs", (dict,), "an object") or {}
+    thinking = None
+    for key in ("thinking", "enable_thinking"):
+        if kwargs.get(key) is not None:
+            if not isinstance(kwargs[key], bool):
+                raise _bad("chat_template_kwargs", f"'chat_template_kwargs.{key}' must be a boolean, got "
+                           f"{_type_name(kwargs[key])}")
+            thinking = kwargs[key] if thinking is None else thinking
+    if thinking is None:
+        thinking = effort is not None
+    if effort == "none":
+        thinking = False
+    return ChatOptions(tools, choice, thinking, effort, dict(kwargs))

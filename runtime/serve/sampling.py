@@ -19,7 +19,8 @@ __all__ = ["SamplingParams", "make_generator", "apply_top_k", "apply_top_p", "sa
 @dataclass(frozen=True)
 class SamplingParams:
     """What one request asks of generation. ``top_k`` 0 or -1 and ``top_p`` 1 disable those masks; ``seed``
-    None draws a fresh one; ``ignore_eos`` keeps generating past EOS (benchmarks)."""
+    None draws a fresh one; ``ignore_eos`` keeps generating past EOS (benchmarks); ``skip_special_tokens``
+    False keeps control tokens in the text (chat parsing reads ``<think>`` and DSML from it)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -28,6 +29,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    skip_special_tokens: bool = True
 
     @property
     def greedy(self) -> bool:
@@ -92,10 +94,12 @@ class TextStream:
     ended the output. Each push decodes the whole generated id list and diffs it against what was already
     sent (so multi-byte characters split over tokens come out whole); text that could still turn into a stop
     string, or ends in an incomplete character (U+FFFD), is held back until it settles; ``flush()`` releases
-    it at the end. ``text`` is everything sent, truncated before a stop string."""
+    it at the end. ``text`` is everything sent, truncated before a stop string. ``skip_special_tokens``
+    False decodes control tokens as text."""
 
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()) -> None:
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), skip_special_tokens: bool = True) -> None:
         self.tok, self.stop = tokenizer, tuple(s for s in stop if s)
+        self.skip = skip_special_tokens
         self.ids: list[int] = []
         self.text = ""
         self._full = ""
@@ -104,7 +108,7 @@ class TextStream:
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add a generated token: (text to send now, True if a stop string was reached)."""
         self.ids.append(token_id)
-        full = self.tok.decode(self.ids)
+        full = self.tok.decode(self.ids) if self.skip else self.tok.decode(self.ids, skip_special_tokens=False)
         self._full = full
         sent = len(self.text)
         if self.stop:

@@ -76,6 +76,10 @@ MSG = [{"role": "user", "content": "hi"}]
     (CH, {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
     (CH, {"messages": [{"role": "user", "content": 1}]}, 400, "messages[0].content"),
     (CH, {"messages": MSG, "n": 3}, 400, "n"),
+    # the tiny preset's byte tokenizer cannot carry the DeepSeek format: the plain fallback shows no tools
+    (CH, {"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    (CH, {"messages": MSG, "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, "tool_choice"),
+    (CH, {"messages": MSG, "reasoning_effort": [1]}, 400, "reasoning_effort"),
 ])
 def test_bad_input_gets_4xx_with_an_openai_error(env, path, body, status, param):
     c = env[0]["open"]

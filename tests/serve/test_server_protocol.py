@@ -70,7 +70,8 @@ def test_chat_fields_and_refusals():
     r = parse_chat({"messages": [{"role": "system", "content": "s"},
                                  {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
                                  {"role": "assistant", "content": None}], "max_completion_tokens": 5}, M)
-    assert r.messages == [{"role": "system", "content": "s"}, {"role": "user", "content": "a\nb"},
+    assert r.messages == [{"role": "system", "content": "s"},
+                          {"role": "user", "content": "a\nb", "parts": ["a", "b"]},
                           {"role": "assistant", "content": ""}]
     assert r.params.max_tokens == 5
     assert parse_chat({"messages": [{"role": "user", "content": "x"}], "max_tokens": 4}, M).params.max_tokens == 4
@@ -84,6 +85,58 @@ def test_chat_fields_and_refusals():
         with pytest.raises(ApiError) as ei:
             parse_chat(body, M)
         assert ei.value.status == 400 and ei.value.param == param, body
+
+
+TOOL = {"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}
+HI = [{"role": "user", "content": "hi"}]
+
+
+def test_chat_options():
+    o = parse_chat({"messages": HI}, M).options
+    assert (o.tools, o.tool_choice, o.thinking, o.reasoning_effort, o.template_kwargs) == (None, "auto", False, None, {})
+    o = parse_chat({"messages": HI, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "f"}},
+                    "chat_template_kwargs": {"enable_thinking": True, "x": 1}}, M).options
+    assert o.tools == [TOOL] and o.tool_choice == {"type": "function", "function": {"name": "f"}}
+    assert o.thinking and o.template_kwargs == {"enable_thinking": True, "x": 1} and o.offered_tools() == [TOOL]
+    assert parse_chat({"messages": HI, "reasoning_effort": "high"}, M).options.thinking      # effort implies it
+    assert parse_chat({"messages": HI, "reasoning_effort": 30}, M).options.reasoning_effort == 30
+    assert not parse_chat({"messages": HI, "reasoning_effort": "high",
+                           "chat_template_kwargs": {"thinking": False}}, M).options.thinking
+    assert not parse_chat({"messages": HI, "reasoning_effort": "none",
+                           "chat_template_kwargs": {"thinking": True}}, M).options.thinking
+    assert parse_chat({"messages": HI, "tools": [TOOL], "tool_choice": "none"}, M).options.offered_tools() is None
+    assert parse_chat({"messages": HI}, M).params.skip_special_tokens
+    assert not parse_completion({"prompt": "x", "skip_special_tokens": False}, M, V).params.skip_special_tokens
+    for body, param in [({"tools": {}}, "tools"), ({"tools": [{"type": "function"}]}, "tools[0]"),
+                        ({"tools": [{"function": {"name": "f", "parameters": []}}]}, "tools[0].function"),
+                        ({"tool_choice": "required"}, "tool_choice"), ({"tool_choice": "sometimes"}, "tool_choice"),
+                        ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+                         "tool_choice"),
+                        ({"reasoning_effort": 1.5}, "reasoning_effort"),
+                        ({"chat_template_kwargs": []}, "chat_template_kwargs"),
+                        ({"chat_template_kwargs": {"thinking": "yes"}}, "chat_template_kwargs")]:
+        with pytest.raises(ApiError) as ei:
+            parse_chat({"messages": HI, **body}, M)
+        assert ei.value.status == 400 and ei.value.param == param, body
+
+
+def test_chat_message_fields():
+    msgs = validate_messages([
+        {"role": "assistant", "content": None, "reasoning_content": "r", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"}])
+    assert msgs == [{"role": "assistant", "content": "", "reasoning_content": "r", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]},
+        {"role": "tool", "content": "ok", "tool_call_id": "c1"}]
+    for m, param in [({"role": "assistant", "tool_calls": {}}, "messages[0].tool_calls"),
+                     ({"role": "assistant", "tool_calls": [{"function": {}}]}, "messages[0].tool_calls[0]"),
+                     ({"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": 3}}]},
+                      "messages[0].tool_calls[0].function.arguments"),
+                     ({"role": "assistant", "reasoning_content": 1}, "messages[0].reasoning_content"),
+                     ({"role": "tool", "tool_call_id": 5}, "messages[0].tool_call_id")]:
+        with pytest.raises(MessageError) as ei:
+            validate_messages([m])
+        assert ei.value.param == param, m
 
 
 def test_chat_fallback_template():
