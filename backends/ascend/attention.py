@@ -19,6 +19,11 @@ out would need a device->host sync. So the caller declares it by passing a :clas
 same int32 tensor, with a :class:`Window` attached; the contract check and the composite path see a plain
 idx). A plain idx is refused by ``supports()`` and the composite variant runs. The declaration is trusted,
 not checked (that would sync); :meth:`WindowedIndex.verify` checks it, for tests and debugging.
+
+kv_compress has no fused variant: ``ascend/torch`` (the composite code) runs every mode, V4's and V4.1's
+(ratio 2 without ape, ratio 1 without gate). No torch_npu op fits the per-channel softmax pooling
+(docs/ascend.md): the compressor kernel there is vllm-ascend's ``torch.ops._C_ascend.compressor``, a csrc
+op outside torch_npu that also fuses the projections, the norm and RoPE, i.e. model glue here.
 """
 from __future__ import annotations
 

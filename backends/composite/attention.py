@@ -32,14 +32,15 @@ def _row_max(logits: Tensor, sink: Tensor | None) -> Tensor:
     return m.masked_fill(m == float("-inf"), 0.0)
 
 
-def kv_compress(kv: Tensor, gate: Tensor, ape: Tensor, ratio: int, overlap: bool,
+def kv_compress(kv: Tensor, gate: Tensor | None, ape: Tensor | None, ratio: int, overlap: bool,
                 prev_kv: Tensor | None = None, prev_gate: Tensor | None = None) -> Tensor:
     """``out[B, S/ratio, d]`` float32: per-channel gated softmax pooling of every block of ``ratio`` tokens.
 
     ``overlap=False``: one softmax over the block's ``ratio`` tokens (C = d).
     ``overlap=True`` (C = 2d): the softmax of entry j runs over ``2*ratio`` tokens, the first-half
     channels of block j-1 (``prev_kv``/``prev_gate`` for j = 0, else logit -inf and value 0) and the
-    second-half channels of block j; ``ape`` is added to the gate by position in block.
+    second-half channels of block j; ``ape`` (None: no bias) is added to the gate by position in block.
+    ``gate=None`` (ratio 1): the entries are ``kv`` itself, widened to float32.
     Vectorised over all blocks at once (the previous blocks are the own blocks shifted by one).
     """
     b, s, ch = kv.shape
@@ -48,13 +49,22 @@ def kv_compress(kv: Tensor, gate: Tensor, ape: Tensor, ratio: int, overlap: bool
     out = new_output((b, nb, d), torch.float32, kv.device)
     if nb == 0 or b == 0 or d == 0:
         return out
+    if gate is None:   # ratio 1 without a gate: nothing to pool
+        out.copy_(kv)
+        return out
+    apef = None if ape is None else ape.float()
     kvb = kv.float().reshape(b, nb, ratio, ch)
-    logit = gate.float().reshape(b, nb, ratio, ch) + ape.float()       # [B, nb, ratio, C]
+    logit = gate.float().reshape(b, nb, ratio, ch)                      # [B, nb, ratio, C]
+    if apef is not None:
+        logit = logit + apef
     if not overlap:
         out.copy_(_pool(logit, kvb))
         return out
     if prev_kv is not None:
-        first_l = (prev_gate.float()[:, :, :d] + ape.float()[:, :d]).unsqueeze(1)   # [B, 1, ratio, d]
+        first_l = prev_gate.float()[:, :, :d]
+        if apef is not None:
+            first_l = first_l + apef[:, :d]
+        first_l = first_l.unsqueeze(1)                                  # [B, 1, ratio, d]
         first_v = prev_kv.float()[:, :, :d].unsqueeze(1)
     else:
         first_l = torch.full((b, 1, ratio, d), float("-inf"), dtype=torch.float32, device=kv.device)

@@ -12,20 +12,29 @@ from ..spec import OutputSpec, declare_spec
 FAMILY = "attention"
 
 
-def kv_compress(kv: Tensor, gate: Tensor, ape: Tensor, ratio: int, overlap: bool,
+def kv_compress(kv: Tensor, gate: Tensor | None, ape: Tensor | None, ratio: int, overlap: bool,
                 prev_kv: Tensor | None = None, prev_gate: Tensor | None = None) -> Tensor:
     """out[B, S/ratio, d] float32: gated softmax pooling of every block of ``ratio`` tokens, per channel.
 
     - ``kv``, ``gate``: [B, S, C] float32 / bfloat16 / float16 (the compressor's ``wkv(x)``, ``wgate(x)``),
-      S % ratio == 0; ``ape``: [ratio, C] float32, added to the gate by position in block.
-    - ``overlap=False`` (HCA, ratio 128): C = d, ``out[j, c] = sum_{i in block j}
-      softmax_i(gate[i, c] + ape[i mod ratio, c]) * kv[i, c]``.
-    - ``overlap=True`` (CSA, ratio 4): C = 2d; entry j is a softmax over 2*ratio tokens per channel c:
+      S % ratio == 0 (ratio >= 1); ``ape``: [ratio, C] float32, added to the gate by position in block, or
+      None for no position bias (the same as an all-zero ``ape``).
+    - ``overlap=False`` (V4 HCA, ratio 128; V4.1 CSA2, ratio 2 with ``ape=None``): C = d,
+      ``out[j, c] = sum_{i in block j} softmax_i(gate[i, c] + ape[i mod ratio, c]) * kv[i, c]``.
+    - ``overlap=True`` (V4 CSA, ratio 4): C = 2d; entry j is a softmax over 2*ratio tokens per channel c:
       the previous block's first-half channel ``c`` (logit ``gate[i, c] + ape[i - ratio(j-1), c]``) and the
       own block's second-half channel ``d + c`` (logit ``gate[i, d+c] + ape[i - ratio j, d+c]``), with
       values ``kv`` at the same channels. For j = 0 the previous block is ``prev_kv``/``prev_gate``
-      [B, ratio, C] when given (continuing a sequence), else empty (logit -inf).
-    No norm or RoPE here: those are model glue. Computed in float32.
+      [B, ratio, C] when given (continuing a sequence), else empty (logit -inf). ``prev_*`` need overlap.
+    - ``gate=None`` (V4.1 ratio-1 layers, whose compressor has no ``wgate``): only with ``ratio=1``,
+      ``ape=None``, ``overlap=False``; one token per entry, nothing to pool: ``out = kv`` as float32 (exact,
+      non-finite values passed through). So every compressed layer of V4 and V4.1 calls this one op.
+    The op is stateless and never sees a partial block: a caller decoding token by token (V4.1: fp32
+    ``kv_state``/``score_state`` [B, ratio, d]) keeps the raw rows of the incomplete block and calls the op
+    on a block once it completes ((pos + 1) % ratio == 0); a prefill's trailing S % ratio rows wait the same
+    way. Blocks do not depend on each other without overlap, so any chunking gives the same entries.
+    No norm, cast or RoPE here: the cast to the activation dtype, RMSNorm (V4.1: eps 1e-20; for ratio 1
+    the whole ``c_t = RMSNorm(wkv(x_t))``), RoPE and KV quantisation are model glue. Computed in float32.
     Non-finite inputs follow the IEEE arithmetic of the max-subtracted softmax, on every variant alike: a
     NaN or +inf logit, a NaN value, or logits that are all -inf (an empty softmax) make that entry's
     channel NaN; an infinite value with a nonzero weight makes it +-inf (NaN with both signs).
@@ -62,17 +71,27 @@ def _check_compress(a: Mapping[str, Any]) -> None:
     op = "kv_compress"
     c.tensor(op, "kv", a["kv"], 3, c.FLOAT_ACT)
     b, s, ch = a["kv"].shape
-    c.tensor(op, "gate", a["gate"], 3, c.FLOAT_ACT)
-    c.shape(op, "gate", a["gate"], (b, s, ch), "[B, S, C] like kv")
     c.integer(op, "ratio", a["ratio"], lo=1)
     c.flag(op, "overlap", a["overlap"])
     ratio = a["ratio"]
+    if a["gate"] is None:   # V4.1 ratio 1: no gate, nothing to pool
+        if ratio != 1:
+            raise c.ContractError(op, "gate", "a [B, S, C] tensor (gate=None only with ratio 1: one token per "
+                                  "entry, nothing to pool)", f"None with ratio = {ratio}")
+        if a["overlap"]:
+            raise c.ContractError(op, "overlap", "False when gate is None (ratio 1 without a gate)", "True")
+        if a["ape"] is not None:
+            raise c.ContractError(op, "ape", "None when gate is None (no gate to add a bias to)", "a tensor")
+    else:
+        c.tensor(op, "gate", a["gate"], 3, c.FLOAT_ACT)
+        c.shape(op, "gate", a["gate"], (b, s, ch), "[B, S, C] like kv")
     if s % ratio:
         raise c.ContractError(op, "kv", f"S (kv.shape[1]) divisible by ratio = {ratio}", f"S = {s}")
     if a["overlap"] and ch % 2:
         raise c.ContractError(op, "kv", "an even channel count C = 2d when overlap=True", f"C = {ch}")
-    c.tensor(op, "ape", a["ape"], 2, (torch.float32,))
-    c.shape(op, "ape", a["ape"], (ratio, ch), "[ratio, C]")
+    if a["ape"] is not None:
+        c.tensor(op, "ape", a["ape"], 2, (torch.float32,))
+        c.shape(op, "ape", a["ape"], (ratio, ch), "[ratio, C]")
     prev = [n for n in ("prev_kv", "prev_gate") if a[n] is not None]
     if prev and not a["overlap"]:
         raise c.ContractError(op, prev[0], "None when overlap=False (blocks do not overlap)", "a tensor")

@@ -34,11 +34,16 @@ def kv_compress(kv, gate, ape, ratio, overlap, prev_kv=None, prev_gate=None):
     For ``j = 0`` the previous block is ``prev_kv / prev_gate [B, ratio, C]`` when given (its
     first-half channels, ape added the same way: ``prev_gate[p, c] + ape[p, c]``); otherwise it is
     padding with logit ``-inf`` and value 0, so entry 0 pools its own block only.
+
+    ``ape=None``: no position bias, i.e. ``ape`` = 0 (V4.1 CSA2: ratio 2, no overlap, no ape).
+    ``gate=None`` (V4.1 ratio 1, ``ape=None``, no overlap): ``out = kv``, one token per entry.
     """
     kv = to_f64(kv)
-    gate = to_f64(gate)
-    ape = to_f64(ape)
     b, s, c = kv.shape
+    if gate is None:
+        return kv.clone()
+    gate = to_f64(gate)
+    ape = torch.zeros((ratio, c), dtype=F64) if ape is None else to_f64(ape)
     n_out = s // ratio
     d = c // 2 if overlap else c
     out = torch.empty((b, n_out, d), dtype=F64)
