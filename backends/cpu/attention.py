@@ -12,26 +12,28 @@ from ._np import BUDGET, alloc_f32, f32, finish, gather_rows_f32, ints
 
 def _pool(logit_parts: list[np.ndarray], value_parts: list[np.ndarray]) -> np.ndarray:
     """Per-channel softmax over axis 2 of the concatenation of ``logit_parts`` ([B, J, r, d] each),
-    weighting ``value_parts``; stable (max subtracted), without building the concatenation."""
+    weighting ``value_parts``; stable (max subtracted), without building the concatenation. Non-finite
+    inputs give the contract's NaN / +-inf quietly (e.g. an all -inf softmax: -inf - -inf, then 0 / 0)."""
     m = logit_parts[0].max(axis=2, keepdims=True)
     for part in logit_parts[1:]:
         np.maximum(m, part.max(axis=2, keepdims=True), out=m)
     num = np.zeros(m.shape[:2] + m.shape[3:], np.float32)
     den = np.zeros_like(num)
-    for logits, values in zip(logit_parts, value_parts):
-        e = np.exp(logits - m)
-        den += e.sum(axis=2)
-        num += (e * values).sum(axis=2)
-    return num / den
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for logits, values in zip(logit_parts, value_parts):
+            e = np.exp(logits - m)
+            den += e.sum(axis=2)
+            num += (e * values).sum(axis=2)
+        return num / den
 
 
-def kv_compress(kv: torch.Tensor, gate: torch.Tensor, ape: torch.Tensor, ratio: int, overlap: bool,
+def kv_compress(kv: torch.Tensor, gate: torch.Tensor | None, ape: torch.Tensor | None, ratio: int, overlap: bool,
                 prev_kv: torch.Tensor | None = None, prev_gate: torch.Tensor | None = None) -> torch.Tensor:
     """out[B, S/ratio, d] float32: gated per-channel softmax pooling of each block of ``ratio`` tokens.
 
     Vectorised over batch, blocks and channels in float32, a chunk of blocks at a time; with overlap, the
     previous block's first-half channels join each softmax (-inf padding before block 0 unless
-    ``prev_kv``/``prev_gate`` are given).
+    ``prev_kv``/``prev_gate`` are given). ``ape=None`` adds no bias; ``gate=None`` (ratio 1) copies ``kv``.
     """
     bsz, s, c = kv.shape
     nb = s // ratio
@@ -40,23 +42,31 @@ def kv_compress(kv: torch.Tensor, gate: torch.Tensor, ape: torch.Tensor, ratio: 
     if out.numel() == 0:
         return out
     res = out.numpy()
-    kvf, gf, apef = f32(kv), f32(gate), f32(ape)
+    if gate is None:   # ratio 1 without a gate: nothing to pool
+        res[...] = f32(kv)
+        return out
+    kvf, gf = f32(kv), f32(gate)
+    apef = None if ape is None else f32(ape)
+
+    def biased(logits: np.ndarray, ch: slice) -> np.ndarray:
+        return logits if apef is None else logits + apef[:, ch]
+
     step = max(1, BUDGET // max(bsz * ratio * c, 1))
     for j0 in range(0, nb, step):
         j1 = min(nb, j0 + step)
         blocks = (bsz, j1 - j0, ratio, c)
         kv4 = kvf[:, j0 * ratio:j1 * ratio].reshape(blocks)
-        g4 = gf[:, j0 * ratio:j1 * ratio].reshape(blocks) + apef
+        g4 = biased(gf[:, j0 * ratio:j1 * ratio].reshape(blocks), slice(None))
         if not overlap:
             res[:, j0:j1] = _pool([g4], [kv4])
             continue
         own_l, own_v = g4[..., d:], kv4[..., d:]
         # previous block of each entry: block j-1's first-half channels
         if j0 > 0:
-            pl = gf[:, (j0 - 1) * ratio:j0 * ratio, :d] + apef[:, :d]
+            pl = biased(gf[:, (j0 - 1) * ratio:j0 * ratio, :d], slice(None, d))
             pv = kvf[:, (j0 - 1) * ratio:j0 * ratio, :d]
         elif prev_kv is not None:
-            pl = f32(prev_gate)[:, :, :d] + apef[:, :d]  # type: ignore[arg-type]
+            pl = biased(f32(prev_gate)[:, :, :d], slice(None, d))  # type: ignore[arg-type]
             pv = f32(prev_kv)[:, :, :d]
         else:
             pl = np.full((bsz, ratio, d), -np.inf, np.float32)

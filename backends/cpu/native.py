@@ -125,15 +125,16 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, visibl
 
 # ---------------------------------------------------------------------------------------------- attention
 
-def kv_compress(kv: torch.Tensor, gate: torch.Tensor, ape: torch.Tensor, ratio: int, overlap: bool,
+def kv_compress(kv: torch.Tensor, gate: torch.Tensor | None, ape: torch.Tensor | None, ratio: int, overlap: bool,
                 prev_kv: torch.Tensor | None = None, prev_gate: torch.Tensor | None = None) -> torch.Tensor:
     """Per-channel softmax pooling of each block, one task per (b, entry), float32 (bf16 widened in C++);
     with overlap the previous block's first-half channels (or ``prev_kv``/``prev_gate`` for entry 0)
-    join each softmax."""
+    join each softmax. ``ape=None``: no bias; ``gate=None`` (ratio 1): kv widened to float32."""
     b, s, c = kv.shape
     out = new_output((b, s // ratio, c // 2 if overlap else c), torch.float32, "cpu")
-    _C.kv_compress(_act(kv), _act(gate), _arr(ape), ratio, overlap, None if prev_kv is None else _act(prev_kv),
-                   None if prev_gate is None else _act(prev_gate), out.numpy())
+    _C.kv_compress(_act(kv), None if gate is None else _act(gate), None if ape is None else _arr(ape), ratio,
+                   overlap, None if prev_kv is None else _act(prev_kv), None if prev_gate is None else _act(prev_gate),
+                   out.numpy())
     return out
 
 
