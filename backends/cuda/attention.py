@@ -130,13 +130,14 @@ def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, sc
     return (o, lse) if return_lse else o
 
 
-def kv_compress(kv: Tensor, gate: Tensor, ape: Tensor, ratio: int, overlap: bool,
+def kv_compress(kv: Tensor, gate: Tensor | None, ape: Tensor | None, ratio: int, overlap: bool,
                 prev_kv: Tensor | None = None, prev_gate: Tensor | None = None) -> Tensor:
     """``out[B, S/ratio, d]`` float32: per-channel gated softmax pooling (spec 3.2 / 4.1) in Triton.
 
     One program per (entry block, channel block, b) loads each entry's tokens as a [entries, ratio,
     channels] tile and reduces it along the token axis (plus the previous block's first-half channels
-    when ``overlap``). Every kv / gate element is read once.
+    when ``overlap``). Every kv / gate element is read once. ``ape=None`` compiles the bias out;
+    ``gate=None`` (ratio 1) compiles the softmax out: the entries are the kv rows in float32.
     """
     b, s, ch = kv.shape
     nb = s // ratio
@@ -154,15 +155,19 @@ def kv_compress(kv: Tensor, gate: Tensor, ape: Tensor, ratio: int, overlap: bool
         block_c = min(next_pow2(d), 128 if ratio <= 8 else 64)
         block_j = max(1, min(next_pow2(nb), 2048 // (block_r * block_c)))
         warps = 4 if block_j * block_r * block_c <= 2048 else 8
-    has_prev = prev_kv is not None
-    pkv, pg = (prev_kv, prev_gate) if has_prev else (kv, gate)
+    has_gate, has_ape, has_prev = gate is not None, ape is not None, prev_kv is not None
+    g = gate if has_gate else kv          # stand-ins for absent tensors: never read (their branches compile out)
+    a = ape if has_ape else kv
+    pkv, pg = (prev_kv, prev_gate) if has_prev else (kv, g)
+    gst = g.stride() if has_gate else (0,) * 3
+    ast = a.stride() if has_ape else (0,) * 2
     pst = (*pkv.stride(), *pg.stride()) if has_prev else (0,) * 6
     grid = (-(-nb // block_j), -(-d // block_c), b)
     with device_guard(kv):
         kernels("attention").kv_compress_kernel[grid](
-            kv, gate, ape, pkv, pg, out, nb, d, *kv.stride(), *gate.stride(), *ape.stride(), *pst, *out.stride(),
-            RATIO=ratio, OVERLAP=overlap, HAS_PREV=has_prev, BLOCK_J=block_j, BLOCK_R=block_r, BLOCK_C=block_c,
-            num_warps=warps)
+            kv, g, a, pkv, pg, out, nb, d, *kv.stride(), *gst, *ast, *pst, *out.stride(),
+            RATIO=ratio, OVERLAP=overlap, HAS_PREV=has_prev, HAS_GATE=has_gate, HAS_APE=has_ape,
+            BLOCK_J=block_j, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
     return out
 
 

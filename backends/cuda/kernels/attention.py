@@ -18,12 +18,14 @@ def kv_compress_kernel(kv_ptr, gate_ptr, ape_ptr, pkv_ptr, pgate_ptr, out_ptr, N
                        s_kb, s_ks, s_kc, s_gb, s_gs, s_gc, s_ar, s_ac,
                        s_pkb, s_pks, s_pkc, s_pgb, s_pgs, s_pgc, s_ob, s_oj, s_oc,
                        RATIO: tl.constexpr, OVERLAP: tl.constexpr, HAS_PREV: tl.constexpr,
+                       HAS_GATE: tl.constexpr, HAS_APE: tl.constexpr,
                        BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """One program per (entry block, channel block, b): a per-channel softmax over each entry's tokens.
 
     The tokens of an entry are a [BLOCK_J, BLOCK_R, BLOCK_C] tile (entries x position-in-block x channels),
     reduced along axis 1: the own block (channels ``c + D`` when OVERLAP) and, when OVERLAP, the previous
-    block on channels ``c`` (``prev_*`` for entry 0 when HAS_PREV, else logit -inf).
+    block on channels ``c`` (``prev_*`` for entry 0 when HAS_PREV, else logit -inf). Without HAS_APE no
+    position bias is added; without HAS_GATE (ratio 1) the entry is the token's kv row itself.
     """
     pid_j = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -35,12 +37,18 @@ def kv_compress_kernel(kv_ptr, gate_ptr, ape_ptr, pkv_ptr, pgate_ptr, out_ptr, N
     r3 = offs_r[None, :, None]
     c3 = offs_c[None, None, :]
     ok = (j3 < NB) & (r3 < RATIO) & (c3 < D)
+    o_ok = (offs_j[:, None] < NB) & (offs_c[None, :] < D)
+    o_ptr = out_ptr + b * s_ob + offs_j[:, None] * s_oj + offs_c[None, :] * s_oc
     own_c = c3 + D if OVERLAP else c3
     tok = j3 * RATIO + r3
-    g = tl.load(gate_ptr + b * s_gb + tok * s_gs + own_c * s_gc, mask=ok, other=0.0).to(tl.float32)
-    g += tl.load(ape_ptr + r3 * s_ar + own_c * s_ac, mask=ok, other=0.0)
-    g = tl.where(ok, g, float("-inf"))
     v = tl.load(kv_ptr + b * s_kb + tok * s_ks + own_c * s_kc, mask=ok, other=0.0).to(tl.float32)
+    if not HAS_GATE:   # ratio 1: one token per entry, nothing to pool (masked lanes add 0)
+        tl.store(o_ptr, tl.sum(v, axis=1), mask=o_ok)
+        return
+    g = tl.load(gate_ptr + b * s_gb + tok * s_gs + own_c * s_gc, mask=ok, other=0.0).to(tl.float32)
+    if HAS_APE:
+        g += tl.load(ape_ptr + r3 * s_ar + own_c * s_ac, mask=ok, other=0.0)
+    g = tl.where(ok, g, float("-inf"))
     m = tl.max(g, axis=1)
     if OVERLAP:
         first = j3 == 0
@@ -55,7 +63,8 @@ def kv_compress_kernel(kv_ptr, gate_ptr, ape_ptr, pkv_ptr, pgate_ptr, out_ptr, N
             pok = ok
         else:
             pok = ok & (j3 > 0)
-        pg += tl.load(ape_ptr + r3 * s_ar + c3 * s_ac, mask=ok, other=0.0)
+        if HAS_APE:
+            pg += tl.load(ape_ptr + r3 * s_ar + c3 * s_ac, mask=ok, other=0.0)
         pg = tl.where(pok, pg, float("-inf"))
         m = tl.maximum(m, tl.max(pg, axis=1))
     m = tl.where(m == float("-inf"), 0.0, m)  # only padded lanes; keeps exp() finite
@@ -67,8 +76,7 @@ def kv_compress_kernel(kv_ptr, gate_ptr, ape_ptr, pkv_ptr, pgate_ptr, out_ptr, N
         den += tl.sum(pp, axis=1)
         num += tl.sum(pp * pv, axis=1)
     # den = 0 (every logit -inf: an empty softmax) gives NaN as the contract says; padded lanes are not stored
-    o_ok = (offs_j[:, None] < NB) & (offs_c[None, :] < D)
-    tl.store(out_ptr + b * s_ob + offs_j[:, None] * s_oj + offs_c[None, :] * s_oc, num / den, mask=o_ok)
+    tl.store(o_ptr, num / den, mask=o_ok)
 
 
 @triton.jit
