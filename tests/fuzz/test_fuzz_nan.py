@@ -232,6 +232,12 @@ for ratio, ov, c in ((4, True, 16), (8, False, 8)):
     kv[0, 1, 2] = float("nan"); gate[0, ratio + 1, 3] = float("inf"); gate[1, 2 * ratio:3 * ratio] = float("-inf")
     gate[1, 1, 1] = float("nan"); kv[1, 3 * ratio + 1, 0] = float("inf")
     agree("kv_compress", dict(kv=kv, gate=gate, ape=torch.randn(ratio, c, generator=g), ratio=ratio, overlap=ov))
+kv = torch.randn(2, 8, 8, generator=g); gate = torch.randn(2, 8, 8, generator=g)     # V4.1: ratio 2 / 1, no ape
+kv[0, 1, 2] = float("nan"); gate[0, 3, 3] = float("inf"); gate[1, 4:6] = float("-inf"); gate[1, 0, 1] = float("nan")
+kv[1, 7, 0] = float("inf"); gate[0, 6, 5] = float("-inf"); kv[0, 7, 5] = float("-inf")
+agree("kv_compress", dict(kv=kv, gate=gate, ape=None, ratio=2, overlap=False))
+agree("kv_compress", dict(kv=kv, gate=gate, ape=None, ratio=1, overlap=False))
+agree("kv_compress", dict(kv=kv, gate=None, ape=None, ratio=1, overlap=False))
 ys = torch.randn(10, 8, generator=g); ys[3, 1] = float("nan"); ys[4, 2] = float("inf"); ys[6, 2] = float("-inf")
 ys[7, 2] = float("inf")
 w = torch.rand(5, 2, generator=g); w[4, 0] = float("nan"); w[3, 1] = float("inf")

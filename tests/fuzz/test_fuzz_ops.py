@@ -88,6 +88,22 @@ EDGE = {
     "compress-ratio-float": "dsv4rt.ops.kv_compress(torch.randn(1,8,16), torch.randn(1,8,16), torch.randn(4,16), 4.0, True, backend=V)",
     "compress-overlap-int": ("dsv4rt.ops.kv_compress(torch.randn(1,8,16), torch.randn(1,8,16), torch.randn(4,16), 4, True, backend=V)\n"
                              "dsv4rt.ops.kv_compress(torch.randn(1,8,16), torch.randn(1,8,16), torch.randn(4,16), 4, 1, backend=V)"),
+    # kv_compress, V4.1 modes: ratio 2 without ape, ratio 1 without gate
+    "compress-v41-r2-S0": "dsv4rt.ops.kv_compress(torch.randn(1,0,16), torch.randn(1,0,16), None, 2, False, backend=V)",
+    "compress-v41-r1-S0": "dsv4rt.ops.kv_compress(torch.randn(1,0,16), None, None, 1, False, backend=V)",
+    "compress-v41-r2-B0": "dsv4rt.ops.kv_compress(torch.randn(0,4,16), torch.randn(0,4,16), None, 2, False, backend=V)",
+    "compress-v41-r2-expanded": "dsv4rt.ops.kv_compress(torch.randn(1,1,16).expand(1,8,16), torch.randn(1,8,16), None, 2, False, backend=V)",
+    "compress-v41-r1-transposed": ("kv = torch.randn(1,16,8).transpose(1,2)\n"
+                                   "assert torch.equal(dsv4rt.ops.kv_compress(kv, None, None, 1, False, backend=V), kv)"),
+    "compress-v41-r1-inf-kv": ("kv = torch.full((1,4,16), float('inf')); kv[0, 1] = float('nan')\n"
+                               "y = dsv4rt.ops.kv_compress(kv, None, None, 1, False, backend=V)\n"
+                               "assert torch.equal(y.isnan(), kv.isnan()) and (y[0, [0, 2, 3]] == float('inf')).all()"),
+    "compress-v41-r2-all-minus-inf": ("y = dsv4rt.ops.kv_compress(torch.randn(1,4,16), torch.full((1,4,16), float('-inf')), None, 2, False, backend=V)\n"
+                                      "assert y.isnan().all()"),
+    "compress-v41-r2-odd-S": "dsv4rt.ops.kv_compress(torch.randn(1,5,16), torch.randn(1,5,16), None, 2, False, backend=V)",
+    "compress-v41-no-gate-r2": "dsv4rt.ops.kv_compress(torch.randn(1,4,16), None, None, 2, False, backend=V)",
+    "compress-v41-no-gate-ape": "dsv4rt.ops.kv_compress(torch.randn(1,4,16), None, torch.randn(1,16), 1, False, backend=V)",
+    "compress-v41-gate-list": "dsv4rt.ops.kv_compress(torch.randn(1,4,16), [[0.0]], None, 2, False, backend=V)",
 }
 # a clean refusal is fine everywhere; these must be refused (ContractError), never computed
 MUST_REFUSE = {"attn-idx-int64", "attn-idx-out-of-range", "attn-scale-inf", "idx-visible-gt-N", "idx-topk-2^63",
@@ -95,10 +111,12 @@ MUST_REFUSE = {"attn-idx-int64", "attn-idx-out-of-range", "attn-scale-inf", "idx
                "ggemm-offsets-non-monotone", "ggemm-offsets-int64", "dispatch-ids-out-of-range",
                "dispatch-experts-2^63", "dispatch-experts-2^40", "combine-float4", "combine-topk-2^63",
                "combine-src-repeated", "route-topk-gt-E", "compress-ratio-float", "compress-overlap-int",
-               "fp8-scale-nan", "route-nan-logits"}
+               "fp8-scale-nan", "route-nan-logits", "compress-v41-r2-odd-S", "compress-v41-no-gate-r2",
+               "compress-v41-no-gate-ape", "compress-v41-gate-list"}
 CUDA_FAST = ("attn-S0", "attn-H0", "attn-K0", "attn-N0", "idx-S0", "idx-N0", "idx-H0", "idx-topk-2^63", "gemm-M0", "gemm-K0",
              "ggemm-R0", "ggemm-offsets-strided", "fp8-K0", "fp8-M0", "dispatch-T0", "combine-T0", "route-T0",
-             "compress-S0", "route-very-negative")
+             "compress-S0", "route-very-negative", "compress-v41-r2-S0", "compress-v41-r1-S0",
+             "compress-v41-r1-transposed", "compress-v41-r2-all-minus-inf")
 
 
 def _random_attention(rng: random.Random, n: int) -> dict[str, str]:

@@ -9,23 +9,57 @@ BF16, F32 = torch.bfloat16, torch.float32
 
 
 def _compress(label: str, b: int, s: int, d: int, ratio: int, overlap: bool, prev: bool = False, dtype=F32,
-              gate_scale: float = 1.0, noncontig: tuple[str, ...] = ()) -> Case:
+              gate_scale: float = 1.0, noncontig: tuple[str, ...] = (), ape: bool = True, gate: bool = True,
+              kv_scale: float = 1.0, edit=None) -> Case:
+    """One kv_compress call; ``ape=False`` / ``gate=False`` pass None (V4.1 CSA2 / ratio 1), ``edit(args,
+    gen)`` changes the drawn arguments in place (e.g. -inf gates)."""
     c = 2 * d if overlap else d
 
     def make(gen: torch.Generator) -> dict:
-        args = {"kv": randn(gen, b, s, c, dtype=dtype), "gate": randn(gen, b, s, c, dtype=dtype, scale=gate_scale),
-                "ape": randn(gen, ratio, c, scale=0.5), "ratio": ratio, "overlap": overlap,
+        args = {"kv": randn(gen, b, s, c, dtype=dtype, scale=kv_scale),
+                "gate": randn(gen, b, s, c, dtype=dtype, scale=gate_scale) if gate else None,
+                "ape": randn(gen, ratio, c, scale=0.5) if ape else None, "ratio": ratio, "overlap": overlap,
                 "prev_kv": None, "prev_gate": None}
         if prev:
-            args["prev_kv"] = randn(gen, b, ratio, c, dtype=dtype)
+            args["prev_kv"] = randn(gen, b, ratio, c, dtype=dtype, scale=kv_scale)
             args["prev_gate"] = randn(gen, b, ratio, c, dtype=dtype, scale=gate_scale)
+        if edit is not None:
+            edit(args, gen)
         return args
     return Case("kv_compress", label, make, noncontig=noncontig)
 
 
+def _neg_inf_gates(args: dict, gen: torch.Generator) -> None:
+    """About a third of the gate entries -inf: a pair with one -inf pools the other token alone, a pair
+    with both -inf is an empty softmax (NaN in the reference and every variant)."""
+    g = args["gate"]
+    g[torch.rand(g.shape, generator=gen) < 0.35] = float("-inf")
+
+
+def _v41_compress() -> list[Case]:
+    """V4.1 CSA2 (ratio 2, no overlap, no ape, C = d) and ratio 1 (no gate: the identity)."""
+    return [
+        _compress("v41-r2-B2-S32-d64", 2, 32, 64, 2, False, ape=False),
+        _compress("v41-r2-d512-S6", 1, 6, 512, 2, False, ape=False),
+        _compress("v41-r2-decode-one-block", 3, 2, 512, 2, False, ape=False),
+        _compress("v41-r2-bf16", 2, 18, 64, 2, False, ape=False, dtype=BF16),
+        _compress("v41-r2-large-magnitudes", 1, 16, 48, 2, False, ape=False, gate_scale=60.0, kv_scale=3e4),
+        _compress("v41-r2-small-magnitudes", 1, 16, 48, 2, False, ape=False, gate_scale=1e-6, kv_scale=1e-20),
+        _compress("v41-r2-neg-inf-gates", 2, 24, 32, 2, False, ape=False, edit=_neg_inf_gates),
+        _compress("v41-r2-noncontiguous", 2, 12, 32, 2, False, ape=False, noncontig=("kv", "gate")),
+        _compress("v41-r2-empty-sequence", 2, 0, 32, 2, False, ape=False),
+        _compress("v41-r1-no-gate", 2, 7, 512, 1, False, ape=False, gate=False),
+        _compress("v41-r1-no-gate-bf16", 1, 9, 64, 1, False, ape=False, gate=False, dtype=BF16),
+        _compress("v41-r1-no-gate-noncontiguous", 1, 5, 32, 1, False, ape=False, gate=False, noncontig=("kv",)),
+        _compress("r1-with-gate", 1, 5, 32, 1, False, ape=False, gate_scale=5.0),
+        _compress("r4-overlap-no-ape-prev", 2, 16, 32, 4, True, prev=True, ape=False),
+    ]
+
+
 @case_generator
 def kv_compress() -> list[Case]:
-    """Ratio 4 with overlap (first block padded or continued), ratio 128 without, large gates, views."""
+    """Ratio 4 with overlap (first block padded or continued), ratio 128 without, large gates, views; V4.1
+    ratio 2 without ape and ratio 1 without gate; bad inputs, the partial block (odd S) among them."""
     cases = [
         _compress("r4-overlap-B2-S32-d64", 2, 32, 64, 4, True),
         _compress("r4-overlap-prev", 2, 16, 32, 4, True, prev=True),
@@ -36,11 +70,15 @@ def kv_compress() -> list[Case]:
         _compress("large-gates", 1, 16, 32, 4, True, gate_scale=40.0),
         _compress("empty-sequence", 2, 0, 32, 4, True),
         _compress("noncontiguous", 1, 16, 32, 4, True, prev=True, noncontig=("kv", "gate", "prev_kv")),
-    ]
+    ] + _v41_compress()
 
     def good(gen):
         return {"kv": randn(gen, 1, 8, 16), "gate": randn(gen, 1, 8, 16), "ape": randn(gen, 4, 16), "ratio": 4,
                 "overlap": True, "prev_kv": None, "prev_gate": None}
+
+    def good_r2(gen):
+        return {"kv": randn(gen, 1, 6, 16), "gate": randn(gen, 1, 6, 16), "ape": None, "ratio": 2,
+                "overlap": False, "prev_kv": None, "prev_gate": None}
 
     cases += bad_cases("kv_compress", good, [
         ("S-not-multiple", "kv", {"kv": lambda a: a["kv"][:, :6], "gate": lambda a: a["gate"][:, :6]}),
@@ -54,6 +92,15 @@ def kv_compress() -> list[Case]:
                                              "gate": lambda a: a["gate"][..., :8], "ape": lambda a: a["ape"][:, :8],
                                              "prev_kv": torch.zeros(1, 4, 8), "prev_gate": torch.zeros(1, 4, 8)}),
         ("ratio-zero", "ratio", {"ratio": 0}),
+    ])
+    cases += bad_cases("kv_compress", good_r2, [
+        ("v41-r2-odd-S", "kv", {"kv": lambda a: a["kv"][:, :5], "gate": lambda a: a["gate"][:, :5]}),
+        ("v41-r2-no-gate", "gate", {"gate": None}),
+        ("v41-r2-prev-state", "prev_kv", {"prev_kv": torch.zeros(1, 2, 16), "prev_gate": torch.zeros(1, 2, 16)}),
+        ("v41-r2-ape-shape", "ape", {"ape": torch.zeros(4, 16)}),
+        ("v41-r1-no-gate-with-ape", "ape", {"ratio": 1, "gate": None, "ape": torch.zeros(1, 16)}),
+        ("v41-r1-no-gate-overlap", "overlap", {"ratio": 1, "gate": None, "overlap": True}),
+        ("v41-r1-gate-dtype", "gate", {"ratio": 1, "gate": lambda a: a["gate"].to(torch.int32)}),
     ])
     return cases
 
