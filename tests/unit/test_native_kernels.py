@@ -322,6 +322,26 @@ def test_kv_compress(ratio, overlap, prev, dtype):
     check(tol.pooling, "kv_compress", args, ops.kv_compress(**args, backend=NATIVE))
 
 
+@pytest.mark.parametrize("ratio,gated,overlap,d", [(2, True, False, 512), (2, True, False, 37),
+                                                   (1, False, False, 40), (1, True, False, 24), (4, True, True, 20)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_compress_without_ape_or_gate(ratio, gated, overlap, d, dtype):
+    """V4.1: ratio 2 without ape (the vector and the scalar channel tails), ratio 1 without a gate (the rows
+    themselves); an overlapping call without ape too."""
+    g = gen(ratio * 11 + d)
+    b, nb = 2, 3
+    c = 2 * d if overlap else d
+    args = {"kv": torch.randn(b, nb * ratio, c, generator=g).to(dtype),
+            "gate": (torch.randn(b, nb * ratio, c, generator=g) * 3).to(dtype) if gated else None,
+            "ape": None, "ratio": ratio, "overlap": overlap,
+            "prev_kv": torch.randn(b, ratio, c, generator=g).to(dtype) if overlap else None,
+            "prev_gate": torch.randn(b, ratio, c, generator=g).to(dtype) if overlap else None}
+    out = ops.kv_compress(**args, backend=NATIVE)
+    check(tol.pooling, "kv_compress", args, out)
+    if not gated:
+        assert torch.equal(out, args["kv"].float())
+
+
 @pytest.mark.parametrize("t,e,k,bias,lo", [(1, 256, 6, True, 0.0), (37, 64, 8, False, 0.0), (5, 16, 16, True, 0.0),
                                            (9, 256, 40, True, 0.0), (4, 32, 6, True, -150.0)])
 def test_moe_route(t, e, k, bias, lo):
