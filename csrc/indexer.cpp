@@ -3,7 +3,8 @@
 // Fused: keys are scored a tile at a time into one float buffer per query row (the per-head products
 // never leave registers), then std::nth_element picks the k best of each row in O(N) and only those k
 // are sorted (descending score). Scoring vectorises over heads: each query is transposed once to
-// qT[D][H] (heads padded to 16) and every key value is broadcast against it, so keys are read in their
+// qT[D][H] (heads padded to 16; the pad lanes are left out of the head sum, where an infinite key would
+// make their 0 * inf a NaN) and every key value is broadcast against it, so keys are read in their
 // natural [N, D] layout (converted from bf16 / E4M3 * scale to float32 one tile at a time).
 #include <algorithm>
 #include <cmath>
@@ -35,9 +36,11 @@ struct IndexerArgs {
 };
 
 // 4 keys x HB head vectors: acc[j][hb] = sum_d k_j[d] * qT[d][hb]; part[j] += sum_h w[h] relu(acc[j][h])
+// over the `real` heads of the block (lanes from `real` on are padding: q = 0, w = 0, so an infinite key
+// gives 0 * inf = NaN there, which must not reach the sum)
 template <int HB, bool RND>
 DSV4RT_INLINE void score_block(const float* qt, int64_t hp, const float* k0, const float* k1, const float* k2,
-                               const float* k3, int64_t d, const float* w, float* part) {
+                               const float* k3, int64_t d, const float* w, int32_t real, float* part) {
     v16f acc[4][HB];
     for (int j = 0; j < 4; ++j)
         for (int hb = 0; hb < HB; ++hb) acc[j][hb] = v16f{};
@@ -52,20 +55,24 @@ DSV4RT_INLINE void score_block(const float* qt, int64_t hp, const float* k0, con
             acc[3][hb] += e * qv[hb];
         }
     }
+    const v16i lane = v16i{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     for (int j = 0; j < 4; ++j) {
         v16f t = v16f{};
-        if (RND)   // the release's bf16 tensors: round(q.k), round(w * relu), the sum rounded by the caller
-            for (int hb = 0; hb < HB; ++hb) t += round_bf16(load16(w + hb * 16) * relu(round_bf16(acc[j][hb])));
-        else
-            for (int hb = 0; hb < HB; ++hb) t += load16(w + hb * 16) * relu(acc[j][hb]);
+        for (int hb = 0; hb < HB; ++hb) {
+            // the release's bf16 tensors: round(q.k), round(w * relu), the sum rounded by the caller
+            v16f term = RND ? round_bf16(load16(w + hb * 16) * relu(round_bf16(acc[j][hb])))
+                            : load16(w + hb * 16) * relu(acc[j][hb]);
+            if (real < (hb + 1) * 16) term = lane + hb * 16 < real ? term : v16f{};
+            t += term;
+        }
         part[j] += hsum16(t);
     }
 }
 
-// Scores of keys kf[0:nk] ([nk][d] float32) for one query: qt [d][hp] and w [hp] zero-padded.
+// Scores of keys kf[0:nk] ([nk][d] float32) for one query: qt [d][hp] and w [hp] zero-padded beyond h.
 // rnd: the bf16 precision points (score_block<.., true> and the rounded head sum)
-DSV4RT_CLONES void score_keys(const float* qt, const float* w, int64_t hp, int64_t d, const float* kf, int64_t nk,
-                              float* out, bool rnd) {
+DSV4RT_CLONES void score_keys(const float* qt, const float* w, int64_t h, int64_t hp, int64_t d, const float* kf,
+                              int64_t nk, float* out, bool rnd) {
     const int64_t hv = hp / 16;
     for (int64_t t = 0; t < nk; t += 4) {
         const int64_t nt = std::min<int64_t>(4, nk - t);
@@ -78,19 +85,20 @@ DSV4RT_CLONES void score_keys(const float* qt, const float* w, int64_t hp, int64
             const float* q0 = qt + h0 * 16;
             const float* w0 = w + h0 * 16;
             const int64_t nb = std::min<int64_t>(4, hv - h0);
+            const int32_t real = static_cast<int32_t>(std::min<int64_t>(h - h0 * 16, 64));   // real heads here
             if (rnd) {
                 switch (nb) {
-                    case 1: score_block<1, true>(q0, hp, k0, k1, k2, k3, d, w0, part); break;
-                    case 2: score_block<2, true>(q0, hp, k0, k1, k2, k3, d, w0, part); break;
-                    case 3: score_block<3, true>(q0, hp, k0, k1, k2, k3, d, w0, part); break;
-                    default: score_block<4, true>(q0, hp, k0, k1, k2, k3, d, w0, part); break;
+                    case 1: score_block<1, true>(q0, hp, k0, k1, k2, k3, d, w0, real, part); break;
+                    case 2: score_block<2, true>(q0, hp, k0, k1, k2, k3, d, w0, real, part); break;
+                    case 3: score_block<3, true>(q0, hp, k0, k1, k2, k3, d, w0, real, part); break;
+                    default: score_block<4, true>(q0, hp, k0, k1, k2, k3, d, w0, real, part); break;
                 }
             } else {
                 switch (nb) {
-                    case 1: score_block<1, false>(q0, hp, k0, k1, k2, k3, d, w0, part); break;
-                    case 2: score_block<2, false>(q0, hp, k0, k1, k2, k3, d, w0, part); break;
-                    case 3: score_block<3, false>(q0, hp, k0, k1, k2, k3, d, w0, part); break;
-                    default: score_block<4, false>(q0, hp, k0, k1, k2, k3, d, w0, part); break;
+                    case 1: score_block<1, false>(q0, hp, k0, k1, k2, k3, d, w0, real, part); break;
+                    case 2: score_block<2, false>(q0, hp, k0, k1, k2, k3, d, w0, real, part); break;
+                    case 3: score_block<3, false>(q0, hp, k0, k1, k2, k3, d, w0, real, part); break;
+                    default: score_block<4, false>(q0, hp, k0, k1, k2, k3, d, w0, real, part); break;
                 }
             }
         }
@@ -184,8 +192,8 @@ void run_group(const IndexerArgs& a, int64_t b, int64_t s0, int64_t s1, bool inn
             for (int64_t i = 0; i < ng; ++i) {
                 const int64_t nv = std::min(nk, vis[i] - t0);
                 if (nv > 0)
-                    score_keys(scr.qt.data() + i * a.d * a.hp, scr.w.data() + i * a.hp, a.hp, a.d, kf.data(), nv,
-                               scr.sc.data() + i * nmax + t0, a.score_bf16);
+                    score_keys(scr.qt.data() + i * a.d * a.hp, scr.w.data() + i * a.hp, a.h, a.hp, a.d, kf.data(),
+                               nv, scr.sc.data() + i * nmax + t0, a.score_bf16);
             }
         }
     };

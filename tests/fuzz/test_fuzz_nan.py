@@ -197,11 +197,11 @@ def test_indexer_keeps_visible_keys_scoring_minus_inf(interp):
                           interp)
 
 
-@pytest.mark.parametrize("variant", ["cpu/numpy", "cpu/torch", pytest.param("cpu/native", marks=pytest.mark.xfail(
-    strict=True, reason="csrc/indexer.cpp pads the heads to 16 with q = 0 and w = 0: an infinite key gives "
-    "0 * inf = NaN in the pad lanes, so a +inf score counts as -inf (H = 64, as V4, is not padded)"))])
+@pytest.mark.parametrize("variant", ["cpu/numpy", "cpu/torch", "cpu/native"])
 def test_indexer_plus_inf_scores_rank_first(variant):
-    """An infinite key under a positive head weight scores +inf and ranks above every finite score."""
+    """An infinite key under a positive head weight scores +inf and ranks above every finite score (H = 1:
+    cpu/native pads the heads to 16 with q = 0 and w = 0, and kept those lanes' 0 * inf = NaN in the head
+    sum, so a +inf score counted as -inf; the pad lanes are now left out of the sum)."""
     assert_ok_on_variants({"indexer-plus-inf": VISIBLE_NON_FINITE.replace("WEIGHTS", "[1.0, 0.0, -1.0]")},
                           False, cpu=(variant,))
 
@@ -209,6 +209,23 @@ def test_indexer_plus_inf_scores_rank_first(variant):
 def test_indexer_plus_inf_scores_rank_first_interpreter():
     pytest.importorskip("triton", reason="Triton is not installed: cuda/triton cases need its interpreter")
     assert_ok_on_variants({"indexer-plus-inf": VISIBLE_NON_FINITE.replace("WEIGHTS", "[1.0, 0.0, -1.0]")}, True)
+
+
+PLUS_INF_PADDED_HEADS = """
+k = torch.rand(1, 9, 4) + .5; k[0, [1, 4], 0] = float('inf')
+q = torch.zeros(1, 2, 3, 4); q[..., 0] = 1.0
+idx = dsv4rt.ops.indexer_topk(q, k, torch.ones(1, 2, 3), torch.full((1, 2), 9, dtype=torch.int32), 2, backend=V)
+assert [sorted(r) for r in idx[0].tolist()] == [[1, 4], [1, 4]], idx
+"""
+
+
+@pytest.mark.parametrize("interp", [False, True], ids=["cpu", "cuda-interpreter"])
+def test_indexer_plus_inf_scores_with_padded_heads(interp):
+    """H = 3: cpu/native pads the heads to 16 and cuda/triton to a power of two (4), with q = 0 and w = 0;
+    an infinite key gave 0 * inf = NaN in those lanes, summed into the score (a +inf score counted as -inf)."""
+    if interp:
+        pytest.importorskip("triton", reason="Triton is not installed: cuda/triton cases need its interpreter")
+    assert_ok_on_variants({"indexer-plus-inf-padded-heads": PLUS_INF_PADDED_HEADS}, interp)
 
 
 MASKS = """

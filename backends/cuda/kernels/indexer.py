@@ -63,6 +63,7 @@ def indexer_logits_kernel(q_ptr, k_ptr, ks_ptr, w_ptr, vis_ptr, sc_ptr, S, H, N,
         w = tl.load(w_ptr + b * s_wb + ms * s_ws + mh * s_wh, mask=m_ok, other=0.0)
         acc = round_to(acc, RND)
         acc = round_to(tl.where(acc < 0.0, 0.0, acc) * w[:, None], RND)   # ReLU that keeps NaN (as torch.relu)
+        acc = tl.where(m_ok[:, None], acc, 0.0)   # pad heads (q = 0, w = 0): an infinite key's 0 * inf is NaN
         sc = round_to(tl.sum(tl.reshape(acc, [BLOCK_S, BLOCK_H, BLOCK_N]), axis=1), RND)
         sc = tl.where(sc != sc, float("-inf"), sc)   # a NaN score counts as -inf (the contract)
         tl.store(sc_ptr + b * s_cb + offs_s[:, None] * s_cs + offs_n[None, :] * s_cn, sc,
