@@ -2,10 +2,11 @@
 //
 // Fused: keys are scored a tile at a time into one float buffer per query row (the per-head products
 // never leave registers), then std::nth_element picks the k best of each row in O(N) and only those k
-// are sorted (descending score). Scoring vectorises over heads: each query is transposed once to
-// qT[D][H] (heads padded to 16; the pad lanes are left out of the head sum, where an infinite key would
-// make their 0 * inf a NaN) and every key value is broadcast against it, so keys are read in their
-// natural [N, D] layout (converted from bf16 / E4M3 * scale to float32 one tile at a time).
+// are sorted (descending score, or ascending key with sorted_out). Scoring vectorises over heads: each
+// query is transposed once to qT[D][H] (heads padded to 16; the pad lanes are left out of the head sum,
+// where an infinite key would make their 0 * inf a NaN) and every key value is broadcast against it, so
+// keys are read in their natural [N, D] layout (converted from bf16 / E4M3 * scale to float32 one tile at
+// a time). V4.1's candidate mask drops the non-candidate keys of a row before the selection.
 #include <algorithm>
 #include <cmath>
 #include <functional>
@@ -31,6 +32,8 @@ struct IndexerArgs {
     const int32_t* vis;      // [B, S]
     int32_t* idx;            // [B, S, topk]
     float* scores;           // [B, S, topk] or null
+    const uint8_t* cand;     // [B, S, N] candidate mask (bool bytes) or null: all candidates
+    bool sorted_out;         // each row's indices in ascending key order (else by descending score)
     bool score_bf16;         // round q.k, w * relu(.) and the head sum to bf16
     int64_t b, s, h, d, n, topk, hp;   // hp: heads padded to a multiple of 16
 };
@@ -138,11 +141,21 @@ void load_query(const IndexerArgs& a, int64_t b, int64_t s, float* qt, float* w)
     }
 }
 
-// top-k of sc[0:vis] into idx / best (descending score, -1 / -inf after the valid ones): the k-th best
-// score is found by std::nth_element on a copy of the scores (O(vis)), the chosen indices by one scan,
-// and only those k are sorted.
+// top-k of sc[0:vis] into idx / best (descending score, or ascending key with `in_order`; -1 / -inf after
+// the valid ones): the k-th best score is found by std::nth_element on a copy of the scores (O(vis)), the
+// chosen indices by one scan, and only those k are sorted. With a candidate row `cand`, the candidates'
+// scores are first packed to the front of sc (their keys in `keys`) and only they are selected.
 void select_row(float* sc, int64_t vis, int64_t topk, int32_t* idx, float* best, std::vector<int32_t>& order,
-                std::vector<float>& tmp) {
+                std::vector<float>& tmp, const uint8_t* cand, bool in_order, std::vector<int32_t>& keys) {
+    if (cand) {
+        keys.clear();
+        for (int64_t t = 0; t < vis; ++t)
+            if (cand[t]) {
+                sc[keys.size()] = sc[t];
+                keys.push_back(static_cast<int32_t>(t));
+            }
+        vis = static_cast<int64_t>(keys.size());
+    }
     const int64_t kk = std::min(topk, vis);
     const float ninf = -std::numeric_limits<float>::infinity();
     for (int64_t t = 0; t < vis; ++t)
@@ -159,16 +172,20 @@ void select_row(float* sc, int64_t vis, int64_t topk, int32_t* idx, float* best,
     } else {
         for (int64_t t = 0; t < vis; ++t) order.push_back(static_cast<int32_t>(t));
     }
-    std::sort(order.begin(), order.end(), [sc](int32_t x, int32_t y) { return sc[x] > sc[y] || (sc[x] == sc[y] && x < y); });
+    if (in_order)   // packed candidates keep their key order
+        std::sort(order.begin(), order.end());
+    else
+        std::sort(order.begin(), order.end(), [sc](int32_t x, int32_t y) { return sc[x] > sc[y] || (sc[x] == sc[y] && x < y); });
     for (int64_t i = 0; i < topk; ++i) {
-        idx[i] = i < kk ? order[static_cast<size_t>(i)] : -1;
-        if (best) best[i] = i < kk ? sc[order[static_cast<size_t>(i)]] : ninf;
+        const int32_t o = i < kk ? order[static_cast<size_t>(i)] : -1;
+        idx[i] = o < 0 ? -1 : cand ? keys[static_cast<size_t>(o)] : o;
+        if (best) best[i] = o < 0 ? ninf : sc[o];
     }
 }
 
 struct Scratch {
     std::vector<float> qt, w, kf, sc, tmp;
-    std::vector<int32_t> order;
+    std::vector<int32_t> order, keys;
 };
 
 // One group of queries [s0, s1) of batch row b. With `inner` the key tiles are split over the threads.
@@ -210,7 +227,8 @@ void run_group(const IndexerArgs& a, int64_t b, int64_t s0, int64_t s1, bool inn
     for (int64_t i = 0; i < ng; ++i) {
         const int64_t row = b * a.s + s0 + i;
         select_row(scr.sc.data() + i * nmax, vis[i], a.topk, a.idx + row * a.topk,
-                   a.scores ? a.scores + row * a.topk : nullptr, scr.order, scr.tmp);
+                   a.scores ? a.scores + row * a.topk : nullptr, scr.order, scr.tmp,
+                   a.cand ? a.cand + row * a.n : nullptr, a.sorted_out, scr.keys);
     }
 }
 
@@ -233,7 +251,7 @@ void indexer_run(const IndexerArgs& a) {
 }
 
 void indexer_topk(py::handle q_, py::handle k_, py::handle k_scale_, py::handle w_, py::handle vis_, int64_t topk,
-                  py::handle idx_, py::handle scores_, bool score_bf16) {
+                  py::handle idx_, py::handle scores_, bool score_bf16, py::handle cand_, bool sorted_out) {
     const char* fn = "indexer_topk";
     auto q = need({fn, "q"}, q_, 4, {Kind::f32, Kind::bf16});
     auto k = need({fn, "k"}, k_, 3, {Kind::f32, Kind::bf16, Kind::u8});
@@ -271,6 +289,13 @@ void indexer_topk(py::handle q_, py::handle k_, py::handle k_scale_, py::handle 
     a.idx = static_cast<int32_t*>(idx.mutable_data());
     a.b = b, a.s = s, a.h = h, a.d = d, a.n = n, a.topk = topk, a.hp = (h + 15) / 16 * 16;
     a.score_bf16 = score_bf16;
+    py::array cand;
+    if (!is_none(cand_)) {
+        cand = need({fn, "candidates"}, cand_, 3, {Kind::u8});
+        need_shape({fn, "candidates"}, cand, {b, s, n}, "[B, S, N]");
+        a.cand = static_cast<const uint8_t*>(cand.data());
+    }
+    a.sorted_out = sorted_out;
     py::gil_scoped_release nogil;
     indexer_run(a);
 }
@@ -280,13 +305,15 @@ void indexer_topk(py::handle q_, py::handle k_, py::handle k_scale_, py::handle 
 void bind_indexer(py::module_& m) {
     m.def("indexer_topk", &indexer_topk, py::arg("q"), py::arg("k"), py::arg("k_scale"), py::arg("weights"),
           py::arg("visible"), py::arg("topk"), py::arg("idx"), py::arg("scores") = py::none(),
-          py::arg("score_bf16") = false,
+          py::arg("score_bf16") = false, py::arg("candidates") = py::none(), py::arg("sorted_out") = false,
           "Fused lightning-indexer scores and top-k selection.\n\n"
           "q [B, S, H, D] float32 or int16/uint16 (bf16 bits); k [B, N, D] float32, bf16 bits, or uint8 E4M3\n"
           "bytes with k_scale float32 [B, N] (else None); weights float32 [B, S, H]; visible int32 [B, S]\n"
           "(clamped to [0, N]). Writes idx int32 [B, S, topk] (descending score, -1 after the visible ones)\n"
           "and, if given, scores float32 [B, S, topk] (-inf where idx is -1). score_bf16 rounds q.k, w * relu(q.k) and\n"
-          "the head sum to bf16 (the release's bf16 indexer).");
+          "the head sum to bf16 (the release's bf16 indexer). candidates: None or uint8 [B, S, N] (bool bytes):\n"
+          "only keys t < visible with candidates[b, s, t] != 0 are selected (V4.1). sorted_out: each row's\n"
+          "indices in ascending key order, then the -1s.");
 }
 
 }  // namespace dsv4rt

@@ -7,6 +7,7 @@ namespace dsv4rt {
 void bind_gemm(py::module_& m);
 void bind_fp8_gemm(py::module_& m);
 void bind_indexer(py::module_& m);
+void bind_candidates(py::module_& m);
 void bind_attention(py::module_& m);
 void bind_moe(py::module_& m);
 void bind_evict(py::module_& m);
@@ -65,6 +66,7 @@ PYBIND11_MODULE(_C, m) {
     bind_gemm(m);
     bind_fp8_gemm(m);
     bind_indexer(m);
+    bind_candidates(m);
     bind_attention(m);
     bind_moe(m);
     bind_evict(m);

@@ -13,6 +13,12 @@ op returns int32 ``[B, 1, 1, topk]`` with the valid indices first (op-plugin doc
 leaves there (spec open point 5). The order within a row is unspecified in the contract too. With
 ``return_scores`` the scores of the returned keys are recomputed in fp32 from q, k and weights (the op's
 ``sparse_values`` have an undocumented dtype).
+
+V4.1: 32 heads, FP4-simulated q and k and no Hadamard are all the caller's (the op scores
+``sum_h w_h relu(q_h . k)`` of whatever it gets), so they map. ``sorted_output`` is a sort of the returned
+row by index (-1 last). A candidate mask does not map: the op's documented arguments hold no mask (its
+``sparse_mode`` is 0 = none or 3 = causal), so calls with ``candidates`` are declined and run on the
+composite ``ascend/torch``.
 """
 from __future__ import annotations
 
@@ -63,6 +69,9 @@ def supports_indexer(feat: Features) -> Callable[[Mapping[str, Any]], str | None
             return f"topk = {a['topk']}: sparse_count must be 1..2048 or 3072..8192 in steps of 1024"
         if k.shape[1] == 0:
             return "no keys (N = 0)"
+        if a.get("candidates") is not None:
+            return ("candidates (V4.1's candidate mask): npu_lightning_indexer has no mask argument (sparse_mode is "
+                    "0 = none or 3 = causal only); ascend/torch applies it")
         if a.get("score_dtype") not in (None, q.dtype):
             return (f"score_dtype {a['score_dtype']}: npu_lightning_indexer scores {q.dtype} inputs in its own "
                     f"precision; only the default (scores in q's dtype) maps onto it")
@@ -73,7 +82,8 @@ def supports_indexer(feat: Features) -> Callable[[Mapping[str, Any]], str | None
 def make_indexer_topk(npu: Any) -> Callable[..., Tensor]:
     def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: int,
                      k_scale: Tensor | None = None, return_scores: bool = False,
-                     score_dtype: torch.dtype | None = None) -> Tensor:
+                     score_dtype: torch.dtype | None = None, candidates: Tensor | None = None,
+                     sorted_output: bool = False) -> Tensor:
         b = q.shape[0]
         lengths = visible[:, 0].to(torch.int32).contiguous()
         idx, _ = npu.npu_lightning_indexer(
@@ -83,6 +93,9 @@ def make_indexer_topk(npu: Any) -> Callable[..., Tensor]:
         slots = torch.arange(topk, device=q.device, dtype=torch.int32)
         keep = slots[None, None, :] < lengths.clamp(max=topk)[:, None, None]
         idx = torch.where(keep, idx, torch.full_like(idx, -1))
+        if sorted_output:   # ascending key, the -1 slots (as N, above every key) last
+            idx = torch.where(keep, idx, k.shape[1]).sort(dim=-1).values
+            idx = torch.where(keep, idx, torch.full_like(idx, -1))
         if not return_scores:
             return idx
         return idx, _scores(q, k, weights, idx, q.dtype if score_dtype is None else score_dtype)

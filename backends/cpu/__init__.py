@@ -19,8 +19,8 @@ NATIVE_PRIORITY = 20
 NUMPY_PRIORITY = 10
 COMPOSITE_PRIORITY = 5
 NATIVE_ABI = 5
-NATIVE_OPS = ("fp4_gemm", "fp4_grouped_gemm", "fp8_gemm", "indexer_topk", "kv_compress", "sparse_attention",
-              "moe_route", "moe_dispatch", "moe_combine")
+NATIVE_OPS = ("fp4_gemm", "fp4_grouped_gemm", "fp8_gemm", "indexer_topk", "select_candidate_blocks", "kv_compress",
+              "sparse_attention", "moe_route", "moe_dispatch", "moe_combine")
 
 
 def native_status() -> tuple[bool, str]:
@@ -97,7 +97,7 @@ class CpuBackend(Backend):
                                     requires=("native",), supports=native_impl.SUPPORTS[op])
 
         for module, ops in ((gemm, ("fp4_gemm", "fp4_grouped_gemm", "fp8_gemm")),
-                            (indexer, ("indexer_topk",)),
+                            (indexer, ("indexer_topk", "select_candidate_blocks")),
                             (attention, ("kv_compress", "sparse_attention")),
                             (moe, ("moe_route", "moe_dispatch", "moe_combine"))):
             for op in ops:

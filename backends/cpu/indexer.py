@@ -1,4 +1,5 @@
-"""NumPy lightning-indexer top-k: indexer_topk."""
+"""NumPy lightning indexer: indexer_topk (V4.1's candidates and sorted output too) and
+select_candidate_blocks."""
 from __future__ import annotations
 
 import numpy as np
@@ -40,10 +41,11 @@ def _scores(qb: np.ndarray, kb: np.ndarray, wb: np.ndarray, n: int, rnd: torch.d
 
 
 def _select(scores: np.ndarray, vis: np.ndarray, topk: int, idx: np.ndarray,
-            best: np.ndarray | None) -> None:
-    """Write the top-k visible keys of each row (descending score, -1 after) into idx / best. Rows rank
-    on :func:`dsv4rt.formats.order_key` of the scores, the keys beyond ``vis`` at ``ORDER_KEY_FLOOR``,
-    so a visible key scoring -inf (or NaN, counted as -inf) is taken before any invisible one."""
+            best: np.ndarray | None, cand: np.ndarray | None = None, in_order: bool = False) -> None:
+    """Write the top-k selectable keys of each row (descending score, or ascending index with ``in_order``;
+    -1 after) into idx / best. Rows rank on :func:`dsv4rt.formats.order_key` of the scores, the keys beyond
+    ``vis`` or outside ``cand`` (bool [rows, n], when given) at ``ORDER_KEY_FLOOR``, so a selectable key
+    scoring -inf (or NaN, counted as -inf) is taken before any other one."""
     sc, n = scores.shape
     idx[...] = -1
     if best is not None:
@@ -53,15 +55,22 @@ def _select(scores: np.ndarray, vis: np.ndarray, topk: int, idx: np.ndarray,
         return
     scores[np.isnan(scores)] = -np.inf                                # a NaN score counts as -inf
     key = order_key(scores)                                           # invisible: below every score
-    key[np.arange(n)[None, :] >= vis[:, None]] = ORDER_KEY_FLOOR
+    off = np.arange(n)[None, :] >= vis[:, None]
+    if cand is not None:
+        off |= ~cand
+    key[off] = ORDER_KEY_FLOOR
     if kk < n:
         sel = np.argpartition(key, n - kk, axis=1)[:, n - kk:]        # the kk largest, unordered
     else:
         sel = np.broadcast_to(np.arange(n), (sc, n))
-    order = np.argsort(~np.take_along_axis(key, sel, axis=1), axis=1, kind="stable")   # descending; kk per row
+    valid = ~np.take_along_axis(off, sel, axis=1)
+    if in_order:    # ascending index, the invalid ones (at n) last
+        order = np.argsort(np.where(valid, sel, n), axis=1, kind="stable")
+    else:           # descending score; kk per row
+        order = np.argsort(~np.take_along_axis(key, sel, axis=1), axis=1, kind="stable")
     sel = np.take_along_axis(sel, order, axis=1)
+    valid = np.take_along_axis(valid, order, axis=1)
     val = np.take_along_axis(scores, sel, axis=1)
-    valid = sel < vis[:, None]
     idx[:, :kk] = np.where(valid, sel, -1)
     if best is not None:
         best[:, :kk] = np.where(valid, val, -np.inf)
@@ -69,12 +78,13 @@ def _select(scores: np.ndarray, vis: np.ndarray, topk: int, idx: np.ndarray,
 
 def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, visible: torch.Tensor, topk: int,
                  k_scale: torch.Tensor | None = None, return_scores: bool = False,
-                 score_dtype: torch.dtype | None = None):
-    """idx[B, S, topk] int32 (+ scores float32): top-k keys by the lightning-indexer score.
+                 score_dtype: torch.dtype | None = None, candidates: torch.Tensor | None = None,
+                 sorted_output: bool = False):
+    """idx[B, S, topk] int32 (+ scores float32): top-k selectable keys by the lightning-indexer score.
 
     Float32 scores per batch row and query chunk (keys beyond the chunk's largest ``visible`` are never
-    scored); ``np.argpartition`` picks the top-k, which are then ordered by descending score, so valid
-    indices come first and -1 fills the rest.
+    scored); ``np.argpartition`` picks the top-k, which are then ordered by descending score (by index with
+    ``sorted_output``), so valid indices come first and -1 fills the rest.
     """
     bsz, s, h, _ = q.shape
     n = k.shape[1]
@@ -86,6 +96,7 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, visibl
     sc_np = scores_t.numpy() if scores_t is not None else None
     vis = np.clip(ints(visible).astype(np.int64), 0, n)
     w_all = f32(weights)
+    cand_all = candidates.detach().numpy() if candidates is not None else None
     # query rows per chunk: the [rows, N] score buffer and a [rows*H, >=1024 keys] product fit BUDGET
     rows = max(1, min(s, BUDGET // max(n, 1), BUDGET // max(h * min(max(n, 1), 1024), 1)))
     for b in range(bsz):
@@ -96,7 +107,44 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, visibl
             vrow = vis[b, s0:s1]
             nmax = int(vrow.max()) if s1 > s0 else 0
             scores = _scores(qb[s0:s1], kb, w_all[b, s0:s1], nmax, rnd)
-            _select(scores, vrow, topk, idx_np[b, s0:s1], None if sc_np is None else sc_np[b, s0:s1])
+            _select(scores, vrow, topk, idx_np[b, s0:s1], None if sc_np is None else sc_np[b, s0:s1],
+                    None if cand_all is None else cand_all[b, s0:s1, :nmax], sorted_output)
     if return_scores:
         return idx, scores_t
     return idx
+
+
+def select_candidate_blocks(scores: torch.Tensor, compress_len: torch.Tensor, block_size: int = 8,
+                            n_blocks: int = 2048) -> torch.Tensor:
+    """mask[B, S, N] bool: per query, the ``min(n_blocks, live)`` best blocks by max score among the ``live``
+    ones above -inf, the block of position ``compress_len - 1`` pinned at +inf.
+
+    Query rows in chunks of at most BUDGET scores: NaN to -inf, the last block padded with -inf, block max
+    over a ``[rows, blocks, block]`` view, ``np.argpartition`` for the kept blocks (unordered), expanded back
+    to positions by indexing.
+    """
+    bsz, s, n = scores.shape
+    mask = new_output((bsz, s, n), torch.bool, "cpu")
+    if n == 0 or bsz * s == 0:
+        return mask
+    out = mask.numpy()
+    nb = -(-n // block_size)
+    width = min(block_size, n)                            # a block longer than N: one block of N positions
+    kk = min(n_blocks, nb)
+    block_of = np.arange(n) // width
+    newest = (ints(compress_len).astype(np.int64) - 1) // block_size         # -1: nothing pinned
+    rows = max(1, BUDGET // (nb * width))
+    for b in range(bsz):
+        for s0 in range(0, s, rows):
+            s1 = min(s, s0 + rows)
+            buf = np.full((s1 - s0, nb * width), -np.inf, np.float32)
+            buf[:, :n] = f32(scores[b, s0:s1])
+            buf[np.isnan(buf)] = -np.inf
+            best = buf.reshape(s1 - s0, nb, width).max(axis=2)
+            best[np.arange(nb)[None, :] == newest[b, s0:s1, None]] = np.inf
+            sel = np.argpartition(best, nb - kk, axis=1)[:, nb - kk:] if kk < nb else \
+                np.broadcast_to(np.arange(nb), (s1 - s0, nb))
+            keep = np.zeros((s1 - s0, nb), dtype=bool)
+            np.put_along_axis(keep, sel, np.take_along_axis(best, sel, axis=1) > -np.inf, axis=1)
+            out[b, s0:s1] = keep[:, block_of]
+    return mask

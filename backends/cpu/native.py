@@ -21,7 +21,8 @@ from dsv4rt.ops.indexer import score_dtype_of
 
 from ._np import bits_view, f32
 
-__all__ = ["fp4_gemm", "fp4_grouped_gemm", "fp8_gemm", "indexer_topk", "kv_compress", "sparse_attention", "moe_route",
+__all__ = ["fp4_gemm", "fp4_grouped_gemm", "fp8_gemm", "indexer_topk", "select_candidate_blocks", "kv_compress",
+           "sparse_attention", "moe_route",
            "moe_dispatch", "moe_combine", "SUPPORTS", "GEMV_MAX_M", "FP8_GEMV_MAX_M"]
 
 GEMV_MAX_M = 8          # rows of x up to which the GEMM streams the weight once (GEMV path)
@@ -105,11 +106,16 @@ def fp8_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
 
 # ---------------------------------------------------------------------------------------------- indexer
 
+_INDEXER_V41 = hasattr(_C, "select_candidate_blocks")   # this build takes candidates / sorted_out (V4.1)
+
+
 def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, visible: torch.Tensor, topk: int,
                  k_scale: torch.Tensor | None = None, return_scores: bool = False,
-                 score_dtype: torch.dtype | None = None):
-    """Fused scores + per-row nth_element top-k (the k chosen ordered by descending score, -1 after);
-    the bf16 score precision points in the kernel (fp16 ones are refused by :func:`supports_indexer`)."""
+                 score_dtype: torch.dtype | None = None, candidates: torch.Tensor | None = None,
+                 sorted_output: bool = False):
+    """Fused scores + per-row nth_element top-k over the selectable keys (the k chosen ordered by descending
+    score, or by key with ``sorted_output``; -1 after); the bf16 score precision points in the kernel (fp16
+    ones are refused by ``supports``)."""
     bsz, s = q.shape[:2]
     idx = new_output((bsz, s, topk), torch.int32, "cpu")
     scores = new_output((bsz, s, topk), torch.float32, "cpu") if return_scores else None
@@ -118,9 +124,21 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, visibl
     else:
         keys, ks = _act(k), None
     sd = q.dtype if score_dtype is None else score_dtype
+    v41 = () if candidates is None and not sorted_output else (
+        None if candidates is None else _arr(candidates, torch.uint8), sorted_output)
     _C.indexer_topk(_act(q), keys, ks, _arr(weights), _arr(visible), topk, idx.numpy(),
-                    None if scores is None else scores.numpy(), sd == torch.bfloat16)
+                    None if scores is None else scores.numpy(), sd == torch.bfloat16, *v41)
     return (idx, scores) if return_scores else idx
+
+
+def select_candidate_blocks(scores: torch.Tensor, compress_len: torch.Tensor, block_size: int = 8,
+                            n_blocks: int = 2048) -> torch.Tensor:
+    """Per query row: block maxima, the newest block pinned, nth_element over the live blocks; the mask is
+    written in place as bytes (bf16 scores read as bits, float16 widened)."""
+    mask = new_output(tuple(scores.shape), torch.bool, "cpu")
+    _C.select_candidate_blocks(_act(scores), _arr(compress_len), int(block_size), int(n_blocks),
+                               mask.view(torch.uint8).numpy())
+    return mask
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -207,6 +225,14 @@ def _gemm_supports(args: Mapping[str, Any]) -> str | None:
 def _indexer_supports(args: Mapping[str, Any]) -> str | None:
     if score_dtype_of(args) == torch.float16:
         return "score_dtype float16: cpu/native rounds indexer scores to bf16 only"
+    if not _INDEXER_V41 and (args.get("candidates") is not None or args.get("sorted_output", False)):
+        return "this dsv4rt._C build predates V4.1's candidates / sorted_output; rebuild it"
+    return _strided(args)
+
+
+def _blocks_supports(args: Mapping[str, Any]) -> str | None:
+    if not _INDEXER_V41:
+        return "this dsv4rt._C build predates select_candidate_blocks; rebuild it"
     return _strided(args)
 
 
@@ -229,6 +255,6 @@ def _route_supports(args: Mapping[str, Any]) -> str | None:
 
 
 SUPPORTS = {"fp4_gemm": _gemm_supports, "fp4_grouped_gemm": _gemm_supports, "fp8_gemm": _strided,
-            "indexer_topk": _indexer_supports, "kv_compress": _strided,
+            "indexer_topk": _indexer_supports, "select_candidate_blocks": _blocks_supports, "kv_compress": _strided,
             "sparse_attention": _attention_supports, "moe_route": _route_supports, "moe_dispatch": _strided,
             "moe_combine": _strided}

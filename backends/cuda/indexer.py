@@ -1,4 +1,5 @@
-"""``cuda/triton`` launcher of the lightning indexer: indexer_topk (spec 2.5-2.7).
+"""``cuda/triton`` launcher of the lightning indexer: indexer_topk (spec 2.5-2.7, V4.1's candidates and sorted
+output) and select_candidate_blocks.
 
 Two kernels (:mod:`dsv4rt.backends.cuda.kernels.indexer`, imported with Triton on the first launch):
 
@@ -7,7 +8,12 @@ Two kernels (:mod:`dsv4rt.backends.cuda.kernels.indexer`, imported with Triton o
    fp32 scores are written (never per-head scores). Key tiles beyond every query's ``visible`` are skipped.
 2. ``topk_select_kernel``: one program per query row; a radix select (4 passes of 8-bit histograms over
    order-preserving int32 keys) finds the k-th largest score, then one compaction pass writes exactly
-   ``min(topk, visible)`` distinct indices (ties at the threshold taken in index order), -1 elsewhere.
+   ``min(topk, selectable)`` distinct indices (ties at the threshold taken in index order; all in index
+   order with ``sorted_output``), -1 elsewhere. A candidate mask is read as bytes in both passes.
+
+select_candidate_blocks: ``block_scores_kernel`` (block maxima, the newest block pinned), then, when fewer
+blocks are kept than there are, ``topk_select_kernel`` over the block scores and ``keep_blocks_kernel``, and
+``expand_blocks_kernel`` writes the position mask.
 
 Non-contiguous inputs are passed by strides (no copies); nothing synchronises with the host.
 """
@@ -21,7 +27,8 @@ from torch import Tensor
 from dsv4rt.backend import Registrar, new_output
 from ._launch import device_guard, kernels, next_pow2, on_interpreter
 
-__all__ = ["register", "indexer_topk", "supports", "MAX_HEADS", "MAX_HEAD_DIM"]
+__all__ = ["register", "indexer_topk", "select_candidate_blocks", "supports", "supports_blocks", "MAX_HEADS",
+           "MAX_HEAD_DIM", "MAX_BLOCK"]
 
 MAX_HEADS = 128
 """Heads held in one MMA tile (V4: 64)."""
@@ -29,6 +36,8 @@ MAX_HEAD_DIM = 512
 MAX_TOPK = 1 << 16
 SCORE_ELEMS = 1 << 28
 """Upper bound on the fp32 score buffer (1 GiB); longer prefills run in query chunks."""
+MAX_BLOCK = 1024
+"""select_candidate_blocks: positions of a block held in one tile (V4.1: 8)."""
 
 
 def _logit_tiles(s: int, h: int, n: int, d: int, interp: bool) -> dict[str, int]:
@@ -45,8 +54,23 @@ def _logit_tiles(s: int, h: int, n: int, d: int, interp: bool) -> dict[str, int]
                 num_warps=8 if rows >= 128 else 4, num_stages=2)
 
 
+def _select(sc: Tensor, visible: Tensor, topk: int, idx: Tensor, scores: Tensor | None, cand: Tensor | None,
+            in_order: bool, interp: bool) -> None:
+    """topk_select_kernel over the rows of ``sc`` [B, s, N] (their ``visible`` [B, s], candidates [B, s, N])."""
+    b, s, n = sc.shape
+    vals = scores if scores is not None else sc
+    mask = cand.view(torch.uint8) if cand is not None else visible
+    block_n = min(next_pow2(max(n, 1)), 4096)
+    kernels("indexer").topk_select_kernel[(b * s,)](
+        sc, visible, idx, vals, mask, s, n, *sc.stride(), *visible.stride(), *idx.stride(),
+        *(vals.stride() if scores is not None else (0, 0, 0)), *(mask.stride() if cand is not None else (0, 0, 0)),
+        TOPK=topk, HAS_VAL=scores is not None, HAS_CAND=cand is not None, SORTED=in_order, BLOCK_N=block_n,
+        BLOCK_K=min(next_pow2(topk), 1024), INTERP=interp, num_warps=4 if interp or block_n <= 1024 else 8)
+
+
 def _launch(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: int, k_scale: Tensor | None,
-            idx: Tensor, scores: Tensor | None, sc: Tensor, interp: bool, rnd: int) -> None:
+            idx: Tensor, scores: Tensor | None, sc: Tensor, interp: bool, rnd: int, cand: Tensor | None,
+            in_order: bool) -> None:
     """Logits of the queries of ``q`` (a chunk, as views) into ``sc`` [B, s, N], then their top-k select."""
     kern = kernels("indexer")
     b, s, h, d = q.shape
@@ -61,18 +85,15 @@ def _launch(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: int, k
             *visible.stride(), *sc.stride(), HAS_SCALE=k_scale is not None, INTERP=interp, RND=rnd, **t)
     elif n:
         sc.zero_()  # no heads or an empty head dim: every score is 0
-    vals = scores if scores is not None else sc
-    block_n = min(next_pow2(max(n, 1)), 4096)
-    kern.topk_select_kernel[(b * s,)](
-        sc, visible, idx, vals, s, n, *sc.stride(), *visible.stride(), *idx.stride(),
-        *(vals.stride() if scores is not None else (0, 0, 0)), TOPK=topk, HAS_VAL=scores is not None,
-        BLOCK_N=block_n, BLOCK_K=min(next_pow2(topk), 1024), INTERP=interp, num_warps=4 if interp or block_n <= 1024 else 8)
+    _select(sc, visible, topk, idx, scores, cand, in_order, interp)
 
 
 def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: int,
                  k_scale: Tensor | None = None, return_scores: bool = False,
-                 score_dtype: torch.dtype | None = None) -> Tensor | tuple[Tensor, Tensor]:
-    """``idx[B, S, topk]`` int32 (+ ``scores``): the ``topk`` best visible keys per query, -1 padded.
+                 score_dtype: torch.dtype | None = None, candidates: Tensor | None = None,
+                 sorted_output: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """``idx[B, S, topk]`` int32 (+ ``scores``): the ``topk`` best selectable keys per query (visible, and
+    candidates when given), -1 padded; in index order with ``sorted_output``.
 
     Fused logits kernel into an fp32 [B, s, N] score buffer (``s`` = all queries, or chunks of queries
     keeping it under ``SCORE_ELEMS``), then a per-row radix select (no full sort).
@@ -96,8 +117,44 @@ def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: i
         for s0 in range(0, s, chunk):
             s1 = min(s, s0 + chunk)
             _launch(q[:, s0:s1], k, weights[:, s0:s1], visible[:, s0:s1], topk, k_scale, idx[:, s0:s1],
-                    None if scores is None else scores[:, s0:s1], sc[:, :s1 - s0], interp, rnd)
+                    None if scores is None else scores[:, s0:s1], sc[:, :s1 - s0], interp, rnd,
+                    None if candidates is None else candidates[:, s0:s1], sorted_output)
     return (idx, scores) if return_scores else idx
+
+
+def select_candidate_blocks(scores: Tensor, compress_len: Tensor, block_size: int = 8,
+                            n_blocks: int = 2048) -> Tensor:
+    """``mask[B, S, N]`` bool: block scores (``block_scores_kernel``), the ``n_blocks`` best by the indexer's
+    radix select where there are more blocks than that (else every block above -inf), expanded to positions.
+    Inputs by strides; nothing synchronises with the host."""
+    b, s, n = scores.shape
+    dev = scores.device
+    mask = new_output((b, s, n), torch.bool, dev)
+    if n == 0 or b * s == 0:
+        return mask
+    kern = kernels("indexer")
+    interp = on_interpreter(scores)
+    width = min(block_size, n)
+    nb = -(-n // width)                     # = ceil(N / block_size): a block longer than N is one block of N
+    every = n_blocks >= nb
+    best = torch.empty((b, s, nb), dtype=torch.float32, device=dev)
+    keep = torch.empty((b * s, nb), dtype=torch.uint8, device=dev)
+    block_w = next_pow2(width)
+    block_b = max(1, min(next_pow2(nb), (1 << (14 if interp else 12)) // block_w))
+    with device_guard(scores):
+        kern.block_scores_kernel[(b * s, -(-nb // block_b))](
+            scores, compress_len, best, keep, s, n, nb, width, *scores.stride(), *compress_len.stride(),
+            ALL=every, BLOCK_B=block_b, BLOCK_W=block_w)
+        if not every:
+            idx = torch.empty((b, s, n_blocks), dtype=torch.int32, device=dev)
+            val = torch.empty((b, s, n_blocks), dtype=torch.float32, device=dev)
+            live = torch.full((1, 1), nb, dtype=torch.int32, device=dev).expand(b, s)
+            _select(best, live, n_blocks, idx, val, None, False, interp)
+            kern.keep_blocks_kernel[(b * s,)](idx, val, keep, nb, TOPK=n_blocks, BLOCK_K=min(next_pow2(n_blocks), 1024))
+        block_t = min(next_pow2(n), 1 << (14 if interp else 10))
+        kern.expand_blocks_kernel[(b * s, -(-n // block_t))](keep, mask.view(torch.uint8), n, nb, width,
+                                                             BLOCK_T=block_t)
+    return mask
 
 
 def supports(a: Mapping[str, Any]) -> str | None:
@@ -117,7 +174,20 @@ def supports(a: Mapping[str, Any]) -> str | None:
     return None
 
 
+def supports_blocks(a: Mapping[str, Any]) -> str | None:
+    """None, or why cuda/triton cannot take this select_candidate_blocks call (cuda/torch then runs it)."""
+    n = a["scores"].shape[2]
+    if min(a["block_size"], n) > MAX_BLOCK:
+        return f"cuda/triton holds a block in one tile: block_size <= {MAX_BLOCK} (got {a['block_size']}, N = {n})"
+    nb = -(-n // max(1, min(a["block_size"], n))) if n else 0
+    if nb > a["n_blocks"] > MAX_TOPK:
+        return f"cuda/triton selects at most {MAX_TOPK} blocks of more (got n_blocks {a['n_blocks']} of {nb})"
+    return None
+
+
 def register(registrar: Registrar, device_type: str, priority: int) -> None:
-    """Register ``cuda/triton`` indexer_topk (no Triton import here)."""
+    """Register ``cuda/triton`` indexer_topk and select_candidate_blocks (no Triton import here)."""
     registrar.implement("indexer_topk", "triton", indexer_topk, priority=priority, device_type=device_type,
                         supports=supports)
+    registrar.implement("select_candidate_blocks", "triton", select_candidate_blocks, priority=priority,
+                        device_type=device_type, supports=supports_blocks)

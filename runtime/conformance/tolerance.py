@@ -20,7 +20,7 @@ from .. import reference as ref
 from ..ops.attention import p_dtype_of
 from ..ops.indexer import score_dtype_of
 
-__all__ = ["Check", "gemm", "topk", "pooling", "attention", "route", "exact", "combine"]
+__all__ = ["Check", "gemm", "topk", "candidate_blocks", "pooling", "attention", "route", "exact", "combine"]
 
 U_OUT = {torch.float32: 2.0**-22, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}  # one ulp
 # absolute rounding step of the output dtype's subnormals (where u_out * |ref| no longer bounds rounding)
@@ -111,12 +111,14 @@ def gemm(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
 
 
 def topk(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
-    """Checked on reference scores of the returned set: right count, distinct, visible, and every chosen
-    key's reference score within tolerance of the true k-th best (when that is -inf: every key scoring
-    above -inf chosen); scores (if returned) vs reference."""
+    """Checked on reference scores of the returned set: right count, distinct, selectable (visible and a
+    candidate), in ascending order before the -1s when ``sorted_output``, and every chosen key's reference
+    score within tolerance of the true k-th best (when that is -inf: every key scoring above -inf chosen);
+    scores (if returned) vs reference."""
     q, k, w = args["q"], args["k"], args["weights"]
     sd = score_dtype_of(args)
-    scores = ref.indexer_scores(q, k, w, args["visible"], args["k_scale"], sd)
+    cand = args.get("candidates")
+    scores = ref.indexer_scores(q, k, w, args["visible"], args["k_scale"], sd, cand)
     bound = ref.indexer_scores(_finite_abs(q), _finite_abs(k), _finite_abs(w),
                                torch.full_like(args["visible"], k.shape[1]), args["k_scale"], torch.float32)
     # a 16-bit score: an fp32 value next to a rounding boundary may round one ulp (2^-7 / 2^-10 relative)
@@ -127,21 +129,29 @@ def topk(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
     idx = outs[0].long()
     b_n, s_n, top = idx.shape
     vis = args["visible"].clamp(0, k.shape[1])
+    ok = ref.selectable(args["visible"], k.shape[1], cand)
+    in_order = bool(args.get("sorted_output", False))
     budget = 0.0
     for b in range(b_n):
         for s in range(s_n):
-            row, count = idx[b, s], min(top, int(vis[b, s]))
+            n_ok = int(ok[b, s].sum())
+            row, count = idx[b, s], min(top, n_ok)
             valid = row[row != -1]
             where = f"row (b={b}, s={s})"
             if valid.numel() != count or int((row == -1).sum()) != top - count:
                 return Check(False, math.inf, math.inf, math.inf, "set check",
                              f"{where}: {valid.numel()} indices and {int((row == -1).sum())} x -1, expected "
-                             f"{count} indices (visible {int(vis[b, s])}, topk {top})")
+                             f"{count} indices (visible {int(vis[b, s])}, selectable {n_ok}, topk {top})")
+            if in_order and not (bool((row[:count] != -1).all()) and bool((valid[1:] > valid[:-1]).all())):
+                return Check(False, math.inf, math.inf, math.inf, "set check",
+                             f"{where}: sorted_output, but {row.tolist()} is not ascending keys then -1")
             if count == 0:
                 continue
-            if bool(((valid < 0) | (valid >= int(vis[b, s]))).any()) or valid.unique().numel() != count:
+            if bool(((valid < 0) | (valid >= k.shape[1])).any()) or valid.unique().numel() != count or \
+                    not bool(ok[b, s, valid.clamp(0, max(k.shape[1] - 1, 0))].all()):
                 return Check(False, math.inf, math.inf, math.inf, "set check",
-                             f"{where}: indices {valid.tolist()} are not {count} distinct keys < {int(vis[b, s])}")
+                             f"{where}: indices {valid.tolist()} are not {count} distinct selectable keys (visible "
+                             f"< {int(vis[b, s])}{' and candidates' if cand is not None else ''})")
             kth = scores[b, s].sort(descending=True).values[count - 1]
             chosen = scores[b, s, valid]
             if kth == -math.inf and int((chosen > -math.inf).sum()) < int((scores[b, s] > -math.inf).sum()):
@@ -163,6 +173,41 @@ def topk(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
     want = _at(scores, idx, -math.inf)
     tol = _at(tol_all, idx, 0.0) + u * want.abs().nan_to_num(0, 0, 0)
     return _worst(set_check, _compare(outs[1], want, tol, f"scores {u:.2g}*bound", "scores"))
+
+
+def candidate_blocks(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
+    """select_candidate_blocks, exactly on the set (block maxima involve no rounding; ties either way): the
+    mask is whole blocks, as many as the reference keeps, every kept block scores above -inf and at least
+    the reference's smallest kept block score."""
+    mask, n = outs[0].cpu(), args["scores"].shape[2]
+    bs, want_n = args["block_size"], args["n_blocks"]
+    bscore = ref.candidate_block_scores(args["scores"], args["compress_len"], bs)     # [B, S, nb]
+    nb = bscore.shape[2]
+    if nb == 0 or mask.numel() == 0:
+        return Check(True, 0.0, 0.0, 0.0, "exact set (no positions)")
+    bs = min(bs, n)                       # a block longer than N is one block of the N positions
+    pad = torch.zeros(mask.shape[:2] + (nb * bs,), dtype=torch.bool)
+    pad[..., :n] = mask
+    blocks = pad.view(*mask.shape[:2], nb, bs)
+    kept = blocks[..., 0]
+    uniform = blocks == kept[..., None]
+    uniform[..., -1, :] |= torch.arange(bs) >= n - (nb - 1) * bs      # the padding of the last block
+    if not bool(uniform.all()):
+        pos = tuple(int(i) for i in (~uniform).nonzero()[0])
+        return Check(False, math.inf, math.inf, math.inf, "set check",
+                     f"mask of (b={pos[0]}, s={pos[1]}) block {pos[2]} is not all True or all False")
+    for b in range(mask.shape[0]):
+        for s in range(mask.shape[1]):
+            live = bscore[b, s] > -math.inf
+            count = min(want_n, int(live.sum()))
+            chosen = bscore[b, s, kept[b, s]]
+            kth = bscore[b, s].sort(descending=True).values[count - 1] if count else math.inf
+            if int(kept[b, s].sum()) != count or bool((chosen == -math.inf).any()) or bool((chosen < kth).any()):
+                return Check(False, math.inf, math.inf, math.inf, "set check",
+                             f"(b={b}, s={s}): kept blocks {kept[b, s].nonzero().flatten().tolist()} are not "
+                             f"{count} of the best-scoring blocks above -inf (the {count}-th best scores "
+                             f"{float(kth):.6g}; compress_len {int(args['compress_len'][b, s])})")
+    return Check(True, 0.0, 0.0, 0.0, "exact set (ties either way)")
 
 
 def pooling(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:

@@ -1,4 +1,5 @@
-"""Lightning indexer family: indexer_topk (docs/deepseek-v4.md section 2)."""
+"""Lightning indexer family: indexer_topk (docs/deepseek-v4.md section 2; V4.1's candidate mask and sorted
+output) and select_candidate_blocks (V4.1's first level of the two-level top-k)."""
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -17,7 +18,8 @@ TOPK_PAD_SLOTS = 1 << 16
 
 def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: int,
                  k_scale: Tensor | None = None, return_scores: bool = False,
-                 score_dtype: torch.dtype | None = None) -> Tensor:
+                 score_dtype: torch.dtype | None = None, candidates: Tensor | None = None,
+                 sorted_output: bool = False) -> Tensor:
     """idx[B, S, topk] int32: the ``topk`` best compressed keys of each query by the lightning-indexer score.
 
     ``score[b, s, t] = sum_h weights[b, s, h] * relu(q[b, s, h, :] . key[b, t, :])`` over keys
@@ -43,7 +45,21 @@ def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: i
     - NaN: a NaN score (NaN in q, a key or a weight) counts as -inf: it ranks below every number, and
       ``scores`` reports -inf for it. Infinite inputs follow IEEE arithmetic. A visible key is a candidate
       whatever its score: keys scoring -inf (or NaN) still fill the row's ``min(topk, visible)`` slots
-      when fewer finite ones are visible, and only keys ``t >= visible`` are never returned.
+      when fewer finite ones are visible, and only keys ``t >= visible`` (and non-candidates) are never
+      returned.
+    - ``candidates`` (V4.1's second level): None, or bool [B, S, N] (a mask shaped like the scores, as
+      :func:`select_candidate_blocks` returns it). Key ``t`` is *selectable* by query ``(b, s)`` when
+      ``t < visible[b, s]`` and ``candidates[b, s, t]``; the row then holds ``min(topk, selectable)``
+      indices, all selectable, and -1 in the other slots: a non-candidate key is excluded like an invisible
+      one, never returned. (The release masks non-candidates to -inf before ``torch.topk``, which would
+      fill slots beyond the selectable keys with arbitrary masked positions; its candidate mask always holds
+      at least ``min(index_topk, visible)`` selectable keys, so both agree there.) ``scores`` stay the
+      scores of the returned keys.
+    - ``sorted_output``: False (V4): order within a row unspecified. True (V4.1): the returned indices in
+      ascending key order, then the -1 padding; ``scores`` follow the same order.
+    V4.1 (32 heads, keys from the compressor latent) calls it with FP4-simulated, un-rotated q and k
+    (MXFP4 fake-quant and any Hadamard rotation are the caller's, as for V4), weights already scaled by
+    ``128^-0.5 * 32^-0.5``, and ``score_dtype`` None with bf16 q (its score is the same bf16 einsum as V4's).
     Per-head scores are never materialised by fused backends.
     """
 
@@ -73,6 +89,10 @@ def _check(a: Mapping[str, Any]) -> None:
                               f"row holds at most N = {n} keys, slots beyond them are -1 padding)", repr(a["topk"]))
     c.flag(op, "return_scores", a["return_scores"])
     c.choice(op, "score_dtype", a["score_dtype"], SCORE_DTYPES)
+    if a.get("candidates") is not None:
+        c.tensor(op, "candidates", a["candidates"], 3, (torch.bool,))
+        c.shape(op, "candidates", a["candidates"], (b, s, n), "[B, S, N]")
+    c.flag(op, "sorted_output", a.get("sorted_output", False))
 
 
 SCORE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
@@ -102,4 +122,51 @@ INDEXER_TOPK = declare_spec(indexer_topk, family=FAMILY, check=_check, outputs=_
                             reference="dsv4rt.reference:indexer_topk",
                             cases="dsv4rt.conformance.cases.indexer:indexer_topk",
                             tolerance="dsv4rt.conformance.tolerance:topk")
-SPECS = (INDEXER_TOPK,)
+
+
+def select_candidate_blocks(scores: Tensor, compress_len: Tensor, block_size: int = 8,
+                            n_blocks: int = 2048) -> Tensor:
+    """mask[B, S, N] bool: each query's candidate key positions, whole blocks of ``block_size`` positions
+    kept by their best score (level one of V4.1's two-level top-k; the release uses block_size 8 and
+    n_blocks 2048, then masks the later indexers' scores with the result: ``indexer_topk(candidates=)``).
+
+    - ``scores``: [B, S, N] float32 / bfloat16 / float16, an indexer's scores; -inf marks a position the
+      query cannot reach. The caller masks those (as the release's prefill does): the op does not mask by
+      ``compress_len``. A NaN score counts as -inf.
+    - ``compress_len``: [B, S] int32 in [0, N], the query's reachable length.
+    - Block ``j`` holds positions ``[j * block_size, min((j + 1) * block_size, N))`` (the last one is padded
+      with -inf); its score is the max of its positions' scores. The block holding the newest reachable
+      position, ``(compress_len - 1) // block_size``, scores +inf (pinned: it may be only partly filled);
+      no block is pinned where ``compress_len == 0``.
+    - Kept: of the blocks scoring above -inf, the ``min(n_blocks, their count)`` with the largest block
+      scores (ties broken either way). ``mask[b, s, t]`` is True iff ``t``'s block is kept.
+    - ``block_size``, ``n_blocks``: ints in [1, 2^31 - 1].
+    - NaN: the release takes the block max with ``amax`` (a NaN makes the block NaN, which its ``torch.topk``
+      ranks first and then drops as not above -inf); here a NaN position only scores -inf itself.
+    """
+
+
+def _blocks_check(a: Mapping[str, Any]) -> None:
+    op = "select_candidate_blocks"
+    c.tensor(op, "scores", a["scores"], 3, c.FLOAT_ACT)
+    b, s, _ = a["scores"].shape
+    c.tensor(op, "compress_len", a["compress_len"], 2, c.INDEX)
+    c.shape(op, "compress_len", a["compress_len"], (b, s), "[B, S]")
+    c.integer(op, "block_size", a["block_size"], lo=1, hi=c.MAX_INT32)
+    c.integer(op, "n_blocks", a["n_blocks"], lo=1, hi=c.MAX_INT32)
+
+
+def _blocks_values(a: Mapping[str, Any]) -> None:
+    c.index_range("select_candidate_blocks", "compress_len", a["compress_len"], 0, a["scores"].shape[2] + 1)
+
+
+def _blocks_outputs(a: Mapping[str, Any]) -> tuple[OutputSpec, ...]:
+    return (OutputSpec("mask", tuple(a["scores"].shape), torch.bool),)
+
+
+SELECT_CANDIDATE_BLOCKS = declare_spec(select_candidate_blocks, family=FAMILY, check=_blocks_check,
+                                       outputs=_blocks_outputs, check_values=_blocks_values,
+                                       reference="dsv4rt.reference:select_candidate_blocks",
+                                       cases="dsv4rt.conformance.cases.indexer:select_candidate_blocks",
+                                       tolerance="dsv4rt.conformance.tolerance:candidate_blocks")
+SPECS = (INDEXER_TOPK, SELECT_CANDIDATE_BLOCKS)

@@ -7,7 +7,7 @@ Backends are compared against these functions by the conformance runner.
 
 from .attention import kv_compress, sparse_attention
 from .gemm import act_quant_fp8, act_scales_fp8, fp4_gemm, fp4_grouped_gemm, fp8_gemm
-from .indexer import indexer_scores, indexer_topk
+from .indexer import candidate_block_scores, indexer_scores, indexer_topk, select_candidate_blocks, selectable
 from .moe import moe_combine, moe_dispatch, moe_route, moe_route_weights, moe_scores
 
 # The nine v1 ops, by name (design.md section 2).
@@ -16,6 +16,7 @@ OPS = {
     "fp4_grouped_gemm": fp4_grouped_gemm,
     "fp8_gemm": fp8_gemm,
     "indexer_topk": indexer_topk,
+    "select_candidate_blocks": select_candidate_blocks,
     "kv_compress": kv_compress,
     "sparse_attention": sparse_attention,
     "moe_route": moe_route,
@@ -28,6 +29,8 @@ __all__ = [
     "OPS",
     # helpers for conformance checks
     "indexer_scores",
+    "candidate_block_scores",
+    "selectable",
     "moe_route_weights",
     "moe_scores",
     "act_quant_fp8",

@@ -441,6 +441,29 @@ def test_indexer_return_scores_recomputed(a2):
     check("topk", "indexer_topk", args, (idx, scores))
 
 
+def test_indexer_v41_sorted_output_maps(a2):
+    """V4.1 without a candidate mask: 32 heads, FP4-simulated bf16 q / k (the caller's), rows sorted by key."""
+    args = dict(indexer_args(h=32, topk=16), return_scores=True, score_dtype=None, candidates=None,
+                sorted_output=True)
+    assert a2.fused("indexer_topk").supports(args) is None
+    idx, scores = a2.fused("indexer_topk").fn(*args.values())
+    assert a2.rec.named("npu_lightning_indexer")
+    for row in idx.reshape(-1, 16):
+        valid = row[row >= 0]
+        assert (row[:valid.numel()] >= 0).all() and (valid[1:] > valid[:-1]).all(), row
+    check("topk", "indexer_topk", args, (idx, scores))
+
+
+def test_indexer_v41_candidates_go_to_the_composite(a2):
+    args = dict(indexer_args(h=32), score_dtype=None, candidates=torch.ones(3, 1, 40, dtype=torch.bool),
+                sorted_output=True)
+    reason = a2.fused("indexer_topk").supports(args)
+    assert reason and "candidates" in reason and "no mask" in reason, reason
+    assert a2.torch("indexer_topk").supports is None or a2.torch("indexer_topk").supports(args) is None
+    idx = a2.torch("indexer_topk").fn(*args.values())
+    check("topk", "indexer_topk", args, idx)
+
+
 # -------------------------------------------------------------------------------------- sparse_attention
 
 def decode_case(b_pos=(3, 20), w=8, h=70, d=64, ncomp=5):

@@ -12,10 +12,10 @@ from dsv4rt.backends import cpu
 from dsv4rt.backends.cpu import attention as cpu_attention
 from dsv4rt.backends.cpu import gemm as cpu_gemm
 from dsv4rt.backends.cpu import indexer as cpu_indexer
+from dsv4rt.registry import REGISTRY
 
 NP = "cpu/numpy"
-OPS = ("fp4_gemm", "fp4_grouped_gemm", "fp8_gemm", "indexer_topk", "kv_compress", "sparse_attention",
-       "moe_route", "moe_dispatch", "moe_combine")
+OPS = tuple(REGISTRY.specs)   # every declared op: the numpy variant implements them all
 # normalised max error (max |y - ref| / max |ref|) allowed per output dtype
 TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 

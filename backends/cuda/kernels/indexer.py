@@ -78,12 +78,21 @@ def _ordered_key(x):
 
 
 @triton.jit
-def _hist_chunk(c0, hist, row_ptr, s_cn, vis, prefix, SHIFT: tl.constexpr, FIRST: tl.constexpr,
-                BLOCK_N: tl.constexpr):
-    """Adds the 8-bit digit at SHIFT of the (sign-flipped) keys of one chunk whose higher digits
-    equal ``prefix``'s to ``hist`` [256]."""
-    offs = c0 + tl.arange(0, BLOCK_N)
+def _selectable(offs, vis, cand_row, s_mn, HAS_CAND: tl.constexpr):
+    """Keys ``offs`` the row may select: below ``vis`` and, with a candidate mask, marked in it."""
     ok = offs < vis
+    if HAS_CAND:
+        ok = ok & (tl.load(cand_row + offs * s_mn, mask=ok, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def _hist_chunk(c0, hist, row_ptr, s_cn, vis, prefix, cand_row, s_mn, SHIFT: tl.constexpr, FIRST: tl.constexpr,
+                HAS_CAND: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Adds the 8-bit digit at SHIFT of the (sign-flipped) keys of one chunk's selectable keys whose higher
+    digits equal ``prefix``'s to ``hist`` [256]."""
+    offs = c0 + tl.arange(0, BLOCK_N)
+    ok = _selectable(offs, vis, cand_row, s_mn, HAS_CAND)
     u = _ordered_key(tl.load(row_ptr + offs * s_cn, mask=ok, other=0.0)) ^ (-2147483648)
     if not FIRST:
         ok = ok & ((u >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
@@ -92,11 +101,13 @@ def _hist_chunk(c0, hist, row_ptr, s_cn, vis, prefix, SHIFT: tl.constexpr, FIRST
 
 @triton.jit
 def _compact_chunk(c0, run_gt, run_eq, row_ptr, s_cn, vis, thr, n_gt, need, idx_row, s_ik, val_row, s_vk,
-                   HAS_VAL: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Writes this chunk's keys above ``thr`` to slots ``run_gt...`` and its keys equal to ``thr`` to
-    slots ``n_gt + run_eq...`` while fewer than ``need`` were taken (in index order)."""
+                   cand_row, s_mn, HAS_VAL: tl.constexpr, HAS_CAND: tl.constexpr, SORTED: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """Writes this chunk's selectable keys above ``thr`` to slots ``run_gt...`` and its keys equal to
+    ``thr`` to slots ``n_gt + run_eq...`` while fewer than ``need`` were taken (in index order); with
+    SORTED both kinds go, in index order, to the slots after the ``run_gt + min(run_eq, need)`` taken."""
     offs = c0 + tl.arange(0, BLOCK_N)
-    ok = offs < vis
+    ok = _selectable(offs, vis, cand_row, s_mn, HAS_CAND)
     x = tl.load(row_ptr + offs * s_cn, mask=ok, other=0.0)
     key = _ordered_key(x)
     gt = ok & (key > thr)
@@ -105,7 +116,10 @@ def _compact_chunk(c0, run_gt, run_eq, row_ptr, s_cn, vis, thr, n_gt, need, idx_
     eq_i = eq.to(tl.int32)
     r_eq = run_eq + tl.cumsum(eq_i, axis=0) - 1
     take = eq & (r_eq < need)
-    pos = tl.where(gt, run_gt + tl.cumsum(gt_i, axis=0) - 1, n_gt + r_eq)
+    if SORTED:
+        pos = run_gt + tl.minimum(run_eq, need) + tl.cumsum((gt | take).to(tl.int32), axis=0) - 1
+    else:
+        pos = tl.where(gt, run_gt + tl.cumsum(gt_i, axis=0) - 1, n_gt + r_eq)
     tl.store(idx_row + pos * s_ik, offs, mask=gt | take)
     if HAS_VAL:
         tl.store(val_row + pos * s_vk, x, mask=gt | take)
@@ -113,24 +127,39 @@ def _compact_chunk(c0, run_gt, run_eq, row_ptr, s_cn, vis, thr, n_gt, need, idx_
 
 
 @triton.jit
-def topk_select_kernel(sc_ptr, vis_ptr, idx_ptr, val_ptr, S, N,
-                       s_cb, s_cs, s_cn, s_vb, s_vs, s_ib, s_is, s_ik, s_xb, s_xs, s_xk,
-                       TOPK: tl.constexpr, HAS_VAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       INTERP: tl.constexpr):
-    """One program per row: exactly ``kk = min(TOPK, visible)`` distinct indices, -1 in the other slots.
+def topk_select_kernel(sc_ptr, vis_ptr, idx_ptr, val_ptr, cand_ptr, S, N,
+                       s_cb, s_cs, s_cn, s_vb, s_vs, s_ib, s_is, s_ik, s_xb, s_xs, s_xk, s_mb, s_ms, s_mn,
+                       TOPK: tl.constexpr, HAS_VAL: tl.constexpr, HAS_CAND: tl.constexpr, SORTED: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
+    """One program per row: exactly ``kk = min(TOPK, selectable)`` distinct indices, -1 in the other slots.
 
-    Radix select on order-preserving int32 keys, 8 bits per pass (4 histogram passes) finds the kk-th
-    largest key ``thr`` and how many of the row's ties at ``thr`` to take; one compaction pass then
-    writes the keys above ``thr`` and the first ``need`` ties. No sort of the row.
+    A key is selectable below ``visible`` and, with HAS_CAND, where the candidate mask (bool bytes) is set
+    (one counting pass first). Radix select on order-preserving int32 keys, 8 bits per pass (4 histogram
+    passes) finds the kk-th largest key ``thr`` and how many of the row's ties at ``thr`` to take; one
+    compaction pass then writes the keys above ``thr`` and the first ``need`` ties (SORTED: all in index
+    order). No sort of the row.
     """
     row = tl.program_id(0)
     b = (row // S).to(tl.int64)
     s = (row % S).to(tl.int64)
     vis = tl.minimum(tl.maximum(tl.load(vis_ptr + b * s_vb + s * s_vs), 0), N)
-    kk = tl.minimum(vis, TOPK)
     idx_row = idx_ptr + b * s_ib + s * s_is
     val_row = val_ptr + b * s_xb + s * s_xs
     row_ptr = sc_ptr + b * s_cb + s * s_cs
+    cand_row = cand_ptr + b * s_mb + s * s_ms
+    if HAS_CAND:
+        count = vis * 0
+        if INTERP:
+            c0 = 0
+            while c0 < vis:
+                count += tl.sum(_selectable(c0 + tl.arange(0, BLOCK_N), vis, cand_row, s_mn, HAS_CAND).to(tl.int32))
+                c0 += BLOCK_N
+        else:
+            for c0 in range(0, vis, BLOCK_N):
+                count += tl.sum(_selectable(c0 + tl.arange(0, BLOCK_N), vis, cand_row, s_mn, HAS_CAND).to(tl.int32))
+        kk = tl.minimum(count, TOPK)
+    else:
+        kk = tl.minimum(vis, TOPK)
     for c0 in range(0, TOPK, BLOCK_K):
         slots = c0 + tl.arange(0, BLOCK_K)
         tail = (slots >= kk) & (slots < TOPK)
@@ -146,11 +175,13 @@ def topk_select_kernel(sc_ptr, vis_ptr, idx_ptr, val_ptr, S, N,
             if INTERP:
                 c0 = 0
                 while c0 < vis:
-                    hist = _hist_chunk(c0, hist, row_ptr, s_cn, vis, prefix, 24 - 8 * p, p == 0, BLOCK_N)
+                    hist = _hist_chunk(c0, hist, row_ptr, s_cn, vis, prefix, cand_row, s_mn, 24 - 8 * p, p == 0,
+                                       HAS_CAND, BLOCK_N)
                     c0 += BLOCK_N
             else:
                 for c0 in range(0, vis, BLOCK_N):
-                    hist = _hist_chunk(c0, hist, row_ptr, s_cn, vis, prefix, 24 - 8 * p, p == 0, BLOCK_N)
+                    hist = _hist_chunk(c0, hist, row_ptr, s_cn, vis, prefix, cand_row, s_mn, 24 - 8 * p, p == 0,
+                                       HAS_CAND, BLOCK_N)
             ge = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist      # candidates with digit >= d
             digit = tl.sum((ge >= need).to(tl.int32), axis=0) - 1
             need -= tl.sum(tl.where(bins > digit, hist, 0), axis=0)
@@ -163,9 +194,59 @@ def topk_select_kernel(sc_ptr, vis_ptr, idx_ptr, val_ptr, S, N,
             c0 = 0
             while c0 < vis:
                 run_gt, run_eq = _compact_chunk(c0, run_gt, run_eq, row_ptr, s_cn, vis, thr, n_gt, need, idx_row,
-                                                s_ik, val_row, s_xk, HAS_VAL, BLOCK_N)
+                                                s_ik, val_row, s_xk, cand_row, s_mn, HAS_VAL, HAS_CAND, SORTED,
+                                                BLOCK_N)
                 c0 += BLOCK_N
         else:
             for c0 in range(0, vis, BLOCK_N):
                 run_gt, run_eq = _compact_chunk(c0, run_gt, run_eq, row_ptr, s_cn, vis, thr, n_gt, need, idx_row,
-                                                s_ik, val_row, s_xk, HAS_VAL, BLOCK_N)
+                                                s_ik, val_row, s_xk, cand_row, s_mn, HAS_VAL, HAS_CAND, SORTED,
+                                                BLOCK_N)
+
+
+@triton.jit
+def block_scores_kernel(sc_ptr, len_ptr, best_ptr, keep_ptr, S, N, NB, BS, s_cb, s_cs, s_cn, s_lb, s_ls,
+                        ALL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Grid (rows, block chunks) of select_candidate_blocks: ``best[r, j]`` = the max score of block j's
+    positions (NaN as -inf), +inf for the block of position ``compress_len - 1``; ``keep[r, j]`` = best > -inf
+    when ALL (every live block is kept), else 0 (``keep_blocks_kernel`` sets the chosen ones)."""
+    row = tl.program_id(0)
+    b = (row // S).to(tl.int64)
+    s = (row % S).to(tl.int64)
+    j = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    w = tl.arange(0, BLOCK_W)
+    t = j.to(tl.int64)[:, None] * BS + w[None, :]
+    ok = (j[:, None] < NB) & (w[None, :] < BS) & (t < N)
+    x = tl.load(sc_ptr + b * s_cb + s * s_cs + t * s_cn, mask=ok, other=float("-inf")).to(tl.float32)
+    best = tl.max(tl.where(x != x, float("-inf"), x), axis=1)
+    ln = tl.load(len_ptr + b * s_lb + s * s_ls)
+    best = tl.where((ln > 0) & (j == (tl.maximum(ln, 1) - 1) // BS), float("inf"), best)
+    out = row.to(tl.int64) * NB + j
+    tl.store(best_ptr + out, best, mask=j < NB)
+    keep = best > float("-inf")
+    if not ALL:
+        keep = keep & (j < 0)
+    tl.store(keep_ptr + out, keep.to(tl.uint8), mask=j < NB)
+
+
+@triton.jit
+def keep_blocks_kernel(idx_ptr, val_ptr, keep_ptr, NB, TOPK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per row: ``keep[r, idx]`` = 1 for the selected blocks whose score is above -inf."""
+    row = tl.program_id(0).to(tl.int64)
+    for c0 in range(0, TOPK, BLOCK_K):
+        k = c0 + tl.arange(0, BLOCK_K)
+        ok = k < TOPK
+        i = tl.load(idx_ptr + row * TOPK + k, mask=ok, other=-1)
+        v = tl.load(val_ptr + row * TOPK + k, mask=ok, other=float("-inf"))
+        sel = ok & (i >= 0) & (v > float("-inf"))
+        tl.store(keep_ptr + row * NB + i, tl.full([BLOCK_K], 1, tl.uint8), mask=sel)
+
+
+@triton.jit
+def expand_blocks_kernel(keep_ptr, mask_ptr, N, NB, BS, BLOCK_T: tl.constexpr):
+    """Grid (rows, position chunks): ``mask[r, t] = keep[r, t // BS]``."""
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = t < N
+    kb = tl.load(keep_ptr + row * NB + t // BS, mask=ok, other=0)
+    tl.store(mask_ptr + row * N + t, kb, mask=ok)

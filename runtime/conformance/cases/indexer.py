@@ -1,8 +1,9 @@
-"""Conformance cases of indexer_topk."""
+"""Conformance cases of indexer_topk (V4 and V4.1 modes) and select_candidate_blocks."""
 from __future__ import annotations
 
 import torch
 
+from ...formats import fp4_fake_quant
 from ..case import Case, bad_cases, case_generator, randn
 
 BF16, F32 = torch.bfloat16, torch.float32
@@ -16,14 +17,23 @@ def _causal(b: int, s: int, ratio: int = 4, start: int = 0) -> torch.Tensor:
 
 def _case(label: str, b: int, s: int, h: int, d: int, n: int, topk: int, visible=None, dtype=BF16,
           fp8_keys: bool = False, scores: bool = False, noncontig: tuple[str, ...] = (),
-          score_dtype: torch.dtype | None = None, nan_keys: int = 0) -> Case:
+          score_dtype: torch.dtype | None = None, nan_keys: int = 0, candidates=None, sorted_output: bool = False,
+          fp4: bool = False, distinct_keys: int = 0) -> Case:
+    """``candidates``: None, or a function of (gen, visible) giving the bool [B, S, N] mask; ``fp4``: q and k
+    MXFP4 fake-quantised (V4.1's indexer inputs: many tied scores); ``distinct_keys``: keys drawn from that
+    many rows (tied scores)."""
     def make(gen: torch.Generator) -> dict:
         q = randn(gen, b, s, h, d, dtype=dtype)
         if fp8_keys:
             k = (randn(gen, b, n, d) * 8).clamp(-440, 440).to(torch.float8_e4m3fn)
             k_scale = torch.rand((b, n), generator=gen) * 0.1 + 0.01
+        elif distinct_keys:
+            rows = randn(gen, distinct_keys, d)
+            k, k_scale = rows[torch.randint(0, distinct_keys, (b, n), generator=gen)].to(dtype), None
         else:
             k, k_scale = randn(gen, b, n, d, dtype=dtype), None
+        if fp4:
+            q, k = fp4_fake_quant(q), fp4_fake_quant(k)
         if nan_keys:   # keys scoring NaN (counted as -inf): still visible, they fill slots before -1
             bad = torch.randperm(n, generator=gen)[:nan_keys]
             if fp8_keys:
@@ -33,8 +43,61 @@ def _case(label: str, b: int, s: int, h: int, d: int, n: int, topk: int, visible
         weights = torch.randn((b, s, h), generator=gen)
         vis = visible(gen) if callable(visible) else _causal(b, s, start=4 * n - s)
         return {"q": q, "k": k, "weights": weights, "visible": vis, "topk": topk, "k_scale": k_scale,
-                "return_scores": scores, "score_dtype": score_dtype}
+                "return_scores": scores, "score_dtype": score_dtype,
+                "candidates": None if candidates is None else candidates(gen, vis),
+                "sorted_output": sorted_output}
     return Case("indexer_topk", label, make, noncontig=noncontig)
+
+
+def _mask(p: float, n: int):
+    """Candidates: each of the n positions True with probability ``p``."""
+    def make(gen: torch.Generator, vis: torch.Tensor) -> torch.Tensor:
+        return torch.rand((*vis.shape, n), generator=gen) < p
+    return make
+
+
+def _blocks_mask(n: int, block: int, keep: int):
+    """Candidates as V4.1 makes them: the reference select_candidate_blocks of random scores (-inf beyond
+    each query's visible keys)."""
+    def make(gen: torch.Generator, vis: torch.Tensor) -> torch.Tensor:
+        from ... import reference as ref
+        sc = torch.randn((*vis.shape, n), generator=gen)
+        sc.masked_fill_(torch.arange(n) >= vis[..., None], float("-inf"))
+        return ref.select_candidate_blocks(sc, vis, block, keep)
+    return make
+
+
+def _v41_cases() -> list[Case]:
+    """V4.1's mode: 32 heads, FP4-simulated q and k, bf16 scores, sorted output, candidate masks."""
+    full = _mask(1.0, 96)
+    return [
+        _case("v41-decode-H32-mask-all-true-sorted", 2, 1, 32, 128, 96, 16, fp4=True, candidates=full,
+              sorted_output=True, scores=True, visible=lambda g: torch.tensor([[96], [70]], dtype=torch.int32)),
+        _case("v41-prefill-H32-sparse-mask-sorted", 1, 12, 32, 64, 48, 8, fp4=True, candidates=_mask(0.4, 48),
+              sorted_output=True, scores=True, visible=lambda g: _causal(1, 12, ratio=1, start=36)),
+        _case("v41-mask-fewer-than-topk", 2, 4, 32, 64, 40, 16, fp4=True, candidates=_mask(0.15, 40),
+              sorted_output=True, scores=True,
+              visible=lambda g: torch.randint(10, 41, (2, 4), generator=g, dtype=torch.int32)),
+        _case("v41-mask-unsorted", 1, 5, 32, 64, 64, 12, fp4=True, candidates=_mask(0.5, 64), scores=True,
+              visible=lambda g: torch.randint(0, 65, (1, 5), generator=g, dtype=torch.int32)),
+        _case("v41-two-level-blocks", 1, 16, 32, 64, 80, 12, fp4=True, candidates=_blocks_mask(80, 4, 5),
+              sorted_output=True, scores=True, visible=lambda g: _causal(1, 16, ratio=1, start=64)),
+        _case("v41-sorted-no-mask-fewer-visible", 2, 6, 32, 64, 30, 20, fp4=True, sorted_output=True, scores=True,
+              visible=lambda g: torch.randint(0, 31, (2, 6), generator=g, dtype=torch.int32)),
+        _case("v41-ties-sorted", 1, 6, 32, 64, 50, 10, fp4=True, distinct_keys=4, candidates=_mask(0.7, 50),
+              sorted_output=True, scores=True,
+              visible=lambda g: torch.randint(20, 51, (1, 6), generator=g, dtype=torch.int32)),
+        _case("v41-mask-f32-scores", 2, 3, 32, 64, 56, 8, fp4=True, candidates=_mask(0.3, 56), sorted_output=True,
+              scores=True, score_dtype=F32),
+        _case("v41-mask-fp8-keys", 1, 3, 32, 64, 40, 8, fp8_keys=True, candidates=_mask(0.5, 40),
+              sorted_output=True, scores=True),
+        _case("v41-mask-nan-keys", 1, 4, 20, 32, 24, 12, candidates=_mask(0.6, 24), sorted_output=True, nan_keys=6,
+              scores=True, visible=lambda g: torch.randint(8, 25, (1, 4), generator=g, dtype=torch.int32)),
+        _case("v41-mask-noncontiguous", 1, 4, 32, 64, 32, 8, fp4=True, candidates=_mask(0.5, 32),
+              sorted_output=True, noncontig=("q", "k", "weights", "candidates")),
+        _case("v41-mask-no-keys", 1, 2, 32, 32, 0, 4, candidates=_mask(1.0, 0), sorted_output=True, scores=True,
+              visible=lambda g: torch.zeros((1, 2), dtype=torch.int32)),
+    ]
 
 
 @case_generator
@@ -63,7 +126,7 @@ def indexer_topk() -> list[Case]:
               visible=lambda g: torch.randint(8, 25, (2, 6), generator=g, dtype=torch.int32)),
         _case("nan-fp8-keys-fill-slots", 1, 4, 8, 64, 40, 32, fp8_keys=True, nan_keys=12,
               visible=lambda g: torch.randint(20, 41, (1, 4), generator=g, dtype=torch.int32)),
-    ]
+    ] + _v41_cases()
 
     def good(gen):
         return {"q": randn(gen, 1, 2, 4, 32, dtype=BF16), "k": randn(gen, 1, 16, 32, dtype=BF16),
@@ -86,5 +149,78 @@ def indexer_topk() -> list[Case]:
         ("topk-padding-beyond-cap", "topk", {"topk": 65537}),
         ("fp8-without-scale", "k_scale", {"k": fp8_keys}),
         ("score-dtype-unknown", "score_dtype", {"score_dtype": torch.int32}),
+        ("candidates-dtype", "candidates", {"candidates": torch.ones((1, 2, 16), dtype=torch.uint8)}),
+        ("candidates-shape", "candidates", {"candidates": torch.ones((1, 2, 15), dtype=torch.bool)}),
+        ("sorted-output-int", "sorted_output", {"sorted_output": 1}),
+    ])
+    return cases
+
+
+def _blocks_case(label: str, b: int, s: int, n: int, block: int, keep: int, dtype=F32, causal: bool = False,
+                 lengths=None, ties: int = 0, nan: int = 0, low_newest: bool = False,
+                 noncontig: tuple[str, ...] = ()) -> Case:
+    """Random scores [B, S, N]; ``causal``: query s reaches ``n - s_count + s + 1`` positions (ratio 1), -inf
+    beyond; ``lengths``: a function of gen giving compress_len (else N, or the causal lengths); ``ties``:
+    scores drawn from that many values; ``low_newest``: the newest block's positions score lowest."""
+    def make(gen: torch.Generator) -> dict:
+        sc = torch.randint(0, ties, (b, s, n), generator=gen).float() if ties else torch.randn((b, s, n), generator=gen)
+        if lengths is not None:
+            cl = lengths(gen)
+        elif causal:
+            cl = _causal(b, s, ratio=1, start=n - s)
+        else:
+            cl = torch.full((b, s), n, dtype=torch.int32)
+        if causal or lengths is not None:
+            sc.masked_fill_(torch.arange(n) >= cl[..., None], float("-inf"))
+        if low_newest:
+            newest = torch.div(cl.long() - 1, block, rounding_mode="floor")
+            sc.masked_fill_((torch.arange(n) // block == newest[..., None]) & (cl[..., None] > 0), -1e6)
+        if nan:
+            sc.view(-1)[torch.randperm(sc.numel(), generator=gen)[:nan]] = float("nan")
+        return {"scores": sc.to(dtype), "compress_len": cl, "block_size": block, "n_blocks": keep}
+    return Case("select_candidate_blocks", label, make, noncontig=noncontig)
+
+
+@case_generator
+def select_candidate_blocks() -> list[Case]:
+    """Block size and block count parametrised small (V4.1: 8 / 2048, one case at that size): more blocks than
+    kept, fewer reachable than kept, the pinned newest block scoring lowest or partly filled, no reachable
+    position, ties, NaN, bf16 / fp16 scores, block size 1 and larger than N."""
+    cases = [
+        _blocks_case("decode-B2-N100-bs8-keep4", 2, 1, 100, 8, 4),
+        _blocks_case("prefill-causal-bs4-keep3", 1, 24, 24, 4, 3, causal=True),
+        _blocks_case("keep-more-than-blocks", 2, 3, 50, 8, 2048),
+        _blocks_case("pinned-newest-scores-lowest", 2, 6, 64, 4, 3, low_newest=True,
+                     lengths=lambda g: torch.randint(1, 65, (2, 6), generator=g, dtype=torch.int32)),
+        _blocks_case("pinned-partial-last-block", 1, 3, 45, 8, 2, low_newest=True),
+        _blocks_case("compress-len-zero-and-short", 1, 5, 32, 4, 6,
+                     lengths=lambda g: torch.tensor([[0, 1, 0, 5, 32]], dtype=torch.int32)),
+        _blocks_case("ties", 2, 4, 60, 4, 5, ties=3),
+        _blocks_case("nan-scores", 1, 4, 40, 4, 3, nan=12),
+        _blocks_case("bf16-scores", 1, 8, 72, 8, 4, dtype=BF16, causal=True),
+        _blocks_case("fp16-scores-ties", 1, 3, 48, 4, 5, dtype=torch.float16, ties=4),
+        _blocks_case("block-size-1", 1, 4, 30, 1, 7, causal=True),
+        _blocks_case("block-larger-than-N", 2, 2, 20, 64, 1),
+        _blocks_case("noncontiguous", 1, 4, 40, 4, 3, causal=True, noncontig=("scores", "compress_len")),
+        _blocks_case("no-positions", 1, 2, 0, 8, 4, lengths=lambda g: torch.zeros((1, 2), dtype=torch.int32)),
+        _blocks_case("release-sizes-bs8-keep2048", 1, 2, 8 * 2100 - 3, 8, 2048,
+                     lengths=lambda g: torch.tensor([[8 * 2100 - 3, 8 * 1500 + 1]], dtype=torch.int32)),
+    ]
+
+    def good(gen):
+        return {"scores": torch.randn((1, 2, 16), generator=gen),
+                "compress_len": torch.tensor([[3, 16]], dtype=torch.int32), "block_size": 4, "n_blocks": 2}
+
+    cases += bad_cases("select_candidate_blocks", good, [
+        ("scores-rank", "scores", {"scores": lambda a: a["scores"][0]}),
+        ("scores-dtype", "scores", {"scores": lambda a: a["scores"].double()}),
+        ("compress-len-dtype", "compress_len", {"compress_len": lambda a: a["compress_len"].long()}),
+        ("compress-len-shape", "compress_len", {"compress_len": torch.tensor([[3]], dtype=torch.int32)}),
+        ("compress-len-beyond-N", "compress_len", {"compress_len": torch.tensor([[3, 17]], dtype=torch.int32)}),
+        ("compress-len-negative", "compress_len", {"compress_len": torch.tensor([[-1, 2]], dtype=torch.int32)}),
+        ("block-size-zero", "block_size", {"block_size": 0}),
+        ("block-size-bool", "block_size", {"block_size": True}),
+        ("n-blocks-zero", "n_blocks", {"n_blocks": 0}),
+        ("n-blocks-2^31", "n_blocks", {"n_blocks": 2**31}),
     ])
     return cases
