@@ -50,6 +50,49 @@ EDGE = {
     "idx-visible-gt-N": "dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.randn(1,8,32), torch.randn(1,2,4), torch.full((1,2),9,dtype=torch.int32), 4, backend=V)",
     "idx-expanded-k": "dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.randn(1,1,32).expand(1,8,32), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), 4, backend=V)",
     "idx-nan-weights": "dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.randn(1,8,32), torch.full((1,2,4), float('nan')), torch.full((1,2),8,dtype=torch.int32), 4, backend=V)",
+    # indexer_topk, V4.1 arguments: candidate mask, sorted output
+    "idx-cand-S0": "dsv4rt.ops.indexer_topk(torch.randn(1,0,4,32), torch.randn(1,8,32), torch.randn(1,0,4), torch.zeros(1,0,dtype=torch.int32), 4, candidates=torch.zeros(1,0,8,dtype=torch.bool), sorted_output=True, backend=V)",
+    "idx-cand-N0": ("idx = dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.randn(1,0,32), torch.randn(1,2,4), torch.zeros(1,2,dtype=torch.int32), 4, None, True, candidates=torch.zeros(1,2,0,dtype=torch.bool), sorted_output=True, backend=V)[0]\n"
+                    "assert (idx == -1).all()"),
+    "idx-cand-none-true": ("idx, sc = dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.randn(1,8,32), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), 4, None, True, candidates=torch.zeros(1,2,8,dtype=torch.bool), sorted_output=True, backend=V)\n"
+                           "assert (idx == -1).all() and (sc == float('-inf')).all()"),
+    "idx-cand-expanded": ("idx = dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.randn(1,8,32), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), 4, candidates=torch.tensor([True,False]*4).expand(1,2,8), sorted_output=True, backend=V)\n"
+                          "assert (idx % 2 == 0).all() and torch.equal(idx, torch.tensor([[[0, 2, 4, 6]] * 2], dtype=torch.int32))"),
+    "idx-cand-transposed": ("m = (torch.arange(16).view(1,8,2) % 3 == 0).transpose(1,2)\n"
+                            "idx = dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.randn(1,8,32), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), 8, candidates=m, sorted_output=True, backend=V)\n"
+                            "assert all(idx[0, r][idx[0, r] >= 0].tolist() == m[0, r].nonzero().flatten().tolist() for r in range(2)), idx"),
+    "idx-cand-uint8": "dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.randn(1,8,32), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), 4, candidates=torch.ones(1,2,8,dtype=torch.uint8), backend=V)",
+    "idx-cand-shape": "dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.randn(1,8,32), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), 4, candidates=torch.ones(1,2,9,dtype=torch.bool), backend=V)",
+    "idx-cand-list": "dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.randn(1,8,32), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), 4, candidates=[[[True] * 8] * 2], backend=V)",
+    "idx-sorted-int": "dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.randn(1,8,32), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), 4, sorted_output=1, backend=V)",
+    "idx-sorted-topk-gt-N": ("idx = dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.randn(1,8,32), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), 50, sorted_output=True, backend=V)\n"
+                             "assert torch.equal(idx[..., :8], torch.arange(8, dtype=torch.int32).expand(1, 2, 8)) and (idx[..., 8:] == -1).all()"),
+    "idx-cand-inf-keys-H3": ("k = torch.rand(1,9,4) + .5; k[0, [1, 4], 0] = float('inf'); q = torch.zeros(1,2,3,4); q[..., 0] = 1.0\n"
+                             "idx = dsv4rt.ops.indexer_topk(q, k, torch.ones(1,2,3), torch.full((1,2),9,dtype=torch.int32), 2, candidates=torch.ones(1,2,9,dtype=torch.bool), sorted_output=True, backend=V)\n"
+                             "assert idx.tolist() == [[[1, 4], [1, 4]]], idx"),
+    # select_candidate_blocks
+    "blocks-S0": "dsv4rt.ops.select_candidate_blocks(torch.randn(1,0,16), torch.zeros(1,0,dtype=torch.int32), 4, 2, backend=V)",
+    "blocks-B0": "dsv4rt.ops.select_candidate_blocks(torch.randn(0,2,16), torch.zeros(0,2,dtype=torch.int32), 4, 2, backend=V)",
+    "blocks-N0": ("m = dsv4rt.ops.select_candidate_blocks(torch.randn(1,2,0), torch.zeros(1,2,dtype=torch.int32), 8, 2048, backend=V)\n"
+                  "assert m.shape == (1, 2, 0) and m.dtype == torch.bool"),
+    "blocks-all-minus-inf": ("m = dsv4rt.ops.select_candidate_blocks(torch.full((1,3,10), float('-inf')), torch.tensor([[0, 1, 10]], dtype=torch.int32), 4, 2, backend=V)\n"
+                             "assert m.tolist() == [[[False] * 10, [True] * 4 + [False] * 6, [False] * 8 + [True] * 2]], m"),
+    "blocks-nan": ("sc = torch.randn(1,2,12); sc[0, 0, :4] = float('nan'); sc[0, 1] = float('nan')\n"
+                   "m = dsv4rt.ops.select_candidate_blocks(sc, torch.tensor([[12, 12]], dtype=torch.int32), 4, 3, backend=V)\n"
+                   "assert m[0, 0].tolist() == [False] * 4 + [True] * 8 and m[0, 1].tolist() == [False] * 8 + [True] * 4, m"),
+    "blocks-plus-inf": ("sc = torch.randn(1,1,16); sc[0, 0, 1] = float('inf')\n"
+                        "m = dsv4rt.ops.select_candidate_blocks(sc, torch.tensor([[16]], dtype=torch.int32), 4, 2, backend=V)\n"
+                        "assert m[0, 0].tolist() == [True] * 4 + [False] * 8 + [True] * 4, m"),
+    "blocks-huge-block": ("m = dsv4rt.ops.select_candidate_blocks(torch.randn(1,2,5), torch.tensor([[0, 5]], dtype=torch.int32), 2**31 - 1, 1, backend=V)\n"
+                          "assert m[0, 1].all() and m[0, 0].all()"),
+    "blocks-huge-keep": ("m = dsv4rt.ops.select_candidate_blocks(torch.randn(1,2,9), torch.tensor([[9, 3]], dtype=torch.int32), 2, 2**31 - 1, backend=V)\n"
+                         "assert m.all()"),
+    "blocks-expanded": "dsv4rt.ops.select_candidate_blocks(torch.randn(1,1,16).expand(1,3,16), torch.tensor([[16]], dtype=torch.int32).expand(1,3), 4, 2, backend=V)",
+    "blocks-transposed": "dsv4rt.ops.select_candidate_blocks(torch.randn(1,16,3).transpose(1,2), torch.full((1,3),16,dtype=torch.int32), 4, 2, backend=V)",
+    "blocks-len-int64": "dsv4rt.ops.select_candidate_blocks(torch.randn(1,2,16), torch.full((1,2),16,dtype=torch.int64), 4, 2, backend=V)",
+    "blocks-len-beyond-N": "dsv4rt.ops.select_candidate_blocks(torch.randn(1,2,16), torch.full((1,2),17,dtype=torch.int32), 4, 2, backend=V)",
+    "blocks-block-float": "dsv4rt.ops.select_candidate_blocks(torch.randn(1,2,16), torch.full((1,2),16,dtype=torch.int32), 4.0, 2, backend=V)",
+    "blocks-keep-2^63": "dsv4rt.ops.select_candidate_blocks(torch.randn(1,2,16), torch.full((1,2),16,dtype=torch.int32), 4, 2**63, backend=V)",
     # fp4_gemm / grouped / fp8
     "gemm-M0": f"dsv4rt.ops.fp4_gemm(torch.randn(0,64), {_w4(8, 64)}, backend=V)",
     "gemm-N0": f"dsv4rt.ops.fp4_gemm(torch.randn(3,64), {_w4(0, 64)}, backend=V)",
@@ -111,11 +154,13 @@ MUST_REFUSE = {"attn-idx-int64", "attn-idx-out-of-range", "attn-scale-inf", "idx
                "ggemm-offsets-non-monotone", "ggemm-offsets-int64", "dispatch-ids-out-of-range",
                "dispatch-experts-2^63", "dispatch-experts-2^40", "combine-float4", "combine-topk-2^63",
                "combine-src-repeated", "route-topk-gt-E", "compress-ratio-float", "compress-overlap-int",
-               "fp8-scale-nan", "route-nan-logits", "compress-v41-r2-odd-S", "compress-v41-no-gate-r2",
+               "fp8-scale-nan", "route-nan-logits", "idx-cand-uint8", "idx-cand-shape", "idx-cand-list",
+               "idx-sorted-int", "blocks-len-int64", "blocks-len-beyond-N", "blocks-block-float", "blocks-keep-2^63", "compress-v41-r2-odd-S", "compress-v41-no-gate-r2",
                "compress-v41-no-gate-ape", "compress-v41-gate-list"}
 CUDA_FAST = ("attn-S0", "attn-H0", "attn-K0", "attn-N0", "idx-S0", "idx-N0", "idx-H0", "idx-topk-2^63", "gemm-M0", "gemm-K0",
              "ggemm-R0", "ggemm-offsets-strided", "fp8-K0", "fp8-M0", "dispatch-T0", "combine-T0", "route-T0",
-             "compress-S0", "route-very-negative", "compress-v41-r2-S0", "compress-v41-r1-S0",
+             "compress-S0", "route-very-negative", "idx-cand-N0", "idx-cand-none-true", "idx-cand-inf-keys-H3",
+             "blocks-N0", "blocks-all-minus-inf", "blocks-nan", "blocks-huge-block", "compress-v41-r2-S0", "compress-v41-r1-S0",
              "compress-v41-r1-transposed", "compress-v41-r2-all-minus-inf")
 
 
