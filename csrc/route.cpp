@@ -1,10 +1,11 @@
-// MoE router: moe_route (spec 5.1, score_func "sqrtsoftplus").
+// MoE router: moe_route (spec 5.1, score_func "sqrtsoftplus"; V4.1's per-token bias and weight_eps).
 //
-// One task = a slice of tokens. Per token: the selection score of every expert (s + bias with
-// s = sqrt(softplus(logit)) in float32, or the logit itself without a bias: the same order as s, free of
-// the ties s has where it underflows), the top-k experts by it in descending order (ties to the lower
-// expert id), or the given hash ids; then the weights s / sum s * route_scale over the k chosen, computed
-// from log s in double (a softmax of log s), so they stay finite where s itself underflows to 0.
+// One task = a slice of tokens. Per token: the selection score of every expert (s + b with
+// s = sqrt(softplus(logit)) in float32 and b = bias_alt for the tokens use_alt marks, else bias; or the
+// logit itself without a bias: the same order as s, free of the ties s has where it underflows), the top-k
+// experts by it in descending order (ties to the lower expert id), or the given hash ids; then the weights
+// s / (sum s + weight_eps) * route_scale over the k chosen, in double, from log s (a softmax of log s times
+// S / (S + eps) from log S) where s underflows, so they stay finite there.
 #include <cmath>
 #include <limits>
 
@@ -106,9 +107,9 @@ void topk_sort(const float* key, int64_t e, int64_t k, int32_t* ids, std::vector
     std::copy(order.begin(), order.begin() + k, ids);
 }
 
-// w[0:k] = s[ids] / sum s[ids] * scale for one token, as a softmax of log s = log(softplus(z)) / 2 in
-// double: finite however far s underflows
-void weights_log(const float* z, const int32_t* ids, int64_t k, double scale, float* w, double* ls) {
+// w[0:k] = s[ids] / (sum s[ids] + eps) * scale for one token, as a softmax of log s = log(softplus(z)) / 2
+// in double times S / (S + eps) = 1 / (1 + exp(log eps - log S)): finite however far s underflows
+void weights_log(const float* z, const int32_t* ids, int64_t k, double scale, double eps, float* w, double* ls) {
     double mx = -std::numeric_limits<double>::infinity();
     for (int64_t j = 0; j < k; ++j) {
         ls[j] = 0.5 * log_softplus(static_cast<double>(z[ids[j]]));
@@ -119,15 +120,17 @@ void weights_log(const float* z, const int32_t* ids, int64_t k, double scale, fl
         ls[j] = std::exp(ls[j] - mx);
         sum += ls[j];
     }
+    if (eps > 0.0) scale /= 1.0 + std::exp(std::log(eps) - mx - std::log(sum));
     for (int64_t j = 0; j < k; ++j) w[j] = static_cast<float>(ls[j] / sum * scale);
 }
 
 // The same, 16 chosen logits at a time through softplus16 (a few ulp), s and the sum in double; only
 // when every chosen logit is >= -80, where softplus(z) is a normal float32 (else weights_log).
-DSV4RT_CLONES void route_weights(const float* z, const int32_t* ids, int64_t k, double scale, float* w, double* ls) {
+DSV4RT_CLONES void route_weights(const float* z, const int32_t* ids, int64_t k, double scale, double eps, float* w,
+                                 double* ls) {
     float zj[16], sp[16];
     for (int64_t j = 0; j < k; ++j)
-        if (!(z[ids[j]] >= -80.0f)) return weights_log(z, ids, k, scale, w, ls);
+        if (!(z[ids[j]] >= -80.0f)) return weights_log(z, ids, k, scale, eps, w, ls);
     double sum = 0.0;
     for (int64_t j0 = 0; j0 < k; j0 += 16) {
         const int64_t nj = std::min<int64_t>(16, k - j0);
@@ -138,17 +141,19 @@ DSV4RT_CLONES void route_weights(const float* z, const int32_t* ids, int64_t k, 
             sum += ls[j0 + j];
         }
     }
-    const double f = scale / sum;
+    const double f = scale / (sum + eps);
     for (int64_t j = 0; j < k; ++j) w[j] = static_cast<float>(ls[j] * f);
 }
 
 struct RouteArgs {
     const float* logits;   // [T, E]
     const float* bias;     // [E] or null
+    const float* bias_alt; // [E] or null: the bias of the tokens use_alt marks
+    const bool* use_alt;   // [T] or null
     const void* hash;      // [T, k] int32 / int64, or null
     bool hash64;
     int64_t t, e, k;
-    double scale;
+    double scale, eps;
     int32_t* ids;          // [T, k]
     float* w;              // [T, k]
 };
@@ -170,18 +175,18 @@ void route_rows(const RouteArgs& a, int64_t t0, int64_t t1) {
                                                        : static_cast<const int32_t*>(a.hash)[t * a.k + j]);
         } else {
             if (a.bias)
-                score_row(z, a.bias, a.e, key.data());
+                score_row(z, a.use_alt && a.use_alt[t] ? a.bias_alt : a.bias, a.e, key.data());
             else
                 for (int64_t x = 0; x < a.e; ++x) key[x] = key_of(z[x]);
             if (a.k <= kInsertMax) topk_insert(key.data(), a.e, a.k, ids, best.data());
             else topk_sort(key.data(), a.e, a.k, ids, order);
         }
-        route_weights(z, ids, a.k, a.scale, a.w + t * a.k, ls.data());
+        route_weights(z, ids, a.k, a.scale, a.eps, a.w + t * a.k, ls.data());
     }
 }
 
 void moe_route(py::handle logits_, py::handle bias_, int64_t topk, double route_scale, py::handle hash_ids_,
-               py::handle ids_, py::handle weights_) {
+               py::handle ids_, py::handle weights_, py::handle bias_alt_, py::handle use_alt_, double weight_eps) {
     const char* fn = "moe_route";
     auto logits = need({fn, "logits"}, logits_, 2, {Kind::f32});
     const int64_t t = dim(logits, 0), e = dim(logits, 1);
@@ -189,12 +194,27 @@ void moe_route(py::handle logits_, py::handle bias_, int64_t topk, double route_
         value_error({fn, "topk"}, "must be in [1, E = " + std::to_string(e) + "], got " + std::to_string(topk));
     if (!(route_scale > 0.0) || !std::isfinite(route_scale))
         value_error({fn, "route_scale"}, "must be a finite positive number");
+    if (!(weight_eps >= 0.0) || !std::isfinite(weight_eps))
+        value_error({fn, "weight_eps"}, "must be a finite number >= 0");
     RouteArgs a{};
-    py::array bias, hash;
+    py::array bias, hash, bias_alt, use_alt;
     if (!is_none(bias_)) {
         bias = need({fn, "bias"}, bias_, 1, {Kind::f32});
         need_shape({fn, "bias"}, bias, {e}, "[E]");
         a.bias = static_cast<const float*>(bias.data());
+    }
+    if (is_none(bias_alt_) != is_none(use_alt_))
+        value_error({fn, is_none(bias_alt_) ? "bias_alt" : "use_alt"}, "bias_alt and use_alt come together");
+    if (!is_none(bias_alt_)) {
+        if (!a.bias) value_error({fn, "bias"}, "must be given with bias_alt / use_alt (the text-token bias)");
+        bias_alt = need({fn, "bias_alt"}, bias_alt_, 1, {Kind::f32});
+        need_shape({fn, "bias_alt"}, bias_alt, {e}, "[E]");
+        use_alt = need({fn, "use_alt"}, use_alt_, 1, {Kind::any});
+        if (use_alt.dtype().kind() != 'b')
+            type_error({fn, "use_alt"}, "must have dtype bool, got " + dtype_str(use_alt));
+        need_shape({fn, "use_alt"}, use_alt, {t}, "[T]");
+        a.bias_alt = static_cast<const float*>(bias_alt.data());
+        a.use_alt = static_cast<const bool*>(use_alt.data());
     }
     if (!is_none(hash_ids_)) {
         if (a.bias) value_error({fn, "bias"}, "must be None when hash_ids is given (hash layers select by token id)");
@@ -216,7 +236,7 @@ void moe_route(py::handle logits_, py::handle bias_, int64_t topk, double route_
     auto w = need({fn, "weights"}, weights_, 2, {Kind::f32}, true);
     need_shape({fn, "weights"}, w, {t, topk}, "[T, topk]");
     a.logits = static_cast<const float*>(logits.data());
-    a.t = t, a.e = e, a.k = topk, a.scale = route_scale;
+    a.t = t, a.e = e, a.k = topk, a.scale = route_scale, a.eps = weight_eps;
     a.ids = static_cast<int32_t*>(ids.mutable_data());
     a.w = static_cast<float*>(w.mutable_data());
     py::gil_scoped_release nogil;
@@ -228,12 +248,14 @@ void moe_route(py::handle logits_, py::handle bias_, int64_t topk, double route_
 
 void bind_route(py::module_& m) {
     m.def("moe_route", &moe_route, py::arg("logits"), py::arg("bias"), py::arg("topk"), py::arg("route_scale"),
-          py::arg("hash_ids"), py::arg("ids"), py::arg("weights"),
-          "V4's sqrt-softplus router: s = sqrt(softplus(logits)) (linear above 20), ids = the top-k of s + bias\n"
-          "(of the logits when bias is None) ordered by descending score, or hash_ids (int32 / int64 [T, topk] in\n"
-          "[0, E); bias must then be None); weights = s[ids] / sum s[ids] * route_scale from log s (finite where\n"
-          "s underflows). logits float32 [T, E], bias float32 [E] or None, 1 <= topk <= E, route_scale > 0;\n"
-          "writes ids int32 and weights float32 [T, topk].");
+          py::arg("hash_ids"), py::arg("ids"), py::arg("weights"), py::arg("bias_alt") = py::none(),
+          py::arg("use_alt") = py::none(), py::arg("weight_eps") = 0.0,
+          "The V4 / V4.1 sqrt-softplus router: s = sqrt(softplus(logits)) (linear above 20), ids = the top-k of\n"
+          "s + b (b = bias_alt for the tokens use_alt marks, else bias; of the logits when bias is None) ordered\n"
+          "by descending score, or hash_ids (int32 / int64 [T, topk] in [0, E); bias must then be None);\n"
+          "weights = s[ids] / (sum s[ids] + weight_eps) * route_scale (finite where s underflows). logits\n"
+          "float32 [T, E], bias / bias_alt float32 [E] or None, use_alt bool [T] or None (with bias_alt),\n"
+          "1 <= topk <= E, route_scale > 0, weight_eps >= 0; writes ids int32 and weights float32 [T, topk].");
 }
 
 }  // namespace dsv4rt

@@ -1,6 +1,8 @@
 """``ascend/fused`` moe_dispatch / moe_combine: ``npu_moe_init_routing_v2`` and ``npu_moe_token_unpermute``.
 
-moe_route stays composite: ``npu_moe_gating_top_k`` has no sqrt-softplus score (docs/ascend.md section 5).
+moe_route stays composite (``ascend/torch``): ``npu_moe_gating_top_k`` has no sqrt-softplus score (norm_type 0
+softmax / 1 sigmoid), and its ``bias`` is one [E] vector for every token, so V4.1's per-token selection
+(``bias_alt`` where ``use_alt``) has no place in it either (docs/ascend.md section 5).
 
 Layout mapping (documented semantics, Ascend/op-plugin ``torch_npu-npu_moe_init_routing_v2.md`` and CANN
 ``aclnnMoeTokenUnpermute``):

@@ -1,13 +1,15 @@
 """Plain-torch MoE routing, dispatch and combine (spec section 5). No host synchronisation."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from dsv4rt.backend import new_output
 
-__all__ = ["moe_route", "moe_dispatch", "moe_combine"]
+__all__ = ["moe_route", "moe_dispatch", "moe_combine", "eps_factor"]
 
 _SOFTPLUS_LINEAR = 20.0  # torch's softplus threshold: softplus(z) = z above it
 
@@ -19,16 +21,24 @@ def _log_sqrt_softplus(z: Tensor) -> Tensor:
     return 0.5 * torch.where(z < -_SOFTPLUS_LINEAR, z, torch.log(F.softplus(safe)))
 
 
-def moe_route(logits: Tensor, bias: Tensor | None, topk: int, route_scale: float,
-              score_func: str = "sqrtsoftplus", hash_ids: Tensor | None = None):
-    """``(ids[T, topk] int32, weights[T, topk] float32)``: V4's sqrt-softplus router (spec 5.1).
+def eps_factor(lse: Tensor, weight_eps: float) -> Tensor:
+    """``S / (S + weight_eps)`` for ``S = exp(lse)`` (the sum of the chosen scores, given as its log):
+    ``sigmoid(lse - log(eps))``, finite and accurate where ``S`` itself underflows in float32."""
+    return torch.sigmoid(lse - math.log(weight_eps))
 
-    ``s = sqrt(softplus(logits))`` (softplus linear above 20). Selection: ``torch.topk(s + bias)``;
-    without a bias ``torch.topk(logits)`` (the same set, since s is strictly increasing in the logit,
-    and free of float32 underflow / rounding ties); ``hash_ids`` for hash layers.
-    ``weights = s[ids] / sum s[ids] * route_scale`` is computed as a softmax of ``log s`` over the
-    chosen experts: identical in exact arithmetic, and it stays finite for very negative logits where
-    ``s`` itself underflows to 0 in float32 (0/0).
+
+def moe_route(logits: Tensor, bias: Tensor | None, topk: int, route_scale: float,
+              score_func: str = "sqrtsoftplus", hash_ids: Tensor | None = None, bias_alt: Tensor | None = None,
+              use_alt: Tensor | None = None, weight_eps: float = 0.0):
+    """``(ids[T, topk] int32, weights[T, topk] float32)``: the sqrt-softplus router of V4 / V4.1 (spec 5.1).
+
+    ``s = sqrt(softplus(logits))`` (softplus linear above 20). Selection: ``torch.topk(s + b_t)`` with
+    ``b_t = where(use_alt[t], bias_alt, bias)``; without a bias ``torch.topk(logits)`` (the same set, since s
+    is strictly increasing in the logit, and free of float32 underflow / rounding ties); ``hash_ids`` for
+    hash layers. ``weights = s[ids] / (sum s[ids] + eps) * route_scale`` is computed as a softmax of
+    ``log s`` over the chosen experts times ``S / (S + eps)`` from ``log S`` (:func:`eps_factor`):
+    identical in exact arithmetic, and finite for very negative logits where ``s`` itself underflows to 0
+    in float32 (0/0).
     """
     if score_func != "sqrtsoftplus":
         raise ValueError(f"composite: score_func={score_func!r}; v1 has only 'sqrtsoftplus'")
@@ -39,8 +49,14 @@ def moe_route(logits: Tensor, bias: Tensor | None, topk: int, route_scale: float
     elif bias is None:
         chosen = torch.topk(z, topk, dim=-1).indices   # sqrt(softplus(.)) is strictly increasing
     else:
-        chosen = torch.topk(torch.sqrt(F.softplus(z)) + bias.float(), topk, dim=-1).indices
-    weights = torch.softmax(torch.gather(_log_sqrt_softplus(z), 1, chosen), dim=-1) * route_scale
+        b = bias.float()[None, :]
+        if bias_alt is not None:
+            b = torch.where(use_alt[:, None], bias_alt.float()[None, :], b)
+        chosen = torch.topk(torch.sqrt(F.softplus(z)) + b, topk, dim=-1).indices
+    ls = torch.gather(_log_sqrt_softplus(z), 1, chosen)
+    weights = torch.softmax(ls, dim=-1) * route_scale
+    if weight_eps > 0:
+        weights = weights * eps_factor(torch.logsumexp(ls, dim=-1, keepdim=True), weight_eps)
     ids_out = new_output((t, topk), torch.int32, logits.device)
     w_out = new_output((t, topk), torch.float32, logits.device)
     ids_out.copy_(chosen)

@@ -1,6 +1,8 @@
 """NumPy MoE routing, dispatch and combine: moe_route, moe_dispatch, moe_combine."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -27,14 +29,17 @@ def _log_sqrt_softplus(z: np.ndarray) -> np.ndarray:
 
 
 def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, topk: int, route_scale: float,
-              score_func: str = "sqrtsoftplus", hash_ids: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids[T, topk] int32, weights[T, topk] float32): the V4 sqrt-softplus router in float32.
+              score_func: str = "sqrtsoftplus", hash_ids: torch.Tensor | None = None,
+              bias_alt: torch.Tensor | None = None, use_alt: torch.Tensor | None = None,
+              weight_eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids[T, topk] int32, weights[T, topk] float32): the V4 / V4.1 sqrt-softplus router in float32.
 
-    ``np.argpartition`` picks the top-k of ``s + bias`` (no full sort); the k chosen are then ordered by
-    descending selection score (by the logit itself without a bias: the same order, free of underflow
-    ties). Hash layers take ``hash_ids`` as the ids. The weights ``s / sum s`` are a softmax of ``log s``
-    over the chosen, finite where ``s`` underflows to 0 (logits below about -104).
+    ``np.argpartition`` picks the top-k of ``s + b_t`` (``b_t = bias_alt`` where ``use_alt[t]``, else
+    ``bias``; no full sort); the k chosen are then ordered by descending selection score (by the logit
+    itself without a bias: the same order, free of underflow ties). Hash layers take ``hash_ids`` as the
+    ids. The weights ``s / (sum s + eps)`` are a softmax of ``log s`` over the chosen times
+    ``1 / (1 + eps / sum s)`` from ``log sum s`` (float64), finite where ``s`` underflows to 0 (logits below
+    about -104).
     """
     if score_func != "sqrtsoftplus":
         raise NotImplementedError(f"cpu/numpy moe_route: score_func={score_func!r} (only 'sqrtsoftplus')")
@@ -46,15 +51,28 @@ def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, topk: int, route_
     if hash_ids is not None:
         ids[...] = ints(hash_ids)
     elif t:
-        sel = z if bias is None else _sqrt_softplus(z) + f32(bias)[None, :]
+        sel = z if bias is None else _sqrt_softplus(z) + _token_bias(bias, bias_alt, use_alt)
         part = np.argpartition(sel, e - topk, axis=1)[:, e - topk:] if topk < e else \
             np.broadcast_to(np.arange(e), (t, e))
         order = np.argsort(-np.take_along_axis(sel, part, axis=1), axis=1, kind="stable")
         ids[...] = np.take_along_axis(part, order, axis=1)
     ls = np.take_along_axis(_log_sqrt_softplus(z), ids.astype(np.int64), axis=1)
-    ex = np.exp(ls - ls.max(axis=1, keepdims=True)) if t else ls
-    np.multiply(ex / ex.sum(axis=1, keepdims=True), np.float32(route_scale), out=w)
+    mx = ls.max(axis=1, keepdims=True) if t else ls
+    ex = np.exp(ls - mx)
+    total = ex.sum(axis=1, keepdims=True)
+    np.multiply(ex / total, np.float32(route_scale), out=w)
+    if weight_eps > 0 and t:   # S / (S + eps) with log S = mx + log(total), in float64
+        lse = mx.astype(np.float64) + np.log(total.astype(np.float64))
+        w *= (1.0 / (1.0 + np.exp(math.log(weight_eps) - lse))).astype(np.float32)
     return ids_t, w_t
+
+
+def _token_bias(bias: torch.Tensor, bias_alt: torch.Tensor | None, use_alt: torch.Tensor | None) -> np.ndarray:
+    """The selection bias per token: [1, E] (``bias``), or [T, E] rows of ``bias_alt`` where ``use_alt``."""
+    b = f32(bias)[None, :]
+    if bias_alt is None:
+        return b
+    return np.where(use_alt.numpy()[:, None], f32(bias_alt)[None, :], b)
 
 
 def moe_dispatch(x: torch.Tensor, ids: torch.Tensor, num_experts: int

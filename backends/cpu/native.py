@@ -172,15 +172,19 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink:
 # ---------------------------------------------------------------------------------------------- MoE
 
 def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, topk: int, route_scale: float,
-              score_func: str = "sqrtsoftplus", hash_ids: torch.Tensor | None = None):
-    """Per token: top-k of sqrt(softplus(logits)) + bias (of the logits without a bias) in descending
-    order, or ``hash_ids``; weights s / sum s * route_scale from log s (finite where s underflows)."""
+              score_func: str = "sqrtsoftplus", hash_ids: torch.Tensor | None = None,
+              bias_alt: torch.Tensor | None = None, use_alt: torch.Tensor | None = None, weight_eps: float = 0.0):
+    """Per token: top-k of sqrt(softplus(logits)) + bias (``bias_alt`` for the tokens ``use_alt`` marks; of
+    the logits without a bias) in descending order, or ``hash_ids``; weights s / (sum s + weight_eps) *
+    route_scale in double (from log s where s underflows, finite there)."""
     if score_func != "sqrtsoftplus":
         raise NotImplementedError(f"cpu/native moe_route: score_func={score_func!r} (only 'sqrtsoftplus')")
     shape = (logits.shape[0], topk)
     ids, w = new_output(shape, torch.int32, "cpu"), new_output(shape, torch.float32, "cpu")
+    v41 = () if bias_alt is None and weight_eps == 0 else (
+        None if bias_alt is None else _arr(bias_alt), None if use_alt is None else _arr(use_alt), float(weight_eps))
     _C.moe_route(_arr(logits), None if bias is None else _arr(bias), topk, float(route_scale),
-                 None if hash_ids is None else _arr(hash_ids), ids.numpy(), w.numpy())
+                 None if hash_ids is None else _arr(hash_ids), ids.numpy(), w.numpy(), *v41)
     return ids, w
 
 
@@ -248,9 +252,14 @@ def _attention_supports(args: Mapping[str, Any]) -> str | None:
     return _strided(args)
 
 
+_ROUTE_V41 = "weight_eps" in (_C.moe_route.__doc__ or "")   # this build takes bias_alt / use_alt / weight_eps
+
+
 def _route_supports(args: Mapping[str, Any]) -> str | None:
     if args.get("score_func", "sqrtsoftplus") != "sqrtsoftplus":
         return f"score_func {args['score_func']!r}: cpu/native implements only 'sqrtsoftplus'"
+    if not _ROUTE_V41 and (args.get("bias_alt") is not None or args.get("weight_eps", 0.0) != 0):
+        return "this dsv4rt._C build predates V4.1's bias_alt / use_alt / weight_eps; rebuild it"
     return _strided(args)
 
 

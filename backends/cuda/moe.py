@@ -11,6 +11,7 @@ passed by strides (no copies). moe_dispatch is a counting sort:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -35,11 +36,14 @@ def _row_tiles(interp: bool, hdim: int) -> tuple[int, int]:
 
 
 def moe_route(logits: Tensor, bias: Tensor | None, topk: int, route_scale: float,
-              score_func: str = "sqrtsoftplus", hash_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``(ids[T, topk] int32, weights[T, topk] float32)``: the sqrt-softplus router (spec 5.1) in one kernel.
+              score_func: str = "sqrtsoftplus", hash_ids: Tensor | None = None, bias_alt: Tensor | None = None,
+              use_alt: Tensor | None = None, weight_eps: float = 0.0) -> tuple[Tensor, Tensor]:
+    """``(ids[T, topk] int32, weights[T, topk] float32)``: the V4 / V4.1 sqrt-softplus router (spec 5.1) in
+    one kernel.
 
-    Selection is ``topk`` rounds of row argmax over ``s + bias`` (over the logits when ``bias`` is None),
-    or ``hash_ids``; weights are normalised over the chosen experts, times ``route_scale``.
+    Selection is ``topk`` rounds of row argmax over ``s + b_t`` (``b_t = bias_alt`` where ``use_alt[t]``,
+    else ``bias``; over the logits when ``bias`` is None), or ``hash_ids``; weights are normalised over the
+    chosen experts (``/ (sum + weight_eps)``), times ``route_scale``. ``use_alt`` is read as its bytes.
     """
     if score_func != "sqrtsoftplus":
         raise ValueError(f"cuda/triton moe_route: score_func={score_func!r}; v1 has only 'sqrtsoftplus'")
@@ -53,11 +57,15 @@ def moe_route(logits: Tensor, bias: Tensor | None, topk: int, route_scale: float
     block_e = next_pow2(e)
     block_t = max(1, min(next_pow2(t), (16384 if interp else 4096) // block_e))
     hsh = hash_ids if hash_ids is not None else ids
+    alt = bias_alt is not None
+    use = use_alt.view(torch.uint8) if alt else ids
     with device_guard(logits):
         kernels("moe").moe_route_kernel[(-(-t // block_t),)](
-            logits, bias if bias is not None else logits, hsh, ids, w, t, e, float(route_scale),
-            *logits.stride(), bias.stride(0) if bias is not None else 0, *hsh.stride(), *ids.stride(), *w.stride(),
-            TOPK=topk, HAS_BIAS=bias is not None, HASH=hash_ids is not None,
+            logits, bias if bias is not None else logits, bias_alt if alt else logits, use, hsh, ids, w, t, e,
+            float(route_scale), math.log(weight_eps) if weight_eps > 0 else 0.0,
+            *logits.stride(), bias.stride(0) if bias is not None else 0, bias_alt.stride(0) if alt else 0,
+            use.stride(0) if alt else 0, *hsh.stride(), *ids.stride(), *w.stride(),
+            TOPK=topk, HAS_BIAS=bias is not None, HAS_ALT=alt, HASH=hash_ids is not None, HAS_EPS=weight_eps > 0,
             BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=next_pow2(topk), num_warps=4)
     return ids, w
 

@@ -256,7 +256,7 @@ def route(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
         if not torch.equal(ids, args["hash_ids"].long()):
             return Check(False, math.inf, math.inf, math.inf, "hash ids exact", "ids differ from hash_ids")
     else:
-        scores = ref.moe_scores(args["logits"], args["bias"])
+        scores = ref.moe_scores(args["logits"], args["bias"], args.get("bias_alt"), args.get("use_alt"))
         slack_all = 2.0**-18 * (scores.abs() + 1)
         for t in range(t_n):
             row = ids[t]
@@ -267,7 +267,8 @@ def route(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
             if bool((scores[t, row] < kth - slack_all[t, row] - slack_all[t].max()).any()):
                 return Check(False, math.inf, math.inf, math.inf, "set check",
                              f"token {t}: ids {row.tolist()} are not the top-{top} by s + bias")
-    want = ref.moe_route_weights(args["logits"], ids.to(torch.int32), args["route_scale"])
+    want = ref.moe_route_weights(args["logits"], ids.to(torch.int32), args["route_scale"],
+                                 args.get("weight_eps", 0.0))
     tol = 2.0**-18 * want.abs() + 1e-7
     return _compare(weights, want, tol, "weights 2^-18|ref| + 1e-7", "weights")
 

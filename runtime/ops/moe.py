@@ -15,16 +15,23 @@ COMBINE_DTYPES = c.FLOAT_ACT + (torch.float64,)
 
 
 def moe_route(logits: Tensor, bias: Tensor | None, topk: int, route_scale: float,
-              score_func: str = "sqrtsoftplus", hash_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(ids[T, topk] int32, weights[T, topk] float32): V4's router (spec 5.1).
+              score_func: str = "sqrtsoftplus", hash_ids: Tensor | None = None, bias_alt: Tensor | None = None,
+              use_alt: Tensor | None = None, weight_eps: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(ids[T, topk] int32, weights[T, topk] float32): the router of V4 (spec 5.1) and V4.1 (Gate.forward).
 
     - ``logits``: [T, E] float32 (``x @ W_gate^T`` in fp32); ``s = sqrt(softplus(logits))``
       (softplus linear above 20).
-    - Score-routed layers: ``ids = topk(s + bias)`` over all E experts (``bias`` [E] float32 or None,
-      used for selection only). Hash layers: ``hash_ids`` [T, topk] int32/int64 (``tid2eid[token]``) are
-      the ids, and ``bias`` must be None.
-    - ``weights = s[ids] / sum(s[ids]) * route_scale``. The order of the k choices within a row is
-      unspecified (ties broken any way), but ``weights[t, j]`` always belongs to ``ids[t, j]``.
+    - Score-routed layers: ``ids = topk(s + b_t)`` over all E experts, where the selection bias of token t
+      is ``b_t = bias_alt if use_alt[t] else bias`` (``bias`` [E] float32 or None = 0; used for selection
+      only). V4.1's per-token selector: ``bias_alt`` [E] float32 (the checkpoint's ``gate.bias_vl``) and
+      ``use_alt`` [T] bool (True for image-span tokens, ``token_types >= 0``) come together, need ``bias``,
+      and are None for V4 and for text-only calls.
+    - Hash layers (V4 only): ``hash_ids`` [T, topk] int32/int64 (``tid2eid[token]``) are the ids;
+      ``bias``, ``bias_alt`` and ``use_alt`` must then be None.
+    - ``weights = s[ids] / (sum(s[ids]) + weight_eps) * route_scale``: ``weight_eps`` = 0.0 for V4, 1e-20
+      for V4.1 (a finite float >= 0; it matters only where the chosen scores underflow toward 1e-20). The
+      order of the k choices within a row is unspecified (ties broken any way), but ``weights[t, j]``
+      always belongs to ``ids[t, j]``.
     """
 
 
@@ -64,17 +71,43 @@ def _check_route(a: Mapping[str, Any]) -> None:
         c.tensor(op, "bias", a["bias"], 1, (torch.float32,))
         c.shape(op, "bias", a["bias"], (e,), "[E]")
     if a["hash_ids"] is not None:
-        if a["bias"] is not None:
-            raise c.ContractError(op, "bias", "None when hash_ids is given (hash layers select by token id)",
-                                  "a tensor")
+        for name in ("bias", "bias_alt", "use_alt"):
+            if a[name] is not None:
+                raise c.ContractError(op, name, "None when hash_ids is given (hash layers select by token id)",
+                                      "a tensor")
         c.tensor(op, "hash_ids", a["hash_ids"], 2, (torch.int32, torch.int64))
         c.shape(op, "hash_ids", a["hash_ids"], (t, a["topk"]), "[T, topk]")
+    _check_selector(a, t, e)
+    c.number(op, "weight_eps", a["weight_eps"])
+    if a["weight_eps"] < 0:
+        raise c.ContractError(op, "weight_eps", "a finite number >= 0 (1e-20 for V4.1, 0.0 for V4)",
+                              repr(a["weight_eps"]))
+
+
+def _check_selector(a: Mapping[str, Any], t: int, e: int) -> None:
+    """V4.1's per-token bias selector: ``bias_alt`` [E] float32 and ``use_alt`` [T] bool, both or neither."""
+    op, alt, use = "moe_route", a["bias_alt"], a["use_alt"]
+    if alt is None and use is None:
+        return
+    if use is None:
+        raise c.ContractError(op, "use_alt", "a bool [T] selector when bias_alt is given", "None")
+    if alt is None:
+        raise c.ContractError(op, "bias_alt", "a float32 [E] bias when use_alt is given", "None")
+    if a["bias"] is None:
+        raise c.ContractError(op, "bias", "the text-token bias [E] when bias_alt / use_alt select per token",
+                              "None")
+    c.tensor(op, "bias_alt", alt, 1, (torch.float32,))
+    c.shape(op, "bias_alt", alt, (e,), "[E]")
+    c.tensor(op, "use_alt", use, 1, (torch.bool,))
+    c.shape(op, "use_alt", use, (t,), "[T]")
 
 
 def _values_route(a: Mapping[str, Any]) -> None:
     c.finite("moe_route", "logits", a["logits"])
     if a["bias"] is not None:
         c.finite("moe_route", "bias", a["bias"])
+    if a["bias_alt"] is not None:
+        c.finite("moe_route", "bias_alt", a["bias_alt"])
     if a["hash_ids"] is not None:
         c.index_range("moe_route", "hash_ids", a["hash_ids"], 0, a["logits"].shape[1])
 

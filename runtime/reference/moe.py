@@ -15,41 +15,49 @@ def _sqrt_softplus(logits):
     return torch.sqrt(sp)
 
 
-def moe_scores(logits, bias):
-    """Selection scores ``s + bias`` as float64 ``[T, E]`` (``s`` as in :func:`moe_route`;
-    ``bias`` None means 0). A valid selection is any ``topk`` experts of maximal selection score."""
+def moe_scores(logits, bias, bias_alt=None, use_alt=None):
+    """Selection scores ``s + b_t`` as float64 ``[T, E]`` (``s`` as in :func:`moe_route`; ``b_t`` is
+    ``bias_alt`` for the tokens with ``use_alt[t]``, else ``bias``; None means 0). A valid selection is
+    any ``topk`` experts of maximal selection score."""
     s = _sqrt_softplus(logits)
-    return s if bias is None else s + to_f64(bias)[None, :]
+    if bias is None:
+        return s
+    b = to_f64(bias)[None, :].expand_as(s)
+    if bias_alt is not None:
+        b = torch.where(use_alt.to(torch.bool)[:, None], to_f64(bias_alt)[None, :], b)
+    return s + b
 
 
-def moe_route_weights(logits, ids, route_scale):
-    """Routing weights for given ``ids [T, topk]``: ``w[t, j] = s[t, ids[t, j]] / sum_j' s[t, ids[t, j']]
-    * route_scale`` (float64 ``[T, topk]``), ``s = sqrt(softplus(logits))`` (spec 5.1). The bias never
-    enters the weights."""
+def moe_route_weights(logits, ids, route_scale, weight_eps=0.0):
+    """Routing weights for given ``ids [T, topk]``: ``w[t, j] = s[t, ids[t, j]] / (sum_j' s[t, ids[t, j']]
+    + weight_eps) * route_scale`` (float64 ``[T, topk]``), ``s = sqrt(softplus(logits))`` (spec 5.1;
+    V4.1's Gate adds ``weight_eps = 1e-20``). The bias never enters the weights."""
     s = _sqrt_softplus(logits)
     chosen = torch.gather(s, 1, ids.to(torch.int64))
-    return chosen / chosen.sum(dim=1, keepdim=True) * route_scale
+    return chosen / (chosen.sum(dim=1, keepdim=True) + weight_eps) * route_scale
 
 
-def moe_route(logits, bias, topk, route_scale, score_func="sqrtsoftplus", hash_ids=None):
-    """Router of spec 5.1: returns ``(ids [T, topk] int32, weights [T, topk] float64)``.
+def moe_route(logits, bias, topk, route_scale, score_func="sqrtsoftplus", hash_ids=None, bias_alt=None,
+              use_alt=None, weight_eps=0.0):
+    """Router of spec 5.1 and V4.1's Gate: returns ``(ids [T, topk] int32, weights [T, topk] float64)``.
 
     * ``s = sqrt(softplus(logits))`` in float64 (softplus linear above 20, as torch's);
-    * score-routed: ``ids = topk(s + bias)`` over all experts (no group limit; bias only for
-      selection; here sorted by descending score, ties to the lower expert id); hash-routed
-      (``hash_ids [T, topk]`` given): ``ids = hash_ids`` and ``bias`` is unused;
-    * ``weights = s[ids] / sum(s[ids]) * route_scale`` (:func:`moe_route_weights`).
+    * score-routed: ``ids = topk(s + b_t)`` over all experts, ``b_t = bias_alt`` where ``use_alt[t]``,
+      else ``bias`` (no group limit; bias only for selection; here sorted by descending score, ties to
+      the lower expert id); hash-routed (``hash_ids [T, topk]`` given): ``ids = hash_ids`` and the biases
+      are unused;
+    * ``weights = s[ids] / (sum(s[ids]) + weight_eps) * route_scale`` (:func:`moe_route_weights`).
 
-    Only ``score_func="sqrtsoftplus"`` (the V4 router) is implemented.
+    Only ``score_func="sqrtsoftplus"`` (the V4 / V4.1 router) is implemented.
     """
     if score_func != "sqrtsoftplus":
         raise NotImplementedError(f"reference: score_func={score_func!r}; v1 has only 'sqrtsoftplus'")
     if hash_ids is not None:
         ids = hash_ids.to(torch.int64)
     else:
-        sel = moe_scores(logits, bias)
+        sel = moe_scores(logits, bias, bias_alt, use_alt)
         ids = torch.sort(sel, dim=1, descending=True, stable=True).indices[:, :topk]
-    weights = moe_route_weights(logits, ids, route_scale)
+    weights = moe_route_weights(logits, ids, route_scale, weight_eps)
     return ids.to(torch.int32), weights
 
 

@@ -24,13 +24,16 @@ def _sqrt_softplus(z):
 
 
 @triton.jit
-def moe_route_kernel(logits_ptr, bias_ptr, hash_ptr, ids_ptr, w_ptr, T, E, route_scale,
-                     s_lt, s_le, s_b, s_ht, s_hk, s_it, s_ik, s_wt, s_wk,
-                     TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, HASH: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
-    """BLOCK_T tokens per program: top-k by ``s + bias`` (by the logit itself without a bias: the same
-    order, free of underflow ties) through TOPK rounds of row argmax, or the ids of ``hash_ids``;
-    weights = softmax of ``log s`` over the chosen (= s / sum s) times ``route_scale``."""
+def moe_route_kernel(logits_ptr, bias_ptr, alt_ptr, use_ptr, hash_ptr, ids_ptr, w_ptr, T, E, route_scale,
+                     log_eps, s_lt, s_le, s_b, s_a, s_u, s_ht, s_hk, s_it, s_ik, s_wt, s_wk,
+                     TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALT: tl.constexpr, HASH: tl.constexpr,
+                     HAS_EPS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """BLOCK_T tokens per program: top-k by ``s + b_t`` (``b_t`` = ``bias_alt`` for the tokens ``use_alt``
+    marks (HAS_ALT), else ``bias``; by the logit itself without a bias: the same order, free of underflow
+    ties) through TOPK rounds of row argmax, or the ids of ``hash_ids``; weights = softmax of ``log s``
+    over the chosen (= s / sum s) times ``route_scale``, and with HAS_EPS times
+    ``S / (S + eps) = 1 / (1 + exp(log_eps - log S))`` (finite where S underflows)."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = offs_t < T
     offs_k = tl.arange(0, BLOCK_K)
@@ -48,7 +51,12 @@ def moe_route_kernel(logits_ptr, bias_ptr, hash_ptr, ids_ptr, w_ptr, T, E, route
                     mask=t_ok[:, None] & e_ok[None, :], other=0.0)
         s, ls = _sqrt_softplus(z)
         if HAS_BIAS:
-            sel = s + tl.load(bias_ptr + offs_e * s_b, mask=e_ok, other=0.0)[None, :]
+            b = tl.load(bias_ptr + offs_e * s_b, mask=e_ok, other=0.0)[None, :]
+            if HAS_ALT:
+                use = tl.load(use_ptr + offs_t * s_u, mask=t_ok, other=0) != 0
+                alt = tl.load(alt_ptr + offs_e * s_a, mask=e_ok, other=0.0)[None, :]
+                b = tl.where(use[:, None], alt, b)
+            sel = s + b
         else:
             sel = z
         sel = tl.where(e_ok[None, :], sel, float("-inf"))
@@ -63,7 +71,10 @@ def moe_route_kernel(logits_ptr, bias_ptr, hash_ptr, ids_ptr, w_ptr, T, E, route
             sel = tl.where(hit, float("-inf"), sel)
     mx = tl.max(lsel, axis=1)
     ex = tl.exp(lsel - mx[:, None])
-    w = ex / tl.sum(ex, axis=1)[:, None] * route_scale
+    tot = tl.sum(ex, axis=1)
+    w = ex / tot[:, None] * route_scale
+    if HAS_EPS:
+        w = w / (1.0 + tl.exp(log_eps - mx - tl.log(tot)))[:, None]
     tl.store(ids_ptr + offs_t[:, None] * s_it + offs_k[None, :] * s_ik, ids, mask=ok2)
     tl.store(w_ptr + offs_t[:, None] * s_wt + offs_k[None, :] * s_wk, w, mask=ok2)
 

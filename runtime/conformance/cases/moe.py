@@ -20,9 +20,25 @@ def _route(label: str, t: int, e: int, k: int, scale: float = 1.5, bias: bool = 
     return Case("moe_route", label, make, noncontig=noncontig)
 
 
+def _route41(label: str, t: int, e: int, k: int, alt: str = "mixed", logit_shift: float = 0.0,
+             logit_scale: float = 2.0, eps: float = 1e-20, noncontig: tuple[str, ...] = ()) -> Case:
+    """V4.1's Gate: per-token bias (``bias_alt`` where ``use_alt``: "mixed", "all" or "none") and
+    ``weight_eps``. The two biases differ by about the spread of s, so the selector changes the choices."""
+    def make(gen: torch.Generator) -> dict:
+        if alt == "mixed":
+            use = torch.rand(t, generator=gen) < 0.5
+        else:
+            use = torch.full((t,), alt == "all")
+        return {"logits": randn(gen, t, e, scale=logit_scale) + logit_shift, "bias": randn(gen, e, scale=0.5),
+                "topk": k, "route_scale": 1.5, "score_func": "sqrtsoftplus", "hash_ids": None,
+                "bias_alt": randn(gen, e, scale=0.5), "use_alt": use, "weight_eps": eps}
+    return Case("moe_route", label, make, noncontig=noncontig)
+
+
 @case_generator
 def moe_route() -> list[Case]:
-    """Score-routed with and without bias, hash-routed, softplus linear region, one token."""
+    """Score-routed with and without bias, hash-routed, softplus linear region, one token; V4.1's per-token
+    bias selector (mixed, all, none) and ``weight_eps`` with subnormal and underflowing scores."""
     cases = [
         _route("T64-E256-top6-bias", 64, 256, 6),
         _route("T1-E64-top6", 1, 64, 6),
@@ -31,6 +47,17 @@ def moe_route() -> list[Case]:
         _route("softplus-linear-region", 8, 32, 3, logit_scale=30.0),
         _route("topk-equals-E", 4, 8, 8),
         _route("noncontiguous", 8, 32, 4, noncontig=("logits", "bias")),
+        # V4.1 (Gate.forward): per-token bias selector and s / (sum s + 1e-20)
+        _route41("v41-E384-top6-mixed-selector", 64, 384, 6),
+        _route41("v41-all-alt", 16, 384, 6, alt="all"),
+        _route41("v41-no-alt", 16, 384, 6, alt="none"),
+        _route41("v41-dspark-E128-top3", 9, 128, 3),
+        # s ~ 1e-20 (softplus ~ 1e-40, a float32 subnormal): the 1e-20 shrinks the weights by about 8%
+        _route41("v41-eps-subnormal-scores", 8, 64, 6, logit_shift=-91.0, logit_scale=0.5),
+        # s underflows to 0 in float32: weights ~ s / 1e-20 ~ 1e-24 (the reference's), never 0/0
+        _route41("v41-eps-underflowing-scores", 8, 64, 6, logit_shift=-200.0, logit_scale=3.0),
+        _route41("v41-eps-only", 8, 64, 6, alt="none", eps=1e-3),
+        _route41("v41-noncontiguous", 8, 32, 4, noncontig=("logits", "bias", "bias_alt", "use_alt")),
     ]
 
     def good(gen):
@@ -46,6 +73,20 @@ def moe_route() -> list[Case]:
         ("hash-out-of-range", "hash_ids", {"bias": None, "hash_ids": torch.full((4, 2), 16, dtype=torch.int32)}),
         ("logits-nan", "logits", {"logits": lambda a: a["logits"].index_fill(1, torch.tensor([3]), float("nan"))}),
         ("route-scale", "route_scale", {"route_scale": 0.0}),
+        ("alt-without-selector", "use_alt", {"bias_alt": torch.zeros(16)}),
+        ("selector-without-alt", "bias_alt", {"use_alt": torch.ones(4, dtype=torch.bool)}),
+        ("alt-without-bias", "bias", {"bias": None, "bias_alt": torch.zeros(16),
+                                      "use_alt": torch.ones(4, dtype=torch.bool)}),
+        ("alt-shape", "bias_alt", {"bias_alt": torch.zeros(15), "use_alt": torch.ones(4, dtype=torch.bool)}),
+        ("selector-dtype", "use_alt", {"bias_alt": torch.zeros(16), "use_alt": torch.ones(4, dtype=torch.int32)}),
+        ("selector-shape", "use_alt", {"bias_alt": torch.zeros(16), "use_alt": torch.ones(5, dtype=torch.bool)}),
+        ("alt-with-hash", "bias_alt", {"bias": None, "bias_alt": torch.zeros(16),
+                                       "use_alt": torch.ones(4, dtype=torch.bool),
+                                       "hash_ids": torch.zeros(4, 2, dtype=torch.int32)}),
+        ("alt-nan", "bias_alt", {"bias_alt": torch.full((16,), float("nan")),
+                                 "use_alt": torch.ones(4, dtype=torch.bool)}),
+        ("weight-eps-negative", "weight_eps", {"weight_eps": -1e-20}),
+        ("weight-eps-nan", "weight_eps", {"weight_eps": float("nan")}),
     ])
     return cases
 

@@ -18,8 +18,10 @@ __all__ = ["ExampleBackend", "backend"]
 PRIORITY = 1  # below the built-in cpu backend: this plug-in runs only when chosen explicitly
 
 
-def moe_route(logits, bias, topk, route_scale, score_func="sqrtsoftplus", hash_ids=None):
-    """ids = topk(sqrt(softplus(logits)) + bias) (or hash_ids); weights = s[ids] / sum(s[ids]) * route_scale."""
+def moe_route(logits, bias, topk, route_scale, score_func="sqrtsoftplus", hash_ids=None, bias_alt=None,
+              use_alt=None, weight_eps=0.0):
+    """ids = topk(sqrt(softplus(logits)) + bias) (or hash_ids; bias_alt for the tokens use_alt marks);
+    weights = s[ids] / (sum(s[ids]) + weight_eps) * route_scale."""
     import torch
 
     # float64 so that a row of very negative logits does not underflow to 0/0
@@ -27,10 +29,12 @@ def moe_route(logits, bias, topk, route_scale, score_func="sqrtsoftplus", hash_i
     if hash_ids is not None:
         ids = hash_ids.long()
     else:
-        sel = s if bias is None else s + bias.double()
-        ids = sel.topk(topk, dim=1).indices
+        b = 0.0 if bias is None else bias.double()[None, :]
+        if bias_alt is not None:
+            b = torch.where(use_alt[:, None], bias_alt.double()[None, :], b)
+        ids = (s + b).topk(topk, dim=1).indices
     chosen = s.gather(1, ids)
-    w = chosen / chosen.sum(dim=1, keepdim=True) * route_scale
+    w = chosen / (chosen.sum(dim=1, keepdim=True) + weight_eps) * route_scale
     ids_out = new_output(ids.shape, torch.int32, logits.device)
     w_out = new_output(ids.shape, torch.float32, logits.device)
     ids_out.copy_(ids)
