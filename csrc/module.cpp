@@ -15,6 +15,7 @@ void bind_compress(py::module_& m);
 void bind_route(py::module_& m);
 void bind_act_quant(py::module_& m);
 void bind_peak(py::module_& m);
+void bind_engram(py::module_& m);
 }  // namespace dsv4rt
 
 PYBIND11_MODULE(_C, m) {
@@ -74,4 +75,5 @@ PYBIND11_MODULE(_C, m) {
     bind_route(m);
     bind_act_quant(m);
     bind_peak(m);
+    bind_engram(m);
 }

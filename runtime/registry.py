@@ -145,9 +145,9 @@ class Registry:
 
 
 def _all_specs() -> list[OpSpec]:
-    from .ops import attention, gemm, indexer, moe
+    from .ops import attention, engram, gemm, indexer, moe
 
-    return [*gemm.SPECS, *indexer.SPECS, *attention.SPECS, *moe.SPECS]
+    return [*gemm.SPECS, *indexer.SPECS, *attention.SPECS, *moe.SPECS, *engram.SPECS]
 
 
 REGISTRY = Registry(_all_specs())

@@ -23,8 +23,10 @@ moe_dispatch        npu_moe_init_routing_v2
 moe_combine         npu_moe_token_unpermute
 indexer_topk        npu_lightning_indexer                                 decode (S = 1), no candidates
 sparse_attention    npu_fused_infer_attention_score (window) + LSE merge   a WindowedIndex (attention.py)
-kv_compress,        composite only
-moe_route
+kv_compress,        composite only (moe_route: npu_moe_gating_top_k has
+moe_route,          no sqrt-softplus score and one bias for all tokens;
+engram_hash,        engram: no torch_npu op gathers FP8 rows with E8M0
+engram_lookup       scales; index_select runs on the NPU)
 =================== ===================================================== ==============================
 """
 from __future__ import annotations
@@ -55,7 +57,7 @@ _CANN_DIRS = ("/usr/local/Ascend/ascend-toolkit/latest", "/usr/local/Ascend/asce
 _SET_ENV = "source /usr/local/Ascend/ascend-toolkit/set_env.sh"
 _FUSED_OPS = ("fp4_grouped_gemm", "fp4_gemm", "fp8_gemm", "moe_dispatch", "moe_combine", "indexer_topk",
               "sparse_attention")
-_ALL_OPS = _FUSED_OPS + ("kv_compress", "moe_route", "select_candidate_blocks")
+_ALL_OPS = _FUSED_OPS + ("kv_compress", "moe_route", "engram_hash", "engram_lookup", "select_candidate_blocks")
 _LAZY = {"prepare_weights": "weights", "PreparedWeight": "weights", "WindowedIndex": "attention"}
 
 

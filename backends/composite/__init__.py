@@ -33,6 +33,8 @@ OPS: dict[str, str] = {
     "moe_route": "moe",
     "moe_dispatch": "moe",
     "moe_combine": "moe",
+    "engram_hash": "engram",
+    "engram_lookup": "engram",
 }
 """Op name -> module of this package that implements it (under the same name)."""
 

@@ -20,7 +20,8 @@ NUMPY_PRIORITY = 10
 COMPOSITE_PRIORITY = 5
 NATIVE_ABI = 5
 NATIVE_OPS = ("fp4_gemm", "fp4_grouped_gemm", "fp8_gemm", "indexer_topk", "select_candidate_blocks", "kv_compress",
-              "sparse_attention", "moe_route", "moe_dispatch", "moe_combine")
+              "sparse_attention", "moe_route", "moe_dispatch", "moe_combine",
+              "engram_hash", "engram_lookup")
 
 
 def native_status() -> tuple[bool, str]:
@@ -87,7 +88,7 @@ class CpuBackend(Backend):
     def load(self, registrar: Registrar) -> None:
         """Register the ``native`` variants (priority 20) when dsv4rt._C loads, the ``numpy`` variant of all
         nine ops (priority 10), then the composite ``torch`` ones."""
-        from . import attention, gemm, indexer, moe
+        from . import attention, engram, gemm, indexer, moe
 
         if native_status()[0]:
             from . import native as native_impl
@@ -99,7 +100,8 @@ class CpuBackend(Backend):
         for module, ops in ((gemm, ("fp4_gemm", "fp4_grouped_gemm", "fp8_gemm")),
                             (indexer, ("indexer_topk", "select_candidate_blocks")),
                             (attention, ("kv_compress", "sparse_attention")),
-                            (moe, ("moe_route", "moe_dispatch", "moe_combine"))):
+                            (moe, ("moe_route", "moe_dispatch", "moe_combine")),
+                            (engram, ("engram_hash", "engram_lookup"))):
             for op in ops:
                 registrar.implement(op, "numpy", getattr(module, op), priority=NUMPY_PRIORITY)
 

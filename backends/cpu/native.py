@@ -20,6 +20,8 @@ from dsv4rt.backend import new_output
 from dsv4rt.ops.indexer import score_dtype_of
 
 from ._np import bits_view, f32
+from .native_engram import SUPPORTS as _ENGRAM_SUPPORTS
+from .native_engram import engram_hash, engram_lookup  # noqa: F401  (the backend looks ops up here by name)
 
 __all__ = ["fp4_gemm", "fp4_grouped_gemm", "fp8_gemm", "indexer_topk", "select_candidate_blocks", "kv_compress",
            "sparse_attention", "moe_route",
@@ -266,4 +268,4 @@ def _route_supports(args: Mapping[str, Any]) -> str | None:
 SUPPORTS = {"fp4_gemm": _gemm_supports, "fp4_grouped_gemm": _gemm_supports, "fp8_gemm": _strided,
             "indexer_topk": _indexer_supports, "select_candidate_blocks": _blocks_supports, "kv_compress": _strided,
             "sparse_attention": _attention_supports, "moe_route": _route_supports, "moe_dispatch": _strided,
-            "moe_combine": _strided}
+            "moe_combine": _strided, **_ENGRAM_SUPPORTS}

@@ -103,7 +103,7 @@ def _capability() -> tuple[int, int] | None:
 TRITON_PRIORITY = 20
 # One launcher module per op family (backends/cuda/<family>.py); each has
 # register(registrar, device_type, priority) and keeps its @triton.jit code in backends/cuda/kernels/.
-TRITON_FAMILIES = tuple(f for f in ("gemm", "indexer", "attention", "moe")
+TRITON_FAMILIES = tuple(f for f in ("gemm", "indexer", "attention", "moe", "engram")
                         if importlib.util.find_spec(f"{__name__}.{f}") is not None)
 
 

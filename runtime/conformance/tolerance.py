@@ -20,7 +20,8 @@ from .. import reference as ref
 from ..ops.attention import p_dtype_of
 from ..ops.indexer import score_dtype_of
 
-__all__ = ["Check", "gemm", "topk", "candidate_blocks", "pooling", "attention", "route", "exact", "combine"]
+__all__ = ["Check", "gemm", "topk", "candidate_blocks", "pooling", "attention", "route", "exact", "combine",
+           "hash_rows", "lookup"]
 
 U_OUT = {torch.float32: 2.0**-22, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}  # one ulp
 # absolute rounding step of the output dtype's subnormals (where u_out * |ref| no longer bounds rounding)
@@ -288,3 +289,24 @@ def combine(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check
     u_out = U_OUT[args["y_sorted"].dtype]
     tol = u_out * refs[0].abs() + 2.0**-20 * bound + ABS_OUT[args["y_sorted"].dtype]
     return _compare(outs[0], refs[0], tol, f"{u_out:.2g}|ref| + 2^-20*sum|w||y|", "y")
+
+
+def hash_rows(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
+    """Integer row ids equal to the reference's, compared as int64 (no float64 rounding above 2^53)."""
+    got, want = outs[0], refs[0]
+    if got.dtype == want.dtype and torch.equal(got, want):
+        return Check(True, 0.0, 0.0, 0.0, "exact int64")
+    bad = (got.long() != want).nonzero()
+    where = ""
+    if len(bad):
+        pos = tuple(bad[0].tolist())
+        where = f" at {list(pos)}: {int(got[pos])}, reference {int(want[pos])}"
+    return Check(False, math.inf, math.inf, math.inf, "exact int64",
+                 f"rows ({got.dtype}) differ from the reference in {len(bad)} of {want.numel()} entries{where}")
+
+
+def lookup(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
+    """The exact dequantised rows rounded once to ``out_dtype`` (E4M3 x 2^k is exact in float32, so every
+    variant rounds the same value): equal element for element, NaN where the reference has NaN."""
+    want = refs[0].to(args["out_dtype"]).double()
+    return _compare(outs[0], want, torch.zeros_like(want), f"exact after rounding to {args['out_dtype']}", "out")

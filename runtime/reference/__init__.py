@@ -9,6 +9,7 @@ from .attention import kv_compress, sparse_attention
 from .gemm import act_quant_fp8, act_scales_fp8, fp4_gemm, fp4_grouped_gemm, fp8_gemm
 from .indexer import candidate_block_scores, indexer_scores, indexer_topk, select_candidate_blocks, selectable
 from .moe import moe_combine, moe_dispatch, moe_route, moe_route_weights, moe_scores
+from .engram import engram_hash, engram_lookup
 
 # The nine v1 ops, by name (design.md section 2).
 OPS = {
@@ -22,6 +23,8 @@ OPS = {
     "moe_route": moe_route,
     "moe_dispatch": moe_dispatch,
     "moe_combine": moe_combine,
+    "engram_hash": engram_hash,
+    "engram_lookup": engram_lookup,
 }
 
 __all__ = [
