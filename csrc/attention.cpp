@@ -16,6 +16,7 @@ namespace dsv4rt {
 namespace {
 
 constexpr int64_t kChunk = 64;
+constexpr int64_t kPiece = 4 * kChunk;   // row_invariant: a row's entries are split into pieces of this many
 constexpr int64_t kAhead = 4;   // gathered rows prefetched ahead
 
 struct AttnArgs {
@@ -227,7 +228,46 @@ void finish_row(const AttnArgs& a, int64_t row, const Partial* parts, int64_t np
     }
 }
 
-void attention_run(const AttnArgs& a) {
+// row_invariant: a row's valid entries are cut into pieces of kPiece (by its own count only), each piece
+// one partial state, merged in order: the same sums whatever the other rows and the threads
+void attention_run_invariant(const AttnArgs& a, const std::vector<int64_t>& nvalid, int64_t nt) {
+    const int64_t rows = a.b * a.s, hp = (a.h + 15) / 16 * 16, d = a.d, stride = 2 * hp + hp * d;
+    auto part_at = [&](float* base) { return Partial{base, base + hp, base + 2 * hp}; };
+    std::vector<int64_t> first(static_cast<size_t>(rows + 1), 0);
+    for (int64_t r = 0; r < rows; ++r)
+        first[r + 1] = first[r] + std::max<int64_t>(1, (nvalid[r] + kPiece - 1) / kPiece);
+    if (rows >= 2 * nt || first[rows] == rows) {   // many rows (or one piece each): a task per row
+        parallel_tasks(rows, [&](int64_t r) {
+            thread_local Scratch scr;
+            thread_local std::vector<float> st;
+            const int64_t np = first[r + 1] - first[r];
+            st.resize(static_cast<size_t>(np * stride));
+            std::vector<Partial> parts;
+            for (int64_t i = 0; i < np; ++i) {
+                parts.push_back(part_at(st.data() + i * stride));
+                attend_task(a, r / a.s, r % a.s, i * kPiece, std::min(nvalid[r], (i + 1) * kPiece), nullptr,
+                            parts.back(), scr);
+            }
+            finish_row(a, r, parts.data(), np);
+        }, nt);
+        return;
+    }
+    std::vector<float> state(static_cast<size_t>(first[rows] * stride)), qts(static_cast<size_t>(rows * d * hp));
+    for (int64_t r = 0; r < rows; ++r) load_query(a, r / a.s, r % a.s, qts.data() + r * d * hp);
+    parallel_tasks(first[rows], [&](int64_t t) {   // few rows: a task per piece
+        thread_local Scratch scr;
+        const int64_t r = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1, i = t - first[r];
+        attend_task(a, r / a.s, r % a.s, i * kPiece, std::min(nvalid[r], (i + 1) * kPiece), qts.data() + r * d * hp,
+                    part_at(state.data() + t * stride), scr);
+    }, nt);
+    for (int64_t r = 0; r < rows; ++r) {
+        std::vector<Partial> parts;
+        for (int64_t t = first[r]; t < first[r + 1]; ++t) parts.push_back(part_at(state.data() + t * stride));
+        finish_row(a, r, parts.data(), first[r + 1] - first[r]);
+    }
+}
+
+void attention_run(const AttnArgs& a, bool row_invariant) {
     const int64_t rows = a.b * a.s, hp = (a.h + 15) / 16 * 16, d = a.d;
     if (rows == 0 || a.h == 0) return;   // no query row or no head: o and lse are empty (and rows divides below)
     const double macs = 2.0 * rows * a.k * hp * d;
@@ -242,6 +282,7 @@ void attention_run(const AttnArgs& a) {
         nvalid[r] = c;
         max_valid = std::max(max_valid, c);
     }
+    if (row_invariant) return attention_run_invariant(a, nvalid, nt);
     const int64_t splits = rows >= 2 * nt ? 1 : std::max<int64_t>(1, std::min<int64_t>((2 * nt + rows - 1) / rows,
                                                                                       (max_valid + kChunk - 1) / kChunk));
     const int64_t stride = 2 * hp + hp * d;   // floats per partial state
@@ -279,7 +320,7 @@ void attention_run(const AttnArgs& a) {
 }
 
 void sparse_attention(py::handle q_, py::handle kv_, py::handle idx_, py::handle sink_, double scale, py::handle o_,
-                      py::handle lse_, int p_round) {
+                      py::handle lse_, int p_round, bool row_invariant) {
     const char* fn = "sparse_attention";
     auto q = need({fn, "q"}, q_, 4, {Kind::f32, Kind::bf16});
     auto kv = need({fn, "kv"}, kv_, 3, {Kind::f32, Kind::bf16});
@@ -317,7 +358,7 @@ void sparse_attention(py::handle q_, py::handle kv_, py::handle idx_, py::handle
     a.o = of.ptr;
     a.b = b, a.s = s, a.h = h, a.d = d, a.n = n, a.k = k;
     py::gil_scoped_release nogil;
-    attention_run(a);
+    attention_run(a, row_invariant);
     of.finish();
 }
 
@@ -326,12 +367,14 @@ void sparse_attention(py::handle q_, py::handle kv_, py::handle idx_, py::handle
 void bind_attention(py::module_& m) {
     m.def("sparse_attention", &sparse_attention, py::arg("q"), py::arg("kv"), py::arg("idx"), py::arg("sink"),
           py::arg("scale"), py::arg("o"), py::arg("lse") = py::none(), py::arg("p_round") = 0,
+          py::arg("row_invariant") = false,
           "One softmax per (b, s, h) over the gathered K=V rows plus the sink, online, in float32.\n\n"
           "q [B, S, H, D] and kv [B, N, D] float32 or int16/uint16 (bf16 bits); idx int32 [B, S, K] in [0, N) or -1;\n"
           "sink float32 [H] or None; scale > 0. Writes o float32 or bf16 bits [B, S, H, D] (zeros for rows with no valid\n"
           "index) and, if given, lse float32 [B, S, H] (log of the full denominator, sink included). p_round 1 / 2\n"
           "rounds the probabilities of the P.V product to bf16 / fp16 (against the running max; the denominator\n"
-          "stays float32).");
+          "stays float32). row_invariant: a row's entries are split over tasks by its own count only (pieces of 256,\n"
+          "merged in order), so its result never depends on the other rows or the threads (the batch-invariant mode).");
 }
 
 }  // namespace dsv4rt

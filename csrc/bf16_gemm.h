@@ -11,6 +11,8 @@
 //    scaled per column into a float32 tile C [nt][Mp] in L2, transposed into y when the tile is done.
 #pragma once
 
+#include <functional>
+
 #include "common.h"
 
 namespace dsv4rt {
@@ -41,6 +43,10 @@ inline bool products_normal(const PackedX& x, int w_min_exp) {
 // Decode weight rows [n0, n0 + nt) (nt <= kNt) of K block kb into wd[nt][kKb] bf16 bits (zero past K) and
 // the per-row scale of the block's partial sums into sc[nt].
 using DecodeFn = void (*)(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint16_t* wd, float* sc);
+// The same values transposed, for gemm_few: wt[p * kNt + r] = the bf16 pair p (k = 2p, 2p + 1) of row n0 + r
+// as 32 bits, for r < nt rounded up to 16 (rows past nt: any finite copy), and sc as DecodeFn. Returns false,
+// writing nothing, for a block it does not handle (the K % 128 tail): gemm_few then decodes and transposes.
+using DecodeTFn = bool (*)(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint32_t* wt, float* sc);
 
 // True where the CPU has AVX512-BF16 and set_isa allows it.
 bool available();
@@ -51,6 +57,40 @@ bool pack_x(const void* x, bool is_bf16, int64_t m, int64_t k, PackedX& out);
 
 // y[r * ldy + c] = sum over K blocks of sc * (x[r] . wd[c]) for r < x.m, c < n; threads split the tiles.
 void gemm(const PackedX& x, int64_t n, DecodeFn decode, const void* ctx, float* y, int64_t ldy);
+
+// ---- the row-invariant mode (batch-invariant serving; bf16_rows.cpp) -----------------------------------
+// gemm()'s numerics for a row depend only on that row (the lanes are rows), but whether a call takes gemm()
+// at all depends on M and on every row of x. In the row-invariant mode the choice is made per row, and few
+// rows get gemm()'s bits from gemm_few() instead of a GEMV with other numerics.
+
+// gemm()'s result, bit for bit, for a few rows: the output columns in the vector lanes (the tile decoded
+// transposed by decode_t, else decoded and transposed in registers; each row's bf16 pair broadcast). xb: the
+// rows as bf16 bits [m][kblocks * kKb], zero past K. Threads split the tiles.
+void gemm_few(const uint16_t* xb, int64_t m, int64_t kblocks, int64_t n, DecodeFn decode, DecodeTFn decode_t,
+              const void* ctx, float* y, int64_t ldy);
+
+// One call of the row-invariant driver: x [m, k] (float32, or bf16 bits when is_bf16) times the weight that
+// `decode` reads, into y[r * ldy + c]. w_min_exp: the smallest biased exponent of a nonzero weight value.
+struct RowProblem {
+    const void* x;
+    bool is_bf16;
+    int64_t m, k, n;
+    int w_min_exp;
+    DecodeFn decode;
+    DecodeTFn decode_t;   // or null
+    const void* ctx;
+    float* y;
+    int64_t ldy;
+};
+
+// Computes rows of x given as float32 [rows][k] into y [rows][n]; its numerics for a row must depend only on
+// that row (a GEMV)
+using RowFallback = std::function<void(const float* x, int64_t rows, float* y)>;
+
+// The row-invariant driver: rows whose values are bf16 and whose products stay normal (what gemm() needs)
+// get gemm()'s numerics (gemm() above few_max such rows, gemm_few() up to it); the other rows go to
+// `fallback`. Call only where available().
+void run_rows(const RowProblem& p, int64_t few_max, const RowFallback& fallback);
 
 }  // namespace bf16gemm
 }  // namespace dsv4rt

@@ -12,7 +12,8 @@ int64_t check_k(const Arg& a, int64_t k) {
     return k;
 }
 
-void fp4_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_, int64_t gemv_max_m, bool act_quant) {
+void fp4_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_, int64_t gemv_max_m, bool act_quant,
+              bool row_invariant) {
     const char* fn = "fp4_gemm";
     auto x = need({fn, "x"}, x_, 2, {Kind::f32, Kind::bf16});
     auto w = need({fn, "w"}, w_, 2, {Kind::u8});
@@ -29,12 +30,12 @@ void fp4_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_, int6
     xf.load_gemm(act_quant, m, k);
     std::vector<Fp4Expert> ex{{xf.ptr, static_cast<const uint8_t*>(w.data()), static_cast<const uint8_t*>(s.data()),
                                y.ptr, m, n, k, n}};
-    fp4_gemm_run(ex, gemv_max_m);
+    fp4_gemm_run(ex, gemv_max_m, row_invariant);
     y.finish();
 }
 
 void fp4_grouped_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle off_, py::handle out_,
-                      int64_t gemv_max_m, bool act_quant) {
+                      int64_t gemv_max_m, bool act_quant, bool row_invariant) {
     const char* fn = "fp4_grouped_gemm";
     auto x = need({fn, "x"}, x_, 2, {Kind::f32, Kind::bf16});
     auto w = need({fn, "w"}, w_, 3, {Kind::u8});
@@ -69,7 +70,7 @@ void fp4_grouped_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle of
         if (cnt > 0)
             ex.push_back({xf.ptr + lo * k, wp + i * n * (k / 2), sp + i * n * (k / 32), y.ptr + lo * n, cnt, n, k, n});
     }
-    fp4_gemm_run(ex, gemv_max_m);
+    fp4_gemm_run(ex, gemv_max_m, row_invariant);
     y.finish();
 }
 
@@ -77,18 +78,21 @@ void fp4_grouped_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle of
 
 void bind_gemm(py::module_& m) {
     m.def("fp4_gemm", &fp4_gemm, py::arg("x"), py::arg("w"), py::arg("w_scale"), py::arg("out"),
-          py::arg("gemv_max_m") = 8, py::arg("act_quant") = false,
+          py::arg("gemv_max_m") = 8, py::arg("act_quant") = false, py::arg("row_invariant") = false,
           "out[M, N] = x[M, K] @ dequant(w, w_scale)^T on packed MXFP4.\n\n"
           "x float32 or int16/uint16 (bf16 bits) [M, K] (K % 32 == 0), w uint8 [N, K/2] (E2M1 pairs, low nibble =\n"
           "even k), w_scale uint8 [N, K/32] (E8M0), out float32 or bf16 bits [M, N] (rounded to nearest even);\n"
           "all C-contiguous. M <= gemv_max_m takes the GEMV path\n"
           "(weights streamed once), larger M the blocked path (dequantised tiles reused across rows). act_quant:\n"
-          "x goes through act_quant='fp8' first (as dsv4rt.formats.act_quant_fp8).");
+          "x goes through act_quant='fp8' first (as dsv4rt.formats.act_quant_fp8). row_invariant: each row's result\n"
+          "depends on that row alone, whatever M (the batch-invariant mode; gemv_max_m then only picks the fastest of\n"
+          "two kernels with the same numerics).");
     m.def("fp4_grouped_gemm", &fp4_grouped_gemm, py::arg("x"), py::arg("w"), py::arg("w_scale"), py::arg("offsets"),
-          py::arg("out"), py::arg("gemv_max_m") = 8, py::arg("act_quant") = false,
+          py::arg("out"), py::arg("gemv_max_m") = 8, py::arg("act_quant") = false, py::arg("row_invariant") = false,
           "out[R, N]: rows offsets[e]:offsets[e+1] of x (float32 or bf16 bits [R, K]) times expert e of w (uint8\n"
           "[E, N, K/2]) with scales w_scale (uint8 [E, N, K/32]); offsets int32 [E+1] from 0 to R, non-decreasing;\n"
-          "out float32 or bf16 bits [R, N]; act_quant as in fp4_gemm.");
+          "out float32 or bf16 bits [R, N]; act_quant and row_invariant as in fp4_gemm (row_invariant: a row's result\n"
+          "never depends on how many rows share its expert).");
 }
 
 }  // namespace dsv4rt

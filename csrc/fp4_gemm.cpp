@@ -175,9 +175,38 @@ T* align64(std::vector<T>& v) {
     return v.data() + ((64 - reinterpret_cast<uintptr_t>(v.data()) % 64) % 64) / sizeof(T);
 }
 
+constexpr int64_t kAllGemv = std::numeric_limits<int64_t>::max();
+
+// fp4_gemm_run's row_invariant mode (see fp4_gemm.h)
+void run_invariant(const std::vector<Fp4Expert>& experts, int64_t few_max) {
+    std::vector<Fp4Expert> gemv;
+#if defined(DSV4RT_X86)
+    if (bf16gemm::available()) {
+        for (const Fp4Expert& e : experts) {
+            if (e.m <= 0 || e.n <= 0) continue;
+            const auto [lo, hi] = e.k > 0 ? scale_range(e) : std::pair<int, int>{0, 0};
+            if (e.k == 0 || lo < 2 || hi > 252) {   // zero-fill, or folded weights beyond normal bf16
+                gemv.push_back(e);
+                continue;
+            }
+            bf16gemm::run_rows({e.x, false, e.m, e.k, e.n, lo - 1, decode_tile_bf16, decode_tile_bf16_t, &e, e.y, e.ldy},
+                               few_max,
+                               [&e](const float* x, int64_t rows, float* y) {
+                                   fp4_gemm_run({{x, e.w, e.s, y, rows, e.n, e.k, e.n}}, kAllGemv);
+                               });
+        }
+        if (!gemv.empty()) fp4_gemm_run(gemv, kAllGemv);
+        return;
+    }
+#endif
+    (void)few_max;
+    fp4_gemm_run(experts, kAllGemv);
+}
+
 }  // namespace
 
-void fp4_gemm_run(const std::vector<Fp4Expert>& experts, int64_t gemv_max_m) {
+void fp4_gemm_run(const std::vector<Fp4Expert>& experts, int64_t gemv_max_m, bool row_invariant) {
+    if (row_invariant) return run_invariant(experts, gemv_max_m);
     const bool avx512 = active_isa() >= Isa::avx512;
     std::vector<const Fp4Expert*> gemv, blocked;
     for (const auto& e : experts) {

@@ -15,6 +15,9 @@ struct Fp4Expert {
 };
 
 // Runs every expert: GEMV path for m <= gemv_max_m, blocked path above. Call without the GIL.
-void fp4_gemm_run(const std::vector<Fp4Expert>& experts, int64_t gemv_max_m);
+// row_invariant: each row's numerics depend on that row alone (never on m or the other rows): the bf16
+// numerics of the blocked AVX512-BF16 path for every row that allows them (its kernel for few rows up to
+// gemv_max_m rows, the blocked one above), the GEMV for the others and on CPUs without AVX512-BF16.
+void fp4_gemm_run(const std::vector<Fp4Expert>& experts, int64_t gemv_max_m, bool row_invariant = false);
 
 }  // namespace dsv4rt

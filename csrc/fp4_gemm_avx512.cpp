@@ -5,6 +5,8 @@
 #if defined(DSV4RT_X86)
 #include <immintrin.h>
 
+#include "transpose16.h"
+
 namespace dsv4rt {
 namespace fp4 {
 
@@ -225,6 +227,58 @@ AVX512_FN void decode_tile_bf16(const void* ctx, int64_t n0, int64_t nt, int64_t
         std::fill(out + kw, out + kKB, uint16_t{0});
         sc[r] = 1.0f;
     }
+}
+
+namespace {
+// kE2M1Bf16 with entries 16-31 repeating 0-15: vpermw reads 5 index bits, so bit 4 may hold anything
+alignas(64) const uint16_t kE2M1Bf16x2[32] = {0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
+                                             0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0,
+                                             0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
+                                             0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0};
+}  // namespace
+
+// decode_tile_bf16's values transposed: the 16 rows' 64 bytes of the block are transposed as dwords in
+// registers, then each dword (8 codes = 4 pairs) is decoded (the same table and exponent add) straight into
+// 16-row vectors of pairs
+AVX512_FN bool decode_tile_bf16_t(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint32_t* wt, float* sc) {
+    const Fp4Expert& ex = *static_cast<const Fp4Expert*>(ctx);
+    const int64_t k0 = kb * kKB, kbytes = ex.k / 2, ks = ex.k / 32;
+    if (ex.k - k0 < kKB || 16 * ks >= (int64_t(1) << 31)) return false;
+    const __m512i tbl = _mm512_load_si512(kE2M1Bf16x2);
+    const __m512i mag = _mm512_set1_epi16(0x7FFF), ff = _mm512_set1_epi32(0xFF), e127 = _mm512_set1_epi32(127);
+    constexpr int64_t kNt = 48;   // bf16_gemm.h kNt: the row stride of wt
+    for (int64_t g = 0; g < nt; g += 16) {
+        const int64_t rows = std::min<int64_t>(16, nt - g);
+        alignas(64) int32_t soff[16];
+        __m512i v[16];
+        for (int j = 0; j < 16; ++j) {
+            const int64_t r = std::min<int64_t>(j, rows - 1);
+            const uint8_t* wr = ex.w + (n0 + g + r) * kbytes + k0 / 2;
+            _mm_prefetch(reinterpret_cast<const char*>(wr + 8 * kKB), _MM_HINT_T0);
+            v[j] = _mm512_loadu_si512(wr);
+            soff[j] = static_cast<int32_t>(r * ks);
+        }
+        // lane j: the 4 scale bytes of row j's block; per 32-block b, (e - 127) * 128 in both 16-bit halves
+        const __m512i sv = _mm512_i32gather_epi32(_mm512_load_si512(soff), ex.s + (n0 + g) * ks + k0 / 32, 1);
+        __m512i add[kKB / 32];
+        for (int b = 0; b < kKB / 32; ++b) {
+            const __m512i e = _mm512_slli_epi32(
+                _mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(sv, 8 * b), ff), e127), 7);
+            add[b] = _mm512_or_si512(_mm512_and_si512(e, _mm512_set1_epi32(0xFFFF)), _mm512_slli_epi32(e, 16));
+        }
+        transpose16(v);   // v[q] lane j: dword q of row j = codes 8q .. 8q + 7, pairs 4q .. 4q + 3
+        for (int64_t q = 0; q < kKB / 8; ++q)
+            for (int i = 0; i < 4; ++i) {
+                // low half: the low nibble of byte i (even k), high half: its high nibble (odd k)
+                const __m512i t = _mm512_srli_epi32(v[q], 8 * i);
+                const __m512i idx = _mm512_mask_blend_epi16(0xAAAAAAAA, t, _mm512_slli_epi32(t, 12));
+                const __m512i b = _mm512_permutexvar_epi16(idx, tbl);
+                _mm512_storeu_si512(wt + (4 * q + i) * kNt + g,
+                                    _mm512_mask_add_epi16(b, _mm512_test_epi16_mask(b, mag), b, add[q / 4]));
+            }
+    }
+    for (int64_t r = 0; r < nt; ++r) sc[r] = 1.0f;
+    return true;
 }
 
 std::pair<int, int> scale_range(const Fp4Expert& ex) {

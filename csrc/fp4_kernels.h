@@ -33,6 +33,8 @@ void decode_tile_avx512(const uint8_t* w, const uint8_t* s, int64_t k, int64_t n
 // bf16_gemm.h DecodeFn (ctx: the Fp4Expert): rows [n0, n0 + nt) of K block kb as bf16 values with their
 // E8M0 scales folded in (sc = 1); exact where every scale byte is in [2, 252]
 void decode_tile_bf16(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint16_t* wd, float* sc);
+// bf16_gemm.h DecodeTFn: the same values transposed (16 rows gathered a dword at a time), full K blocks only
+bool decode_tile_bf16_t(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint32_t* wt, float* sc);
 // (smallest, largest) scale byte of the expert
 std::pair<int, int> scale_range(const Fp4Expert& ex);
 #endif

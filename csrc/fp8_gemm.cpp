@@ -44,7 +44,25 @@ DSV4RT_CLONES void fp8_rows(const Fp8Problem& p, int64_t n0, int64_t n1) {
     }
 }
 
-void fp8_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_, bool act_quant, int64_t gemv_max_m) {
+// The GEMV over every row of p (threads split the N rows; a row's numerics never depend on the others)
+void fp8_gemv(const Fp8Problem& p) {
+    if (p.m <= 0 || p.n <= 0) return;
+    if (p.k == 0) {
+        std::fill(p.y, p.y + p.m * p.n, 0.0f);
+        return;
+    }
+    const double bytes = static_cast<double>(p.n) * p.k * (1 + 0.25 * (p.m - 1));
+#if defined(DSV4RT_X86)
+    if (active_isa() >= Isa::avx512) {
+        parallel_for(p.n, [&](int64_t a, int64_t b) { fp8::rows_avx512(p, a, b); }, pick_threads(bytes, 256 << 10));
+        return;
+    }
+#endif
+    parallel_for(p.n, [&](int64_t a, int64_t b) { fp8_rows(p, a, b); }, pick_threads(bytes, 256 << 10));
+}
+
+void fp8_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_, bool act_quant, int64_t gemv_max_m,
+              bool row_invariant) {
     const char* fn = "fp8_gemm";
     auto x = need({fn, "x"}, x_, 2, {Kind::f32, Kind::bf16});
     auto w = need({fn, "w"}, w_, 2, {Kind::u8});
@@ -65,10 +83,23 @@ void fp8_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_, bool
                  s_f32 ? static_cast<const float*>(s.data()) : nullptr, y.ptr, m, n, k, sk};
     if (act_quant) xf.load_gemm(true, m, k);   // without act_quant, x is loaded below if the bf16 path declines
 #if defined(DSV4RT_X86)
+    if (row_invariant && m > 0 && n > 0 && k > 0 && bf16gemm::available()) {
+        // each row on its own: bf16 numerics (gemm_few up to gemv_max_m such rows, the blocked GEMM above)
+        // where the row allows them, the GEMV otherwise
+        bf16gemm::run_rows({act_quant ? xf.ptr : xf.data, !act_quant && xf.bf16, m, k, n, 127 - 9,
+                            fp8::decode_tile_bf16, fp8::decode_tile_bf16_t, &p, y.ptr, n}, gemv_max_m,
+                           [&p](const float* xr, int64_t rows, float* yr) {
+                               Fp8Problem q = p;
+                               q.x = xr, q.y = yr, q.m = rows;
+                               fp8_gemv(q);
+                           });
+        y.finish();
+        return;
+    }
     // prefill sizes: the blocked AVX512-BF16 path, when x is exactly bf16 (bf16 input, or act_quant's
     // E4M3 x power-of-two values) and every product with a nonzero weight (>= 2^-9) stays normal
     bf16gemm::PackedX px;
-    if (m > gemv_max_m && n > 0 && k > 0 && bf16gemm::available() &&
+    if (!row_invariant && m > gemv_max_m && n > 0 && k > 0 && bf16gemm::available() &&
         bf16gemm::pack_x(act_quant ? xf.ptr : xf.data, xf.bf16, m, k, px) &&
         bf16gemm::products_normal(px, 127 - 9)) {
         bf16gemm::gemm(px, n, fp8::decode_tile_bf16, &p, y.ptr, n);
@@ -76,22 +107,10 @@ void fp8_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_, bool
         return;
     }
 #endif
+    // the GEMV (and the only path of row_invariant without AVX512-BF16: a GEMV's rows are independent)
     if (!act_quant) xf.load();
     p.x = xf.ptr;
-    if (m > 0 && n > 0) {
-        if (k == 0) {
-            std::fill(y.ptr, y.ptr + m * n, 0.0f);
-        } else {
-            const double bytes = static_cast<double>(n) * k * (1 + 0.25 * (m - 1));
-#if defined(DSV4RT_X86)
-            if (active_isa() >= Isa::avx512) {
-                parallel_for(n, [&](int64_t a, int64_t b) { fp8::rows_avx512(p, a, b); },
-                             pick_threads(bytes, 256 << 10));
-            } else
-#endif
-            parallel_for(n, [&](int64_t a, int64_t b) { fp8_rows(p, a, b); }, pick_threads(bytes, 256 << 10));
-        }
-    }
+    fp8_gemv(p);
     y.finish();
 }
 
@@ -99,13 +118,15 @@ void fp8_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_, bool
 
 void bind_fp8_gemm(py::module_& m) {
     m.def("fp8_gemm", &fp8_gemm, py::arg("x"), py::arg("w"), py::arg("w_scale"), py::arg("out"),
-          py::arg("act_quant") = false, py::arg("gemv_max_m") = 8,
+          py::arg("act_quant") = false, py::arg("gemv_max_m") = 8, py::arg("row_invariant") = false,
           "out[M, N] = x[M, K] @ dequant(w, w_scale)^T for E4M3 weights with 128x128 block scales.\n\n"
           "x float32 or bf16 bits [M, K], w uint8 [N, K] (E4M3 bytes), w_scale uint8 (E8M0) or float32\n"
           "[ceil(N/128), ceil(K/128)], out float32 or bf16 bits [M, N]; all C-contiguous. act_quant: x goes\n"
           "through act_quant='fp8' first (as dsv4rt.formats.act_quant_fp8). Small M reads each weight byte once for\n"
           "all rows; above gemv_max_m rows, where the CPU has AVX512-BF16 and x is exactly bf16, a blocked vdpbf16ps\n"
-          "GEMM.");
+          "GEMM. row_invariant: each row's result depends on that row alone, whatever M (the batch-invariant mode):\n"
+          "the blocked GEMM's numerics for every row that allows them (a kernel with the same bits for up to\n"
+          "gemv_max_m rows), the GEMV for the others.");
 }
 
 }  // namespace dsv4rt

@@ -11,6 +11,8 @@
 #if defined(DSV4RT_X86)
 #include <immintrin.h>
 
+#include "transpose16.h"
+
 namespace dsv4rt {
 namespace fp8 {
 
@@ -150,6 +152,70 @@ AVX512_BF16_FN void decode_tile_bf16(const void* ctx, int64_t n0, int64_t nt, in
         }
         std::fill(out + kw, out + kBlk, uint16_t{0});
     }
+}
+
+namespace {
+// bf16 bits of the E4M3 magnitudes 0..127 (127: NaN), four 32-entry tables for vpermt2w
+struct E4M3Tables {
+    alignas(64) uint16_t t[128];
+    E4M3Tables() {
+        for (int m = 0; m < 127; ++m) t[m] = f32_to_bf16(kE4M3[m]);
+        t[127] = 0x7FC0;
+    }
+};
+
+// 32 E4M3 bytes in 16-bit lanes -> their bf16 values (decode32_bf16's bits, except that a NaN keeps its sign)
+AVX512 __m512i e4m3_bf16(__m512i h, const __m512i tb[4]) {
+    // vpermt2w reads 6 index bits: magnitudes 0-63 from the first table pair, 64-127 from the second
+    const __m512i lo = _mm512_permutex2var_epi16(tb[0], h, tb[1]);
+    const __m512i hi = _mm512_permutex2var_epi16(tb[2], h, tb[3]);
+    const __m512i b = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(h, _mm512_set1_epi16(0x40)), lo, hi);
+    // b | (h << 8 & 0x8000): the sign bit
+    return _mm512_ternarylogic_epi32(b, _mm512_slli_epi16(h, 8), _mm512_set1_epi16(static_cast<int16_t>(0x8000)), 0xF8);
+}
+}  // namespace
+
+// decode_tile_bf16's values transposed: the 16 rows' bytes are transposed as dwords in registers (64 bytes
+// at a time), then each dword (4 bytes = 2 pairs) is spread into 16-bit lanes and decoded by table straight
+// into 16-row vectors of pairs
+AVX512_FN bool decode_tile_bf16_t(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint32_t* wt, float* sc) {
+    const Fp8Args& a = *static_cast<const Fp8Args*>(ctx);
+    const int64_t k0 = kb * kBlk;
+    if (a.k - k0 < kBlk) return false;
+    static const E4M3Tables tables;
+    __m512i tb[4];
+    for (int i = 0; i < 4; ++i) tb[i] = _mm512_load_si512(tables.t + 32 * i);
+    // per dword: bytes (0, 1) and (2, 3) into the two 16-bit halves
+    const __m512i spread0 = _mm512_set4_epi32(static_cast<int>(0x800D800C), static_cast<int>(0x80098008),
+                                              static_cast<int>(0x80058004), static_cast<int>(0x80018000));
+    const __m512i spread1 = _mm512_set4_epi32(static_cast<int>(0x800F800E), static_cast<int>(0x800B800A),
+                                              static_cast<int>(0x80078006), static_cast<int>(0x80038002));
+    constexpr int64_t kNt = 48;   // bf16_gemm.h kNt: the row stride of wt
+    for (int64_t g = 0; g < nt; g += 16) {
+        const int64_t rows = std::min<int64_t>(16, nt - g);
+        const uint8_t* wr[16];
+        for (int j = 0; j < 16; ++j) {
+            const int64_t r = std::min<int64_t>(j, rows - 1);
+            wr[j] = a.w + (n0 + g + r) * a.k + k0;
+            _mm_prefetch(reinterpret_cast<const char*>(wr[j] + 8 * kBlk), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(wr[j] + 8 * kBlk + 64), _MM_HINT_T0);
+            if (j < rows) {
+                const int64_t n = n0 + g + j, si = (n / kBlk) * a.sk + kb;
+                sc[g + j] = a.s8 ? kE8M0[a.s8[si]] : a.s32[si];
+            }
+        }
+        for (int64_t half = 0; half < kBlk; half += 64) {
+            __m512i v[16];
+            for (int j = 0; j < 16; ++j) v[j] = _mm512_loadu_si512(wr[j] + half);
+            transpose16(v);   // v[q] lane j: bytes half + 4q .. + 3 of row j = pairs half / 2 + 2q, + 1
+            for (int64_t q = 0; q < 16; ++q) {
+                uint32_t* out = wt + (half / 2 + 2 * q) * kNt + g;
+                _mm512_storeu_si512(out, e4m3_bf16(_mm512_shuffle_epi8(v[q], spread0), tb));
+                _mm512_storeu_si512(out + kNt, e4m3_bf16(_mm512_shuffle_epi8(v[q], spread1), tb));
+            }
+        }
+    }
+    return true;
 }
 
 }  // namespace fp8

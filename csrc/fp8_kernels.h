@@ -22,6 +22,8 @@ void rows_avx512(const Fp8Args& a, int64_t n0, int64_t n1);
 // bf16_gemm.h DecodeFn (ctx: the Fp8Args): weight rows [n0, n0 + nt) of K block kb as the bf16 patterns of
 // their E4M3 values (NaN bytes -> NaN, zero past K), sc = the rows' block scales
 void decode_tile_bf16(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint16_t* wd, float* sc);
+// bf16_gemm.h DecodeTFn: the same values transposed (16 rows gathered a dword at a time), full K blocks only
+bool decode_tile_bf16_t(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint32_t* wt, float* sc);
 #endif
 
 }  // namespace fp8

@@ -16,13 +16,15 @@ void bind_route(py::module_& m);
 void bind_act_quant(py::module_& m);
 void bind_peak(py::module_& m);
 void bind_engram(py::module_& m);
+void bind_dense_gemm(py::module_& m);
 }  // namespace dsv4rt
 
 PYBIND11_MODULE(_C, m) {
     using namespace dsv4rt;
     m.doc() = "dsv4rt native CPU kernels (NumPy buffers in, GIL released while they run)";
-    m.attr("ABI_VERSION") = 5;   // 2: sparse_attention p_round, indexer_topk score_bf16; 3: fp8_gemm;
-                                 // 4: kv_compress, moe_route; 5: act_quant in the GEMMs, avx512_bf16, peak_gflops
+    m.attr("ABI_VERSION") = 6;   // 2: sparse_attention p_round, indexer_topk score_bf16; 3: fp8_gemm;
+                                 // 4: kv_compress, moe_route; 5: act_quant in the GEMMs, avx512_bf16, peak_gflops;
+                                 // 6: row_invariant in the GEMMs and sparse_attention, dense_gemm
     m.def("compiled_with", []() {
         py::dict info;
         info["cxx_standard"] = __cplusplus;
@@ -76,4 +78,5 @@ PYBIND11_MODULE(_C, m) {
     bind_act_quant(m);
     bind_peak(m);
     bind_engram(m);
+    bind_dense_gemm(m);
 }

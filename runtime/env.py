@@ -45,6 +45,11 @@ VARIABLES: dict[str, Variable] = {
         Variable("DSV4RT_CACHE_DIR", "", "Where generated artefacts (the tiny preset checkpoint) are kept; "
                  "default ~/.cache/dsv4rt."),
         Variable("DSV4RT_LOG_LEVEL", "", "Level of the 'dsv4rt' logger (DEBUG, INFO, WARNING...)."),
+        Variable("DSV4RT_BATCH_INVARIANT", "1", "1 (default): batch-invariant mode on the CPU backends: every "
+                 "op's result for a row (a token, a sequence) depends only on that row's inputs, never on the other "
+                 "rows of the batch, their number, the thread count or the rows per expert, so temperature-0 output "
+                 "is the same alone or in any batch (see dsv4rt.invariant); 0: the fastest kernel for each shape. "
+                 "dsv4rt run / serve --batch-invariant / --no-batch-invariant override it."),
         Variable("DSV4RT_API_KEY", "", "dsv4rt serve / loadtest: the bearer key every /v1 request must carry "
                  "when --api-key is not given (empty: no key).", secret=True),
     )

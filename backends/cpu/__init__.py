@@ -18,7 +18,7 @@ __all__ = ["CpuBackend", "backend", "native_status", "native_isa", "native_isa_c
 NATIVE_PRIORITY = 20
 NUMPY_PRIORITY = 10
 COMPOSITE_PRIORITY = 5
-NATIVE_ABI = 5
+NATIVE_ABI = 6
 NATIVE_OPS = ("fp4_gemm", "fp4_grouped_gemm", "fp8_gemm", "indexer_topk", "select_candidate_blocks", "kv_compress",
               "sparse_attention", "moe_route", "moe_dispatch", "moe_combine",
               "engram_hash", "engram_lookup")

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from dsv4rt import _C
+from dsv4rt import _C, invariant
 from dsv4rt.backend import new_output
 from dsv4rt.ops.indexer import score_dtype_of
 
@@ -25,10 +25,12 @@ from .native_engram import engram_hash, engram_lookup  # noqa: F401  (the backen
 
 __all__ = ["fp4_gemm", "fp4_grouped_gemm", "fp8_gemm", "indexer_topk", "select_candidate_blocks", "kv_compress",
            "sparse_attention", "moe_route",
-           "moe_dispatch", "moe_combine", "SUPPORTS", "GEMV_MAX_M", "FP8_GEMV_MAX_M"]
+           "moe_dispatch", "moe_combine", "SUPPORTS", "GEMV_MAX_M", "FP8_GEMV_MAX_M", "FEW_MAX_M"]
 
 GEMV_MAX_M = 8          # rows of x up to which the GEMM streams the weight once (GEMV path)
 FP8_GEMV_MAX_M = 5      # fp8_gemm: above this the blocked AVX512-BF16 path is faster (measured crossover 5-6)
+FEW_MAX_M = 8           # batch-invariant mode: rows (per expert) up to which the few-rows kernel with the blocked
+                        # path's bits is faster than the blocked path itself (measured: faster up to 8, slower at 16)
 MAX_K = 1 << 28         # the tile decode addresses a 16-row tile with 32-bit byte offsets
 
 
@@ -79,18 +81,22 @@ def _out(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, np.n
 
 def fp4_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
              act_quant: str | None = None) -> torch.Tensor:
-    """y[M, N] = q(x) @ dequant(w)^T on the packed MXFP4 bytes (GEMV path for M <= 8, blocked above)."""
+    """y[M, N] = q(x) @ dequant(w)^T on the packed MXFP4 bytes (GEMV path for M <= 8, blocked above; in the
+    batch-invariant mode each row's numerics from that row alone)."""
     out, acc = _out((x.shape[0], w.shape[0]), x.dtype)
-    _C.fp4_gemm(_act(x), _bytes(w), _bytes(w_scale), acc, GEMV_MAX_M, act_quant == "fp8")
+    inv = invariant.enabled()
+    _C.fp4_gemm(_act(x), _bytes(w), _bytes(w_scale), acc, FEW_MAX_M if inv else GEMV_MAX_M, act_quant == "fp8", inv)
     return _finish(out, acc)
 
 
 def fp4_grouped_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, offsets: torch.Tensor,
                      act_quant: str | None = None) -> torch.Tensor:
-    """y[R, N]: rows offsets[e]:offsets[e+1] times expert e; all experts in one parallel kernel call."""
+    """y[R, N]: rows offsets[e]:offsets[e+1] times expert e; all experts in one parallel kernel call (in the
+    batch-invariant mode a row's numerics never depend on how many rows its expert gets)."""
     out, acc = _out((x.shape[0], w.shape[1]), x.dtype)
-    _C.fp4_grouped_gemm(_act(x), _bytes(w), _bytes(w_scale), _arr(offsets), acc, GEMV_MAX_M,
-                        act_quant == "fp8")
+    inv = invariant.enabled()
+    _C.fp4_grouped_gemm(_act(x), _bytes(w), _bytes(w_scale), _arr(offsets), acc, FEW_MAX_M if inv else GEMV_MAX_M,
+                        act_quant == "fp8", inv)
     return _finish(out, acc)
 
 
@@ -99,10 +105,12 @@ def fp8_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
     """y[M, N] = q(x) @ dequant(w)^T for E4M3 weights with 128x128 E8M0 or float32 block scales, scales
     applied per 128-block sum: small M reads the weight once for all rows (threads split N); above
     FP8_GEMV_MAX_M rows, on CPUs with AVX512-BF16 and x exactly bf16 (bf16 input or act_quant's output), a
-    blocked vdpbf16ps GEMM. act_quant runs in the kernel (bit-identical to dsv4rt.formats.act_quant_fp8)."""
+    blocked vdpbf16ps GEMM. act_quant runs in the kernel (bit-identical to dsv4rt.formats.act_quant_fp8). In the
+    batch-invariant mode every row that allows it gets the blocked path's numerics, whatever M."""
     out, acc = _out((x.shape[0], w.shape[0]), x.dtype)
     scale = _arr(w_scale) if w_scale.dtype == torch.float32 else _bytes(w_scale)
-    _C.fp8_gemm(_act(x), _bytes(w), scale, acc, act_quant == "fp8", FP8_GEMV_MAX_M)
+    inv = invariant.enabled()
+    _C.fp8_gemm(_act(x), _bytes(w), scale, acc, act_quant == "fp8", FEW_MAX_M if inv else FP8_GEMV_MAX_M, inv)
     return _finish(out, acc)
 
 
@@ -161,12 +169,14 @@ def kv_compress(kv: torch.Tensor, gate: torch.Tensor | None, ape: torch.Tensor |
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor | None,
                      scale: float, return_lse: bool = False, p_dtype: torch.dtype | None = None):
     """Online softmax with sink over the gathered K=V rows, per (b, s, head group), float32 statistics;
-    P rounded to bf16 / fp16 for the P.V product when the effective ``p_dtype`` is 16-bit."""
+    P rounded to bf16 / fp16 for the P.V product when the effective ``p_dtype`` is 16-bit. In the
+    batch-invariant mode a row's entries are split over threads by its own count only."""
     out, obuf = _out(tuple(q.shape), q.dtype)
     lse = new_output(tuple(q.shape[:3]), torch.float32, "cpu") if return_lse else None
     _C.sparse_attention(_act(q), _act(kv), _arr(idx), None if sink is None else _arr(sink),
                         float(scale), obuf, None if lse is None else lse.numpy(),
-                        {torch.bfloat16: 1, torch.float16: 2}.get(kv.dtype if p_dtype is None else p_dtype, 0))
+                        {torch.bfloat16: 1, torch.float16: 2}.get(kv.dtype if p_dtype is None else p_dtype, 0),
+                        invariant.enabled())
     _finish(out, obuf)
     return (out, lse) if return_lse else out
 

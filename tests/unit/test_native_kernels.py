@@ -3,17 +3,19 @@ backend="cpu/native")``, on seeded random inputs, with the spec tolerances of th
 
 Every test runs once per instruction-set path: the hand-written AVX-512 kernels where the CPU has them and
 the portable path (``_C.set_isa("generic")``). The GEMMs also run with the GEMV / blocked split forced
-both ways. Skipped, with the import error as the reason, when the extension was not built.
+both ways (batch-invariant mode off) and in the batch-invariant mode. Skipped, with the import error as the
+reason, when the extension was not built.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
 import torch
 
 import dsv4rt.reference as ref
-from dsv4rt import ops
+from dsv4rt import invariant, ops
 from dsv4rt.backend import poisoned_outputs
 from dsv4rt.conformance import tolerance as tol
 
@@ -49,6 +51,16 @@ def rand_fp4(*lead: int, n: int, k: int, seed: int, lo: int = 118, hi: int = 134
     return w, s
 
 
+@contextlib.contextmanager
+def gemm_path(path: str, monkeypatch, attr: str, gemv: int):
+    """'gemv' / 'blocked': the batch-invariant mode off and the split forced through ``native.<attr>``
+    (``gemv`` rows and fewer take the GEMV); 'invariant': the mode on."""
+    if path != "invariant":
+        monkeypatch.setattr(native, attr, gemv if path == "gemv" else 0)
+    with invariant.mode(path == "invariant"):
+        yield
+
+
 def check(fn, op: str, args: dict, outs) -> None:
     outs = outs if isinstance(outs, tuple) else (outs,)
     refs = getattr(ref, op)(**args)
@@ -59,16 +71,16 @@ def check(fn, op: str, args: dict, outs) -> None:
 
 # ---------------------------------------------------------------------------------------------- GEMMs
 
-@pytest.mark.parametrize("path", ["gemv", "blocked"])
+@pytest.mark.parametrize("path", ["gemv", "blocked", "invariant"])
 @pytest.mark.parametrize("m,n,k", [(1, 40, 416), (3, 64, 512), (8, 33, 96), (9, 70, 640), (64, 96, 1024),
                                    (1, 256, 4096), (5, 32, 32)])
 @pytest.mark.parametrize("act_quant", [None, "fp8"])
 def test_fp4_gemm(m, n, k, act_quant, path, monkeypatch):
-    monkeypatch.setattr(native, "GEMV_MAX_M", 1 << 30 if path == "gemv" else 0)
     x = (torch.randn(m, k, generator=gen(m * 7 + k)) * 2).to(torch.bfloat16)
     w, s = rand_fp4(n=n, k=k, seed=n + k)
     args = {"x": x, "w": w, "w_scale": s, "act_quant": act_quant}
-    check(tol.gemm, "fp4_gemm", args, ops.fp4_gemm(**args, backend=NATIVE))
+    with gemm_path(path, monkeypatch, "GEMV_MAX_M", 1 << 30):
+        check(tol.gemm, "fp4_gemm", args, ops.fp4_gemm(**args, backend=NATIVE))
 
 
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.float16])
@@ -107,27 +119,27 @@ def test_fp4_gemm_empty_shapes():
     assert torch.equal(y, torch.zeros(3, 5))
 
 
-@pytest.mark.parametrize("path", ["gemv", "blocked"])
+@pytest.mark.parametrize("path", ["gemv", "blocked", "invariant"])
 @pytest.mark.parametrize("act_quant", [None, "fp8"])
 def test_fp4_grouped_gemm(act_quant, path, monkeypatch):
-    monkeypatch.setattr(native, "GEMV_MAX_M", 4 if path == "gemv" else 0)   # gemv: experts of <= 4 rows
     counts = [0, 3, 0, 12, 1, 0, 20, 0]
     e, n, k = len(counts), 48, 256
     offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
     x = torch.randn(sum(counts), k, generator=gen(5)).to(torch.bfloat16)
     w, s = rand_fp4(e, n=n, k=k, seed=6)
     args = {"x": x, "w": w, "w_scale": s, "offsets": offsets, "act_quant": act_quant}
-    check(tol.gemm, "fp4_grouped_gemm", args, ops.fp4_grouped_gemm(**args, backend=NATIVE))
+    with gemm_path(path, monkeypatch, "GEMV_MAX_M", 4):   # gemv: experts of <= 4 rows
+        check(tol.gemm, "fp4_grouped_gemm", args, ops.fp4_grouped_gemm(**args, backend=NATIVE))
 
 
 def test_gemv_matches_blocked_path_closely(monkeypatch):
     """The two GEMM paths agree to float32 rounding (same products, different summation order)."""
     x = torch.randn(8, 1024, generator=gen(7))
     w, s = rand_fp4(n=64, k=1024, seed=8)
-    monkeypatch.setattr(native, "GEMV_MAX_M", 8)
-    a = ops.fp4_gemm(x, w, s, None, backend=NATIVE)
-    monkeypatch.setattr(native, "GEMV_MAX_M", 0)
-    b = ops.fp4_gemm(x, w, s, None, backend=NATIVE)
+    with gemm_path("gemv", monkeypatch, "GEMV_MAX_M", 8):
+        a = ops.fp4_gemm(x, w, s, None, backend=NATIVE)
+    with gemm_path("blocked", monkeypatch, "GEMV_MAX_M", 8):
+        b = ops.fp4_gemm(x, w, s, None, backend=NATIVE)
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
 
 
@@ -249,13 +261,13 @@ def rand_fp8(n: int, k: int, seed: int, f32_scale: bool = False):
                                    (16, 48, 128), (33, 130, 129), (70, 100, 384), (64, 7, 1001)])
 @pytest.mark.parametrize("act_quant", [None, "fp8"])
 @pytest.mark.parametrize("f32_scale", [False, True])
-@pytest.mark.parametrize("path", ["gemv", "blocked"])
+@pytest.mark.parametrize("path", ["gemv", "blocked", "invariant"])
 def test_fp8_gemm(m, n, k, act_quant, f32_scale, path, monkeypatch):
-    monkeypatch.setattr(native, "FP8_GEMV_MAX_M", 1 << 30 if path == "gemv" else 0)
     x = torch.randn(m, k, generator=gen(m * 5 + k)).to(torch.bfloat16)
     w, s = rand_fp8(n, k, seed=n + k, f32_scale=f32_scale)
     args = {"x": x, "w": w, "w_scale": s, "act_quant": act_quant}
-    check(tol.gemm, "fp8_gemm", args, ops.fp8_gemm(**args, backend=NATIVE))
+    with gemm_path(path, monkeypatch, "FP8_GEMV_MAX_M", 1 << 30):
+        check(tol.gemm, "fp8_gemm", args, ops.fp8_gemm(**args, backend=NATIVE))
 
 
 @pytest.mark.parametrize("m,xdtype", [(3, torch.float32), (20, torch.bfloat16)])

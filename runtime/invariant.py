@@ -1,0 +1,114 @@
+"""Batch-invariant mode: on the CPU, a row's result never depends on the rest of the batch.
+
+With continuous batching a sequence shares every op call with whatever else runs. Kernels that choose their
+algorithm by the number of rows (a GEMV below a few rows, a blocked GEMM above; the rows an expert gets
+depend on who else routes to it), that split one row's reduction over threads by how many rows there are,
+and torch's elementwise loops (the last < 64 elements of a call take scalar code that rounds some functions
+differently) make the same prompt give different greedy text alone and in a batch. In this mode each row's
+output is computed with a reduction order and rounding that depend only on that row's inputs:
+
+* cpu/native: the FP8 / FP4 GEMMs give every row the blocked AVX512-BF16 numerics (a kernel with the same
+  bits serves few rows) or, per row, the GEMV; sparse_attention splits a row's entries by its own count;
+* cpu/numpy and cpu/torch: the GEMMs multiply row by row (slow: a debugging path);
+* the model's torch glue multiplies through :func:`linear` (``dsv4rt._C.dense_gemm``, one summation order
+  for every output) and evaluates the affected elementwise functions through :func:`pointwise`.
+
+On for ``DSV4RT_BATCH_INVARIANT=1`` (the default) unless :func:`mode` says otherwise for the calling
+thread (the engine thread, ``dsv4rt run``). Devices other than the CPU are not affected. The torch glue
+must run on one torch thread (``dsv4rt run`` and ``dsv4rt serve`` do), as torch splits reductions and
+elementwise loops by size across threads.
+"""
+from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from . import env
+
+__all__ = ["enabled", "mode", "active", "linear", "rowwise_mm", "pointwise"]
+
+_MODE: ContextVar[bool | None] = ContextVar("dsv4rt_batch_invariant", default=None)
+_PAD = 64   # torch's vectorised loops take 2 vectors per step: 64 bf16 / 32 float32 elements on AVX-512
+
+
+def enabled() -> bool:
+    """Whether the mode is on for the calling thread: :func:`mode`'s setting, else DSV4RT_BATCH_INVARIANT."""
+    on = _MODE.get()
+    return env.flag("DSV4RT_BATCH_INVARIANT") if on is None else on
+
+
+@contextlib.contextmanager
+def mode(on: bool | None) -> Iterator[None]:
+    """Within the block (in this thread), the mode is on (True) or off (False); None leaves it to
+    DSV4RT_BATCH_INVARIANT."""
+    token = _MODE.set(on)
+    try:
+        yield
+    finally:
+        _MODE.reset(token)
+
+
+def active(t: Tensor) -> bool:
+    """The mode applies to ``t``: it is on, and ``t`` lives on the CPU."""
+    return t.device.type == "cpu" and enabled()
+
+
+def _native() -> Callable[..., None] | None:
+    try:
+        from . import _C
+    except ImportError:
+        return None
+    return getattr(_C, "dense_gemm", None)
+
+
+def linear(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w.T`` for x [..., K] and w [N, K] of one dtype: float32 accumulation, x's dtype out.
+
+    In the mode on the CPU every output is summed in one fixed order whatever the number of rows (the
+    native ``dense_gemm`` for float32 / bf16, else :func:`rowwise_mm`); otherwise torch's matmul."""
+    if x.dtype != w.dtype:
+        raise TypeError(f"invariant.linear: x is {x.dtype} but w is {w.dtype}; expected one dtype")
+    if x.shape[-1] != w.shape[-1] or w.dim() != 2:
+        raise ValueError(f"invariant.linear: expected x [..., K] and w [N, K], got x {tuple(x.shape)} and "
+                         f"w {tuple(w.shape)}")
+    if not active(x):
+        return x @ w.T
+    x2 = x.reshape(-1, x.shape[-1])
+    dense = _native()
+    if dense is None or x.dtype not in (torch.float32, torch.bfloat16):
+        y = rowwise_mm(x2, w)
+    else:
+        y = torch.empty((x2.shape[0], w.shape[0]), dtype=x.dtype)
+        dense(_np(x2), _np(w), _np(y))
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+def _np(t: Tensor):
+    t = t.detach().contiguous()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def rowwise_mm(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w.T`` (x [M, K], w [N, K]) one row at a time, each row copied to a fresh buffer first: every
+    row is the same BLAS call whatever M (the mode's plain-torch matmul; slow for many rows)."""
+    out = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
+    for i in range(x.shape[0]):
+        out[i] = torch.mv(w, x[i].clone())
+    return out
+
+
+def pointwise(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``fn(x)`` for an elementwise torch function. In the mode on the CPU, x is padded to a multiple of 64
+    elements first: torch computes the remainder of a vectorised loop with scalar code, which rounds
+    float32 sigmoid / silu / softplus differently, so an element's value would depend on the tensor's size."""
+    if not active(x):
+        return fn(x)
+    flat = x.contiguous().view(-1)
+    n = flat.numel()
+    if n % _PAD:
+        flat = torch.cat([flat, flat.new_zeros(_PAD - n % _PAD)])
+    return fn(flat)[:n].view(x.shape)
