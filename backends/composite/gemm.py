@@ -5,6 +5,9 @@ multiplied in float32 into a float32 accumulator, so the whole dequantised weigh
 (peak extra memory ~ N * K_BLOCK * 4 bytes). Decoding uses table look-ups only (no float8 casts), so the
 same code runs on every device torch supports. Output dtype = x dtype.
 
+In the batch-invariant mode (:mod:`dsv4rt.invariant`, CPU tensors only) the products run one row at a
+time, so a row's sums never depend on how many rows the call has (slow: a debugging path).
+
 Note: the fp32 matmuls follow torch's global matmul precision; on CUDA, enabling TF32
 (``torch.backends.cuda.matmul.allow_tf32`` / ``set_float32_matmul_precision``) trades accuracy here too.
 """
@@ -15,6 +18,7 @@ from torch import Tensor
 
 from dsv4rt.backend import new_output
 from dsv4rt.formats import act_quant_fp8, dequant_fp8_block, dequant_mxfp4
+from dsv4rt.invariant import active, rowwise_mm
 
 __all__ = ["fp4_gemm", "fp4_grouped_gemm", "fp8_gemm", "quantize_activation", "K_BLOCK"]
 
@@ -35,6 +39,14 @@ def quantize_activation(x: Tensor, act_quant: str | None) -> Tensor:
     return q * s.repeat_interleave(ACT_BLOCK, dim=-1)[..., :k]
 
 
+def _addmm(acc: Tensor, x: Tensor, w: Tensor) -> None:
+    """``acc += x @ w.T``; row by row in the batch-invariant mode."""
+    if active(x):
+        acc.add_(rowwise_mm(x, w))
+    else:
+        acc.addmm_(x, w.T)
+
+
 def _fp4_matmul(xq: Tensor, w: Tensor, w_scale: Tensor) -> Tensor:
     """float32 ``xq[M, K] @ dequant(w)[N, K].T`` decoding K_BLOCK columns of w at a time."""
     m, k = xq.shape
@@ -45,7 +57,7 @@ def _fp4_matmul(xq: Tensor, w: Tensor, w_scale: Tensor) -> Tensor:
     for k0 in range(0, k, K_BLOCK):
         k1 = min(k, k0 + K_BLOCK)
         wb = dequant_mxfp4(w, w_scale, torch.float32, k_range=(k0, k1))  # [N, k1-k0]
-        acc.addmm_(xq[:, k0:k1], wb.T)
+        _addmm(acc, xq[:, k0:k1], wb)
     return acc
 
 
@@ -100,6 +112,6 @@ def fp8_gemm(x: Tensor, w: Tensor, w_scale: Tensor, act_quant: str | None = None
             k1 = min(k, k0 + K_BLOCK)
             sb = w_scale[:, k0 // 128:-(-k1 // 128)]
             wb = dequant_fp8_block(w[:, k0:k1], sb, 128, torch.float32)  # [N, k1-k0]
-            acc.addmm_(xq[:, k0:k1], wb.T)
+            _addmm(acc, xq[:, k0:k1], wb)
     out.copy_(acc)
     return out

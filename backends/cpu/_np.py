@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dsv4rt import invariant
 from dsv4rt.backend import new_output
 from dsv4rt.formats import as_bytes
 
@@ -45,6 +46,31 @@ def u8(t: torch.Tensor) -> np.ndarray:
 def ints(t: torch.Tensor) -> np.ndarray:
     """An integer tensor as a NumPy view (int32 / int64 kept)."""
     return t.detach().numpy()
+
+
+def matmul_into(x: np.ndarray, wt: np.ndarray, out: np.ndarray, add: bool) -> None:
+    """``out = x @ wt`` (``out += x @ wt`` with ``add``) for float32 x [M, K], wt [K, N] (a view is fine).
+
+    In the batch-invariant mode (:mod:`dsv4rt.invariant`) one row at a time, each copied first into the
+    same 64-byte aligned buffer: every row is then the very same BLAS call whatever M (BLAS picks its
+    kernel, and so its summation order, by M). Slow for many rows; a debugging path."""
+    if not invariant.enabled():
+        if add:
+            out += x @ wt
+        else:
+            np.matmul(x, wt, out=out)
+        return
+    k = x.shape[1]
+    raw = np.empty(k + 16, np.float32)
+    row = raw[(-raw.ctypes.data // 4) % 16:][:k]    # 64-byte aligned
+    y = np.empty(wt.shape[1], np.float32)
+    for i in range(x.shape[0]):
+        row[...] = x[i]
+        np.matmul(row, wt, out=y)
+        if add:
+            out[i] += y
+        else:
+            out[i] = y
 
 
 def alloc_f32(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:

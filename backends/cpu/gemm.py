@@ -2,7 +2,8 @@
 
 All three block over K: one block of weights is dequantised (by ``dsv4rt.formats``) to float32 at a
 time and ``x_blk @ w_blk.T`` is accumulated in float32 by BLAS, so the whole dequantised weight never
-exists. Block widths are multiples of 128, so act_quant blocks and FP8 scale tiles align.
+exists. Block widths are multiples of 128, so act_quant blocks and FP8 scale tiles align. In the
+batch-invariant mode the products run row by row (``_np.matmul_into``).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from dsv4rt.formats import act_quant_fp8, dequant_fp8_block, dequant_mxfp4
 
-from ._np import BUDGET, alloc_f32, f32, finish, ints, u8
+from ._np import BUDGET, alloc_f32, f32, finish, ints, matmul_into, u8
 
 ACT_BLOCK = 128
 MAX_K_BLOCK = 2048
@@ -43,10 +44,7 @@ def _fp4_matmul(xq: np.ndarray, wb: np.ndarray, sb: np.ndarray, acc: np.ndarray)
     for k0 in range(0, k, step):
         k1 = min(k, k0 + step)
         wk = dequant_mxfp4(wb, sb, np.float32, k_range=(k0, k1))  # [N, k1-k0]
-        if k0 == 0:
-            np.matmul(xq[:, k0:k1], wk.T, out=acc)
-        else:
-            acc += xq[:, k0:k1] @ wk.T
+        matmul_into(xq[:, k0:k1], wk.T, acc, add=k0 > 0)
 
 
 def fp4_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
@@ -97,8 +95,5 @@ def fp8_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
     for k0 in range(0, k, step):
         k1 = min(k, k0 + step)
         wk = dequant_fp8_block(wb[:, k0:k1], sc[:, k0 // ACT_BLOCK:-(-k1 // ACT_BLOCK)], ACT_BLOCK, np.float32)
-        if k0 == 0:
-            np.matmul(xq[:, k0:k1], wk.T, out=acc)
-        else:
-            acc += xq[:, k0:k1] @ wk.T
+        matmul_into(xq[:, k0:k1], wk.T, acc, add=k0 > 0)
     return finish(out, acc)
