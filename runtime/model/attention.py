@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..invariant import active, linear
 from .cache import LayerCache
 from .compressor import Compressor
 from .config import CSA, HCA, SWA, ModelConfig
@@ -158,7 +159,10 @@ class Attention:
             t = top[rows].long()
             idx.append(torch.where(t >= 0, t + off + w, -1))
         elif self.kind == HCA:
-            m = max(n_comp[i] for i in seqs)
+            # the widest sequence sets the index width; batch-invariant: the caches' capacity instead, so a
+            # row's call has the same shape alone and in any batch (a plain-torch or NumPy softmax sums
+            # over the whole width, -1 entries included)
+            m = (max(rb.caches[i].kv.shape[1] - w for i in seqs) if active(q) else max(n_comp[i] for i in seqs))
             if m:
                 t = torch.arange(m, device=q.device)[None, :]
                 visible = torch.div(pos + 1, self.ratio, rounding_mode="floor")[:, None]
@@ -169,8 +173,11 @@ class Attention:
     def _output(self, ops: OpCaller, o: Tensor, cos: Tensor, sin: Tensor, dtype: torch.dtype) -> Tensor:
         """o [T, H, D] -> inverse RoPE, grouped low-rank ``wo_a`` (BF16 einsum, as the reference), ``wo_b``."""
         t = o.shape[0]
-        o = apply_rope(o, cos[:, None], sin[:, None], inverse=True)
-        z = torch.einsum("tgd,grd->tgr", o.view(t, self.groups, -1), self.wo_a).reshape(t, -1)
+        o = apply_rope(o, cos[:, None], sin[:, None], inverse=True).view(t, self.groups, -1)
+        if active(o):   # batch-invariant: one fixed-order GEMM per group instead of torch's batched GEMM
+            z = torch.stack([linear(o[:, g], self.wo_a[g]) for g in range(self.groups)], dim=1).reshape(t, -1)
+        else:
+            z = torch.einsum("tgd,grd->tgr", o, self.wo_a).reshape(t, -1)
         if self.par is None:
             return self.wo_b(ops, z)
         # this rank's wo_b columns give a partial sum: fp32 out (same FP8 blocks of z), summed over the group

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..invariant import linear
 from .cache import CompressorState
 from .functional import fp4_sim, fp8_sim_nope, hadamard, rms_norm
 from .opcall import OpCaller
@@ -45,7 +46,7 @@ class Compressor:
 
     def project(self, x: Tensor) -> Tensor:
         """Rows ``x [T, dim]`` -> fp32 ``[wkv(x) | wgate(x)]`` [T, 2C] (one matmul for a whole step)."""
-        return x.float() @ self.w_kvg.T
+        return linear(x.float(), self.w_kvg)
 
     def update_ragged(self, ops: OpCaller, x: Tensor, rb: RaggedLayer, states: list[CompressorState],
                       outs: list[Tensor], out_offset: int, rope: RopeTable) -> list[int]:

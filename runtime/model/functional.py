@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..formats import fp4_fake_quant, fp8_fake_quant
+from ..invariant import linear
 
 __all__ = ["rms_norm", "head_rms_norm", "hadamard", "fp8_sim_nope", "fp4_sim", "hadamard_matrix", "PRECISIONS",
            "check_precision"]
@@ -40,10 +41,13 @@ def head_rms_norm(q: Tensor, eps: float, precision: str) -> Tensor:
     """The weightless per-head RMS norm of the queries (spec 3.1), ``q * rsqrt(mean(q^2) + eps)``.
 
     ``release``: computed on q's own dtype, step by step, as the released code does on its bf16 tensor
-    (``q *= torch.rsqrt(q.square().mean(-1, keepdim=True) + eps)``); ``fp32``: in float32, rounded once."""
+    (``q *= torch.rsqrt(q.square().mean(-1, keepdim=True) + eps)``); ``fp32``: in float32, rounded once.
+    The rsqrt is taken in float32 and rounded once, as a GPU does: torch's CPU bf16 rsqrt rounds the
+    sqrt first in the scalar remainder of its loop, so a row's value depended on how many rows were there."""
     if check_precision(precision) == "fp32":
         return rms_norm(q, None, eps)
-    return q * torch.rsqrt(q.square().mean(-1, keepdim=True) + eps)
+    r = q.square().mean(-1, keepdim=True) + eps
+    return q * torch.rsqrt(r.float()).to(q.dtype)
 
 
 @functools.lru_cache(maxsize=8)
@@ -69,8 +73,9 @@ def hadamard_matrix(n: int, device: torch.device) -> Tensor:
 
 def hadamard(x: Tensor) -> Tensor:
     """``rotate_activation``: the normalised Walsh-Hadamard transform over the last dim (the
-    ``fast_hadamard_transform`` ordering, scale ``n^-0.5``), float32 math, x's dtype out."""
-    return (x.float() @ hadamard_matrix(x.shape[-1], x.device)).to(x.dtype)
+    ``fast_hadamard_transform`` ordering, scale ``n^-0.5``), float32 math, x's dtype out (the matrix is
+    symmetric: ``x @ H = x @ H.T``, a batch-invariant :func:`~dsv4rt.invariant.linear`)."""
+    return linear(x.float(), hadamard_matrix(x.shape[-1], x.device)).to(x.dtype)
 
 
 def fp8_sim_nope(x: Tensor, rope_dim: int) -> Tensor:

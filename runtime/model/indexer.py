@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..invariant import active, linear
 from .cache import LayerCache
 from .compressor import Compressor
 from .config import ModelConfig
@@ -45,21 +46,25 @@ class Indexer:
 
     def ragged(self, ops: OpCaller, x: Tensor, qr: Tensor, rb: RaggedLayer, rope: RopeTable) -> Tensor:
         """A ragged step (see ragged.py): x [T, dim], qr [T, q_lora] -> idx [T, topk] int32 as ``__call__``;
-        one ``indexer_topk`` call for all decode rows, one per prefill chunk."""
+        one ``indexer_topk`` call for all decode rows (one each in the batch-invariant mode), one per prefill
+        chunk."""
         q = self._queries(ops, qr, rope.at(rb.positions))
         n = self.compressor.update_ragged(ops, x, rb, [lc.index_comp for lc in rb.caches],
                                           [lc.index_keys for lc in rb.caches], 0, rope)
         w = self._weights(ops, x)
         visible = self._visible(rb.positions)
         out = torch.full((x.shape[0], self.topk), -1, dtype=torch.int32, device=x.device)
-        if rb.decode:
+        # batch-invariant: a decode row gets a call of its own, as a prefill chunk does (a shared call's key
+        # count is the largest bucket of the batch, and a plain-torch indexer's sums depend on it)
+        alone = rb.prefill + (rb.decode if active(x) else [])
+        if rb.decode and not active(x):
             rows = rb.decode_rows
             bucket = max(self._bucket(n[i], rb.caches[i]) for i in rb.decode)
             keys = torch.cat([rb.caches[i].index_keys[:, :bucket] for i in rb.decode])
             top = self._topk(ops, q[rows].unsqueeze(1), keys, w[rows].unsqueeze(1).contiguous(),
                              visible[rows].unsqueeze(1).contiguous())
             out[rows] = top[:, 0]
-        for i in rb.prefill:
+        for i in alone:
             r, lc = rb.rows(i), rb.caches[i]
             keys = lc.index_keys[:, :self._bucket(n[i], lc)]
             out[r] = self._topk(ops, q[r].unsqueeze(0), keys, w[r].unsqueeze(0).contiguous(),
@@ -75,8 +80,8 @@ class Indexer:
 
     def _weights(self, ops: OpCaller, x: Tensor) -> Tensor:
         if ops.precision == "release":   # the release scales the bf16 projection in bf16
-            return ((x @ self.weights_proj.T) * self.weight_scale).float()
-        return (x @ self.weights_proj.T).float() * self.weight_scale
+            return (linear(x, self.weights_proj) * self.weight_scale).float()
+        return linear(x, self.weights_proj).float() * self.weight_scale
 
     def _visible(self, positions: Tensor) -> Tensor:
         return torch.div(positions + 1, self.ratio, rounding_mode="floor").to(torch.int32)

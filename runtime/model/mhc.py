@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..invariant import active, linear, pointwise
+
 __all__ = ["HcParams", "hc_mixes", "sinkhorn_split", "hc_pre", "hc_post", "hc_head"]
 
 
@@ -23,15 +25,15 @@ def hc_mixes(x: Tensor, p: HcParams, norm_eps: float) -> tuple[Tensor, Tensor]:
     """(xf [T, hc*dim] float32, mixes [T, mix] = (xf @ fn^T) * rsqrt(mean(xf^2) + eps))."""
     xf = x.flatten(1).float()
     r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
-    return xf, (xf @ p.fn.T) * r
+    return xf, linear(xf, p.fn) * r
 
 
 def sinkhorn_split(mixes: Tensor, p: HcParams, hc: int, iters: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """pre [T, hc] = sigmoid + eps, post [T, hc] = 2 sigmoid, comb [T, hc, hc] (row i = source stream):
     softmax over j + eps, then column / row normalisation, ``iters`` column passes in total."""
     s = p.scale
-    pre = torch.sigmoid(mixes[:, :hc] * s[0] + p.base[:hc]) + eps
-    post = 2 * torch.sigmoid(mixes[:, hc:2 * hc] * s[1] + p.base[hc:2 * hc])
+    pre = pointwise(torch.sigmoid, mixes[:, :hc] * s[0] + p.base[:hc]) + eps
+    post = 2 * pointwise(torch.sigmoid, mixes[:, hc:2 * hc] * s[1] + p.base[hc:2 * hc])
     comb = (mixes[:, 2 * hc:] * s[2] + p.base[2 * hc:]).view(-1, hc, hc)
     comb = torch.softmax(comb, dim=-1) + eps
     comb = comb / (comb.sum(-2, keepdim=True) + eps)
@@ -50,13 +52,21 @@ def hc_pre(x: Tensor, p: HcParams, hc: int, iters: int, eps: float, norm_eps: fl
 
 
 def hc_post(f: Tensor, residual: Tensor, post: Tensor, comb: Tensor) -> Tensor:
-    """``X'_j = post_j * f + sum_i comb[i, j] * X_i`` in float32, returned in f's dtype ([T, hc, dim])."""
-    mixed = torch.einsum("tij,tid->tjd", comb, residual.float())
+    """``X'_j = post_j * f + sum_i comb[i, j] * X_i`` in float32, returned in f's dtype ([T, hc, dim]). In the
+    batch-invariant mode the sum over i runs elementwise in order i = 0, 1, .. (an einsum is a batched GEMM
+    whose kernel torch picks by T)."""
+    r = residual.float()
+    if active(r):
+        mixed = comb[:, 0, :, None] * r[:, 0, None, :]
+        for i in range(1, comb.shape[1]):
+            mixed = mixed + comb[:, i, :, None] * r[:, i, None, :]
+    else:
+        mixed = torch.einsum("tij,tid->tjd", comb, r)
     return (post.unsqueeze(-1) * f.float().unsqueeze(1) + mixed).to(f.dtype)
 
 
 def hc_head(x: Tensor, p: HcParams, eps: float, norm_eps: float) -> Tensor:
     """The output head's merge: ``pre = sigmoid(mixes * scale + base) + eps``, ``y = sum_i pre_i X_i``."""
     xf, mixes = hc_mixes(x, p, norm_eps)
-    pre = torch.sigmoid(mixes * p.scale + p.base) + eps
+    pre = pointwise(torch.sigmoid, mixes * p.scale + p.base) + eps
     return (pre.unsqueeze(-1) * xf.view(x.shape)).sum(1).to(x.dtype)

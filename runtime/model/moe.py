@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..invariant import linear, pointwise
 from .config import ModelConfig
 from .opcall import OpCaller
 from .weights import Fp8Linear, Loader
@@ -21,7 +22,7 @@ def swiglu(g: Tensor, u: Tensor, limit: float) -> Tensor:
     if limit > 0:
         u = torch.clamp(u, -limit, limit)
         g = torch.clamp(g, max=limit)
-    return F.silu(g) * u
+    return pointwise(F.silu, g) * u
 
 
 class MoE:
@@ -48,7 +49,7 @@ class MoE:
 
     def route(self, ops: OpCaller, x: Tensor, token_ids: Tensor) -> tuple[Tensor, Tensor]:
         """(ids [T, topk] int32, weights [T, topk] float32) of tokens x [T, dim]."""
-        logits = x.float() @ self.gate.T
+        logits = linear(x.float(), self.gate)
         hash_ids = self.tid2eid[token_ids] if self.hash else None
         return ops.moe_route(logits, self.bias, self.topk, self.route_scale, hash_ids)
 

@@ -11,6 +11,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
+from ..invariant import linear
 from .block import Block, MTPBlock, load_hc
 from .cache import KVCache
 from .config import SWA, ModelConfig
@@ -110,7 +111,7 @@ class Transformer:
         y = y.view(b, s, -1)
         if not all_logits:
             y = y[:, -1]
-        logits = y.float() @ self.head.T
+        logits = linear(y.float(), self.head)
         return logits if self._tp is None else self._tp.gather_vocab(logits, self.cfg.vocab_size)
 
     @torch.inference_mode()
