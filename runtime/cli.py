@@ -98,6 +98,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 # ---- run -------------------------------------------------------------------------------------------
 
+def add_batch_invariant(p: argparse.ArgumentParser) -> None:
+    """``--batch-invariant`` / ``--no-batch-invariant`` (default: DSV4RT_BATCH_INVARIANT, itself on by default)."""
+    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
+                   help="on the CPU, compute every row (token) so that its result never depends on the rest of the "
+                   "batch: temperature-0 output is the same alone and in any batch (default on, "
+                   "DSV4RT_BATCH_INVARIANT; --no-batch-invariant takes the fastest kernel per shape instead)")
+
+
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="generate text with DeepSeek-V4 on a backend (default: the tiny preset)",
                        description="Load a checkpoint in the released format (or the tiny preset's synthetic "
@@ -126,6 +134,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="release (default): round where the released code computes in bf16 (per-head q norm, "
                    "attention P before P.V, indexer scores); fp32: keep those in fp32")
     p.add_argument("--prefill-chunk", type=int, metavar="N", help="prefill in chunks of N tokens")
+    add_batch_invariant(p)
     p.add_argument("--layers", type=int, metavar="N", help="layers of --preset flash-slice (default 4; the first "
                    "layers of each kind, so a short slice still runs the indexer and compressors)")
     p.add_argument("--experts", type=int, metavar="N", help="routed experts of --preset flash-slice (default 256; "

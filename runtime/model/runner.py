@@ -12,7 +12,7 @@ from typing import Any, Iterator, TextIO
 
 import torch
 
-from .. import env
+from .. import env, invariant
 from ..errors import BackendSelectionError
 from .config import ModelConfig, preset
 from .generate import GenerationResult, generate
@@ -46,6 +46,7 @@ class RunOptions:
     tp: int | None = None          # tensor-parallel size of attention (None: the largest the config allows)
     ep: int | None = None          # expert-parallel size of the MoE (None: the largest the config allows)
     tokenizer: str | None = None   # --tokenizer: a tokenizer.json, or a folder holding one
+    batch_invariant: bool | None = None   # --[no-]batch-invariant (None: DSV4RT_BATCH_INVARIANT, see dsv4rt.invariant)
 
 
 def resolve_device(backend: str) -> tuple[torch.device, str | None]:
@@ -214,7 +215,7 @@ def _run(opts: RunOptions, out: TextIO, distributed: bool) -> int:
     if distributed:
         device = init_from_env(device)
     t0 = time.perf_counter()
-    with _cpu_threads(device):
+    with _cpu_threads(device), invariant.mode(opts.batch_invariant):
         model, tok, origin = build_model(opts, device, distributed=distributed)
         load_s = time.perf_counter() - t0
         prompts = _prompts(opts, tok, model.cfg)
@@ -292,4 +293,5 @@ def options_from_args(args: Any) -> RunOptions:
                       seed=args.seed, check=args.check, dtype=args.dtype, precision=args.precision,
                       prefill_chunk=args.prefill_chunk,
                       layers=args.layers, experts=args.experts, convert_fp8=args.convert_fp8,
-                      progress=not args.quiet, tp=args.tp, ep=args.ep, tokenizer=args.tokenizer)
+                      progress=not args.quiet, tp=args.tp, ep=args.ep, tokenizer=args.tokenizer,
+                      batch_invariant=args.batch_invariant)

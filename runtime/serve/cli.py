@@ -41,6 +41,7 @@ class ServeOptions:
     prefill_chunk: int = 512
     model_name: str | None = None
     tokenizer: str | None = None
+    batch_invariant: bool | None = None   # None: DSV4RT_BATCH_INVARIANT (see dsv4rt.invariant)
 
 
 @dataclass
@@ -59,7 +60,8 @@ class Served:
         gib = pool.n_slots * pool.slot_bytes / 2 ** 30
         return (f"dsv4rt serve: model {self.model_name} ({self.origin}), backend {self.backend} on "
                 f"{e.model.device}, KV pool {pool.n_slots} slots x {pool.slot_bytes / 2 ** 20:.2f} MiB "
-                f"({pool.max_seq_len} tokens each) = {gib:.3g} GiB, chat template {self.template.kind}, "
+                f"({pool.max_seq_len} tokens each) = {gib:.3g} GiB, batch-invariant "
+                f"{'on' if e.batch_invariant_on() else 'off'}, chat template {self.template.kind}, "
                 f"listening on {url}")
 
 
@@ -100,7 +102,8 @@ def build_server(o: ServeOptions) -> Served:
         pool = KVPool(model, budget, max_seq_len)
     except ValueError as exc:
         raise ServeConfigError(f"{exc}; raise --kv-cache-gib or lower --max-seq-len") from None
-    engine = Engine(model, tok, pool, max_queue=o.max_queue, prefill_chunk=o.prefill_chunk, backend=choice)
+    engine = Engine(model, tok, pool, max_queue=o.max_queue, prefill_chunk=o.prefill_chunk, backend=choice,
+                    batch_invariant=o.batch_invariant)
     name = o.model_name or (os.path.basename(os.path.normpath(o.checkpoint)) if o.checkpoint
                             else f"dsv4-{o.preset or 'tiny'}")
     label = o.backend if choice is None or o.backend != "auto" else choice
@@ -127,6 +130,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="requests waiting for a slot before new ones get 503 (default 256)")
     p.add_argument("--prefill-chunk", type=int, default=512, metavar="N",
                    help="prompt tokens prefilled per engine step (default 512)")
+    from ..cli import add_batch_invariant
+
+    add_batch_invariant(p)
 
 
 def _options(args: argparse.Namespace, **over: Any) -> ServeOptions:

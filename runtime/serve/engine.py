@@ -8,10 +8,11 @@ complete samples its next token from that step's logits. It leaves, freeing its 
 EOS, a stop string, or when cancelled (seen at the next step). An exception inside a step fails the
 requests of that step (an ``error`` event with status 500, slots freed); the loop carries on.
 
-Every model call happens on the engine thread, inside ``torch.inference_mode``, the backend choice and,
-on the CPU, one torch thread (see ``runner._cpu_threads``). Results go back through each request's
-``sink`` callable, called on the engine thread with :class:`Event` objects; ``submit_async`` makes a sink
-that hands them to an ``asyncio.Queue`` with ``loop.call_soon_threadsafe``.
+Every model call happens on the engine thread, inside ``torch.inference_mode``, the backend choice, the
+batch-invariant setting (:mod:`dsv4rt.invariant`: on by default, so a request's greedy output does not
+depend on what else runs) and, on the CPU, one torch thread (see ``runner._cpu_threads``). Results go
+back through each request's ``sink`` callable, called on the engine thread with :class:`Event` objects;
+``submit_async`` makes a sink that hands them to an ``asyncio.Queue`` with ``loop.call_soon_threadsafe``.
 """
 from __future__ import annotations
 
@@ -88,14 +89,16 @@ class Handle:
 
 class Engine:
     """``Engine(model, tokenizer, pool)``; ``start()`` runs the loop thread, ``stop()`` ends it.
-    ``backend``: a ``use_backend`` choice held around the model calls (None: automatic)."""
+    ``backend``: a ``use_backend`` choice held around the model calls (None: automatic);
+    ``batch_invariant``: :func:`dsv4rt.invariant.mode` around them (None: DSV4RT_BATCH_INVARIANT)."""
 
     def __init__(self, model: Any, tokenizer: Any, pool: Any, max_queue: int = 256, prefill_chunk: int = 512,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, batch_invariant: bool | None = None) -> None:
         if max_queue < 0 or prefill_chunk < 1:
             raise ValueError(f"Engine: max_queue {max_queue} must be >= 0 and prefill_chunk {prefill_chunk} >= 1")
         self.model, self.tokenizer, self.pool = model, tokenizer, pool
         self.max_queue, self.prefill_chunk, self.backend = max_queue, prefill_chunk, backend
+        self.batch_invariant = batch_invariant
         self.counters = Counters()
         self.steps = 0
         self._cv = threading.Condition()
@@ -106,6 +109,13 @@ class Engine:
         self._stopping = False
 
     # ---- any thread ------------------------------------------------------------------------------
+
+    def batch_invariant_on(self) -> bool:
+        """Whether the engine's model calls run in the batch-invariant mode (the CPU only)."""
+        from .. import invariant
+
+        with invariant.mode(self.batch_invariant):
+            return invariant.enabled() and self.model.device.type == "cpu"
 
     @property
     def alive(self) -> bool:
@@ -189,10 +199,11 @@ class Engine:
     # ---- the engine thread -----------------------------------------------------------------------
 
     def _loop(self) -> None:
+        from .. import invariant
         from ..model.runner import _cpu_threads, _use
 
         use = contextlib.nullcontext() if self.backend is None else _use(self.backend)
-        with torch.inference_mode(), _cpu_threads(self.model.device), use:
+        with torch.inference_mode(), _cpu_threads(self.model.device), use, invariant.mode(self.batch_invariant):
             while True:
                 with self._cv:
                     while not self._stopping and not self._waiting and not self._running:
