@@ -5,8 +5,9 @@ the engine admits waiting requests while KV slots are free, then runs ONE ``forw
 running sequence: a decode token for each that has finished its prompt, and prefill chunks (at most
 ``prefill_chunk`` prompt tokens per step in all) for those still prefilling. A sequence whose prompt is
 complete samples its next token from that step's logits. It leaves, freeing its slot, at ``max_tokens``,
-EOS, a stop string, or when cancelled (seen at the next step). An exception inside a step fails the
-requests of that step (an ``error`` event with status 500, slots freed); the loop carries on.
+EOS, a stop string, or when cancelled (seen at the next step). An exception inside the model call fails
+the requests of that step (an ``error`` event with status 500, slots freed); one raised by a sequence's
+sampling or detokenisation fails that sequence alone; the loop carries on.
 
 Every model call happens on the engine thread, inside ``torch.inference_mode``, the backend choice, the
 batch-invariant setting (:mod:`dsv4rt.invariant`: on by default, so a request's greedy output does not
@@ -22,14 +23,14 @@ import itertools
 import logging
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
 
 from .metrics import Counters
 from .protocol import ApiError
-from .sampling import SamplingParams, TextStream, make_generator, sample_batch
+from .sampling import SamplingParams, TextStream, make_generator, sample_rows
 
 __all__ = ["Event", "Sequence", "Handle", "Engine"]
 
@@ -38,11 +39,13 @@ log = logging.getLogger("dsv4rt.serve")
 
 @dataclass
 class Event:
-    """What the engine reports of a request: ``token`` (new ``text``), ``done`` (``finish_reason``
-    "stop" / "length", ``usage``) or ``error`` (``status``, ``message``)."""
+    """What the engine reports of a request: ``token`` (new ``text``; ``sampled``: the token and, when the
+    request asks for logprobs, its :class:`~.logits.Sampled` log-probabilities, one event per token then),
+    ``done`` (``finish_reason`` "stop" / "length", ``usage``) or ``error`` (``status``, ``message``)."""
 
     kind: str
     text: str = ""
+    sampled: Any = None
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
     status: int = 500
@@ -145,10 +148,13 @@ class Engine:
     def submit(self, prompt: list[int], params: SamplingParams, sink: Callable[[Event], None],
                param: str = "prompt") -> Sequence:
         """Queue a request; raises :class:`ApiError` 400 when prompt + max_tokens exceed a slot
-        (``param`` names the prompt's field), 503 when the queue is full or the engine stopped."""
+        (``param`` names the prompt's field), 503 when the queue is full or the engine stopped.
+        ``max_tokens`` None: up to the slot's length (at least one token)."""
         cap = self.pool.max_seq_len
         if not prompt:
             raise ApiError(400, "the prompt is empty", param)
+        if params.max_tokens is None:
+            params = replace(params, max_tokens=max(cap - len(prompt), 1))
         if len(prompt) + params.max_tokens > cap:
             self.counters.request("rejected")
             raise ApiError(400, f"This model's maximum context length is {cap} tokens; this request asks for "
@@ -251,14 +257,6 @@ class Engine:
         try:
             tokens = [torch.tensor(t, dtype=torch.long, device=dev) for _, t in batch]
             logits = self.model.forward_ragged(tokens, [s.cache for s, _ in batch])
-            prefilled = 0
-            for s, t in batch:
-                if s.fed < len(s.prompt):
-                    s.fed += len(t)
-                    prefilled += len(t)
-            rows = [i for i, (s, _) in enumerate(batch) if s.fed >= len(s.prompt)]
-            ids = sample_batch(logits[rows], [batch[i][0].params for i in rows],
-                               [batch[i][0].generator for i in rows]) if rows else []
         except Exception as exc:
             log.exception("dsv4rt serve: step %d failed for %d requests", self.steps, len(batch))
             for s, _ in batch:
@@ -266,16 +264,30 @@ class Engine:
             return
         finally:
             self.steps += 1
-        self.counters.tokens(prompt=prefilled, generated=len(ids))
-        for i, tid in zip(rows, ids):
-            s = batch[i][0]
+        prefilled = 0
+        for s, t in batch:
+            if s.fed < len(s.prompt):
+                s.fed += len(t)
+                prefilled += len(t)
+        rows = [i for i, (s, _) in enumerate(batch) if s.fed >= len(s.prompt)]
+        seqs = [batch[i][0] for i in rows]
+        try:                                 # sample_rows isolates its rows; this guards its set-up
+            got = sample_rows(logits[rows], [s.params for s in seqs], [s.generator for s in seqs],
+                              [s.prompt for s in seqs], [s.generated for s in seqs]) if rows else []
+        except Exception as exc:
+            got = [exc] * len(seqs)
+        self.counters.tokens(prompt=prefilled, generated=sum(not isinstance(g, Exception) for g in got))
+        for s, g in zip(seqs, got):
             try:
-                self._token(s, tid)
+                if isinstance(g, Exception):
+                    raise g
+                self._token(s, g)
             except Exception as exc:
-                log.exception("dsv4rt serve: request %d failed after sampling", s.id)
+                log.exception("dsv4rt serve: request %d failed in sampling or detokenisation", s.id)
                 self._fail(s, 500, f"the engine failed on this request: {type(exc).__name__}: {exc}")
 
-    def _token(self, s: Sequence, tid: int) -> None:
+    def _token(self, s: Sequence, sampled: Any) -> None:
+        tid = sampled.token
         s.generated.append(tid)
         reason = None
         if tid == self.tokenizer.eos_id and not s.params.ignore_eos:
@@ -286,8 +298,8 @@ class Engine:
                 reason = "stop"
             elif len(s.generated) >= s.params.max_tokens:
                 delta, reason = delta + s.text.flush(), "length"
-        if delta:
-            self._send(s, Event("token", text=delta))
+        if delta or s.params.logprobs is not None:
+            self._send(s, Event("token", text=delta, sampled=sampled))
         if reason is not None:
             self._send(s, Event("done", finish_reason=reason, usage=s.usage()))
             with self._cv:

@@ -131,3 +131,40 @@ def test_a_failing_step_fails_its_requests_and_the_engine_carries_on(built, monk
         assert ev.kind == "done" and ev.usage["completion_tokens"] == GREEDY.max_tokens
     finally:
         e.stop()
+
+
+def test_a_sequence_whose_sampling_raises_fails_alone(built):
+    """Parameters that make sampling raise (a logit_bias id beyond the vocabulary, which the API refuses but
+    the engine must survive) fail that sequence only; a seeded bystander sampling in the same steps gets
+    exactly what it gets alone, and the engine goes on."""
+    bystander = SamplingParams(max_tokens=12, temperature=0.9, top_k=40, seed=11, ignore_eos=True)
+    prompt = [0, 40, 41, 42]
+    e = _engine(built, slots=2).start()
+    try:
+        alone = _run(e, prompt, bystander)
+        bad = SamplingParams(max_tokens=12, temperature=0, logit_bias=((10 ** 6, 1.0),))
+        huge_k = SamplingParams(max_tokens=12, temperature=1.0, top_k=2 ** 63, seed=3, ignore_eos=True)
+        sinks = [_Sink(), _Sink(), _Sink()]
+        e.submit(prompt, bystander, sinks[0])
+        e.submit([0, 50, 51], bad, sinks[1])
+        text, ev = sinks[1].result()
+        assert ev.kind == "error" and ev.status == 500 and text == ""
+        e.submit([0, 60], huge_k, sinks[2])                  # top_k past int64: clamped to the vocabulary
+        assert sinks[0].result() == alone and alone[1].kind == "done"
+        assert sinks[2].result()[1].usage["completion_tokens"] == 12
+        snap = _wait_idle(e)
+        assert snap["requests"]["error"] == 1 and snap["requests"]["ok"] == 3 and e.alive
+    finally:
+        e.stop()
+
+
+def test_max_tokens_none_runs_to_the_context_limit(built):
+    e = _engine(built, slots=1).start()
+    try:
+        text, ev = _run(e, [0, 5, 6, 7], SamplingParams(temperature=0, ignore_eos=True))
+        assert ev.finish_reason == "length" and ev.usage["completion_tokens"] == 256 - 4
+        with pytest.raises(ApiError) as ei:
+            e.submit([0] * 256, SamplingParams(), _Sink())       # no room for one token
+        assert ei.value.status == 400
+    finally:
+        e.stop()
