@@ -1,11 +1,13 @@
 """The HTTP side of ``dsv4rt serve``: a Starlette app over an :class:`~.engine.Engine`, and its uvicorn launch.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON, or server-sent events with
-``"stream": true``: ``data: {chunk}\\n\\n`` lines in OpenAI's chunk format, then ``data: [DONE]\\n\\n``),
-``GET /v1/models``, ``GET /health`` (503 when the engine loop is not alive), ``GET /metrics`` (Prometheus
-text). Every error is an OpenAI error body; with an API key every ``/v1`` request needs
-``Authorization: Bearer KEY`` (``/health`` and ``/metrics`` stay open). A client that disconnects cancels
-its request (streaming or not), which frees its KV slot at the engine's next step.
+``"stream": true``: ``data: {chunk}\\n\\n`` lines in OpenAI's chunk format, then ``data: [DONE]\\n\\n``;
+see :mod:`.respond`), ``GET /v1/models`` and ``/v1/models/{id}``, ``POST /tokenize`` and ``/detokenize``
+(vLLM's), ``GET /version``, ``GET /health`` (503 when the engine loop is not alive), ``GET /metrics``
+(Prometheus text). Every error is an OpenAI error body; with an API key every ``/v1`` request and
+``/tokenize`` / ``/detokenize`` need ``Authorization: Bearer KEY`` (``/health``, ``/metrics`` and
+``/version`` stay open). A client that disconnects cancels its request (streaming or not), which frees its
+KV slots at the engine's next step.
 
 With a DeepSeek-V4 chat format the completion goes through the format's parser: the message gets
 ``reasoning_content`` and ``tool_calls`` (finish_reason ``tool_calls`` when it stopped after calling), and
@@ -13,59 +15,33 @@ the stream sends ``delta.reasoning_content``, ``delta.content`` and ``delta.tool
 """
 from __future__ import annotations
 
-import asyncio
+import copy
 import hmac
-import json
 import socket
 import threading
 import time
-import uuid
 from dataclasses import replace
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from .chat import ChatTemplate, MessageError
-from .engine import Engine, Event, Handle
+from .engine import Engine
+from .logprobs import TokenText
 from .metrics import render
-from .protocol import ApiError, error_body, parse_chat, parse_completion
+from .protocol import ApiError, error_body, parse_chat, parse_completion, parse_json
+from .respond import Spec, Sub, respond
+from .sampling import SamplingParams
+from .tokenizing import parse_detokenize, parse_tokenize
 
 __all__ = ["build_app", "BackgroundServer", "bind_socket", "serve_forever"]
 
-_POLL_S = 0.5   # how often a waiting handler checks whether its client went away
-
-
 def _error(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-class _Waiter:
-    """A handle's events for a handler that is not streaming yet: every ``_POLL_S`` seconds it checks
-    whether the client went away, and then cancels the request (``next`` gives None)."""
-
-    def __init__(self, handle: Handle, request: Request) -> None:
-        self.handle, self.request, self.checked = handle, request, time.monotonic()
-
-    async def next(self) -> Event | None:
-        """The next event, or None once the client has disconnected."""
-        while True:
-            if time.monotonic() - self.checked >= _POLL_S:
-                self.checked = time.monotonic()
-                if await self.request.is_disconnected():
-                    self.handle.cancel()
-                    return None
-            try:
-                return await self.handle.next(_POLL_S)
-            except asyncio.TimeoutError:
-                pass
 
 
 class _Api:
@@ -74,6 +50,7 @@ class _Api:
     def __init__(self, engine: Engine, model_name: str, api_key: str | None, template: ChatTemplate) -> None:
         self.engine, self.model_name, self.api_key, self.template = engine, model_name, api_key, template
         self.created = int(time.time())
+        self.tt = TokenText(engine.tokenizer)
 
     def endpoint(self, fn: Callable[[Request], Awaitable[Response]], v1: bool = True) -> Callable:
         """``fn`` with the API key check and ApiError -> OpenAI error response."""
@@ -89,12 +66,9 @@ class _Api:
                 return _error(e)
         return handler
 
-    async def _body(self, request: Request) -> Any:
-        try:
-            return json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as exc:
-            self.engine.counters.request("invalid")
-            raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+    async def _json(self, request: Request) -> Any:
+        raw = await request.body()
+        return self._validate(lambda: parse_json(raw))
 
     def _validate(self, parse: Callable[[], Any]) -> Any:
         try:
@@ -103,105 +77,85 @@ class _Api:
             self.engine.counters.request("invalid")
             raise
 
+    def _spec(self, chat: bool, stream: bool, usage: bool, n: int, best_of: int, params: SamplingParams) -> Spec:
+        return Spec(chat, self.model_name, self.tt, stream, usage, n, best_of, params.logprobs is not None)
+
     async def completions(self, request: Request) -> Response:
         """``POST /v1/completions``."""
-        body = await self._body(request)
-        req = self._validate(lambda: parse_completion(body, self.model_name, self.engine.model.cfg.vocab_size))
-        ids = req.prompt if isinstance(req.prompt, list) else self.engine.tokenizer.encode(req.prompt)
-        handle = self.engine.submit_async(ids, req.params, "prompt")
-        return await self._respond(request, handle, req.stream, req.include_usage, chat=False)
+        body = await self._json(request)
+        vocab = self.engine.model.cfg.vocab_size
+        req = self._validate(lambda: parse_completion(body, self.model_name, vocab))
+        spec = self._spec(False, req.stream, req.include_usage, req.n, req.best_of, req.params)
+        params = req.params
+        if req.best_of > req.n and params.logprobs is None:      # ranking needs each token's logprob
+            params = replace(params, logprobs=0)
+        subs = []
+        for p, prompt in enumerate(req.prompts):
+            ids = prompt if isinstance(prompt, list) else self.engine.tokenizer.encode(prompt)
+            echo = "" if not req.echo else prompt if isinstance(prompt, str) else \
+                self.engine.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+            subs += [Sub(ids, _seeded(params, j), p, echo) for j in range(req.best_of)]
+        return await respond(request, self.engine, subs, spec, "prompt")
 
     async def chat(self, request: Request) -> Response:
         """``POST /v1/chat/completions``."""
-        body = await self._body(request)
-        req = self._validate(lambda: parse_chat(body, self.model_name))
+        body = await self._json(request)
+        req = self._validate(lambda: parse_chat(body, self.model_name, self.engine.model.cfg.vocab_size))
+        prompt = self._prepare(req.messages, req.options)
+        params = req.params if prompt.parser is None else replace(req.params, skip_special_tokens=False)
+        subs = [Sub(prompt.ids, _seeded(params, j), 0, "", copy.deepcopy(prompt.parser)) for j in range(req.n)]
+        spec = self._spec(True, req.stream, req.include_usage, req.n, req.n, req.params)
+        return await respond(request, self.engine, subs, spec, "messages")
+
+    def _prepare(self, messages: list[dict[str, Any]], options: Any) -> Any:
         try:
-            prompt = self.template.prepare(req.messages, self.engine.tokenizer, req.options)
+            return self.template.prepare(messages, self.engine.tokenizer, options)
         except MessageError as exc:
             self.engine.counters.request("invalid")
             raise ApiError(400, str(exc), exc.param) from None
-        params = req.params if prompt.parser is None else replace(req.params, skip_special_tokens=False)
-        handle = self.engine.submit_async(prompt.ids, params, "messages")
-        return await self._respond(request, handle, req.stream, req.include_usage, chat=True, parser=prompt.parser)
 
-    def _head(self, rid: str, chat: bool, stream: bool) -> dict[str, Any]:
-        obj = ("chat.completion.chunk" if stream else "chat.completion") if chat else "text_completion"
-        return {"id": rid, "object": obj, "created": int(time.time()), "model": self.model_name}
-
-    async def _respond(self, request: Request, handle: Handle, stream: bool, include_usage: bool,
-                       chat: bool, parser: Any = None) -> Response:
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        waiter = _Waiter(handle, request)
-        first = await waiter.next()
-        if first is None:
-            return Response(status_code=499)                     # the client is gone
-        if first.kind == "error":
-            raise ApiError(first.status, first.message, None, "server_error")
-        if stream:
-            return StreamingResponse(self._stream(request, handle, first, rid, chat, include_usage, parser),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        parts, ev = [], first
-        while ev.kind == "token":
-            parts.append(ev.text)
-            nxt = await waiter.next()
-            if nxt is None:
-                return Response(status_code=499)
-            ev = nxt
-        if ev.kind == "error":
-            raise ApiError(ev.status, ev.message, None, "server_error")
-        text = "".join(parts)
-        if parser is not None:
-            parser.feed(text)
-            parser.finish()
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": _finish(ev.finish_reason, parser)}
-        if parser is not None:
-            choice["message"] = _message(parser)
-        else:
-            choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-        return JSONResponse({**self._head(rid, chat, False), "choices": [choice], "usage": ev.usage})
-
-    async def _stream(self, request: Request, handle: Handle, first: Event, rid: str, chat: bool,
-                      include_usage: bool, parser: Any = None) -> AsyncIterator[str]:
-        head = self._head(rid, chat, True)
-        extra = {"usage": None} if include_usage else {}
-
-        def chunk(text: str | None, finish: str | None, delta: dict[str, Any] | None = None) -> str:
-            if chat:
-                delta = delta if delta is not None else {} if text is None else {"content": text}
-                c: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            else:
-                c = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            return _sse({**head, "choices": [c], **extra})
-
-        try:
-            if chat:
-                yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                 "logprobs": None, "finish_reason": None}], **extra})
-            ev = first
-            while ev.kind == "token":
-                if parser is None:
-                    yield chunk(ev.text, None)
-                else:
-                    for delta in parser.feed(ev.text):
-                        yield chunk(None, None, delta)
-                ev = await handle.next()
-            if ev.kind == "error":
-                yield _sse(error_body(ev.message, "server_error"))
-            else:
-                for delta in parser.finish() if parser is not None else ():
-                    yield chunk(None, None, delta)
-                yield chunk(None, _finish(ev.finish_reason, parser))
-                if include_usage:
-                    yield _sse({**head, "choices": [], "usage": ev.usage})
-            yield "data: [DONE]\n\n"
-        finally:
-            handle.cancel()                                       # no-op when it finished
+    def _model(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "dsv4rt",
+                "max_model_len": self.engine.pool.max_seq_len}
 
     async def models(self, request: Request) -> Response:
         """``GET /v1/models``."""
-        return JSONResponse({"object": "list", "data": [{"id": self.model_name, "object": "model",
-                                                         "created": self.created, "owned_by": "dsv4rt"}]})
+        return JSONResponse({"object": "list", "data": [self._model()]})
+
+    async def model(self, request: Request) -> Response:
+        """``GET /v1/models/{id}`` (404 for another id)."""
+        name = request.path_params["model"]
+        if name != self.model_name:
+            raise ApiError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'",
+                           "model", code="model_not_found")
+        return JSONResponse(self._model())
+
+    async def tokenize(self, request: Request) -> Response:
+        """``POST /tokenize`` (as vLLM's): ``{"prompt"}`` or chat ``{"messages", "tools", ...}`` -> ``{"count",
+        "max_model_len", "tokens", "token_strs"}``."""
+        body = await self._json(request)
+        req = self._validate(lambda: parse_tokenize(body, self.model_name))
+        if req.messages is not None:
+            ids = self._prepare(req.messages, req.options).ids
+        else:
+            ids = self.engine.tokenizer.encode(req.prompt)
+        if not req.add_special_tokens:
+            ids = ids[1:]
+        strs = [self.tt.text(t) for t in ids] if req.return_token_strs else None
+        return JSONResponse({"count": len(ids), "max_model_len": self.engine.pool.max_seq_len, "tokens": ids,
+                             "token_strs": strs})
+
+    async def detokenize(self, request: Request) -> Response:
+        """``POST /detokenize`` (as vLLM's): ``{"tokens": [ids]}`` -> ``{"prompt": text}``."""
+        body = await self._json(request)
+        ids = self._validate(lambda: parse_detokenize(body, self.model_name, self.engine.model.cfg.vocab_size))
+        return JSONResponse({"prompt": self.engine.tokenizer.decode(ids)})
+
+    async def version(self, request: Request) -> Response:
+        """``GET /version``."""
+        from .. import __version__
+
+        return JSONResponse({"version": __version__})
 
     async def health(self, request: Request) -> Response:
         """``GET /health``."""
@@ -215,18 +169,9 @@ class _Api:
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def _finish(reason: str | None, parser: Any) -> str | None:
-    """OpenAI's finish_reason: ``tool_calls`` when a parsed completion stopped after calling tools."""
-    return "tool_calls" if reason == "stop" and parser is not None and parser.tool_calls else reason
-
-
-def _message(parser: Any) -> dict[str, Any]:
-    """The assistant message of a parsed completion (content null when it only called tools)."""
-    msg: dict[str, Any] = {"role": "assistant", "content": parser.content or (None if parser.tool_calls else ""),
-                           "reasoning_content": parser.reasoning}
-    if parser.tool_calls:
-        msg["tool_calls"] = parser.tool_calls
-    return msg
+def _seeded(params: SamplingParams, j: int) -> SamplingParams:
+    """The parameters of a request's j-th sequence: seed + j (as vLLM seeds its n > 1 children)."""
+    return params if j == 0 or params.seed is None else replace(params, seed=params.seed + j)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -248,6 +193,10 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None,
     routes = [Route("/v1/completions", api.endpoint(api.completions), methods=["POST"]),
               Route("/v1/chat/completions", api.endpoint(api.chat), methods=["POST"]),
               Route("/v1/models", api.endpoint(api.models), methods=["GET"]),
+              Route("/v1/models/{model:path}", api.endpoint(api.model), methods=["GET"]),
+              Route("/tokenize", api.endpoint(api.tokenize), methods=["POST"]),
+              Route("/detokenize", api.endpoint(api.detokenize), methods=["POST"]),
+              Route("/version", api.endpoint(api.version, v1=False), methods=["GET"]),
               Route("/health", api.endpoint(api.health, v1=False), methods=["GET"]),
               Route("/metrics", api.endpoint(api.metrics, v1=False), methods=["GET"])]
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _server_error})

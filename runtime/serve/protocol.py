@@ -1,9 +1,11 @@
-"""The OpenAI request protocol: validation of ``/v1/completions`` and ``/v1/chat/completions`` bodies into
-typed parameters, and OpenAI-style error bodies ``{"error": {"message", "type", "param", "code"}}``.
+"""The OpenAI request protocol: a request body (JSON, checked by :func:`parse_json`) validated into a typed
+:class:`CompletionRequest` or :class:`ChatRequest`; errors are OpenAI error bodies ``{"error": {"message",
+"type", "param", "code"}}`` (:mod:`.fields`).
 
-Unknown fields are ignored (clients send many); known fields of the wrong type or out of range are refused
-with 400 and the field's name as ``param``. ``null`` stands for "not given". Beyond OpenAI, ``top_k``
-(0 and -1 disable it), ``ignore_eos`` and ``skip_special_tokens`` (vLLM's extensions) are read.
+Which fields each endpoint takes, and the bounds of the sampling ones, are :mod:`.params`'s: a field it does
+not implement is refused with 400 naming it, never accepted and ignored. Here: the prompt (a string, token
+ids, or an array of either: one completion each), ``n`` and ``best_of`` (1..128 sequences per request in
+all), ``echo``, ``stream`` / ``stream_options``.
 
 Chat requests also take ``tools`` (``[{"type": "function", "function": {"name", "description",
 "parameters"}}]``), ``tool_choice`` ("none", "auto", "required" or ``{"type": "function", "function":
@@ -19,40 +21,70 @@ from dataclasses import dataclass
 from typing import Any
 
 from .chat import ChatOptions, MessageError, validate_messages
+from .fields import ApiError, bad, error_body, get, get_bool, get_int, in_range, type_name
+from .params import MAX_SEQUENCES, check_fields, sampling
 from .sampling import SamplingParams
 
-__all__ = ["ApiError", "error_body", "CompletionRequest", "ChatRequest", "parse_completion", "parse_chat"]
+__all__ = ["ApiError", "error_body", "CompletionRequest", "ChatRequest", "parse_json", "check_json",
+           "parse_completion", "parse_chat", "MAX_DEPTH"]
+
+MAX_DEPTH = 64
+"""Nesting depth a request body may have (a JSON schema of tool parameters is far shallower)."""
+
+_bad, _type_name, _get = bad, type_name, get
 
 
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
-    """The OpenAI error object."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
 
 
-class ApiError(Exception):
-    """A request refused with an HTTP status and an OpenAI error body."""
+def parse_json(raw: bytes) -> Any:
+    """The JSON value of a request body, checked by :func:`check_json` (400 when it is not JSON, holds NaN
+    or Infinity, nests deeper than ``MAX_DEPTH`` or holds a lone UTF-16 surrogate)."""
+    try:
+        obj = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}"[:300]) from None
+    except RecursionError:
+        raise ApiError(400, f"the request body nests deeper than {MAX_DEPTH} levels") from None
+    check_json(obj)
+    return obj
 
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 type_: str = "invalid_request_error", code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
-        self.headers = headers or {}
 
-    def body(self) -> dict[str, Any]:
-        """The JSON body to send."""
-        return error_body(self.message, self.type, self.param, self.code)
+def check_json(obj: Any) -> None:
+    """Refuse (400) a value nested deeper than ``MAX_DEPTH`` or holding a string (or key) that is not valid
+    Unicode text (a lone surrogate, which JSON's ``\\ud800`` escapes can write); ``param`` names where."""
+    stack: list[tuple[Any, str, int]] = [(obj, "", 0)]
+    while stack:
+        v, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ApiError(400, f"the request body nests deeper than {MAX_DEPTH} levels", path.split("[")[0] or None)
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(400, f"{path or 'the body'} holds a lone UTF-16 surrogate, which is not text",
+                               path or None) from None
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                stack.append((k, path, depth + 1))
+                stack.append((x, f"{path}.{k}" if path else str(k), depth + 1))
+        elif isinstance(v, list):
+            stack.extend((x, f"{path}[{i}]", depth + 1) for i, x in enumerate(v))
 
 
 @dataclass
 class CompletionRequest:
-    """A validated ``/v1/completions`` body: the prompt as text or token ids."""
+    """A validated ``/v1/completions`` body: one or more prompts (text or token ids), each generating
+    ``best_of`` sequences of which the ``n`` best come back (best_of = n: all)."""
 
-    prompt: str | list[int]
+    prompts: list[str | list[int]]
     params: SamplingParams
     stream: bool = False
     include_usage: bool = False
+    n: int = 1
+    best_of: int = 1
+    echo: bool = False
 
 
 @dataclass
@@ -64,38 +96,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     options: ChatOptions = ChatOptions()
-
-
-def _bad(param: str | None, message: str) -> ApiError:
-    return ApiError(400, message, param)
-
-
-def _type_name(v: Any) -> str:
-    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
-            dict: "object", type(None): "null"}.get(type(v), type(v).__name__)
-
-
-def _get(body: dict[str, Any], name: str, kinds: tuple[type, ...], what: str) -> Any:
-    """body[name] when given and not null, checked against ``kinds`` (bool is never a number)."""
-    v = body.get(name)
-    if v is None:
-        return None
-    if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
-        raise _bad(name, f"'{name}' must be {what}, got {_type_name(v)} {v!r}"[:300])
-    return v
-
-
-def _int(body: dict[str, Any], name: str) -> int | None:
-    return _get(body, name, (int,), "an integer")
-
-
-def _number(body: dict[str, Any], name: str) -> float | None:
-    v = _get(body, name, (int, float), "a number")
-    return None if v is None else float(v)
-
-
-def _bool(body: dict[str, Any], name: str) -> bool | None:
-    return _get(body, name, (bool,), "a boolean")
+    n: int = 1
 
 
 def check_model(body: dict[str, Any], model_name: str) -> None:
@@ -105,50 +106,21 @@ def check_model(body: dict[str, Any], model_name: str) -> None:
         raise ApiError(404, f"The model '{model}' does not exist; this server serves '{model_name}'", "model")
 
 
-def _sampling(body: dict[str, Any], max_tokens_names: tuple[str, ...]) -> SamplingParams:
-    max_tokens, name = 16, max_tokens_names[0]
-    for n in max_tokens_names:
-        v = _int(body, n)
-        if v is not None:
-            max_tokens, name = v, n
-            break
-    if max_tokens < 1:
-        raise _bad(name, f"'{name}' must be >= 1, got {max_tokens}")
-    temperature = _number(body, "temperature")
-    temperature = 1.0 if temperature is None else temperature
-    if not 0 <= temperature <= 2:
-        raise _bad("temperature", f"'temperature' must be in [0, 2], got {temperature:g}")
-    top_p = _number(body, "top_p")
-    top_p = 1.0 if top_p is None else top_p
-    if not 0 < top_p <= 1:
-        raise _bad("top_p", f"'top_p' must be in (0, 1], got {top_p:g}")
-    top_k = _int(body, "top_k")
-    top_k = -1 if top_k is None else top_k
-    if top_k < -1:
-        raise _bad("top_k", f"'top_k' must be >= 1, or 0 / -1 to disable it; got {top_k}")
-    n = _int(body, "n")
-    if n is not None and n != 1:
-        raise _bad("n", f"'n' must be 1 (one choice per request), got {n}")
-    seed = _int(body, "seed")
-    stop = body.get("stop")
-    if stop is None:
-        stops: tuple[str, ...] = ()
-    elif isinstance(stop, str):
-        stops = (stop,)
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        stops = tuple(stop)
-    else:
-        raise _bad("stop", f"'stop' must be a string or an array of strings, got {_type_name(stop)}")
-    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                          stop=tuple(s for s in stops if s), ignore_eos=bool(_bool(body, "ignore_eos")),
-                          skip_special_tokens=_bool(body, "skip_special_tokens") is not False)
-
-
 def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
-    stream = bool(_bool(body, "stream"))
+    stream = bool(get_bool(body, "stream"))
     opts = _get(body, "stream_options", (dict,), "an object")
-    usage = bool(_bool(opts, "include_usage")) if opts else False
-    return stream, usage
+    if opts is None:
+        return stream, False
+    if not stream:
+        raise _bad("stream_options", "'stream_options' is only allowed with 'stream': true")
+    for key in opts:
+        if key not in ("include_usage", "include_obfuscation"):
+            raise _bad("stream_options", f"'stream_options.{key}' is not a stream option (include_usage, "
+                       f"include_obfuscation)"[:200])
+    if get_bool(opts, "include_obfuscation"):
+        raise _bad("stream_options", "'stream_options.include_obfuscation' true is not supported: chunks carry "
+                   "no obfuscation padding; send false or leave it out")
+    return stream, bool(get_bool(opts, "include_usage"))
 
 
 def _object(body: Any) -> dict[str, Any]:
@@ -157,39 +129,71 @@ def _object(body: Any) -> dict[str, Any]:
     return body
 
 
-def _prompt(body: dict[str, Any], vocab_size: int) -> str | list[int]:
-    p = body.get("prompt")
-    if p is None:
-        raise _bad("prompt", "'prompt' is required")
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-        p = p[0]                                   # a batch of one prompt
+def _one_prompt(p: Any, vocab_size: int) -> str | list[int] | None:
     if isinstance(p, str):
         return p
     if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-        bad = [t for t in p if not 0 <= t < vocab_size]
-        if bad:
-            raise _bad("prompt", f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+        bad_ids = [t for t in p if not 0 <= t < vocab_size]
+        if bad_ids:
+            raise _bad("prompt", f"token id {bad_ids[0]} is outside the vocabulary [0, {vocab_size})"[:200])
         return list(p)
-    if isinstance(p, list) and len(p) > 1 and all(isinstance(t, (str, list)) for t in p):
-        raise _bad("prompt", "batched prompts are not supported: send one prompt per request")
-    raise _bad("prompt", "'prompt' must be a string or a non-empty array of token ids")
+    return None
+
+
+def _prompts(body: dict[str, Any], vocab_size: int) -> list[str | list[int]]:
+    p = body.get("prompt")
+    if p is None:
+        raise _bad("prompt", "'prompt' is required")
+    one = _one_prompt(p, vocab_size)
+    if one is not None:
+        return [one]
+    if isinstance(p, list) and p:
+        many = [_one_prompt(x, vocab_size) for x in p]
+        if all(x is not None for x in many):
+            return many  # type: ignore[return-value]
+    raise _bad("prompt", "'prompt' must be a string, a non-empty array of token ids, or a non-empty array of "
+               "either")
+
+
+def _choices(body: dict[str, Any], prompts: int, stream: bool, completions: bool) -> tuple[int, int]:
+    n = get_int(body, "n")
+    n = 1 if n is None else n
+    in_range("n", n, 1, MAX_SEQUENCES)
+    best_of = get_int(body, "best_of") if completions else None
+    if best_of is not None:
+        in_range("best_of", best_of, 1, MAX_SEQUENCES)
+        if best_of < n:
+            raise _bad("best_of", f"'best_of' ({best_of}) must be >= 'n' ({n})")
+        if stream and best_of > n:
+            raise _bad("best_of", "'best_of' > 'n' cannot be streamed: the best are known only at the end")
+    best_of = n if best_of is None else best_of
+    if prompts * best_of > MAX_SEQUENCES:
+        raise _bad("best_of" if best_of > n else "n", f"this request asks for {prompts * best_of} sequences "
+                   f"({prompts} prompt(s) x {best_of}); at most {MAX_SEQUENCES}")
+    return n, best_of
 
 
 def parse_completion(body: Any, model_name: str, vocab_size: int) -> CompletionRequest:
     """Validate a ``/v1/completions`` body (raises :class:`ApiError`)."""
     body = _object(body)
+    check_fields(body, "completions")
     check_model(body, model_name)
-    prompt = _prompt(body, vocab_size)
-    echo = _bool(body, "echo")
-    if echo:
-        raise _bad("echo", "'echo' is not supported (only false)")
-    params = _sampling(body, ("max_tokens",))
-    return CompletionRequest(prompt, params, *_stream(body))
+    prompts = _prompts(body, vocab_size)
+    params = sampling(body, "completions", vocab_size)
+    echo = bool(get_bool(body, "echo"))
+    if echo and params.logprobs is not None:
+        raise _bad("echo", "'echo' with 'logprobs' is not supported: it needs the prompt tokens' logprobs, which "
+                   "dsv4rt does not compute; drop one of them")
+    stream, usage = _stream(body)
+    n, best_of = _choices(body, len(prompts), stream, completions=True)
+    return CompletionRequest(prompts, params, stream, usage, n, best_of, echo)
 
 
-def parse_chat(body: Any, model_name: str) -> ChatRequest:
-    """Validate a ``/v1/chat/completions`` body (raises :class:`ApiError`)."""
+def parse_chat(body: Any, model_name: str, vocab_size: int | None = None) -> ChatRequest:
+    """Validate a ``/v1/chat/completions`` body (raises :class:`ApiError`); ``vocab_size`` bounds the ids
+    of ``logit_bias``."""
     body = _object(body)
+    check_fields(body, "chat")
     check_model(body, model_name)
     if body.get("messages") is None:
         raise _bad("messages", "'messages' is required")
@@ -197,8 +201,10 @@ def parse_chat(body: Any, model_name: str) -> ChatRequest:
         messages = validate_messages(body["messages"])
     except MessageError as exc:
         raise _bad(exc.param, str(exc)) from None
-    params = _sampling(body, ("max_completion_tokens", "max_tokens"))
-    return ChatRequest(messages, params, *_stream(body), options=_chat_options(body))
+    params = sampling(body, "chat", vocab_size)
+    stream, usage = _stream(body)
+    n, _ = _choices(body, 1, stream, completions=False)
+    return ChatRequest(messages, params, stream, usage, options=_chat_options(body), n=n)
 
 
 def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:

@@ -191,3 +191,119 @@ def test_tool_call_round_trip(server):
     assert second[:len(first) - 1] == first[:-1]                  # the first prompt, up to its <think>
     assert model.tok.decode(second[len(first) - 2:], skip_special_tokens=False) == turn
     assert second[len(first) - 2:] == model.tok.encode(turn)[1:]
+
+
+def test_logprobs_and_n_through_the_chat_parser(server):
+    client, model, name = server
+    body = dict(model=name, messages=[{"role": "user", "content": "Think: 3+3?"}], temperature=0, max_tokens=40,
+                extra_body={"chat_template_kwargs": {"thinking": True}})
+    r = client.chat.completions.create(**body, n=2, logprobs=True, top_logprobs=2)
+    per_choice = len(b("Add three to three.")) + 1 + len(b("Six.")) + 1         # + </think> and EOS
+    assert [c.index for c in r.choices] == [0, 1] and r.usage.completion_tokens == 2 * per_choice
+    for c in r.choices:
+        assert (c.message.reasoning_content, c.message.content, c.finish_reason) == ("Add three to three.", "Six.",
+                                                                                      "stop")
+        content = c.logprobs.content
+        # every generated token, reasoning and control tokens included; the script gives each all the mass
+        assert "".join(e.token for e in content) == "Add three to three.</think>Six.<｜end▁of▁sentence｜>"
+        assert all(e.logprob == 0.0 and [t.logprob for t in e.top_logprobs] == [0.0, -9999.0] for e in content)
+        assert bytes(x for e in content for x in e.bytes).decode() == "".join(e.token for e in content)
+    got = {0: ["", ""], 1: ["", ""]}
+    lps = {0: [], 1: []}
+    for chunk in client.chat.completions.create(**body, n=2, logprobs=True, stream=True):
+        ch = chunk.choices[0]
+        got[ch.index][0] += getattr(ch.delta, "reasoning_content", None) or ""
+        got[ch.index][1] += ch.delta.content or ""
+        lps[ch.index] += [e.token for e in (ch.logprobs.content if ch.logprobs else [])]
+    assert got == {0: ["Add three to three.", "Six."], 1: ["Add three to three.", "Six."]}
+    assert lps[0] == lps[1] == [e.token for e in r.choices[0].logprobs.content]
+
+
+# --- every parameter of the SDK's request types works or is refused with a 400 naming it -------------------
+
+def _sdk_names(module):
+    names = set()
+    for cls in (module.CompletionCreateParamsNonStreaming, module.CompletionCreateParamsStreaming):
+        names |= set(cls.__required_keys__) | set(cls.__optional_keys__)
+    return names
+
+
+HI = [{"role": "user", "content": "What is 2+2?"}]
+# name -> [(extra fields, None for 200 or the param the 400 names)]; the cases' bodies carry what they need
+CHAT_CASES = {
+    "messages": [({}, None)], "model": [({}, None)], "max_tokens": [({"max_tokens": 2}, None)],
+    "max_completion_tokens": [({"max_completion_tokens": 2}, None)], "temperature": [({"temperature": 0.5}, None)],
+    "top_p": [({"top_p": 0.5}, None)], "n": [({"n": 2}, None)], "seed": [({"seed": 7}, None)],
+    "stop": [({"stop": ["x"]}, None)], "stream": [({"stream": True}, None)],
+    "stream_options": [({"stream": True, "stream_options": {"include_usage": True}}, None),
+                       ({"stream": True, "stream_options": {"include_obfuscation": True}}, "stream_options")],
+    "presence_penalty": [({"presence_penalty": 1.0}, None), ({"presence_penalty": 5.0}, "presence_penalty")],
+    "frequency_penalty": [({"frequency_penalty": 1.0}, None), ({"frequency_penalty": 5.0}, "frequency_penalty")],
+    "logit_bias": [({"logit_bias": {"70": 5}}, None), ({"logit_bias": {"999999": 5}}, "logit_bias")],
+    "logprobs": [({"logprobs": True}, None)], "top_logprobs": [({"logprobs": True, "top_logprobs": 3}, None)],
+    "tools": [({"tools": [WEATHER]}, None)], "tool_choice": [({"tools": [WEATHER], "tool_choice": "required"}, None)],
+    "reasoning_effort": [({"reasoning_effort": "high"}, None)],
+    "parallel_tool_calls": [({"tools": [WEATHER], "parallel_tool_calls": True}, None),
+                            ({"tools": [WEATHER], "parallel_tool_calls": False}, "parallel_tool_calls")],
+    "response_format": [({"response_format": {"type": "text"}}, None),
+                        ({"response_format": {"type": "json_object"}}, "response_format")],
+    "store": [({"store": False}, None), ({"store": True}, "store")],
+    "service_tier": [({"service_tier": "default"}, None), ({"service_tier": "priority"}, "service_tier")],
+    "modalities": [({"modalities": ["text"]}, None), ({"modalities": ["text", "audio"]}, "modalities")],
+    "verbosity": [({"verbosity": "medium"}, None), ({"verbosity": "high"}, "verbosity")],
+    "user": [({"user": "u-1"}, None)], "safety_identifier": [({"safety_identifier": "h"}, None)],
+    "metadata": [({"metadata": {"k": "v"}}, None)], "prompt_cache_key": [({"prompt_cache_key": "k"}, None)],
+    "audio": [({"audio": {"voice": "alloy", "format": "wav"}}, "audio")],
+    "function_call": [({"function_call": "auto"}, "function_call")],
+    "functions": [({"functions": [WEATHER["function"]]}, "functions")],
+    "moderation": [({"moderation": {"model": "omni-moderation-latest"}}, "moderation")],
+    "prediction": [({"prediction": {"type": "content", "content": "Four."}}, "prediction")],
+    "prompt_cache_options": [({"prompt_cache_options": {"ttl": "1h"}}, "prompt_cache_options")],
+    "prompt_cache_retention": [({"prompt_cache_retention": "24h"}, "prompt_cache_retention")],
+    "web_search_options": [({"web_search_options": {}}, "web_search_options")],
+}
+COMPLETION_CASES = {
+    "prompt": [({}, None), ({"prompt": ["a", "b"]}, None)], "model": [({}, None)],
+    "max_tokens": [({"max_tokens": 2}, None)],
+    "temperature": [({"temperature": 0.5}, None)], "top_p": [({"top_p": 0.5}, None)], "n": [({"n": 2}, None)],
+    "best_of": [({"best_of": 2}, None)], "echo": [({"echo": True}, None)], "seed": [({"seed": 7}, None)],
+    "stop": [({"stop": "x"}, None)], "stream": [({"stream": True}, None)],
+    "stream_options": [({"stream": True, "stream_options": {"include_usage": True}}, None)],
+    "presence_penalty": [({"presence_penalty": -1.0}, None), ({"presence_penalty": 5.0}, "presence_penalty")],
+    "frequency_penalty": [({"frequency_penalty": 1.0}, None), ({"frequency_penalty": -5.0}, "frequency_penalty")],
+    "logit_bias": [({"logit_bias": {"70": -5}}, None)], "logprobs": [({"logprobs": 5}, None)],
+    "user": [({"user": "u-1"}, None)], "suffix": [({"suffix": " end"}, "suffix")],
+}
+
+
+def _check_case(http, path, body, param):
+    r = http.post(path, json=body)
+    if param is None:
+        assert r.status_code == 200, (body, r.text)
+    else:
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.status_code, r.text)
+
+
+def test_every_sdk_parameter_works_or_is_refused_by_name(server):
+    """The names come from the installed SDK's request types, so a parameter a new SDK adds is either listed
+    above with what it does, or must get a 400 naming it (the server refuses names it does not know)."""
+    import httpx
+    from openai.types import completion_create_params as completion_params
+    from openai.types.chat import completion_create_params as chat_params
+
+    from dsv4rt.serve import params
+
+    client, _, name = server
+    with httpx.Client(base_url=str(client.base_url), timeout=300) as http:
+        for path, module, cases, base, accepted in [
+                ("chat/completions", chat_params, CHAT_CASES, {"model": name, "messages": HI, "max_tokens": 2},
+                 params.CHAT | set(params.LABELS["chat"]) | set(params.DEFAULT_ONLY["chat"])),
+                ("completions", completion_params, COMPLETION_CASES, {"model": name, "prompt": "2+2=", "max_tokens": 2},
+                 params.COMPLETION | set(params.LABELS["completions"]))]:
+            sdk = _sdk_names(module)
+            assert {"model", "temperature", "logprobs"} <= sdk                      # the SDK's types were read
+            for field in sorted(sdk):
+                for extra, param in cases.get(field, [({field: "unlisted"}, field)]):
+                    _check_case(http, path, {**base, **extra}, param)
+            # every SDK parameter the server accepts has a case that shows it accepted
+            assert {f for f in sdk & accepted if not any(p is None for _, p in cases.get(f, []))} == set()

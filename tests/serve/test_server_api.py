@@ -198,3 +198,39 @@ def test_health_metrics_models(srv):
     assert r.status_code == 200
     data = r.json()
     assert data["object"] == "list" and [d["id"] for d in data["data"]] == ["dsv4-tiny"]
+
+
+def test_model_by_id_version_tokenize_detokenize(srv):
+    r = srv.get("/v1/models/dsv4-tiny")
+    assert r.status_code == 200 and r.json()["id"] == "dsv4-tiny" and r.json()["object"] == "model"
+    assert r.json()["max_model_len"] == 256
+    r = srv.get("/v1/models/gpt-4")
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    from dsv4rt import __version__
+
+    assert srv.get("/version").json() == {"version": __version__}
+    r = srv.post("/tokenize", json={"prompt": "Hé", "return_token_strs": True})
+    assert r.json() == {"count": 4, "max_model_len": 256, "tokens": [0, 75, 198, 172],
+                        "token_strs": ["", "H", "bytes:\\xc3", "bytes:\\xa9"]}
+    assert srv.post("/tokenize", json={"prompt": "Hi", "add_special_tokens": False}).json()["tokens"] == [75, 108]
+    msgs = [{"role": "user", "content": "Hi"}]
+    chat = srv.post("/tokenize", json={"model": "dsv4-tiny", "messages": msgs}).json()
+    r = srv.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 1})
+    assert chat["count"] == r.json()["usage"]["prompt_tokens"] == len(chat["tokens"])
+    assert srv.post("/detokenize", json={"tokens": [0, 75, 198, 172]}).json() == {"prompt": "Hé"}
+    for path, body, param in [("/tokenize", {}, "prompt"), ("/tokenize", {"prompt": "a", "messages": msgs}, "prompt"),
+                              ("/tokenize", {"prompt": "a", "tools": []}, "tools"),
+                              ("/tokenize", {"prompt": 3}, "prompt"), ("/tokenize", {"prompt": "a", "x": 1}, "x"),
+                              ("/tokenize", {"messages": msgs, "add_generation_prompt": False}, "add_generation_prompt"),
+                              ("/tokenize", {"prompt": "a", "model": "other"}, "model"),
+                              ("/detokenize", {"tokens": [0, 259]}, "tokens"), ("/detokenize", {}, "tokens"),
+                              ("/detokenize", {"tokens": ["a"]}, "tokens")]:
+        r = srv.post(path, json=body)
+        assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, (path, body, r.text)
+
+
+def test_max_tokens_left_out_runs_to_the_context_limit(srv):
+    out = complete(srv, prompt="Long", temperature=0, ignore_eos=True)
+    assert out["usage"]["completion_tokens"] == 256 - 5 and out["choices"][0]["finish_reason"] == "length"
+    r = srv.post("/v1/completions", json={"prompt": "x" * 255})                # no room for one token
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"

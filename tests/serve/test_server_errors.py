@@ -1,5 +1,7 @@
 """Refusals over HTTP: bad input (4xx with OpenAI error bodies), the API key, a full queue, a stopped
 engine, and a request that fails inside the engine (5xx) while the next ones still work."""
+import json
+
 import pytest
 
 httpx = pytest.importorskip("httpx", reason="the server tests need httpx (pip install 'dsv4rt[dev]')")
@@ -66,8 +68,18 @@ MSG = [{"role": "user", "content": "hi"}]
     (C, {"prompt": "x", "top_p": 0}, 400, "top_p"),
     (C, {"prompt": "x", "top_p": 1.2}, 400, "top_p"),
     (C, {"prompt": "x", "top_k": -2}, 400, "top_k"),
-    (C, {"prompt": "x", "n": 2}, 400, "n"),
-    (C, {"prompt": "x", "echo": True}, 400, "echo"),
+    (C, {"prompt": "x", "top_k": 9223372036854775808, "temperature": 1}, 400, "top_k"),
+    (C, {"prompt": "x", "seed": 2 ** 63}, 400, "seed"),
+    (C, {"prompt": "x", "presence_penalty": 5.0}, 400, "presence_penalty"),
+    (C, {"prompt": "x", "frequency_penalty": 5.0}, 400, "frequency_penalty"),
+    (C, {"prompt": "x", "n": 200}, 400, "n"),
+    (C, {"prompt": "x", "echo": True, "logprobs": 2}, 400, "echo"),
+    (C, {"prompt": "x", "suffix": "y"}, 400, "suffix"),
+    (C, {"prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
+    (C, b'{"prompt": "lone \\ud800 surrogate"}', 400, "prompt"),
+    (C, b'{"prompt": "x", "temperature": NaN}', 400, None),
+    (C, b"[" * 100_000 + b"]" * 100_000, 400, None),
+    (C, b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None),
     (C, {"prompt": "x" * 300}, 400, "prompt"),
     (C, {"prompt": "x" * 200, "max_tokens": 100}, 400, "prompt"),
     (C, {"prompt": [0, 5, 259]}, 400, "prompt"),
@@ -75,7 +87,11 @@ MSG = [{"role": "user", "content": "hi"}]
     (CH, {"messages": MSG, "max_completion_tokens": "many"}, 400, "max_completion_tokens"),
     (CH, {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
     (CH, {"messages": [{"role": "user", "content": 1}]}, 400, "messages[0].content"),
-    (CH, {"messages": MSG, "n": 3}, 400, "n"),
+    (CH, {"messages": MSG, "n": 0}, 400, "n"),
+    (CH, b'{"messages": [{"role": "user", "content": "\\udc00"}]}', 400, "messages[0].content"),
+    (CH, {"messages": MSG, "seed": 2 ** 63}, 400, "seed"),
+    (CH, {"messages": MSG, "top_logprobs": 2}, 400, "top_logprobs"),
+    (CH, {"messages": MSG, "response_format": {"type": "json_object"}}, 400, "response_format"),
     # the tiny preset's byte tokenizer cannot carry the DeepSeek format: the plain fallback shows no tools
     (CH, {"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     (CH, {"messages": MSG, "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, "tool_choice"),
@@ -87,9 +103,11 @@ def test_bad_input_gets_4xx_with_an_openai_error(env, path, body, status, param)
     check_error(r, status, param)
 
 
-def test_unknown_fields_are_ignored(env):
-    r = env[0]["open"].post(C, json={"prompt": "x", "max_tokens": 2, "presence_penalty": 0.5, "user": "u",
-                                     "logit_bias": {"5": 1}, "suffix": None, "best_of": 1, "n": 1})
+def test_unknown_fields_are_refused_and_nulls_are_not_given(env):
+    c = env[0]["open"]
+    check_error(c.post(C, json={"prompt": "x", "max_tokens": 2, "user": "u", "besto_of": 1}), 400, "besto_of")
+    r = c.post(C, json={"prompt": "x", "max_tokens": 2, "presence_penalty": 0.5, "user": "u",
+                        "logit_bias": {"5": 1}, "suffix": None, "best_of": 1, "n": 1})
     assert r.status_code == 200, r.text
 
 
@@ -147,3 +165,24 @@ def test_a_request_failing_in_the_engine_gets_500_and_the_next_work(env, monkeyp
         assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 3
     r = c.post(CH, json={"messages": MSG, "max_tokens": 3, "stream": True})
     assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+
+
+def test_an_overflowing_top_k_is_refused_while_a_concurrent_stream_completes(env):
+    """top_k 2^63 used to fail the whole engine step ("Overflow when unpacking long long") and end every
+    other stream of it: now a 400 naming top_k, and the stream running meanwhile completes unchanged."""
+    c, engine = env
+    c = c["open"]
+    body = dict(prompt="bystander", max_tokens=24, temperature=1.0, seed=5, ignore_eos=True)
+    alone = c.post(C, json=body).json()["choices"][0]["text"]
+    with c.stream("POST", C, json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        events = [next(lines)]
+        for stream in (False, True):
+            check_error(c.post(C, json={"prompt": "x", "max_tokens": 4, "temperature": 1, "stream": stream,
+                                        "top_k": 9223372036854775808}), 400, "top_k")
+        events += [e for e in lines if e]
+    chunks = [json.loads(e[6:]) for e in events if e.startswith("data: {")]
+    assert events[-1] == "data: [DONE]" and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert "".join(ch["choices"][0]["text"] for ch in chunks) == alone
+    assert engine.alive

@@ -5,25 +5,42 @@ import pytest
 
 from dsv4rt.model.tokenizer import ByteTokenizer
 from dsv4rt.serve.chat import ChatTemplate, MessageError, fallback_render, validate_messages
-from dsv4rt.serve.protocol import ApiError, parse_chat, parse_completion
+from dsv4rt.serve.protocol import MAX_DEPTH, ApiError, parse_chat, parse_completion, parse_json
+from dsv4rt.serve.sampling import SamplingParams
 
 M, V = "m", 259
 
 
 def test_completion_defaults_and_fields():
-    r = parse_completion({"prompt": "hi", "user": "ignored", "frequency_penalty": 0, "logit_bias": {}}, M, V)
-    assert r.prompt == "hi" and not r.stream and not r.include_usage
+    r = parse_completion({"prompt": "hi", "user": "u", "frequency_penalty": 0, "logit_bias": {}}, M, V)
+    assert r.prompts == ["hi"] and not r.stream and not r.include_usage and (r.n, r.best_of, r.echo) == (1, 1, False)
     p = r.params
-    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.stop) == (16, 1.0, 1.0, -1, None, ())
+    assert p == SamplingParams()                     # max_tokens None: up to the context limit
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.stop, p.logprobs) == (
+        None, 1.0, 1.0, -1, None, (), None)
     r = parse_completion({"model": M, "prompt": [0, 5, 6], "max_tokens": 3, "temperature": 0, "top_p": 0.5,
-                          "top_k": 4, "n": 1, "stream": True, "stop": ["a", "bc"], "seed": 7, "echo": False,
-                          "stream_options": {"include_usage": True}, "ignore_eos": True}, M, V)
-    assert r.prompt == [0, 5, 6] and r.stream and r.include_usage
-    assert (r.params.max_tokens, r.params.temperature, r.params.top_p, r.params.top_k, r.params.seed,
-            r.params.stop, r.params.ignore_eos) == (3, 0.0, 0.5, 4, 7, ("a", "bc"), True)
+                          "top_k": 4, "n": 2, "best_of": 3, "stop": ["a", "bc"], "seed": -7, "echo": True,
+                          "ignore_eos": True, "presence_penalty": -2, "frequency_penalty": 1.5,
+                          "repetition_penalty": 1.2, "logit_bias": {"5": -100, "258": 2.5}}, M, V)
+    assert r.prompts == [[0, 5, 6]] and (r.n, r.best_of, r.echo) == (2, 3, True)
+    q = r.params
+    assert (q.max_tokens, q.temperature, q.top_p, q.top_k, q.seed, q.stop, q.ignore_eos) == (
+        3, 0.0, 0.5, 4, -7, ("a", "bc"), True)
+    assert (q.presence_penalty, q.frequency_penalty, q.repetition_penalty, q.logit_bias) == (
+        -2.0, 1.5, 1.2, ((5, -100.0), (258, 2.5)))
+    r = parse_completion({"prompt": "x", "stream": True, "stream_options": {"include_usage": True}, "logprobs": 0},
+                         M, V)
+    assert r.stream and r.include_usage and r.params.logprobs == 0
     assert parse_completion({"prompt": "x", "stop": "s", "max_tokens": None}, M, V).params.stop == ("s",)
-    assert parse_completion({"prompt": ["one"]}, M, V).prompt == "one"
+    assert parse_completion({"prompt": ["one"]}, M, V).prompts == ["one"]
+    assert parse_completion({"prompt": ["a", [0, 7], "b"]}, M, V).prompts == ["a", [0, 7], "b"]
     assert parse_completion({"prompt": "x", "top_k": 0}, M, V).params.top_k == 0
+    assert parse_completion({"prompt": "x", "top_k": 2 ** 31 - 1}, M, V).params.top_k == 2 ** 31 - 1
+    assert parse_completion({"prompt": "x", "seed": 2 ** 63 - 1}, M, V).params.seed == 2 ** 63 - 1
+    assert parse_completion({"prompt": "x", "seed": -2 ** 63}, M, V).params.seed == -2 ** 63
+    assert parse_completion({"prompt": "x", "temperature": 0.5e-5}, M, V).params.greedy       # below 1e-5
+    assert not parse_completion({"prompt": "x", "temperature": 1e-5}, M, V).params.greedy
+    assert parse_completion({"prompt": "x", "suffix": None, "best_of": None}, M, V).best_of == 1   # null: not given
 
 
 @pytest.mark.parametrize("body,status,param", [
@@ -34,7 +51,9 @@ def test_completion_defaults_and_fields():
     ({"prompt": [1, 2.5]}, 400, "prompt"),
     ({"prompt": [1, 259]}, 400, "prompt"),
     ({"prompt": [-1]}, 400, "prompt"),
-    ({"prompt": ["a", "b"]}, 400, "prompt"),
+    ({"prompt": ["a", 5]}, 400, "prompt"),
+    ({"prompt": [[0, 1], []]}, 400, "prompt"),
+    ({"prompt": [[0, 300]]}, 400, "prompt"),
     ({"prompt": "x", "model": "other"}, 404, "model"),
     ({"prompt": "x", "model": 3}, 400, "model"),
     ({"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
@@ -48,13 +67,49 @@ def test_completion_defaults_and_fields():
     ({"prompt": "x", "top_p": 0}, 400, "top_p"),
     ({"prompt": "x", "top_p": 1.5}, 400, "top_p"),
     ({"prompt": "x", "top_k": -2}, 400, "top_k"),
-    ({"prompt": "x", "n": 2}, 400, "n"),
+    ({"prompt": "x", "temperature": float("nan")}, 400, "temperature"),
+    ({"prompt": "x", "top_p": float("inf")}, 400, "top_p"),
+    ({"prompt": "x", "top_k": 2 ** 31}, 400, "top_k"),
+    ({"prompt": "x", "top_k": 9223372036854775808}, 400, "top_k"),
+    ({"prompt": "x", "n": 0}, 400, "n"),
+    ({"prompt": "x", "n": 129}, 400, "n"),
+    ({"prompt": ["a"] * 65, "n": 2}, 400, "n"),
+    ({"prompt": "x", "n": 3, "best_of": 2}, 400, "best_of"),
+    ({"prompt": "x", "best_of": 2, "stream": True}, 400, "best_of"),
+    ({"prompt": "x", "best_of": 0}, 400, "best_of"),
     ({"prompt": "x", "stop": 5}, 400, "stop"),
     ({"prompt": "x", "stop": ["a", 1]}, 400, "stop"),
+    ({"prompt": "x", "stop": ["s"] * 17}, 400, "stop"),
     ({"prompt": "x", "seed": "s"}, 400, "seed"),
+    ({"prompt": "x", "seed": 2 ** 63}, 400, "seed"),
+    ({"prompt": "x", "seed": -2 ** 63 - 1}, 400, "seed"),
     ({"prompt": "x", "stream": "yes"}, 400, "stream"),
-    ({"prompt": "x", "echo": True}, 400, "echo"),
+    ({"prompt": "x", "echo": "yes"}, 400, "echo"),
+    ({"prompt": "x", "echo": True, "logprobs": 1}, 400, "echo"),
     ({"prompt": "x", "stream_options": []}, 400, "stream_options"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),    # without stream
+    ({"prompt": "x", "stream": True, "stream_options": {"include_obfuscation": True}}, 400, "stream_options"),
+    ({"prompt": "x", "stream": True, "stream_options": {"continuous": True}}, 400, "stream_options"),
+    ({"prompt": "x", "presence_penalty": 5.0}, 400, "presence_penalty"),
+    ({"prompt": "x", "presence_penalty": -2.1}, 400, "presence_penalty"),
+    ({"prompt": "x", "frequency_penalty": 5.0}, 400, "frequency_penalty"),
+    ({"prompt": "x", "frequency_penalty": "a"}, 400, "frequency_penalty"),
+    ({"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"prompt": "x", "repetition_penalty": 2.5}, 400, "repetition_penalty"),
+    ({"prompt": "x", "logit_bias": {"259": 1}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"-1": 1}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"a": 1}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"5": "up"}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": [5]}, 400, "logit_bias"),
+    ({"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "x", "logprobs": -1}, 400, "logprobs"),
+    ({"prompt": "x", "logprobs": True}, 400, "logprobs"),
+    ({"prompt": "x", "suffix": "tail"}, 400, "suffix"),
+    ({"prompt": "x", "user": 5}, 400, "user"),
+    ({"prompt": "x", "tools": []}, 400, "tools"),                   # a chat field
+    ({"prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
+    ({"prompt": "x", "frobnicate": None}, 400, "frobnicate"),
 ])
 def test_completion_refusals(body, status, param):
     with pytest.raises(ApiError) as ei:
@@ -165,3 +220,47 @@ def test_chat_template_raise_exception_is_a_message_error():
     ct = ChatTemplate("{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}x")
     with pytest.raises(MessageError, match="user first"):
         ct.render([{"role": "assistant", "content": "a"}])
+
+
+def test_chat_sampling_fields():
+    r = parse_chat({"messages": HI, "logprobs": True, "top_logprobs": 3, "n": 2, "seed": 1,
+                    "presence_penalty": 0.5, "logit_bias": {"7": 1}}, M, V)
+    assert (r.params.logprobs, r.n, r.params.seed, r.params.presence_penalty, r.params.logit_bias) == (
+        3, 2, 1, 0.5, ((7, 1.0),))
+    assert parse_chat({"messages": HI, "logprobs": True}, M).params.logprobs == 0
+    assert parse_chat({"messages": HI, "logprobs": False}, M).params.logprobs is None
+    assert parse_chat({"messages": HI}, M).params.max_tokens is None
+    # the values that ask for what the server does anyway, and the labels
+    ok = {"response_format": {"type": "text"}, "parallel_tool_calls": True, "store": False, "service_tier": "auto",
+          "modalities": ["text"], "verbosity": "medium", "user": "u", "safety_identifier": "s",
+          "prompt_cache_key": "k", "metadata": {"a": "b"}, "audio": None, "functions": None}
+    parse_chat({"messages": HI, **ok}, M)
+    for body, param in [({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                        ({"logprobs": 1}, "logprobs"), ({"n": 0}, "n"), ({"best_of": 2}, "best_of"),
+                        ({"echo": True}, "echo"), ({"prompt": "x"}, "prompt"), ({"suffix": "x"}, "suffix"),
+                        ({"response_format": {"type": "json_object"}}, "response_format"),
+                        ({"parallel_tool_calls": False}, "parallel_tool_calls"), ({"store": True}, "store"),
+                        ({"service_tier": "flex"}, "service_tier"), ({"modalities": ["text", "audio"]}, "modalities"),
+                        ({"verbosity": "low"}, "verbosity"), ({"audio": {"voice": "alloy"}}, "audio"),
+                        ({"functions": [{"name": "f"}]}, "functions"), ({"function_call": "auto"}, "function_call"),
+                        ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+                        ({"web_search_options": {}}, "web_search_options"), ({"metadata": "m"}, "metadata"),
+                        ({"logit_bias": {"259": 1}}, "logit_bias"), ({"seed": 2 ** 64}, "seed")]:
+        with pytest.raises(ApiError) as ei:
+            parse_chat({"messages": HI, **body}, M, V)
+        assert ei.value.status == 400 and ei.value.param == param, body
+
+
+def test_parse_json_refuses_what_is_not_plain_json():
+    assert parse_json(b'{"a": [1, "x"]}') == {"a": [1, "x"]}
+    deep_ok = b'{"a": ' + b"[" * (MAX_DEPTH - 1) + b"]" * (MAX_DEPTH - 1) + b"}"
+    parse_json(deep_ok)
+    for raw, param in [(b"{", None), (b'{"t": NaN}', None), (b'{"t": Infinity}', None), (b'{"t": -Infinity}', None),
+                       (b"[" * 100_000 + b"]" * 100_000, None),
+                       (b'{"a": ' + b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1) + b"}", "a"),
+                       (b'{"prompt": "ok \\ud800"}', "prompt"),
+                       (b'{"messages": [{"role": "user", "content": "\\udfff x"}]}', "messages[0].content"),
+                       (b'{"\\ud800": 1}', None), (b"\xff\xfe", None)]:
+        with pytest.raises(ApiError) as ei:
+            parse_json(raw)
+        assert ei.value.status == 400 and ei.value.param == param, raw[:40]
