@@ -164,10 +164,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from .app import bind_socket, build_app, serve_forever
     except ImportError as exc:
         raise ServeConfigError(f"dsv4rt serve needs starlette and uvicorn (pip install 'dsv4rt[serve]'): {exc}")
-    served = build_server(_options(args))
+    try:                                # before the model loads, so a busy port fails at once
+        sock = bind_socket(args.host, args.port)
+    except OSError as exc:
+        raise ServeConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    try:
+        served = build_server(_options(args))
+    except BaseException:
+        sock.close()
+        raise
     key = args.api_key if args.api_key is not None else (env.get("DSV4RT_API_KEY") or None)
     app = build_app(served.engine, served.model_name, key, served.template)
-    sock = bind_socket(args.host, args.port)
     host, port = sock.getsockname()[:2]
     print(served.describe(f"http://{f'[{host}]' if ':' in host else host}:{port}"), flush=True)
     served.engine.start()

@@ -17,7 +17,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["percentile", "make_prompts", "run_load", "run_remote", "run_inprocess", "format_report", "write_json"]
+from ..errors import Dsv4rtError
+
+__all__ = ["LoadtestError", "percentile", "make_prompts", "run_load", "run_remote", "run_inprocess",
+           "format_report", "write_json"]
+
+
+class LoadtestError(Dsv4rtError):
+    """The server to test cannot be reached or is not an OpenAI-compatible one."""
 
 _WORDS = ("the", "model", "decodes", "tokens", "in", "one", "batch", "while", "new", "requests", "join",
           "and", "finished", "ones", "leave", "their", "cache", "slots")
@@ -99,7 +106,12 @@ async def run_load(url: str, concurrency: int, prompts: list[str], max_tokens: i
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=concurrency + 1, max_keepalive_connections=concurrency + 1)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
-        model = model or await _model_id(client, url, headers)
+        try:
+            served = await _model_id(client, url, headers)
+        except httpx.HTTPError as exc:     # no server there, or not an OpenAI one: a usage error, not a run
+            raise LoadtestError(f"no usable server at {url} (GET /v1/models: {type(exc).__name__}: {exc})"[:300]) \
+                from None
+        model = model or served
         queue: asyncio.Queue[str] = asyncio.Queue()
         for p in prompts:
             queue.put_nowait(p)

@@ -43,3 +43,40 @@ def test_loadtest_in_process_reports_finite_figures(tmp_path, capsys):
 def test_loadtest_refuses_url_with_a_preset(capsys):
     assert main(["loadtest", "--url", "http://127.0.0.1:9", "--preset", "tiny"]) == 2
     assert "exclude each other" in capsys.readouterr().err
+
+
+def _closed_port():
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_loadtest_without_a_server_is_one_line_and_exit_2(capsys):
+    rc = main(["loadtest", "--url", f"http://127.0.0.1:{_closed_port()}", "--requests", "1", "--model", "m"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("dsv4rt loadtest: error: no usable server at"), err
+
+
+def test_serve_checks_the_port_before_loading_the_model(capsys, monkeypatch):
+    import socket
+
+    from dsv4rt.serve import cli
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was built before the port was checked")
+
+    monkeypatch.setattr(cli, "build_server", no_model)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        rc = main(["serve", "--preset", "tiny", "--port", str(busy.getsockname()[1])])
+    finally:
+        busy.close()
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "cannot listen on 127.0.0.1:" in err, err
