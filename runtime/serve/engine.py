@@ -221,6 +221,7 @@ class Engine:
                     batch = self._batch()
                     if batch:
                         self._step(batch)
+                    del batch            # an idle loop must not hold the last step's requests
                 except Exception:  # a bug outside the step's own guard: keep serving
                     log.exception("dsv4rt serve: engine step failed")
 
