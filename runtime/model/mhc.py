@@ -58,8 +58,9 @@ def hc_post(f: Tensor, residual: Tensor, post: Tensor, comb: Tensor) -> Tensor:
     r = residual.float()
     if active(r):
         mixed = comb[:, 0, :, None] * r[:, 0, None, :]
+        term = torch.empty_like(mixed)
         for i in range(1, comb.shape[1]):
-            mixed = mixed + comb[:, i, :, None] * r[:, i, None, :]
+            mixed += torch.mul(comb[:, i, :, None], r[:, i, None, :], out=term)
     else:
         mixed = torch.einsum("tij,tid->tjd", comb, r)
     return (post.unsqueeze(-1) * f.float().unsqueeze(1) + mixed).to(f.dtype)
