@@ -15,9 +15,8 @@ openai = pytest.importorskip("openai", reason="the SDK tests need the openai pac
 pytest.importorskip("starlette", reason="dsv4rt serve needs starlette (pip install 'dsv4rt[serve]')")
 pytest.importorskip("uvicorn", reason="dsv4rt serve needs uvicorn (pip install 'dsv4rt[serve]')")
 
-from dsv4rt.serve.app import BackgroundServer, build_app  # noqa: E402
-from dsv4rt.serve.cli import ServeOptions, build_server  # noqa: E402
-from dsv4rt.serve.engine import Engine  # noqa: E402
+from dsv4rt.serve.cli import ServeOptions  # noqa: E402
+from sdk_server import sdk_client  # noqa: E402
 
 MAX_LEN = 160
 PROMPT = [0] + [3 + b for b in b"The cat sat on the mat and"]
@@ -50,16 +49,9 @@ class Recording:
 
 @pytest.fixture(scope="module")
 def srv():
-    served = build_server(ServeOptions(preset="tiny", backend="cpu", dtype="fp32", max_seqs=1, max_seq_len=MAX_LEN))
-    model = Recording(served.engine.model)
-    engine = Engine(model, served.engine.tokenizer, served.engine.pool, backend="cpu").start()
-    http = BackgroundServer(build_app(engine, served.model_name, None, served.template))
-    client = openai.OpenAI(base_url=http.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    try:
-        yield client, model, served.model_name
-    finally:
-        http.stop()
-        engine.stop()
+    opts = ServeOptions(preset="tiny", backend="cpu", dtype="fp32", max_seqs=1, max_seq_len=MAX_LEN)
+    with sdk_client(opts, lambda model, tok: Recording(model), timeout=120) as (client, model, name, _):
+        yield client, model, name
 
 
 def _ids(text):

@@ -16,9 +16,8 @@ openai = pytest.importorskip("openai", reason="the SDK tests need the openai pac
 pytest.importorskip("starlette", reason="dsv4rt serve needs starlette (pip install 'dsv4rt[serve]')")
 pytest.importorskip("uvicorn", reason="dsv4rt serve needs uvicorn (pip install 'dsv4rt[serve]')")
 
-from dsv4rt.serve.app import BackgroundServer, build_app  # noqa: E402
-from dsv4rt.serve.cli import ServeOptions, build_server  # noqa: E402
-from dsv4rt.serve.engine import Engine  # noqa: E402
+from dsv4rt.serve.cli import ServeOptions  # noqa: E402
+from sdk_server import sdk_client  # noqa: E402
 
 BOS, EOS, USER, ASSISTANT, THINK, END = 0, 1, 128803, 128804, 128821, 128822
 
@@ -76,18 +75,12 @@ class Scripted:
 
 @pytest.fixture(scope="module")
 def server(v4_vocab_checkpoint, v4_tokenizer_json):
-    served = build_server(ServeOptions(checkpoint=v4_vocab_checkpoint, tokenizer=v4_tokenizer_json, backend="cpu",
-                                       dtype="fp32", max_seqs=2, max_seq_len=4096))
-    assert served.template.kind == "deepseek_v4"
-    model = Scripted(served.engine.model, served.engine.tokenizer, SCRIPTS)
-    engine = Engine(model, served.engine.tokenizer, served.engine.pool, backend="cpu").start()
-    http = BackgroundServer(build_app(engine, served.model_name, None, served.template))
-    client = openai.OpenAI(base_url=http.url + "/v1", api_key="unused", max_retries=0, timeout=300)
-    try:
-        yield client, model, served.model_name
-    finally:
-        http.stop()
-        engine.stop()
+    opts = ServeOptions(checkpoint=v4_vocab_checkpoint, tokenizer=v4_tokenizer_json, backend="cpu", dtype="fp32",
+                        max_seqs=2, max_seq_len=4096)
+    with sdk_client(opts, lambda model, tok: Scripted(model, tok, SCRIPTS), timeout=300) as (client, model, name,
+                                                                                           served):
+        assert served.template.kind == "deepseek_v4"
+        yield client, model, name
 
 
 def test_chat_without_thinking(server):
