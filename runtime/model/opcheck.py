@@ -82,7 +82,7 @@ class OpAudit:
 
 class AuditCaller(OpCaller):
     """Every op on the selected implementation, checked call by call against the reference on the same
-    inputs with the op's conformance tolerance; ``audit`` holds the result per op."""
+    inputs with the op's conformance tolerance; ``result()`` gives the audit per op."""
 
     def __init__(self, quant: bool = True, precision: str = "release") -> None:
         super().__init__(quant, precision)
@@ -98,7 +98,6 @@ class AuditCaller(OpCaller):
         self._n += 1
         rec = self.audit.setdefault(name, OpAudit())
         rec.calls += 1
-        rec.impls.update(label for (op, label) in self.calls if op == name)
         if check.budget >= rec.budget:
             rec.budget, rec.tolerance = check.budget, check.tolerance
         if not check.passed:
@@ -108,6 +107,9 @@ class AuditCaller(OpCaller):
                 rec.first_failure = f"call {self._n} of the run ({shapes}): {check.message}"
         return out
 
-    @property
-    def passed(self) -> bool:
-        return all(a.passed for a in self.audit.values())
+    def result(self) -> dict[str, OpAudit]:
+        """``audit`` with the implementations that ran each op (from the call record, ``used()``)."""
+        for name, impls in self.used().items():
+            if name in self.audit:
+                self.audit[name].impls = set(impls)
+        return self.audit

@@ -164,7 +164,7 @@ def check_run(model: Transformer, seqs: list[list[int]], n_prompt: list[int], dt
         with _ops(m32, AuditCaller(True, precision)) as audit:
             t_quant = forced_logits(m32, **forced)
         t_bf16 = forced_logits(model, **forced) if dtype == "bf16" else None
-    audited = _gather_audits(model, audit.audit)
+    audited = _gather_audits(model, audit.result())
     if not rank0:
         return True
     one32 = build("fp32", True)
