@@ -446,3 +446,8 @@ def order_key(x: Array) -> Array:
 __all__ = ["FP4_VALUES", "round_float", "order_key", "ORDER_KEY_FLOOR", "as_bytes", "unpack_fp4", "pack_fp4", "decode_fp4", "e8m0_to_float", "float_to_e8m0",
            "decode_e4m3", "encode_e4m3", "dequant_mxfp4", "quant_mxfp4", "fp4_fake_quant", "quant_fp8_block",
            "dequant_fp8_block", "act_quant_fp8", "fp8_fake_quant", "fp4_to_fp8_tiles"]
+
+from .kv_formats import (kv_fp4_row_bytes, kv_fp8_row_bytes, pack_kv_fp4, pack_kv_fp8, qdq_kv_fp4,  # noqa: E402
+                         qdq_kv_fp8, unpack_kv_fp4, unpack_kv_fp8)
+__all__ += ["pack_kv_fp8", "unpack_kv_fp8", "pack_kv_fp4", "unpack_kv_fp4", "qdq_kv_fp8", "qdq_kv_fp4",
+            "kv_fp8_row_bytes", "kv_fp4_row_bytes"]
