@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import shutil
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -128,7 +128,7 @@ class Checkpoint:
             s = self.schema[missing[0]]
             raise CheckpointError(f"{self.root}: missing tensor {missing[0]!r} (expected {s.dtype} {list(s.shape)}); "
                                   f"{len(missing)} tensor(s) missing in total")
-        extra = [n for n in self.where if n not in self.schema]
+        extra = [n for n in self.where if n not in self.schema and not _vision(self.cfg, n)]
         if extra:
             raise CheckpointError(f"{self.where[extra[0]].path}: unexpected tensor {extra[0]!r} (not in the "
                                   f"{self.cfg.name} schema); {len(extra)} unexpected tensor(s) in total")
@@ -164,6 +164,13 @@ class Checkpoint:
             self._progress.advance(self.entry(name).nbytes)
         return t
 
+    def mapped(self, name: str) -> torch.Tensor:
+        """A huge 1-byte table (V4.1's Engram rows and scales) as uint8, left memory-mapped in the file; its
+        values are checked where they are read (the lookup op turns NaN codes into NaN), never scanned whole."""
+        if name not in self.schema:
+            raise CheckpointError(f"{self.root}: no tensor {name!r} in the {self.cfg.name} schema")
+        return self.where[name].map_bytes(name)
+
     def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         """The part ``start:stop`` along ``dim`` of one tensor, read from the memory map without touching the
         rest (a tensor-parallel rank's shard), after the value checks of its kind."""
@@ -178,6 +185,14 @@ class Checkpoint:
 
     def names(self) -> list[str]:
         return list(self.schema)
+
+
+_VISION_PREFIXES = ("vision.", "aligner.", "image_start", "image_end", "image_newline")
+
+
+def _vision(cfg: ModelConfig, name: str) -> bool:
+    """A V4.1 vision-tower tensor: present in the release, not read by the text model."""
+    return cfg.is_v41 and name.startswith(_VISION_PREFIXES)
 
 
 def _check_values(name: str, t: torch.Tensor, spec: TensorSpec, path: str, cfg: ModelConfig) -> None:
@@ -208,8 +223,10 @@ def _first(mask: torch.Tensor) -> str:
 
 
 def write_checkpoint(path: str | os.PathLike, cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],
-                     max_shard_bytes: int = 4 << 30, overwrite: bool = True) -> str:
-    """Write ``(name, tensor)`` pairs and ``config.json`` as a sharded checkpoint in the released layout.
+                     max_shard_bytes: int = 4 << 30, overwrite: bool = True,
+                     extras: Callable[[str], Any] | None = None) -> str:
+    """Write ``(name, tensor)`` pairs and ``config.json`` as a sharded checkpoint in the released layout
+    (``extras(dir)`` adds further files, e.g. a tokenizer.json, before the directory appears).
 
     Shards are ``model-XXXXX-of-YYYYY.safetensors`` with ``model.safetensors.index.json``. The directory
     is built under a temporary name and renamed at the end, so readers never see a partial checkpoint.
@@ -251,6 +268,8 @@ def write_checkpoint(path: str | os.PathLike, cfg: ModelConfig, tensors: Iterabl
                   f, indent=2)
     with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg.to_hf_dict(), f, indent=2)
+    if extras is not None:
+        extras(tmp)
     if os.path.exists(root):
         if not overwrite:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -17,9 +17,9 @@ from typing import Any, Mapping
 from ..errors import CheckpointError
 
 __all__ = ["ModelConfig", "PRESETS", "preset", "from_hf", "from_inference", "from_dict", "load_config",
-           "layer_kind", "SWA", "CSA", "HCA"]
+           "layer_kind", "SWA", "CSA", "HCA", "CSA2"]
 
-SWA, CSA, HCA = "swa", "csa", "hca"
+SWA, CSA, HCA, CSA2 = "swa", "csa", "hca", "csa2"
 
 
 @dataclass(frozen=True)
@@ -64,12 +64,35 @@ class ModelConfig:
     eos_token_id: int = 1
     max_position_embeddings: int = 1048576
     max_seq_len: int = 4096
+    # DeepSeek-V4.1 (spec deepseek-v41.md; the V4 defaults below switch every V4.1 feature off)
+    arch: str = "deepseek_v4"
+    fp8_block: int = 128
+    kv_source_layers: tuple[int, ...] = ()
+    index_source_layers: tuple[int, ...] = ()
+    candidate_source_layer: int = -1
+    candidate_topk_blocks: int = 0
+    candidate_block_size: int = 0
+    engram_layer_ids: tuple[int, ...] = ()
+    engram_num_embeddings: tuple[int, ...] = ()
+    engram_max_ngram_size: int = 4
+    engram_vocab_size: int = 0
+    engram_n_heads: int = 0
+    engram_head_dim: int = 0
+    engram_pad_id: int = 2
+    engram_compressed_vocab_size: int = 0
+    dspark_block_size: int = 0
+    dspark_noise_token_id: int = 0
+    dspark_target_layer_ids: tuple[int, ...] = ()
+    dspark_markov_rank: int = 256
+    dspark_n_routed_experts: int = 0
+    dspark_n_activated_experts: int = 0
     name: str = "custom"
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         _check_types(self)
-        object.__setattr__(self, "compress_ratios", tuple(self.compress_ratios))
+        for f in _TUPLES:
+            object.__setattr__(self, f, tuple(getattr(self, f)))
         self.validate()
 
     # ---- derived ---------------------------------------------------------------------------------
@@ -82,12 +105,24 @@ class ModelConfig:
         """Rows of an mHC projection: pre (hc) + post (hc) + comb (hc * hc)."""
         return (2 + self.hc_mult) * self.hc_mult
 
+    @property
+    def is_v41(self) -> bool:
+        return self.arch == "deepseek_v41"
+
     def ratio(self, layer: int) -> int:
         """Compress ratio of layer ``layer`` (``n_layers + i`` is MTP block i)."""
         return self.compress_ratios[min(layer, len(self.compress_ratios) - 1)]
 
     def kind(self, layer: int) -> str:
+        if self.is_v41:   # ratio 2 / 1 with a shared indexer (CSA2), or window only
+            return SWA if self.ratio(layer) == 0 else CSA2
         return layer_kind(self.ratio(layer))
+
+    def experts_of(self, layer: int) -> tuple[int, int]:
+        """(routed experts, experts per token) of a layer (V4.1's DSpark blocks have their own)."""
+        if layer >= self.n_layers and self.dspark_n_routed_experts:
+            return self.dspark_n_routed_experts, self.dspark_n_activated_experts or self.n_activated_experts
+        return self.n_routed_experts, self.n_activated_experts
 
     def is_hash(self, layer: int) -> bool:
         return layer < self.n_hash_layers
@@ -107,6 +142,9 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The HF top-level ``config.json`` spelling (what the checkpoint writer stores)."""
+        if self.is_v41:
+            from .config_v41 import to_hf_dict_v41
+            return to_hf_dict_v41(self)
         d: dict[str, Any] = {"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4"}
         for ref, hf in _HF_NAMES.items():
             d[hf] = getattr(self, ref)
@@ -158,13 +196,15 @@ class ModelConfig:
         need(self.score_func == "sqrtsoftplus", f"score_func {self.score_func!r} (only sqrtsoftplus exists in V4)")
         need(self.expert_dtype in ("fp4", "fp8"), f"expert_dtype {self.expert_dtype!r} (fp4 or fp8)")
         need(self.window_size > 0 and self.max_seq_len > 0, "window_size and max_seq_len must be positive")
+        from .config_v41 import validate_v41
+        validate_v41(self, need)
 
 
 def _check_types(cfg: ModelConfig) -> None:
     """TypeError naming the field, the expected type and what came (``"256"``, null, true...)."""
     for f in dataclasses.fields(cfg):
         v, want = getattr(cfg, f.name), _TYPES.get(f.name)
-        if f.name == "compress_ratios":
+        if f.name in _TUPLES:
             ok = isinstance(v, (tuple, list)) and all(isinstance(r, int) and not isinstance(r, bool) for r in v)
             want_s = "a list of integers"
         elif want is None:
@@ -203,6 +243,7 @@ _HF_NAMES = {
 _ROPE_SCALING = {"factor": "rope_factor", "original_max_position_embeddings": "original_seq_len",
                  "beta_fast": "beta_fast", "beta_slow": "beta_slow"}
 _FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
+_TUPLES = {f.name for f in dataclasses.fields(ModelConfig) if str(f.type).startswith("tuple")}
 _TYPES: dict[str, Any] = {f.name: {"int": int, "float": (int, float), "str": str}.get(str(f.type))
                           for f in dataclasses.fields(ModelConfig)}
 
@@ -258,7 +299,13 @@ def from_inference(d: Mapping[str, Any], **overrides: Any) -> ModelConfig:
 
 
 def from_dict(d: Mapping[str, Any], **overrides: Any) -> ModelConfig:
-    """Either spelling, detected by its keys (``hidden_size`` -> HF, ``dim`` -> inference)."""
+    """Either spelling, detected by its keys (``hidden_size`` -> HF, ``dim`` -> inference); V4.1's nested
+    ``text_config`` (or ``model_type: deepseek_v41``) -> :func:`dsv4rt.model.config_v41.from_hf_v41`."""
+    from .config_v41 import ARCH_V41, from_hf_v41, is_v41_dict
+    if is_v41_dict(d):
+        if "dim" in d:   # the V4.1 inference/config.json: reference names, 32x32 FP8 blocks
+            return from_inference(d, **{"arch": ARCH_V41, "fp8_block": 32, "n_hash_layers": 0, **overrides})
+        return from_hf_v41(d, **overrides)
     if "hidden_size" in d:
         return from_hf(d, **overrides)
     if "dim" in d:
@@ -322,7 +369,15 @@ def _flash_slice(n_layers: int = 4) -> ModelConfig:
                             extra={"tokenizer": "bytes", "preset": "flash-slice"})
 
 
-PRESETS = {"flash": _flash, "pro": _pro, "tiny": _tiny, "flash-slice": _flash_slice}
+def _v41(name: str) -> Any:
+    def make() -> ModelConfig:
+        from .config_v41 import V41_PRESETS
+        return V41_PRESETS[name]()
+    return make
+
+
+PRESETS = {"flash": _flash, "pro": _pro, "tiny": _tiny, "flash-slice": _flash_slice,
+           "flash41": _v41("flash41"), "tiny-v41": _v41("tiny-v41"), "flash41-slice": _v41("flash41-slice")}
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:

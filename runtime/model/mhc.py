@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..invariant import active, linear, pointwise
 
-__all__ = ["HcParams", "hc_mixes", "sinkhorn_split", "hc_pre", "hc_post", "hc_head"]
+__all__ = ["HcParams", "hc_mixes", "sinkhorn_split", "hc_split", "hc_collapse", "hc_pre", "hc_post", "hc_head"]
 
 
 @dataclass
@@ -41,6 +41,17 @@ def sinkhorn_split(mixes: Tensor, p: HcParams, hc: int, iters: int, eps: float) 
         comb = comb / (comb.sum(-1, keepdim=True) + eps)
         comb = comb / (comb.sum(-2, keepdim=True) + eps)
     return pre, post, comb
+
+
+def hc_split(x: Tensor, p: HcParams, hc: int, iters: int, eps: float, norm_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(pre [T, hc], post [T, hc], comb [T, hc, hc]) of the streams x [T, hc, dim] (V4.1's single pass keeps
+    ``pre`` for the next sub-layer)."""
+    return sinkhorn_split(hc_mixes(x, p, norm_eps)[1], p, hc, iters, eps)
+
+
+def hc_collapse(x: Tensor, pre: Tensor) -> Tensor:
+    """``u [T, dim] = sum_i pre_i X_i`` in float32, returned in x's dtype."""
+    return (pre.unsqueeze(-1) * x.float()).sum(1).to(x.dtype)
 
 
 def hc_pre(x: Tensor, p: HcParams, hc: int, iters: int, eps: float, norm_eps: float) -> tuple[Tensor, Tensor, Tensor]:

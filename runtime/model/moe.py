@@ -32,7 +32,8 @@ class MoE:
     goes through ``par.moe`` (all-to-all dispatch / combine, :mod:`dsv4rt.distributed.moe`)."""
 
     def __init__(self, cfg: ModelConfig, layer: int, ld: Loader, prefix: str) -> None:
-        self.n_experts, self.topk, self.route_scale = cfg.n_routed_experts, cfg.n_activated_experts, cfg.route_scale
+        self.n_experts, self.topk = cfg.experts_of(layer)
+        self.route_scale = cfg.route_scale
         self.limit = cfg.swiglu_limit
         self.par = ld.par if ld.par is not None and ld.par.ep > 1 else None
         first, n = self.par.ep_experts(self.n_experts) if self.par is not None else (0, self.n_experts)
@@ -40,6 +41,9 @@ class MoE:
         self.hash = cfg.is_hash(layer)
         self.tid2eid = ld.raw(f"{prefix}.gate.tid2eid").to(torch.int32) if self.hash else None
         self.bias = None if self.hash else ld.f32(f"{prefix}.gate.bias")
+        # V4.1: image-span tokens select with gate.bias_vl (loaded; text never uses it), weights / (sum + 1e-20)
+        self.v41 = cfg.is_v41
+        self.bias_vl = ld.f32(f"{prefix}.gate.bias_vl") if self.v41 else None
         self.experts = ld.experts(f"{prefix}.experts", n, cfg.moe_inter_dim, cfg.expert_dtype, first)
         self.shared: Fp8Linear | None = None
         self.shared_down: Fp8Linear | None = None
@@ -50,6 +54,8 @@ class MoE:
     def route(self, ops: OpCaller, x: Tensor, token_ids: Tensor) -> tuple[Tensor, Tensor]:
         """(ids [T, topk] int32, weights [T, topk] float32) of tokens x [T, dim]."""
         logits = linear(x.float(), self.gate)
+        if self.v41:
+            return ops.moe_route_v41(logits, self.bias, self.topk, self.route_scale, self.bias_vl, None)
         hash_ids = self.tid2eid[token_ids] if self.hash else None
         return ops.moe_route(logits, self.bias, self.topk, self.route_scale, hash_ids)
 

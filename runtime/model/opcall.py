@@ -41,6 +41,7 @@ class OpCaller:
         self.calls: Counter = Counter()
         self.quant = quant
         self.precision = check_precision(precision)
+        self.fp8_block = 128    # V4.1: 32 (32x32 weight blocks, per-32 activation scales on every GEMM)
         # the ops' precision points: None = the release's (P and scores in the activation dtype); fp32 mode
         self._p_dtype = None if precision == "release" else torch.float32
 
@@ -80,9 +81,13 @@ class OpCaller:
 
     # ---- the ops, spelled out (positional, contract order) -------------------------------------------
     def fp8_gemm(self, x: Tensor, w: Tensor, s: Tensor) -> Tensor:
+        if self.fp8_block != 128:
+            return self.call("fp8_gemm", x, w, s, "fp8" if self.quant else None, self.fp8_block)
         return self.call("fp8_gemm", x, w, s, "fp8" if self.quant else None)
 
     def fp4_grouped_gemm(self, x: Tensor, w: Tensor, s: Tensor, offsets: Tensor) -> Tensor:
+        if self.fp8_block != 128:
+            return self.call("fp4_grouped_gemm", x, w, s, offsets, "fp8" if self.quant else None, self.fp8_block)
         return self.call("fp4_grouped_gemm", x, w, s, offsets, "fp8" if self.quant else None)
 
     def kv_compress(self, kv: Tensor, gate: Tensor, ape: Tensor, ratio: int, overlap: bool,
@@ -98,6 +103,33 @@ class OpCaller:
     def moe_route(self, logits: Tensor, bias: Tensor | None, topk: int, route_scale: float,
                   hash_ids: Tensor | None) -> tuple[Tensor, Tensor]:
         return self.call("moe_route", logits, bias, topk, route_scale, "sqrtsoftplus", hash_ids)
+
+    # ---- V4.1 ------------------------------------------------------------------------------------------
+    def moe_route_v41(self, logits: Tensor, bias: Tensor, topk: int, route_scale: float, bias_alt: Tensor | None,
+                      use_alt: Tensor | None) -> tuple[Tensor, Tensor]:
+        return self.call("moe_route", logits, bias, topk, route_scale, "sqrtsoftplus", None,
+                         bias_alt if use_alt is not None else None, use_alt, 1e-20)
+
+    def sparse_attention_v41(self, q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor, scale: float,
+                             kv_global: Tensor | None) -> Tensor:
+        return self.call("sparse_attention", q, kv, idx, sink, scale, False, self._p_dtype, "v41", kv_global)
+
+    def indexer_scores(self, q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, k_scale: Tensor | None) -> Tensor:
+        return self.call("indexer_scores", q, k, weights, visible, k_scale, self._p_dtype)
+
+    def indexer_topk_v41(self, q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: int,
+                         k_scale: Tensor | None, candidates: Tensor | None) -> Tensor:
+        return self.call("indexer_topk", q, k, weights, visible, topk, k_scale, False, self._p_dtype, candidates,
+                         True)
+
+    def select_candidate_blocks(self, scores: Tensor, compress_len: Tensor, block_size: int, n_blocks: int) -> Tensor:
+        return self.call("select_candidate_blocks", scores, compress_len, block_size, n_blocks)
+
+    def engram_hash(self, window: Tensor, multipliers: Tensor, primes: Tensor, offsets: Tensor, pad_id: int) -> Tensor:
+        return self.call("engram_hash", window, multipliers, primes, offsets, pad_id)
+
+    def engram_lookup(self, ids: Tensor, weight: Tensor, scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+        return self.call("engram_lookup", ids, weight, scale, out_dtype)
 
     def moe_dispatch(self, x: Tensor, ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
         return self.call("moe_dispatch", x, ids, num_experts)

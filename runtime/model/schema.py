@@ -38,9 +38,9 @@ def layer_prefix(cfg: ModelConfig, layer: int) -> str:
     return f"layers.{layer}" if layer < cfg.n_layers else f"mtp.{layer - cfg.n_layers}"
 
 
-def _fp8(name: str, out: int, inp: int, scale: str = E8M0) -> Iterator[TensorSpec]:
+def _fp8(name: str, out: int, inp: int, scale: str = E8M0, block: int = 128) -> Iterator[TensorSpec]:
     yield TensorSpec(f"{name}.weight", (out, inp), (FP8,))
-    yield TensorSpec(f"{name}.scale", (_cdiv(out, 128), _cdiv(inp, 128)), (scale,))
+    yield TensorSpec(f"{name}.scale", (_cdiv(out, block), _cdiv(inp, block)), (scale,))
 
 
 def _fp4(name: str, out: int, inp: int) -> Iterator[TensorSpec]:
@@ -131,6 +131,9 @@ def block_schema(cfg: ModelConfig, layer: int) -> Iterator[TensorSpec]:
 
 def checkpoint_schema(cfg: ModelConfig, mtp: bool = True) -> dict[str, TensorSpec]:
     """name -> TensorSpec of every tensor of the checkpoint, in a stable order (top level, layers, MTP)."""
+    if cfg.is_v41:
+        from .schema_v41 import checkpoint_schema_v41
+        return checkpoint_schema_v41(cfg, mtp)
     specs = [TensorSpec("embed.weight", (cfg.vocab_size, cfg.dim), (BF16,)),
              TensorSpec("head.weight", (cfg.vocab_size, cfg.dim), (BF16,)),
              TensorSpec("norm.weight", (cfg.dim,), (BF16,)), *_head("", cfg)]

@@ -111,6 +111,21 @@ class ShardFile:
         """The whole tensor as stored (CPU)."""
         return self.read(name)
 
+    def map_bytes(self, name: str) -> torch.Tensor:
+        """A 1-byte-per-element tensor (F8_E4M3 / F8_E8M0 / U8 / I8) as uint8 of its shape, left in the file: a
+        copy-on-write memory map, so reading a few rows of a 100 GB table touches only their pages."""
+        import numpy as np
+
+        e = self.entries.get(name)
+        if e is None:
+            raise CheckpointError(f"{self.path}: no tensor {name!r}")
+        if e.dtype not in ("F8_E4M3", "F8_E8M0", "U8", "I8"):
+            raise CheckpointError(f"{self.path}: tensor {name!r} is {e.dtype}; only 1-byte tensors are mapped")
+        if e.nbytes == 0:
+            return torch.zeros(e.shape, dtype=torch.uint8)
+        arr = np.memmap(self.path, dtype=np.uint8, mode="c", offset=e.start, shape=(e.nbytes,))
+        return torch.from_numpy(arr).view(e.shape)
+
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The whole tensor (``dim`` None), or its part ``start:stop`` along ``dim`` through the library's
         ``get_slice``, which touches only that part of the mapped file (the one function through which

@@ -92,7 +92,11 @@ class SyntheticSource:
         if spec.dtype == I8:
             packed, scale = (torch.from_numpy(a).to(self.device) for a in quant_mxfp4(w))
             return packed.view(torch.int8), scale.view(torch.float8_e8m0fnu)
-        w8, scale = (torch.from_numpy(a).to(self.device) for a in quant_fp8_block(w))
+        if self.schema[base + ".scale"].shape[0] == out:   # per-row 1x32 blocks (the Engram tables)
+            w8, scale = (torch.from_numpy(a).to(self.device) for a in quant_fp8_block(w[:, None, :], 32))
+            w8, scale = w8[:, 0], scale[:, 0]
+        else:
+            w8, scale = (torch.from_numpy(a).to(self.device) for a in quant_fp8_block(w, self.cfg.fp8_block))
         if scale_dtype == E8M0:
             return w8.view(torch.float8_e4m3fn), scale.view(torch.float8_e8m0fnu)
         return w8.view(torch.float8_e4m3fn), torch.exp2(scale.float() - 127)
@@ -111,8 +115,10 @@ class SyntheticSource:
             v = self._randn(shape, name, 0.5)
         elif leaf == "ape":
             v = self._randn(shape, name, 0.1)
-        elif leaf == "bias":
+        elif leaf in ("bias", "bias_vl"):
             v = self._randn(shape, name, 0.01)
+        elif leaf in ("q_weight", "k_weight"):   # Engram gate weights (ones at initialisation)
+            v = self._randn(shape, name, 0.05, 1.0)
         elif "_fn" in leaf:  # mHC projections: mixes of std ~1 on RMS-normalised streams
             v = self._randn(shape, name, shape[1] ** -0.5)
         elif "_base" in leaf:
@@ -134,14 +140,20 @@ class SyntheticSource:
         return v.to(torch.bfloat16 if spec.dtype == "BF16" else torch.float32)
 
 
-def tiny_checkpoint(seed: int = 0, root: str | None = None) -> str:
-    """The tiny preset's checkpoint directory, generated on first use (a few MB, about a second)."""
+def tiny_checkpoint(seed: int = 0, root: str | None = None, name: str = "tiny") -> str:
+    """The checkpoint directory of a toy preset (``tiny``, or ``tiny-v41`` with its byte-level tokenizer.json),
+    generated on first use (a few MB, about a second)."""
     root = root or cache_dir()
-    path = os.path.join(root, f"tiny-v{SYNTHETIC_VERSION}-seed{seed}")
+    tag = "tiny" if name == "tiny" else name
+    path = os.path.join(root, f"{tag}-v{SYNTHETIC_VERSION}-seed{seed}")
     if os.path.isfile(os.path.join(path, INDEX_NAME)) and os.path.isfile(os.path.join(path, "config.json")):
         return path
     os.makedirs(root, exist_ok=True)
-    cfg = preset("tiny")
+    cfg = preset(name)
     src = SyntheticSource(cfg, seed)
+    extras = None
+    if cfg.is_v41:   # V4.1's Engram builds its token classes from the tokenizer, as the release's does
+        from .engram_map import write_byte_tokenizer_json
+        extras = write_byte_tokenizer_json
     return write_checkpoint(path, cfg, ((n, src.get(n)) for n in src.names()), max_shard_bytes=4 << 20,
-                            overwrite=False)
+                            overwrite=False, extras=extras)

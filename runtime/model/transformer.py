@@ -36,6 +36,12 @@ class Transformer:
     parallel layout (vocab-parallel embedding and head; see the attention, indexer and MoE layers).
     """
 
+    def __new__(cls, cfg: ModelConfig, *args: Any, **kwargs: Any) -> Any:
+        if cfg.is_v41 and cls is Transformer:   # the V4.1 model: the same interface, its own layers
+            from .transformer_v41 import Transformer41
+            return Transformer41(cfg, *args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, cfg: ModelConfig, source: WeightSource, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.bfloat16, mtp: bool = False, convert_fp4: bool = False,
                  quant: bool = True, par: Any = None, precision: str = "release") -> None:

@@ -21,13 +21,14 @@ class WeightSource(Protocol):
 
 
 class Fp8Linear:
-    """One FP8 E4M3 projection with 128x128 block scales, or several stacked along the output rows when
-    every part but the last has a multiple of 128 rows (so the scale tiles stay aligned); ``__call__``
+    """One FP8 E4M3 projection with block x block scales (128 for V4, 32 for V4.1), or several stacked along
+    the output rows when every part but the last has a multiple of ``block`` rows (so the scale tiles stay
+    aligned); ``__call__``
     returns the parts' outputs (``y`` for one part)."""
 
-    def __init__(self, parts: list[tuple[Tensor, Tensor]]) -> None:
+    def __init__(self, parts: list[tuple[Tensor, Tensor]], block: int = 128) -> None:
         self.sizes = [w.shape[0] for w, _ in parts]
-        if len(parts) > 1 and all(n % 128 == 0 for n in self.sizes[:-1]):
+        if len(parts) > 1 and all(n % block == 0 for n in self.sizes[:-1]):
             self.groups = [(torch.cat([w for w, _ in parts]), torch.cat([s for _, s in parts]), self.sizes)]
         else:
             self.groups = [(w, s, [w.shape[0]]) for w, s in parts]
@@ -87,9 +88,9 @@ class Loader:
     is read (``source.get_slice`` when the source has it, so a checkpoint's other parts are never touched)."""
 
     def __init__(self, source: WeightSource, device: torch.device, dtype: torch.dtype, convert_fp4: bool = False,
-                 par: Any = None):
+                 par: Any = None, block: int = 128):
         self.source, self.device, self.dtype, self.convert_fp4 = source, device, dtype, convert_fp4
-        self.par = par
+        self.par, self.block = par, block
 
     def _part(self, name: str, dim: int | None) -> tuple[int, int] | None:
         """This rank's ``[start, stop)`` of dim ``dim`` of ``name`` (None: the whole tensor)."""
@@ -127,25 +128,31 @@ class Loader:
         return self._own(name, self.dtype, tp_dim)
 
     def _fp8_pair(self, base: str, tp_dim: int | None) -> tuple[Tensor, Tensor]:
-        """An FP8 weight and its 128x128 block scales, both cut at the same (block-aligned) rows / columns."""
+        """An FP8 weight and its block scales, both cut at the same (block-aligned) rows / columns."""
         part = self._part(f"{base}.weight", tp_dim)
         if part is None:
             return self.raw(f"{base}.weight"), self.raw(f"{base}.scale")
         a, b = part
-        n = self._shape(f"{base}.weight")[tp_dim]
-        if a % 128 or (b % 128 and b != n):
+        n, blk = self._shape(f"{base}.weight")[tp_dim], self.block
+        if a % blk or (b % blk and b != n):
             raise CheckpointError(f"tensor {base + '.weight'!r}: tensor-parallel part {a}:{b} of dim {tp_dim} is not "
-                                  f"aligned to the 128-wide scale blocks")
+                                  f"aligned to the {blk}-wide scale blocks")
         return (self._own(f"{base}.weight", tp_dim=tp_dim, part=part),
-                self._own(f"{base}.scale", tp_dim=tp_dim, part=(a // 128, -(-b // 128))))
+                self._own(f"{base}.scale", tp_dim=tp_dim, part=(a // blk, -(-b // blk))))
 
     def fp8(self, *bases: str, tp_dim: int | None = None) -> Fp8Linear:
-        return Fp8Linear([self._fp8_pair(b, tp_dim) for b in bases])
+        return Fp8Linear([self._fp8_pair(b, tp_dim) for b in bases], self.block)
 
     def fp8_dequant(self, base: str, tp_dim: int | None = None) -> Tensor:
         """An FP8 weight dequantised to the activation dtype (``wo_a``, as the reference's convert.py)."""
         w, s = self._fp8_pair(base, tp_dim)
-        return dequant_fp8_block(w, s, 128, torch.float32).to(self.dtype)
+        return dequant_fp8_block(w, s, self.block, torch.float32).to(self.dtype)
+
+    def mapped(self, name: str) -> Tensor:
+        """A huge table left where it lies (a checkpoint's memory map: only the rows a lookup touches are
+        read), or the source's tensor when it has no map (synthetic weights)."""
+        mapped = getattr(self.source, "mapped", None)
+        return mapped(name) if mapped is not None else self.source.get(name)
 
     def experts(self, prefix: str, n: int, inter: int, kind: str, first: int = 0) -> Experts:
         """Routed experts ``first .. first + n - 1`` (all of them in one process; an expert-parallel rank's
