@@ -46,7 +46,16 @@ class Transformer41:
         self.pad_class = int(self.classes[cfg.engram_pad_id]) if self.classes is not None else 0
         self.rope = rope_tables(cfg, self.device)
         self.ops = OpCaller(quant, precision)
-        self.ops.fp8_block = cfg.fp8_block
+
+    @property
+    def ops(self) -> OpCaller:
+        return self._ops
+
+    @ops.setter
+    def ops(self, caller: OpCaller) -> None:
+        """Any op caller (``run --check`` swaps in reference / audit callers) calls the GEMMs with V4.1's blocks."""
+        caller.fp8_block = self.cfg.fp8_block
+        self._ops = caller
 
     @staticmethod
     def load_order(cfg: ModelConfig, mtp: bool = False) -> Iterable[str]:
