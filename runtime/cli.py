@@ -113,8 +113,10 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                                    "tokens/s and the implementation each op used.")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory (config.json + safetensors)")
-    src.add_argument("--preset", choices=("tiny", "flash-slice"), help="synthetic model: tiny (default) or "
-                     "flash-slice (V4-Flash widths, --layers layers, weights drawn in memory; for GPUs)")
+    src.add_argument("--preset", choices=("tiny", "flash-slice", "tiny-v41", "flash41-slice"),
+                     help="synthetic model: tiny (default), flash-slice (V4-Flash widths, --layers layers, weights "
+                     "drawn in memory; for GPUs), tiny-v41 (DeepSeek-V4.1, every layer kind at toy sizes) or "
+                     "flash41-slice (V4.1-Flash widths, --layers >= 6)")
     p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "ascend"),
                    help="where the ops run (default auto: the best available device)")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json, or a folder holding one (default: the "
@@ -158,7 +160,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if (args.layers is not None and args.layers < 1) or (args.experts is not None and args.experts < 1):
         raise _UsageError("--layers and --experts must be >= 1")
     slice_only = [f for f, v in (("--layers", args.layers), ("--experts", args.experts)) if v is not None]
-    if slice_only and args.preset != "flash-slice":
+    if slice_only and args.preset not in ("flash-slice", "flash41-slice"):
         raise _UsageError(f"{' and '.join(slice_only)} only shape --preset flash-slice; the "
                           f"{'checkpoint' if args.checkpoint else 'tiny preset'} has its own layers and experts")
     if args.prompt is not None and args.prompt_len is not None:
@@ -188,11 +190,13 @@ def _add_kv_cache(sub: argparse._SubParsersAction) -> None:
                        description="KV cache bytes per sequence (docs/deepseek-v4.md section 8): windows, compressed entries "
                                    "and indexer keys of every layer at a context length.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", choices=("flash", "pro", "tiny", "flash-slice"), help="released or synthetic config")
+    src.add_argument("--preset", choices=("flash", "pro", "tiny", "flash-slice", "flash41", "tiny-v41", "flash41-slice"),
+                     help="released or synthetic config")
     src.add_argument("--config", metavar="PATH", help="a config.json / inference config.json, or a checkpoint dir")
     p.add_argument("--context", type=_context, required=True, metavar="N", help="tokens per sequence (e.g. 1M)")
-    p.add_argument("--format", default="bf16", choices=("bf16", "fp8"),
-                   help="bf16: reference layout (1024 B entries); fp8: 584 B entries (default bf16)")
+    p.add_argument("--format", choices=("bf16", "fp8"),
+                   help="V4 only: bf16: reference layout (1024 B entries); fp8: 584 B entries (default bf16); "
+                   "V4.1's formats are fixed (FP8 window, FP4 global, MXFP4 index keys)")
     p.add_argument("--indexer", choices=("bf16", "fp8", "fp4"), help="indexer key format (default: as --format)")
     p.set_defaults(func=_cmd_kv_cache)
 
@@ -202,7 +206,13 @@ def _cmd_kv_cache(args: argparse.Namespace) -> int:
     from .model.kvsize import format_report
 
     cfg = preset(args.preset) if args.preset else load_config(args.config)
-    print(format_report(cfg, args.context, args.format, args.indexer))
+    if cfg.is_v41:
+        if args.format or args.indexer:
+            raise _UsageError("--format / --indexer choose V4's cache layout; V4.1's formats are fixed by the release")
+        from .model.kvsize_v41 import format_report_v41
+        print(format_report_v41(cfg, args.context))
+        return 0
+    print(format_report(cfg, args.context, args.format or "bf16", args.indexer))
     return 0
 
 

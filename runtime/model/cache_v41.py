@@ -11,7 +11,7 @@ Per layer and sequence:
 * the layers after a source with the same ratio hold no compressed state: they read their source's
   (``LayerCache41.src``), as the release's ``shared_attn``.
 
-Per sequence: the Engram history ``engram_hist [B, max_seq_len]`` of compressed token classes.
+Per sequence: the Engram history ``engram_hist [B, max_seq_len]`` int32 of compressed token classes.
 
 ``quant=False`` (the smooth model for exactness tests) keeps every buffer in the activation dtype instead.
 """
@@ -93,7 +93,7 @@ class KVCache41:
             self.layers.append(lc)
         self.mtp_layers = [LayerCache41(cfg, cfg.n_layers + i, batch, self.max_seq_len, dtype, self.device, quant,
                                         None) for i in range(cfg.n_mtp_layers if mtp else 0)]
-        self.engram_hist = torch.zeros((batch, self.max_seq_len), dtype=torch.int64, device=self.device)
+        self.engram_hist = torch.zeros((batch, self.max_seq_len), dtype=torch.int32, device=self.device)
 
     def check_room(self, tokens: int) -> None:
         if self.pos + tokens > self.max_seq_len:

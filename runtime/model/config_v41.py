@@ -178,16 +178,18 @@ def _tiny_v41() -> ModelConfig:
 def _flash41_slice(n_layers: int = 6) -> ModelConfig:
     """V4.1-Flash widths with the layer kinds of the release in ``n_layers`` (default 6) layers: window,
     window + Engram, a ratio-2 source and reader, the ratio-1 candidate source and a level-2 index source.
-    The Engram table is cut to a 20,000-bucket vocabulary (2.4 M rows instead of 384 M)."""
+    The Engram table is cut to a 20,000-bucket vocabulary (2.4 M rows instead of 384 M), and its token classes
+    are the byte tokenizer's (the synthetic presets' tokenizer), not the release's 99,092."""
     from ..engram_tables import engram_tables
     if n_layers < 6:
         raise ValueError(f"flash41-slice needs at least 6 layers (every V4.1 layer kind), got {n_layers}")
     ratios = (0, 0, 2, 2, 1, 1) + (1,) * (n_layers - 6)
-    tables = engram_tables((1,), 4, 8, 20000, 99092)
+    tables = engram_tables((1,), 4, 8, 20000, TINY_V41_COMPRESSED_VOCAB)
     return _flash41().replace(
         name="flash41-slice", n_layers=n_layers, n_mtp_layers=0, compress_ratios=ratios,
         kv_source_layers=(2, 4), index_source_layers=(2, 4, 5), candidate_source_layer=4, engram_layer_ids=(1,),
         engram_num_embeddings=tuple(t.rows for t in tables), engram_vocab_size=20000, dspark_target_layer_ids=(),
+        engram_compressed_vocab_size=TINY_V41_COMPRESSED_VOCAB,
         extra={"tokenizer": "bytes", "preset": "flash41-slice"})
 
 

@@ -74,7 +74,7 @@ class Engram:
         class history) -> x with the gated value added to every stream."""
         b = hist.shape[0]
         s = x.shape[0] // b
-        win = ngram_windows(hist, p0, s, self.n).reshape(b * s, self.n)
+        win = ngram_windows(hist, p0, s, self.n).reshape(b * s, self.n).long()
         t = self.tables
         rows = ops.engram_hash(win.contiguous(), t.multipliers, t.primes, t.offsets, pad_class)
         e = self._lookup(ops, rows).reshape(b * s, -1)

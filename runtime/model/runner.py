@@ -118,8 +118,9 @@ def build_model(opts: RunOptions, device: torch.device, quiet: bool = False,
         except ValueError as exc:
             raise BackendSelectionError(str(exc)) from None
 
-    if opts.checkpoint or (opts.preset or "tiny") == "tiny":
-        path = opts.checkpoint or tiny_checkpoint(opts.seed)  # safe when ranks race: the first rename wins
+    if opts.checkpoint or (opts.preset or "tiny") in ("tiny", "tiny-v41"):
+        # safe when ranks race: the first rename wins
+        path = opts.checkpoint or tiny_checkpoint(opts.seed, name=opts.preset or "tiny")
         ck = Checkpoint(path, progress=opts.progress and not quiet and not distributed)
         tok = load_tokenizer(ck.cfg, path, opts.tokenizer)          # checked before the weights load
         names = Transformer.load_order(ck.cfg)
@@ -127,11 +128,15 @@ def build_model(opts: RunOptions, device: torch.device, quiet: bool = False,
         model = Transformer(ck.cfg, ck, device, dtype, convert_fp4=opts.convert_fp8, par=layout(ck.cfg),
                             precision=opts.precision)
         ck.finish_progress()
-        origin = path if opts.checkpoint else f"{path} (tiny preset: random weights, so the text is noise)"
+        origin = path if opts.checkpoint else (f"{path} ({opts.preset or 'tiny'} preset: random weights, so the text "
+                                               f"is noise)")
         return model, tok, origin
-    if opts.preset == "flash-slice":
-        cfg = preset("flash-slice")
-        if opts.layers is not None and opts.layers != cfg.n_layers:
+    if opts.preset in ("flash-slice", "flash41-slice"):
+        cfg = preset(opts.preset)
+        if opts.preset == "flash41-slice":
+            if opts.layers is not None:
+                cfg = _v41_slice(opts.layers)
+        elif opts.layers is not None and opts.layers != cfg.n_layers:
             cfg = cfg.replace(n_layers=opts.layers, compress_ratios=slice_ratios(preset("flash").compress_ratios[:-1],
                                                                                  opts.layers) + (0,))
         if opts.experts:
@@ -148,7 +153,15 @@ def build_model(opts: RunOptions, device: torch.device, quiet: bool = False,
         return model, tok, (
             f"synthetic random weights (seed {opts.seed}, in memory; the text is noise)")
     raise BackendSelectionError(f"--preset {opts.preset}: the full {opts.preset} model needs its checkpoint "
-                                f"(--checkpoint DIR); runnable presets: tiny, flash-slice")
+                                f"(--checkpoint DIR); runnable presets: tiny, flash-slice, tiny-v41, flash41-slice")
+
+
+def _v41_slice(layers: int) -> ModelConfig:
+    from .config_v41 import _flash41_slice
+    try:
+        return _flash41_slice(layers)
+    except ValueError as exc:
+        raise BackendSelectionError(str(exc)) from None
 
 
 def slice_ratios(schedule: tuple[int, ...], n: int) -> tuple[int, ...]:

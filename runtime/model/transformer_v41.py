@@ -87,7 +87,7 @@ class Transformer41:
         p0 = cache.pos
         ids = tokens.reshape(-1).to(self.device)
         if self.classes is not None:
-            cache.engram_hist[:, p0:p0 + s] = self.classes[ids].view(b, s)
+            cache.engram_hist[:, p0:p0 + s] = self.classes[ids].view(b, s).to(torch.int32)
         x = self._embed(ids).unsqueeze(1).repeat(1, cfg.hc_mult, 1)  # [T, hc, dim]
         pre = torch.zeros((b * s, cfg.hc_mult), dtype=torch.float32, device=self.device)
         pre[:, 0] = 1.0   # the first block collapses onto stream 0 (make_identity_pre_mix)
