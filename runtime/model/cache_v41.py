@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+import copy
+
 from .cache import CompressorState
 from .config import SWA, ModelConfig
 
@@ -67,6 +69,22 @@ class LayerCache41:
     def iscale(self) -> Tensor | None:
         return self.src._iscale
 
+    def view(self, i: int, src: "LayerCache41 | None") -> "LayerCache41":
+        """Sequence ``i`` of this layer as a one-sequence cache sharing the storage (``src``: the view of
+        its kv source, for a reader)."""
+        v = copy.copy(self)
+        v.win = self.win[i:i + 1]
+        if self.owner:
+            v.src = v
+            v._glob, v._ikeys = self._glob[i:i + 1], self._ikeys[i:i + 1]
+            v._iscale = None if self._iscale is None else self._iscale[i:i + 1]
+            if self.comp is not None:
+                v.comp = copy.copy(self.comp)
+                v.comp.kv, v.comp.gate = self.comp.kv[i:i + 1], self.comp.gate[i:i + 1]
+        else:
+            v.src = src
+        return v
+
     def nbytes(self) -> int:
         """Bytes this layer owns (a reader's view of its source's cache counts at the source)."""
         own = [self.win] + ([self._glob, self._ikeys, self._iscale] if self.owner else [])
@@ -94,6 +112,20 @@ class KVCache41:
         self.mtp_layers = [LayerCache41(cfg, cfg.n_layers + i, batch, self.max_seq_len, dtype, self.device, quant,
                                         None) for i in range(cfg.n_mtp_layers if mtp else 0)]
         self.engram_hist = torch.zeros((batch, self.max_seq_len), dtype=torch.int32, device=self.device)
+
+    def view(self, i: int) -> "KVCache41":
+        """Sequence ``i`` as a one-sequence cache at position 0 sharing this cache's storage (a KVPool slot)."""
+        v = copy.copy(self)
+        v.batch, v.pos = 1, 0
+        v.layers, last = [], {}
+        for lc in self.layers:
+            lv = lc.view(i, last.get(lc.ratio))
+            if lc.owner:
+                last[lc.ratio] = lv
+            v.layers.append(lv)
+        v.mtp_layers = [lc.view(i, None) for lc in self.mtp_layers]
+        v.engram_hist = self.engram_hist[i:i + 1]
+        return v
 
     def check_room(self, tokens: int) -> None:
         if self.pos + tokens > self.max_seq_len:

@@ -21,6 +21,10 @@ __all__ = ["KVPool", "slot_bytes", "device_memory"]
 
 def slot_bytes(model, max_seq_len: int) -> int:
     """Bytes one sequence of up to ``max_seq_len`` tokens takes in the pool (what ``KVPool`` allocates)."""
+    if model.cfg.is_v41:
+        from .cache_v41 import KVCache41
+        return KVCache41(model.cfg, 1, max_seq_len, model.dtype, "meta", mtp=bool(model.mtp),
+                         quant=model.ops.quant).nbytes()
     return KVCache(model.cfg, 1, max_seq_len, model.dtype, "meta", mtp=bool(model.mtp)).nbytes()
 
 
@@ -79,6 +83,9 @@ class KVPool:
         if not self._free:
             return None
         i = self._free.pop()
+        if hasattr(self.cache, "view"):      # the V4.1 cache makes its own slot views
+            self._views[i] = self.cache.view(i)
+            return i, self._views[i]
         view = copy.copy(self.cache)
         view.batch, view.pos = 1, 0
         view.layers = [_layer_view(lc, i) for lc in self.cache.layers]

@@ -182,14 +182,15 @@ class ChatTemplate:
 
     @classmethod
     def from_checkpoint(cls, path: str | None, tokenizer: Any = None,
-                        tokenizer_path: str | None = None) -> "ChatTemplate":
-        """The format of the module docstring for a checkpoint directory (None: a synthetic V4 preset)
+                        tokenizer_path: str | None = None, model_type: str = "deepseek_v4") -> "ChatTemplate":
+        """The format of the module docstring for a checkpoint directory (None: a synthetic preset of
+        ``model_type``)
         served with ``tokenizer``; the folder of ``tokenizer_path`` (``--tokenizer``) is searched first for
         ``tokenizer_config.json``. Raises :class:`~dsv4rt.errors.CheckpointError` for a tokenizer that
         holds some of the format's control tokens but not all."""
         from .encoding import dialect_for, read_model_type
 
-        dialect = dialect_for(read_model_type(path) if path else "deepseek_v4")
+        dialect = dialect_for(read_model_type(path) if path else model_type)
         if dialect is not None:
             dialect = _usable(dialect, tokenizer, tokenizer_path or path or "the preset's tokenizer")
         tok_dir = (tokenizer_path if os.path.isdir(tokenizer_path) else os.path.dirname(tokenizer_path)) \

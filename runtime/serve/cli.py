@@ -107,13 +107,15 @@ def build_server(o: ServeOptions) -> Served:
     name = o.model_name or (os.path.basename(os.path.normpath(o.checkpoint)) if o.checkpoint
                             else f"dsv4-{o.preset or 'tiny'}")
     label = o.backend if choice is None or o.backend != "auto" else choice
-    return Served(engine, ChatTemplate.from_checkpoint(o.checkpoint, tok, o.tokenizer), name, origin, label)
+    chat = ChatTemplate.from_checkpoint(o.checkpoint, tok, o.tokenizer, model_type=model.cfg.arch)
+    return Served(engine, chat, name, origin, label)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory (config.json + safetensors)")
-    src.add_argument("--preset", choices=("tiny", "flash-slice"), help="synthetic model (default tiny)")
+    src.add_argument("--preset", choices=("tiny", "flash-slice", "tiny-v41", "flash41-slice"),
+                     help="synthetic model (default tiny; tiny-v41 / flash41-slice: DeepSeek-V4.1)")
     p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "ascend"),
                    help="where the ops run (default auto)")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json, or a folder holding one (and maybe a "
