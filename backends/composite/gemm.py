@@ -27,16 +27,16 @@ K_BLOCK = 1024
 ACT_BLOCK = 128
 
 
-def quantize_activation(x: Tensor, act_quant: str | None) -> Tensor:
-    """``q(x)`` as float32 [M, K]: x itself (upcast) for None, else the official per-1x128 power-of-two
-    E4M3 fake-quant (``q * s``; exact in float32 because ``s`` is a power of two)."""
+def quantize_activation(x: Tensor, act_quant: str | None, block: int = ACT_BLOCK) -> Tensor:
+    """``q(x)`` as float32 [M, K]: x itself (upcast) for None, else the official per-1 x ``block``
+    power-of-two E4M3 fake-quant (``q * s``; exact in float32 because ``s`` is a power of two)."""
     if act_quant is None:
         return x.float()
     if act_quant != "fp8":
         raise ValueError(f"composite: act_quant={act_quant!r} is not a v1 mode (None or 'fp8')")
     k = x.shape[-1]
-    q, s = act_quant_fp8(x, ACT_BLOCK)
-    return q * s.repeat_interleave(ACT_BLOCK, dim=-1)[..., :k]
+    q, s = act_quant_fp8(x, block)
+    return q * s.repeat_interleave(block, dim=-1)[..., :k]
 
 
 def _addmm(acc: Tensor, x: Tensor, w: Tensor) -> None:
@@ -61,19 +61,21 @@ def _fp4_matmul(xq: Tensor, w: Tensor, w_scale: Tensor) -> Tensor:
     return acc
 
 
-def fp4_gemm(x: Tensor, w: Tensor, w_scale: Tensor, act_quant: str | None = None) -> Tensor:
+def fp4_gemm(x: Tensor, w: Tensor, w_scale: Tensor, act_quant: str | None = None,
+             act_block_size: int = ACT_BLOCK) -> Tensor:
     """``y[M, N] = q(x) @ dequant(w).T`` in float32, returned in x's dtype.
 
     ``x`` [M, K], ``w`` [N, K/2] packed E2M1 (low nibble = even k), ``w_scale`` [N, K/32] E8M0.
-    The weight is decoded in K blocks of ``K_BLOCK`` columns; no host synchronisation.
+    The weight is decoded in K blocks of ``K_BLOCK`` columns; no host synchronisation. ``act_block_size``:
+    the K width of one activation scale with act_quant="fp8" (128 V4, 32 V4.1).
     """
     out = new_output((x.shape[0], w.shape[0]), x.dtype, x.device)
-    out.copy_(_fp4_matmul(quantize_activation(x, act_quant), w, w_scale))
+    out.copy_(_fp4_matmul(quantize_activation(x, act_quant, act_block_size), w, w_scale))
     return out
 
 
 def fp4_grouped_gemm(x: Tensor, w: Tensor, w_scale: Tensor, offsets: Tensor,
-                     act_quant: str | None = None) -> Tensor:
+                     act_quant: str | None = None, act_block_size: int = ACT_BLOCK) -> Tensor:
     """Rows ``offsets[e]:offsets[e+1]`` of x times expert e's MXFP4 weight; ``y[R, N]`` in x's dtype.
 
     The activation quantisation is per row, so it runs once over all rows. Each non-empty expert
@@ -87,7 +89,7 @@ def fp4_grouped_gemm(x: Tensor, w: Tensor, w_scale: Tensor, offsets: Tensor,
     """
     rows, n = x.shape[0], w.shape[1]
     out = new_output((rows, n), x.dtype, x.device)
-    xq = quantize_activation(x, act_quant)
+    xq = quantize_activation(x, act_quant, act_block_size)
     bounds = offsets.tolist()  # host sync, see the docstring
     for e in range(w.shape[0]):
         lo, hi = bounds[e], bounds[e + 1]
@@ -96,22 +98,25 @@ def fp4_grouped_gemm(x: Tensor, w: Tensor, w_scale: Tensor, offsets: Tensor,
     return out
 
 
-def fp8_gemm(x: Tensor, w: Tensor, w_scale: Tensor, act_quant: str | None = None) -> Tensor:
-    """``y[M, N] = q(x) @ dequant(w).T`` for E4M3 weights with 128x128 block scales, float32 accumulation.
+def fp8_gemm(x: Tensor, w: Tensor, w_scale: Tensor, act_quant: str | None = None,
+             block_size: int = ACT_BLOCK) -> Tensor:
+    """``y[M, N] = q(x) @ dequant(w).T`` for E4M3 weights with bs x bs block scales, float32 accumulation.
 
-    ``w`` [N, K] float8_e4m3fn, ``w_scale`` [ceil(N/128), ceil(K/128)] E8M0 or float32. The weight is
-    decoded (E4M3 look-up table, no float8 cast) ``K_BLOCK`` columns at a time; no host synchronisation.
+    ``w`` [N, K] float8_e4m3fn, ``w_scale`` [ceil(N/bs), ceil(K/bs)] E8M0 or float32, bs = ``block_size``
+    (128 V4, 32 V4.1; also the act_quant block). The weight is decoded (E4M3 look-up table, no float8
+    cast) ``K_BLOCK`` columns at a time; no host synchronisation.
     """
     m, k = x.shape
     n = w.shape[0]
+    bs = block_size
     out = new_output((m, n), x.dtype, x.device)
-    xq = quantize_activation(x, act_quant)
+    xq = quantize_activation(x, act_quant, bs)
     acc = torch.zeros((m, n), dtype=torch.float32, device=x.device)
     if m:
-        for k0 in range(0, k, K_BLOCK):  # k0 is a multiple of 128, so scale columns line up
+        for k0 in range(0, k, K_BLOCK):  # k0 is a multiple of 128 (and so of 32): scale columns line up
             k1 = min(k, k0 + K_BLOCK)
-            sb = w_scale[:, k0 // 128:-(-k1 // 128)]
-            wb = dequant_fp8_block(w[:, k0:k1], sb, 128, torch.float32)  # [N, k1-k0]
+            sb = w_scale[:, k0 // bs:-(-k1 // bs)]
+            wb = dequant_fp8_block(w[:, k0:k1], sb, bs, torch.float32)  # [N, k1-k0]
             _addmm(acc, xq[:, k0:k1], wb)
     out.copy_(acc)
     return out

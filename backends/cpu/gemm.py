@@ -24,14 +24,14 @@ def _k_block(n: int, k: int) -> int:
     return max(ACT_BLOCK, min(width, MAX_K_BLOCK, -(-k // ACT_BLOCK) * ACT_BLOCK))
 
 
-def _activations(x: torch.Tensor, act_quant: str | None) -> np.ndarray:
+def _activations(x: torch.Tensor, act_quant: str | None, block: int = ACT_BLOCK) -> np.ndarray:
     """x as float32 [M, K]; with act_quant='fp8', the E4M3 values times their power-of-two scales
-    (exact in float32), exactly as the reference's ``act_quant``."""
+    (one per 1 x block of K; exact in float32), exactly as the reference's ``act_quant``."""
     xf = f32(x)
     if act_quant is None:
         return xf
-    q, s = act_quant_fp8(xf, ACT_BLOCK)
-    return q * np.repeat(s, ACT_BLOCK, axis=1)[:, :xf.shape[1]]
+    q, s = act_quant_fp8(xf, block)
+    return q * np.repeat(s, block, axis=1)[:, :xf.shape[1]]
 
 
 def _fp4_matmul(xq: np.ndarray, wb: np.ndarray, sb: np.ndarray, acc: np.ndarray) -> None:
@@ -48,25 +48,26 @@ def _fp4_matmul(xq: np.ndarray, wb: np.ndarray, sb: np.ndarray, acc: np.ndarray)
 
 
 def fp4_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-             act_quant: str | None = None) -> torch.Tensor:
+             act_quant: str | None = None, act_block_size: int = ACT_BLOCK) -> torch.Tensor:
     """y[M, N] = q(x) @ dequant(w)^T: MXFP4 weights, float32 accumulation, output in x's dtype.
 
     Dequantises at most one [N, k-block] slice of w at a time (block width adapts to N, multiple of 128).
+    ``act_block_size``: the K width of one activation scale with act_quant='fp8' (128 V4, 32 V4.1).
     """
-    xq = _activations(x, act_quant)
+    xq = _activations(x, act_quant, act_block_size)
     out, acc = alloc_f32((x.shape[0], w.shape[0]), x.dtype)
     _fp4_matmul(xq, u8(w), u8(w_scale), acc)
     return finish(out, acc)
 
 
 def fp4_grouped_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, offsets: torch.Tensor,
-                     act_quant: str | None = None) -> torch.Tensor:
+                     act_quant: str | None = None, act_block_size: int = ACT_BLOCK) -> torch.Tensor:
     """y[R, N]: rows offsets[e]:offsets[e+1] of x times expert e's MXFP4 weight, float32 accumulation.
 
     Loops over non-empty experts only; each expert is K-blocked like fp4_gemm. act_quant is per row, so
     x is quantised once for all experts.
     """
-    xq = _activations(x, act_quant)
+    xq = _activations(x, act_quant, act_block_size)
     n = w.shape[1]
     out, acc = alloc_f32((x.shape[0], n), x.dtype)
     wb, sb, off = u8(w), u8(w_scale), ints(offsets).astype(np.int64)
@@ -77,12 +78,14 @@ def fp4_grouped_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, of
 
 
 def fp8_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-             act_quant: str | None = None) -> torch.Tensor:
-    """y[M, N] = q(x) @ dequant(w)^T for E4M3 weights with 128x128 block scales (E8M0 or float32).
+             act_quant: str | None = None, block_size: int = ACT_BLOCK) -> torch.Tensor:
+    """y[M, N] = q(x) @ dequant(w)^T for E4M3 weights with bs x bs block scales (E8M0 or float32),
+    bs = ``block_size`` (128 V4, 32 V4.1; also the act_quant block).
 
     K-blocked in multiples of 128: each step dequantises one [N, k-block] slice with its scale columns.
     """
-    xq = _activations(x, act_quant)
+    bs = block_size
+    xq = _activations(x, act_quant, bs)
     m, k = xq.shape
     n = w.shape[0]
     out, acc = alloc_f32((m, n), x.dtype)
@@ -94,6 +97,6 @@ def fp8_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
     step = _k_block(n, k)
     for k0 in range(0, k, step):
         k1 = min(k, k0 + step)
-        wk = dequant_fp8_block(wb[:, k0:k1], sc[:, k0 // ACT_BLOCK:-(-k1 // ACT_BLOCK)], ACT_BLOCK, np.float32)
+        wk = dequant_fp8_block(wb[:, k0:k1], sc[:, k0 // bs:-(-k1 // bs)], bs, np.float32)
         matmul_into(xq[:, k0:k1], wk.T, acc, add=k0 > 0)
     return finish(out, acc)

@@ -81,15 +81,15 @@ def dequant_fp4(w, w_scale):
     return values * scales
 
 
-def dequant_fp8(w, w_scale):
-    """Spec 1.4/1.5 dense FP8: ``W[n, k] = e4m3(w[n, k]) * scale[n // 128, k // 128]``.
+def dequant_fp8(w, w_scale, block=128):
+    """Spec 1.4/1.5 dense FP8: ``W[n, k] = e4m3(w[n, k]) * scale[n // block, k // block]``.
 
-    ``w [N, K]`` float8_e4m3fn (or its bytes), ``w_scale [ceil(N/128), ceil(K/128)]`` E8M0 or float
-    -> float64 ``[N, K]``.
+    ``w [N, K]`` float8_e4m3fn (or its bytes), ``w_scale [ceil(N/block), ceil(K/block)]`` E8M0 or float
+    -> float64 ``[N, K]``. ``block`` is 128 for V4 and 32 for V4.1 (its ``fp8_block_size``).
     """
     values = decode_e4m3(w)
     n, k = values.shape
     s = decode_block_scale(w_scale)
-    rows = torch.arange(n) // 128
-    cols = torch.arange(k) // 128
+    rows = torch.arange(n) // block
+    cols = torch.arange(k) // block
     return values * s[rows][:, cols]

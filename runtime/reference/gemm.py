@@ -61,31 +61,32 @@ def act_scales_fp8(x, block=ACT_BLOCK):
     return torch.stack(cols, dim=1)
 
 
-def _quantize_activation(x, act_quant):
+def _quantize_activation(x, act_quant, block=ACT_BLOCK):
     if act_quant is None:
         return to_f64(x)
     if act_quant == "fp8":
-        return act_quant_fp8(x)
+        return act_quant_fp8(x, block)
     raise NotImplementedError(f"reference: act_quant={act_quant!r} is not a v1 mode")
 
 
-def fp4_gemm(x, w, w_scale, act_quant=None):
+def fp4_gemm(x, w, w_scale, act_quant=None, act_block_size=ACT_BLOCK):
     """``y[M, N] = q(x) @ W.T`` in float64.
 
     * ``W[n, k] = E2M1(code[n, k]) * 2^(w_scale[n, k // 32] - 127)`` (spec 1.1-1.3): ``w [N, K/2]``
       holds element 2j in the low nibble of byte j and 2j+1 in the high nibble; ``w`` may be uint8,
       int8 or float4_e2m1fn_x2, ``w_scale [N, K/32]`` uint8 or float8_e8m0fnu.
     * ``q(x) = x`` (as float64) when ``act_quant is None``; with ``act_quant="fp8"`` it is the
-      official per-1x128 power-of-two E4M3 fake-quant, see :func:`act_quant_fp8` (spec 1.5).
+      official per-1 x ``act_block_size`` power-of-two E4M3 fake-quant, see :func:`act_quant_fp8`
+      (spec 1.5; 128 for V4, 32 for V4.1, whose ``linear()`` passes ``act_block_size=fp8_block_size``).
     * The product is exact-ish float64 (no fp32 accumulation): the oracle for all backends.
     """
-    xq = _quantize_activation(x, act_quant)
+    xq = _quantize_activation(x, act_quant, act_block_size)
     wd = dequant_fp4(w, w_scale)
     return xq @ wd.T
 
 
-def fp4_grouped_gemm(x, w, w_scale, offsets, act_quant=None):
-    """Per-expert :func:`fp4_gemm`: ``y[r] = fp4_gemm(x[r], w[e], w_scale[e], act_quant)`` for
+def fp4_grouped_gemm(x, w, w_scale, offsets, act_quant=None, act_block_size=ACT_BLOCK):
+    """Per-expert :func:`fp4_gemm`: ``y[r] = fp4_gemm(x[r], w[e], w_scale[e], act_quant, act_block_size)`` for
     ``offsets[e] <= r < offsets[e+1]``.
 
     ``x [R, K]`` rows grouped by expert, ``w [E, N, K/2]``, ``w_scale [E, N, K/32]``,
@@ -99,17 +100,19 @@ def fp4_grouped_gemm(x, w, w_scale, offsets, act_quant=None):
     for e in range(num_experts):
         lo, hi = off[e], off[e + 1]
         if hi > lo:
-            y[lo:hi] = fp4_gemm(x[lo:hi], w[e], w_scale[e], act_quant)
+            y[lo:hi] = fp4_gemm(x[lo:hi], w[e], w_scale[e], act_quant, act_block_size)
     return y
 
 
-def fp8_gemm(x, w, w_scale, act_quant=None):
+def fp8_gemm(x, w, w_scale, act_quant=None, block_size=ACT_BLOCK):
     """``y[M, N] = q(x) @ W.T`` in float64 with the dense FP8 weight format (spec 1.4/1.5).
 
-    ``W[n, k] = e4m3(w[n, k]) * scale[n // 128, k // 128]``; ``w [N, K]`` float8_e4m3fn,
-    ``w_scale [ceil(N/128), ceil(K/128)]`` E8M0 (uint8 bytes or float8_e8m0fnu, value 2^(b-127)) or
-    float32 (taken as is). ``q`` as in :func:`fp4_gemm`.
+    ``W[n, k] = e4m3(w[n, k]) * scale[n // bs, k // bs]`` with ``bs = block_size`` (128 for V4, 32 for
+    V4.1); ``w [N, K]`` float8_e4m3fn, ``w_scale [ceil(N/bs), ceil(K/bs)]`` E8M0 (uint8 bytes or
+    float8_e8m0fnu, value 2^(b-127)) or float32 (taken as is). ``q`` as in :func:`fp4_gemm` with 1 x bs
+    activation blocks. The official kernel's ``sum_kb (A_kb . W_kb^T) * sa[m, kb] * sw[n // bs, kb]`` is
+    this product, computed exactly here (the scales are factored out of each block sum).
     """
-    xq = _quantize_activation(x, act_quant)
-    wd = dequant_fp8(w, w_scale)
+    xq = _quantize_activation(x, act_quant, block_size)
+    wd = dequant_fp8(w, w_scale, block_size)
     return xq @ wd.T
