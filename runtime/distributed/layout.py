@@ -29,12 +29,14 @@ def split_range(n: int, parts: int, index: int) -> tuple[int, int]:
 def tp_problems(cfg: Any, tp: int) -> list[str]:
     """Why attention cannot be split over ``tp`` ranks (empty when it can)."""
     out = []
+    blk = getattr(cfg, "fp8_block", 128)
     if cfg.n_heads % tp or cfg.o_groups % tp:
         out.append(f"n_heads {cfg.n_heads} and o_groups {cfg.o_groups} must be multiples of tp {tp}")
-    elif (cfg.n_heads // tp * cfg.head_dim) % 128 or (cfg.o_groups // tp * cfg.o_lora_rank) % 128:
-        out.append(f"each rank's wq_b rows and wo_a / wo_b groups must fill whole 128-wide FP8 scale blocks (tp {tp})")
-    if any(cfg.kind(i) == "csa" for i in range(cfg.n_layers + cfg.n_mtp_layers)):
-        if cfg.index_n_heads % tp or (cfg.index_n_heads // tp * cfg.index_head_dim) % 128:
+    elif (cfg.n_heads // tp * cfg.head_dim) % blk or (cfg.o_groups // tp * cfg.o_lora_rank) % blk:
+        out.append(f"each rank's wq_b rows and wo_a / wo_b groups must fill whole {blk}-wide FP8 scale blocks "
+                   f"(tp {tp})")
+    if any(cfg.kind(i) in ("csa", "csa2") for i in range(cfg.n_layers + cfg.n_mtp_layers)):
+        if cfg.index_n_heads % tp or (cfg.index_n_heads // tp * cfg.index_head_dim) % blk:
             out.append(f"index_n_heads {cfg.index_n_heads} must be a multiple of tp {tp} with whole scale blocks")
     return out
 

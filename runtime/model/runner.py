@@ -122,7 +122,9 @@ def build_model(opts: RunOptions, device: torch.device, quiet: bool = False,
         # safe when ranks race: the first rename wins
         path = opts.checkpoint or tiny_checkpoint(opts.seed, name=opts.preset or "tiny")
         ck = Checkpoint(path, progress=opts.progress and not quiet and not distributed)
-        tok = load_tokenizer(ck.cfg, path, opts.tokenizer)          # checked before the weights load
+        # checked before the weights load; a preset's checkpoint speaks bytes (tiny-v41's tokenizer.json, the
+        # same byte tokenizer, is there for the Engram token classes and other implementations)
+        tok = load_tokenizer(ck.cfg, opts.checkpoint, opts.tokenizer)
         names = Transformer.load_order(ck.cfg)
         ck.start_progress(names)
         model = Transformer(ck.cfg, ck, device, dtype, convert_fp4=opts.convert_fp8, par=layout(ck.cfg),

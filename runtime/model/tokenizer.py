@@ -124,12 +124,10 @@ def _check(tok: HFTokenizer, cfg: ModelConfig) -> HFTokenizer:
 
 def load_tokenizer(cfg: ModelConfig, checkpoint_dir: str | None = None, path: str | None = None) -> Tokenizer:
     """``path`` (``--tokenizer``: a tokenizer.json or a folder holding one) when given, else the checkpoint's
-    ``tokenizer.json`` when present; the byte tokenizer for the synthetic presets. A tokenizer.json is
+    ``tokenizer.json`` when present, else the byte tokenizer for the synthetic presets. A tokenizer.json is
     checked against ``cfg`` (CheckpointError naming both sizes when its ids exceed ``vocab_size``)."""
     if path is not None:
         return _check(HFTokenizer(tokenizer_file(path), cfg.bos_token_id, cfg.eos_token_id), cfg)
-    if cfg.extra.get("tokenizer") == "bytes":   # a synthetic preset (tiny-v41's tokenizer.json is this same one)
-        return ByteTokenizer(cfg.bos_token_id, cfg.eos_token_id)
     if checkpoint_dir is not None:
         file = os.path.join(checkpoint_dir, "tokenizer.json")
         if os.path.isfile(file):

@@ -68,10 +68,10 @@ class _Broken(Backend):
     def load(self, registrar: Registrar) -> None:
         from dsv4rt.backends.composite.gemm import fp8_gemm
 
-        def dropped_block(x, w, w_scale, act_quant=None):
+        def dropped_block(x, w, w_scale, act_quant=None, block_size=128):
             x = x.clone()
             x[:, :128] = 0
-            y = fp8_gemm(x, w, w_scale, act_quant)
+            y = fp8_gemm(x, w, w_scale, act_quant, block_size)
             out = new_output(y.shape, y.dtype, y.device)
             out.copy_(y)
             return out
