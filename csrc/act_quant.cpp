@@ -1,4 +1,4 @@
-// act_quant='fp8' of the GEMMs in C++: per row and 128-wide K block (the last may be partial),
+// act_quant='fp8' of the GEMMs in C++: per row and block-wide K block (128 V4, 32 V4.1; the last may be partial),
 // s = 2^ceil(log2(max(amax, 1e-4) * float32(1/448))) from the float32 bits, q = E4M3-RNE(clamp(x / s, +-448)),
 // out = q * s (exact in float32). Bit-identical to dsv4rt.formats.act_quant_fp8 (NaN in a block makes the
 // whole block NaN, as the reference's NaN amax does); tests/unit/test_native_api.py compares the bits.
@@ -9,9 +9,7 @@
 namespace dsv4rt {
 namespace {
 
-constexpr int64_t kBlock = 128;
-
-// one block of n <= 128 values, in place (written so the compiler vectorises both loops)
+// one block of n values, in place (written so the compiler vectorises both loops)
 DSV4RT_CLONES void quant_block(float* v, int64_t n) {
     float amax = 0.0f;
     bool nan = false;
@@ -42,37 +40,39 @@ DSV4RT_CLONES void quant_block(float* v, int64_t n) {
 
 }  // namespace
 
-void act_quant_fp8_rows(float* x, int64_t m, int64_t k) {
-    const int64_t nb = (k + kBlock - 1) / kBlock;
+void act_quant_fp8_rows(float* x, int64_t m, int64_t k, int64_t block) {
+    const int64_t nb = (k + block - 1) / block;
     parallel_for(m * nb, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
             const int64_t r = b / nb, c = b % nb;
-            quant_block(x + r * k + c * kBlock, std::min(kBlock, k - c * kBlock));
+            quant_block(x + r * k + c * block, std::min(block, k - c * block));
         }
     }, pick_threads(static_cast<double>(m) * k, 1 << 16));
 }
 
 namespace {
 
-void act_quant_fp8(py::handle x_, py::handle out_) {
+void act_quant_fp8(py::handle x_, py::handle out_, int64_t block) {
     const char* fn = "act_quant_fp8";
     auto x = need({fn, "x"}, x_, 2, {Kind::f32, Kind::bf16});
     auto out = need({fn, "out"}, out_, 2, {Kind::f32}, true);
     need_shape({fn, "out"}, out, {dim(x, 0), dim(x, 1)}, "x's shape");
+    if (block != 32 && block != 128) value_error({fn, "block"}, "must be 32 or 128, got " + std::to_string(block));
     F32In xf(x);
     float* o = static_cast<float*>(out.mutable_data());
     py::gil_scoped_release nogil;
     xf.load();
     if (xf.ptr != o) std::copy(xf.ptr, xf.ptr + xf.n, o);
-    act_quant_fp8_rows(o, dim(x, 0), dim(x, 1));
+    act_quant_fp8_rows(o, dim(x, 0), dim(x, 1), block);
 }
 
 }  // namespace
 
 void bind_act_quant(py::module_& m) {
-    m.def("act_quant_fp8", &act_quant_fp8, py::arg("x"), py::arg("out"),
-          "out[M, K] = q * s of act_quant='fp8' (E4M3 values, one power-of-two scale per row and 128-block of K),\n"
-          "bit-identical to dsv4rt.formats.act_quant_fp8. x float32 or bf16 bits [M, K], out float32 [M, K] (may be x).");
+    m.def("act_quant_fp8", &act_quant_fp8, py::arg("x"), py::arg("out"), py::arg("block") = 128,
+          "out[M, K] = q * s of act_quant='fp8' (E4M3 values, one power-of-two scale per row and block of K, block\n"
+          "128 or 32), bit-identical to dsv4rt.formats.act_quant_fp8(x, block). x float32 or bf16 bits [M, K], out\n"
+          "float32 [M, K] (may be x).");
 }
 
 }  // namespace dsv4rt

@@ -12,9 +12,15 @@ int64_t check_k(const Arg& a, int64_t k) {
     return k;
 }
 
+int64_t check_act_block(const char* fn, int64_t b) {
+    if (b != 32 && b != 128) value_error({fn, "act_block_size"}, "must be 32 or 128, got " + std::to_string(b));
+    return b;
+}
+
 void fp4_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_, int64_t gemv_max_m, bool act_quant,
-              bool row_invariant) {
+              bool row_invariant, int64_t act_block) {
     const char* fn = "fp4_gemm";
+    check_act_block(fn, act_block);
     auto x = need({fn, "x"}, x_, 2, {Kind::f32, Kind::bf16});
     auto w = need({fn, "w"}, w_, 2, {Kind::u8});
     auto s = need({fn, "w_scale"}, s_, 2, {Kind::u8});
@@ -27,7 +33,7 @@ void fp4_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_, int6
     F32Out y(out);
     F32In xf(x);
     py::gil_scoped_release nogil;
-    xf.load_gemm(act_quant, m, k);
+    xf.load_gemm(act_quant, m, k, act_block);
     std::vector<Fp4Expert> ex{{xf.ptr, static_cast<const uint8_t*>(w.data()), static_cast<const uint8_t*>(s.data()),
                                y.ptr, m, n, k, n}};
     fp4_gemm_run(ex, gemv_max_m, row_invariant);
@@ -35,8 +41,9 @@ void fp4_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_, int6
 }
 
 void fp4_grouped_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle off_, py::handle out_,
-                      int64_t gemv_max_m, bool act_quant, bool row_invariant) {
+                      int64_t gemv_max_m, bool act_quant, bool row_invariant, int64_t act_block) {
     const char* fn = "fp4_grouped_gemm";
+    check_act_block(fn, act_block);
     auto x = need({fn, "x"}, x_, 2, {Kind::f32, Kind::bf16});
     auto w = need({fn, "w"}, w_, 3, {Kind::u8});
     auto s = need({fn, "w_scale"}, s_, 3, {Kind::u8});
@@ -63,7 +70,7 @@ void fp4_grouped_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle of
     F32Out y(out);
     F32In xf(x);
     py::gil_scoped_release nogil;
-    xf.load_gemm(act_quant, r, k);
+    xf.load_gemm(act_quant, r, k, act_block);
     std::vector<Fp4Expert> ex;
     for (int64_t i = 0; i < e; ++i) {
         const int64_t lo = o[i], cnt = o[i + 1] - o[i];
@@ -79,19 +86,22 @@ void fp4_grouped_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle of
 void bind_gemm(py::module_& m) {
     m.def("fp4_gemm", &fp4_gemm, py::arg("x"), py::arg("w"), py::arg("w_scale"), py::arg("out"),
           py::arg("gemv_max_m") = 8, py::arg("act_quant") = false, py::arg("row_invariant") = false,
+          py::arg("act_block_size") = 128,
           "out[M, N] = x[M, K] @ dequant(w, w_scale)^T on packed MXFP4.\n\n"
           "x float32 or int16/uint16 (bf16 bits) [M, K] (K % 32 == 0), w uint8 [N, K/2] (E2M1 pairs, low nibble =\n"
           "even k), w_scale uint8 [N, K/32] (E8M0), out float32 or bf16 bits [M, N] (rounded to nearest even);\n"
           "all C-contiguous. M <= gemv_max_m takes the GEMV path\n"
           "(weights streamed once), larger M the blocked path (dequantised tiles reused across rows). act_quant:\n"
-          "x goes through act_quant='fp8' first (as dsv4rt.formats.act_quant_fp8). row_invariant: each row's result\n"
+          "x goes through act_quant='fp8' first (as dsv4rt.formats.act_quant_fp8, one scale per 1 x act_block_size\n"
+          "block of K: 128 V4, 32 V4.1). row_invariant: each row's result\n"
           "depends on that row alone, whatever M (the batch-invariant mode; gemv_max_m then only picks the fastest of\n"
           "two kernels with the same numerics).");
     m.def("fp4_grouped_gemm", &fp4_grouped_gemm, py::arg("x"), py::arg("w"), py::arg("w_scale"), py::arg("offsets"),
           py::arg("out"), py::arg("gemv_max_m") = 8, py::arg("act_quant") = false, py::arg("row_invariant") = false,
+          py::arg("act_block_size") = 128,
           "out[R, N]: rows offsets[e]:offsets[e+1] of x (float32 or bf16 bits [R, K]) times expert e of w (uint8\n"
           "[E, N, K/2]) with scales w_scale (uint8 [E, N, K/32]); offsets int32 [E+1] from 0 to R, non-decreasing;\n"
-          "out float32 or bf16 bits [R, N]; act_quant and row_invariant as in fp4_gemm (row_invariant: a row's result\n"
+          "out float32 or bf16 bits [R, N]; act_quant, act_block_size and row_invariant as in fp4_gemm (row_invariant: a row's result\n"
           "never depends on how many rows share its expert).");
 }
 

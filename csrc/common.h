@@ -141,9 +141,9 @@ inline uint16_t f32_to_bf16(float f) {
 void bf16_to_f32_array(const uint16_t* src, float* dst, int64_t n);
 void f32_to_bf16_array(const float* src, uint16_t* dst, int64_t n);
 
-// act_quant='fp8' in place on the float32 rows x[m, k] (act_quant.cpp): each 128-block of a row becomes
-// q * s, bit-identical to dsv4rt.formats.act_quant_fp8
-void act_quant_fp8_rows(float* x, int64_t m, int64_t k);
+// act_quant='fp8' in place on the float32 rows x[m, k] (act_quant.cpp): each block-wide K block of a row
+// (128 V4, 32 V4.1) becomes q * s, bit-identical to dsv4rt.formats.act_quant_fp8(x, block)
+void act_quant_fp8_rows(float* x, int64_t m, int64_t k, int64_t block = 128);
 
 // A float32 view of a float32 or bf16-bits array: the data itself, or a copy converted by load()
 // (which runs without the GIL; the constructor reads the array with it).
@@ -163,14 +163,14 @@ struct F32In {
             ptr = static_cast<const float*>(data);
         }
     }
-    // load() for the GEMMs: with act_quant, a copy of the [m, k] rows after act_quant='fp8' (the input is
-    // never written)
-    void load_gemm(bool act_quant, int64_t m, int64_t k) {
+    // load() for the GEMMs: with act_quant, a copy of the [m, k] rows after act_quant='fp8' with 1 x block
+    // scales (the input is never written)
+    void load_gemm(bool act_quant, int64_t m, int64_t k, int64_t block = 128) {
         if (!act_quant) return load();
         buf.resize(static_cast<size_t>(n));
         if (bf16) bf16_to_f32_array(static_cast<const uint16_t*>(data), buf.data(), n);
         else std::copy(static_cast<const float*>(data), static_cast<const float*>(data) + n, buf.begin());
-        act_quant_fp8_rows(buf.data(), m, k);
+        act_quant_fp8_rows(buf.data(), m, k, block);
         ptr = buf.data();
         bf16 = false;
     }

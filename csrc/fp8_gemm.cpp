@@ -1,11 +1,14 @@
-// FP8 E4M3 GEMM with 128x128 block scales (E8M0 bytes or float32): fp8_gemm.
+// FP8 E4M3 GEMM with bs x bs block scales (E8M0 bytes or float32; bs = 128 for V4, 32 for V4.1): fp8_gemm.
 //
-// One pass over the weight for all M rows of x: threads split the N rows; each 128-wide K block of a
+// One pass over the weight for all M rows of x: threads split the N rows; each bs-wide K block of a
 // weight row is decoded once (256-entry E4M3 table) into an L1 buffer and dotted with every row of x,
 // the block's scale applied to the block sum (as the reference's dequant, in fp32). For small M this
 // streams the weight once (GEMV); for larger M the decoded block is reused M times from L1.
 // Where the CPU has AVX-512, fp8_gemm_avx512.cpp decodes E4M3 in registers (no table) and takes 8 rows of
 // x per pass over the weight; this portable path is the fallback (and the one set_isa(generic) tests).
+// Prefill sizes take the blocked AVX512-BF16 GEMM: with bs = 128 the per-row block scale multiplies each
+// 128-block's sums; with bs = 32 the four scales of a 128-block are folded into the bf16 weights (exact
+// while every E8M0 byte is in [10, 246]; float32 scales or bytes outside that range take the GEMV).
 #include "bf16_gemm.h"
 #include "common.h"
 #include "fp8_kernels.h"
@@ -24,9 +27,9 @@ DSV4RT_CLONES void fp8_rows(const Fp8Problem& p, int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
         std::fill(acc.begin(), acc.end(), 0.0f);
         const uint8_t* wr = p.w + n * p.k;
-        for (int64_t kb = 0; kb * kBlk < p.k; ++kb) {
-            const int64_t k0 = kb * kBlk, kw = std::min(kBlk, p.k - k0);
-            const int64_t si = (n / kBlk) * p.sk + kb;
+        for (int64_t kb = 0; kb * p.bs < p.k; ++kb) {
+            const int64_t k0 = kb * p.bs, kw = std::min(p.bs, p.k - k0);
+            const int64_t si = (n / p.bs) * p.sk + kb;
             const float sc = p.s8 ? kE8M0[p.s8[si]] : p.s32[si];
             for (int64_t j = 0; j < kw; ++j) wd[j] = kE4M3[wr[k0 + j]];
             for (int64_t j = kw; j < kBlk; ++j) wd[j] = 0.0f;
@@ -61,17 +64,33 @@ void fp8_gemv(const Fp8Problem& p) {
     parallel_for(p.n, [&](int64_t a, int64_t b) { fp8_rows(p, a, b); }, pick_threads(bytes, 256 << 10));
 }
 
+// bf16 paths for bs = 32 fold the E8M0 scales into the weights: usable when every byte is in [10, 246]
+// (E4M3 magnitudes 2^-9 .. 448 times 2^(e - 127) stay normal bf16); returns the smallest folded biased
+// exponent (bf16gemm::products_normal's w_min_exp), or -1 where folding would not be exact
+int fold32_min_exp(const uint8_t* s8, int64_t count) {
+    if (!s8) return -1;   // float32 scales are not powers of two
+    uint8_t lo = 255, hi = 0;
+    for (int64_t i = 0; i < count; ++i) {
+        lo = std::min(lo, s8[i]);
+        hi = std::max(hi, s8[i]);
+    }
+    return count > 0 && lo >= 10 && hi <= 246 ? lo - 9 : -1;
+}
+
 void fp8_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_, bool act_quant, int64_t gemv_max_m,
-              bool row_invariant) {
+              bool row_invariant, int64_t block_size) {
     const char* fn = "fp8_gemm";
+    if (block_size != 32 && block_size != 128)
+        value_error({fn, "block_size"}, "must be 32 or 128, got " + std::to_string(block_size));
+    const int64_t bs = block_size;
     auto x = need({fn, "x"}, x_, 2, {Kind::f32, Kind::bf16});
     auto w = need({fn, "w"}, w_, 2, {Kind::u8});
     auto s = need({fn, "w_scale"}, s_, 2, {Kind::u8, Kind::f32});
     auto out = need({fn, "out"}, out_, 2, {Kind::f32, Kind::bf16}, true);
     const int64_t m = dim(x, 0), k = dim(x, 1), n = dim(w, 0);
-    const int64_t sn = (n + kBlk - 1) / kBlk, sk = (k + kBlk - 1) / kBlk;
+    const int64_t sn = (n + bs - 1) / bs, sk = (k + bs - 1) / bs;
     need_shape({fn, "w"}, w, {n, k}, "[N, K]");
-    need_shape({fn, "w_scale"}, s, {sn, sk}, "[ceil(N/128), ceil(K/128)]");
+    need_shape({fn, "w_scale"}, s, {sn, sk}, bs == 32 ? "[ceil(N/32), ceil(K/32)]" : "[ceil(N/128), ceil(K/128)]");
     need_shape({fn, "out"}, out, {m, n}, "[M, N]");
     if (gemv_max_m < 0) value_error({fn, "gemv_max_m"}, "must be >= 0, got " + std::to_string(gemv_max_m));
     const bool s_f32 = kind_of(s) == Kind::f32;
@@ -80,13 +99,16 @@ void fp8_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_, bool
     py::gil_scoped_release nogil;
     Fp8Problem p{nullptr, static_cast<const uint8_t*>(w.data()),
                  s_f32 ? nullptr : static_cast<const uint8_t*>(s.data()),
-                 s_f32 ? static_cast<const float*>(s.data()) : nullptr, y.ptr, m, n, k, sk};
-    if (act_quant) xf.load_gemm(true, m, k);   // without act_quant, x is loaded below if the bf16 path declines
+                 s_f32 ? static_cast<const float*>(s.data()) : nullptr, y.ptr, m, n, k, sk, bs};
+    if (act_quant) xf.load_gemm(true, m, k, bs);   // without act_quant, x is loaded below if the bf16 path declines
 #if defined(DSV4RT_X86)
-    if (row_invariant && m > 0 && n > 0 && k > 0 && bf16gemm::available()) {
+    // the smallest biased exponent of a nonzero (folded, for bs = 32) bf16 weight; -1: no bf16 path
+    const bool bf16_wanted = (row_invariant || m > gemv_max_m) && m > 0 && n > 0 && k > 0 && bf16gemm::available();
+    const int w_min_exp = !bf16_wanted ? -1 : bs == 128 ? 127 - 9 : fold32_min_exp(p.s8, sn * sk);
+    if (row_invariant && w_min_exp >= 0) {
         // each row on its own: bf16 numerics (gemm_few up to gemv_max_m such rows, the blocked GEMM above)
         // where the row allows them, the GEMV otherwise
-        bf16gemm::run_rows({act_quant ? xf.ptr : xf.data, !act_quant && xf.bf16, m, k, n, 127 - 9,
+        bf16gemm::run_rows({act_quant ? xf.ptr : xf.data, !act_quant && xf.bf16, m, k, n, w_min_exp,
                             fp8::decode_tile_bf16, fp8::decode_tile_bf16_t, &p, y.ptr, n}, gemv_max_m,
                            [&p](const float* xr, int64_t rows, float* yr) {
                                Fp8Problem q = p;
@@ -99,9 +121,9 @@ void fp8_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_, bool
     // prefill sizes: the blocked AVX512-BF16 path, when x is exactly bf16 (bf16 input, or act_quant's
     // E4M3 x power-of-two values) and every product with a nonzero weight (>= 2^-9) stays normal
     bf16gemm::PackedX px;
-    if (!row_invariant && m > gemv_max_m && n > 0 && k > 0 && bf16gemm::available() &&
+    if (!row_invariant && w_min_exp >= 0 &&
         bf16gemm::pack_x(act_quant ? xf.ptr : xf.data, xf.bf16, m, k, px) &&
-        bf16gemm::products_normal(px, 127 - 9)) {
+        bf16gemm::products_normal(px, w_min_exp)) {
         bf16gemm::gemm(px, n, fp8::decode_tile_bf16, &p, y.ptr, n);
         y.finish();
         return;
@@ -119,10 +141,12 @@ void fp8_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_, bool
 void bind_fp8_gemm(py::module_& m) {
     m.def("fp8_gemm", &fp8_gemm, py::arg("x"), py::arg("w"), py::arg("w_scale"), py::arg("out"),
           py::arg("act_quant") = false, py::arg("gemv_max_m") = 8, py::arg("row_invariant") = false,
-          "out[M, N] = x[M, K] @ dequant(w, w_scale)^T for E4M3 weights with 128x128 block scales.\n\n"
-          "x float32 or bf16 bits [M, K], w uint8 [N, K] (E4M3 bytes), w_scale uint8 (E8M0) or float32\n"
-          "[ceil(N/128), ceil(K/128)], out float32 or bf16 bits [M, N]; all C-contiguous. act_quant: x goes\n"
-          "through act_quant='fp8' first (as dsv4rt.formats.act_quant_fp8). Small M reads each weight byte once for\n"
+          py::arg("block_size") = 128,
+          "out[M, N] = x[M, K] @ dequant(w, w_scale)^T for E4M3 weights with bs x bs block scales.\n\n"
+          "block_size bs: 128 (V4) or 32 (V4.1). x float32 or bf16 bits [M, K], w uint8 [N, K] (E4M3 bytes), w_scale\n"
+          "uint8 (E8M0) or float32 [ceil(N/bs), ceil(K/bs)], out float32 or bf16 bits [M, N]; all C-contiguous.\n"
+          "act_quant: x goes through act_quant='fp8' first (as dsv4rt.formats.act_quant_fp8(x, bs)). Small M reads\n"
+          "each weight byte once for\n"
           "all rows; above gemv_max_m rows, where the CPU has AVX512-BF16 and x is exactly bf16, a blocked vdpbf16ps\n"
           "GEMM. row_invariant: each row's result depends on that row alone, whatever M (the batch-invariant mode):\n"
           "the blocked GEMM's numerics for every row that allows them (a kernel with the same bits for up to\n"

@@ -11,6 +11,8 @@
 #if defined(DSV4RT_X86)
 #include <immintrin.h>
 
+#include <cmath>
+
 #include "transpose16.h"
 
 namespace dsv4rt {
@@ -96,6 +98,70 @@ AVX512 void rows_m(const Fp8Args& a, const float* x, float* y, int64_t n0, int64
     }
 }
 
+// true if any of the 32 widened bytes is an E4M3 NaN
+AVX512 bool has_nan32(__m512i h) {
+    const __m512i m7 = _mm512_set1_epi16(0x7F);
+    return _mm512_cmpeq_epi16_mask(_mm512_and_si512(h, m7), m7) != 0;
+}
+
+// Block size 32 (V4.1): every 32 k of a weight row has its own scale (row block n / 32), so each 32-chunk's
+// partial dot product (one vector per row) is scaled on its own: y = sum over chunks of (chunk dot) * sc.
+// sc * 256 (the decode's factor) is applied as one multiplier unless it overflows (scale >= 2^121), when the
+// chunk sum is multiplied by 256 first, as the 128 path does. Two accumulators per row (even / odd chunks)
+// keep the M = 1 FMA chain short. A chunk with NaN bytes and the K % 32 tail take the table.
+template <int M>
+AVX512 void rows_m32(const Fp8Args& a, const float* x, float* y, int64_t n0, int64_t n1) {
+    const __m512 k256 = _mm512_set1_ps(256.0f);
+    for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t* wr = a.w + n * a.k;
+        const int64_t srow = (n / 32) * a.sk;
+        __m512 tot[2][M];
+        float side[M];
+        for (int r = 0; r < M; ++r) { tot[0][r] = tot[1][r] = _mm512_setzero_ps(); side[r] = 0.0f; }
+        int64_t k0 = 0;
+        for (int c = 0; k0 + 32 <= a.k; k0 += 32, c ^= 1) {
+            if ((k0 & 127) == 0) {   // software prefetch, as rows_m
+                _mm_prefetch(reinterpret_cast<const char*>(wr + k0 + kPrefetch), _MM_HINT_T0);
+                _mm_prefetch(reinterpret_cast<const char*>(wr + k0 + kPrefetch + 64), _MM_HINT_T0);
+            }
+            const int64_t si = srow + k0 / 32;
+            const float sc = a.s8 ? kE8M0[a.s8[si]] : a.s32[si];
+            const __m512i h = widen32(wr + k0);
+            if (has_nan32(h)) {
+                for (int r = 0; r < M; ++r) {
+                    const float* xr = x + r * a.k + k0;
+                    float t = 0.0f;
+                    for (int64_t j = 0; j < 32; ++j) t += kE4M3[wr[k0 + j]] * xr[j];
+                    side[r] += t * sc;
+                }
+                continue;
+            }
+            __m512 lo, hi;
+            decode32(h, lo, hi);
+            const float sc256 = sc * 256.0f;
+            const bool big = std::isinf(sc256) && !std::isinf(sc);   // sc * 256 overflowed
+            const __m512 scv = _mm512_set1_ps(big ? sc : sc256);
+            for (int r = 0; r < M; ++r) {
+                const float* xr = x + r * a.k + k0;
+                __m512 t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + 16), _mm512_mul_ps(lo, _mm512_loadu_ps(xr)));
+                if (big) t = _mm512_mul_ps(t, k256);
+                tot[c][r] = _mm512_fmadd_ps(t, scv, tot[c][r]);
+            }
+        }
+        if (k0 < a.k) {   // the K % 32 tail
+            const int64_t si = srow + k0 / 32;
+            const float sc = a.s8 ? kE8M0[a.s8[si]] : a.s32[si];
+            for (int r = 0; r < M; ++r) {
+                const float* xr = x + r * a.k + k0;
+                float t = 0.0f;
+                for (int64_t j = 0; j < a.k - k0; ++j) t += kE4M3[wr[k0 + j]] * xr[j];
+                side[r] += t * sc;
+            }
+        }
+        for (int r = 0; r < M; ++r) y[r * a.n + n] = _mm512_reduce_add_ps(_mm512_add_ps(tot[0][r], tot[1][r])) + side[r];
+    }
+}
+
 // 32 E4M3 bytes -> 32 bf16 patterns of their values (exact: E4M3 values are bf16 values, all normal
 // floats once the 1/256 is undone, so vcvtne2ps2bf16 neither rounds nor flushes); NaN bytes -> NaN
 AVX512_BF16 __m512i decode32_bf16(const uint8_t* p) {
@@ -111,25 +177,78 @@ AVX512_BF16 __m512i decode32_bf16(const uint8_t* p) {
 
 }  // namespace
 
-AVX512_FN void rows_avx512(const Fp8Args& a, int64_t n0, int64_t n1) {
+namespace {
+template <template <int> class K>
+AVX512 void rows_all(const Fp8Args& a, int64_t n0, int64_t n1) {
     int64_t r0 = 0;
-    for (; r0 + 8 <= a.m; r0 += 8) rows_m<8>(a, a.x + r0 * a.k, a.y + r0 * a.n, n0, n1);
+    for (; r0 + 8 <= a.m; r0 += 8) K<8>::run(a, a.x + r0 * a.k, a.y + r0 * a.n, n0, n1);
     const float* x = a.x + r0 * a.k;
     float* y = a.y + r0 * a.n;
     switch (a.m - r0) {
-        case 1: rows_m<1>(a, x, y, n0, n1); break;
-        case 2: rows_m<2>(a, x, y, n0, n1); break;
-        case 3: rows_m<3>(a, x, y, n0, n1); break;
-        case 4: rows_m<4>(a, x, y, n0, n1); break;
-        case 5: rows_m<5>(a, x, y, n0, n1); break;
-        case 6: rows_m<6>(a, x, y, n0, n1); break;
-        case 7: rows_m<7>(a, x, y, n0, n1); break;
+        case 1: K<1>::run(a, x, y, n0, n1); break;
+        case 2: K<2>::run(a, x, y, n0, n1); break;
+        case 3: K<3>::run(a, x, y, n0, n1); break;
+        case 4: K<4>::run(a, x, y, n0, n1); break;
+        case 5: K<5>::run(a, x, y, n0, n1); break;
+        case 6: K<6>::run(a, x, y, n0, n1); break;
+        case 7: K<7>::run(a, x, y, n0, n1); break;
         default: break;
+    }
+}
+template <int M>
+struct Rows128 {
+    AVX512 static void run(const Fp8Args& a, const float* x, float* y, int64_t n0, int64_t n1) {
+        rows_m<M>(a, x, y, n0, n1);
+    }
+};
+template <int M>
+struct Rows32 {
+    AVX512 static void run(const Fp8Args& a, const float* x, float* y, int64_t n0, int64_t n1) {
+        rows_m32<M>(a, x, y, n0, n1);
+    }
+};
+}  // namespace
+
+AVX512_FN void rows_avx512(const Fp8Args& a, int64_t n0, int64_t n1) {
+    if (a.bs == 32) return rows_all<Rows32>(a, n0, n1);
+    rows_all<Rows128>(a, n0, n1);
+}
+
+// decode_tile_bf16 for block size 32: each 32-chunk's bf16 values times its E8M0 scale 2^(e - 127), by adding
+// (e - 127) to the exponent field of the nonzero, non-NaN values (exact: the caller keeps e in [10, 246])
+AVX512_BF16 void decode_tile_bf16_32(const Fp8Args& a, int64_t n0, int64_t nt, int64_t kb, uint16_t* wd, float* sc) {
+    const int64_t k0 = kb * kBlk, kw = std::min(kBlk, a.k - k0);
+    const __m512i m7 = _mm512_set1_epi16(0x7F);
+    for (int64_t r = 0; r < nt; ++r) {
+        const int64_t n = n0 + r;
+        const uint8_t* wr = a.w + n * a.k + k0;
+        const uint8_t* sr = a.s8 + (n / 32) * a.sk + k0 / 32;
+        uint16_t* out = wd + r * kBlk;
+        sc[r] = 1.0f;
+        int64_t j = 0;
+        if (kw == kBlk) {
+            _mm_prefetch(reinterpret_cast<const char*>(wr + kBlk), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(wr + kBlk + 64), _MM_HINT_T0);
+        }
+        for (; j + 32 <= kw; j += 32) {
+            const __m512i h = _mm512_and_si512(widen32(wr + j), m7);
+            const __mmask32 live = _mm512_test_epi16_mask(h, h) & ~_mm512_cmpeq_epi16_mask(h, m7);
+            const __m512i b = decode32_bf16(wr + j);
+            const __m512i add = _mm512_set1_epi16(static_cast<int16_t>((static_cast<int>(sr[j / 32]) - 127) * 128));
+            _mm512_storeu_si512(out + j, _mm512_mask_add_epi16(b, live, b, add));
+        }
+        for (; j < kw; ++j) {   // the K % 32 tail
+            const uint8_t byte = wr[j];
+            out[j] = (byte & 0x7F) == 0x7F ? static_cast<uint16_t>(0x7FC0 | ((byte & 0x80) << 8))
+                                           : f32_to_bf16(kE4M3[byte] * kE8M0[sr[j / 32]]);
+        }
+        std::fill(out + kw, out + kBlk, uint16_t{0});
     }
 }
 
 AVX512_BF16_FN void decode_tile_bf16(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint16_t* wd, float* sc) {
     const Fp8Args& a = *static_cast<const Fp8Args*>(ctx);
+    if (a.bs == 32) return decode_tile_bf16_32(a, n0, nt, kb, wd, sc);
     const int64_t k0 = kb * kBlk, kw = std::min(kBlk, a.k - k0);
     for (int64_t r = 0; r < nt; ++r) {
         const int64_t n = n0 + r;
@@ -181,7 +300,7 @@ AVX512 __m512i e4m3_bf16(__m512i h, const __m512i tb[4]) {
 AVX512_FN bool decode_tile_bf16_t(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint32_t* wt, float* sc) {
     const Fp8Args& a = *static_cast<const Fp8Args*>(ctx);
     const int64_t k0 = kb * kBlk;
-    if (a.k - k0 < kBlk) return false;
+    if (a.k - k0 < kBlk || a.bs != 128) return false;
     static const E4M3Tables tables;
     __m512i tb[4];
     for (int i = 0; i < 4; ++i) tb[i] = _mm512_load_si512(tables.t + 32 * i);

@@ -10,19 +10,23 @@ namespace fp8 {
 struct Fp8Args {
     const float* x;        // [m, k]
     const uint8_t* w;      // [n, k] E4M3 bytes
-    const uint8_t* s8;     // [ceil(n/128), sk] E8M0 (or null)
-    const float* s32;      // [ceil(n/128), sk] float32 (or null)
+    const uint8_t* s8;     // [ceil(n/bs), sk] E8M0 (or null)
+    const float* s32;      // [ceil(n/bs), sk] float32 (or null)
     float* y;              // [m, n]
     int64_t m, n, k, sk;
+    int64_t bs = 128;      // block size of the scales: 128 (V4) or 32 (V4.1)
 };
 
 #if defined(DSV4RT_X86)
-// y[:, n0:n1] for all m rows, 8 rows of x per pass over the weight rows
+// y[:, n0:n1] for all m rows, 8 rows of x per pass over the weight rows (either block size)
 void rows_avx512(const Fp8Args& a, int64_t n0, int64_t n1);
 // bf16_gemm.h DecodeFn (ctx: the Fp8Args): weight rows [n0, n0 + nt) of K block kb as the bf16 patterns of
-// their E4M3 values (NaN bytes -> NaN, zero past K), sc = the rows' block scales
+// their E4M3 values (NaN bytes -> NaN, zero past K), sc = the rows' block scales. Block size 32: the
+// four E8M0 scales of the 128-wide K block are folded into the bf16 values (exact where every scale byte
+// is in [10, 246]: the caller checks) and sc = 1
 void decode_tile_bf16(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint16_t* wd, float* sc);
-// bf16_gemm.h DecodeTFn: the same values transposed (16 rows gathered a dword at a time), full K blocks only
+// bf16_gemm.h DecodeTFn: the same values transposed (16 rows gathered a dword at a time), full K blocks of
+// block size 128 only (false otherwise: gemm_few then transposes decode_tile_bf16's tile)
 bool decode_tile_bf16_t(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint32_t* wt, float* sc);
 #endif
 

@@ -79,38 +79,47 @@ def _out(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, np.n
 
 # ---------------------------------------------------------------------------------------------- GEMMs
 
+def _v41_kw(name: str, value: int) -> dict[str, int]:
+    """The V4.1 block-size keyword of a native GEMM, passed only when it is not V4's 128 (so a build that
+    predates it still runs every V4 call; _gemm_supports declines the others on such a build)."""
+    return {} if value == 128 else {name: value}
+
+
 def fp4_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-             act_quant: str | None = None) -> torch.Tensor:
+             act_quant: str | None = None, act_block_size: int = 128) -> torch.Tensor:
     """y[M, N] = q(x) @ dequant(w)^T on the packed MXFP4 bytes (GEMV path for M <= 8, blocked above; in the
-    batch-invariant mode each row's numerics from that row alone)."""
+    batch-invariant mode each row's numerics from that row alone); act_quant per 1 x act_block_size."""
     out, acc = _out((x.shape[0], w.shape[0]), x.dtype)
     inv = invariant.enabled()
-    _C.fp4_gemm(_act(x), _bytes(w), _bytes(w_scale), acc, FEW_MAX_M if inv else GEMV_MAX_M, act_quant == "fp8", inv)
+    _C.fp4_gemm(_act(x), _bytes(w), _bytes(w_scale), acc, FEW_MAX_M if inv else GEMV_MAX_M, act_quant == "fp8", inv,
+                **_v41_kw("act_block_size", act_block_size))
     return _finish(out, acc)
 
 
 def fp4_grouped_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, offsets: torch.Tensor,
-                     act_quant: str | None = None) -> torch.Tensor:
+                     act_quant: str | None = None, act_block_size: int = 128) -> torch.Tensor:
     """y[R, N]: rows offsets[e]:offsets[e+1] times expert e; all experts in one parallel kernel call (in the
     batch-invariant mode a row's numerics never depend on how many rows its expert gets)."""
     out, acc = _out((x.shape[0], w.shape[1]), x.dtype)
     inv = invariant.enabled()
     _C.fp4_grouped_gemm(_act(x), _bytes(w), _bytes(w_scale), _arr(offsets), acc, FEW_MAX_M if inv else GEMV_MAX_M,
-                        act_quant == "fp8", inv)
+                        act_quant == "fp8", inv, **_v41_kw("act_block_size", act_block_size))
     return _finish(out, acc)
 
 
 def fp8_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-             act_quant: str | None = None) -> torch.Tensor:
-    """y[M, N] = q(x) @ dequant(w)^T for E4M3 weights with 128x128 E8M0 or float32 block scales, scales
-    applied per 128-block sum: small M reads the weight once for all rows (threads split N); above
+             act_quant: str | None = None, block_size: int = 128) -> torch.Tensor:
+    """y[M, N] = q(x) @ dequant(w)^T for E4M3 weights with bs x bs E8M0 or float32 block scales (bs =
+    block_size, 128 V4 / 32 V4.1), scales applied per bs-block sum (block 32 on the blocked path: E8M0 scales
+    folded into the bf16 weights where exact): small M reads the weight once for all rows (threads split N); above
     FP8_GEMV_MAX_M rows, on CPUs with AVX512-BF16 and x exactly bf16 (bf16 input or act_quant's output), a
     blocked vdpbf16ps GEMM. act_quant runs in the kernel (bit-identical to dsv4rt.formats.act_quant_fp8). In the
     batch-invariant mode every row that allows it gets the blocked path's numerics, whatever M."""
     out, acc = _out((x.shape[0], w.shape[0]), x.dtype)
     scale = _arr(w_scale) if w_scale.dtype == torch.float32 else _bytes(w_scale)
     inv = invariant.enabled()
-    _C.fp8_gemm(_act(x), _bytes(w), scale, acc, act_quant == "fp8", FEW_MAX_M if inv else FP8_GEMV_MAX_M, inv)
+    _C.fp8_gemm(_act(x), _bytes(w), scale, acc, act_quant == "fp8", FEW_MAX_M if inv else FP8_GEMV_MAX_M, inv,
+                **_v41_kw("block_size", block_size))
     return _finish(out, acc)
 
 
@@ -231,10 +240,19 @@ def _strided(args: Mapping[str, Any]) -> str | None:
     return None
 
 
+_GEMM_V41 = "block_size" in (_C.fp8_gemm.__doc__ or "")   # this build takes block_size / act_block_size
+
+
 def _gemm_supports(args: Mapping[str, Any]) -> str | None:
     k = args["x"].shape[1]
     if k >= MAX_K:
         return f"K = {k} >= 2^28: beyond the native tile decode's 32-bit offsets"
+    return _fp8_supports(args)
+
+
+def _fp8_supports(args: Mapping[str, Any]) -> str | None:
+    if not _GEMM_V41 and (args.get("block_size", 128) != 128 or args.get("act_block_size", 128) != 128):
+        return "this dsv4rt._C build predates V4.1's block_size / act_block_size 32; rebuild it"
     return _strided(args)
 
 
@@ -275,7 +293,7 @@ def _route_supports(args: Mapping[str, Any]) -> str | None:
     return _strided(args)
 
 
-SUPPORTS = {"fp4_gemm": _gemm_supports, "fp4_grouped_gemm": _gemm_supports, "fp8_gemm": _strided,
+SUPPORTS = {"fp4_gemm": _gemm_supports, "fp4_grouped_gemm": _gemm_supports, "fp8_gemm": _fp8_supports,
             "indexer_topk": _indexer_supports, "select_candidate_blocks": _blocks_supports, "kv_compress": _strided,
             "sparse_attention": _attention_supports, "moe_route": _route_supports, "moe_dispatch": _strided,
             "moe_combine": _strided, **_ENGRAM_SUPPORTS}
