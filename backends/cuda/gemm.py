@@ -22,8 +22,11 @@ Design (see :func:`plan`):
     expert from ``offsets`` on the device (a prefix sum of per-expert tile counts, kernels._expert_tile) and
     exits when past the last tile. No host sync. Axis 1 is the K split.
 * ``fp8_gemm``: E4M3 bytes bitcast to float8e4nv and converted to the MMA dtype (exact for bf16/fp16/fp32);
-  BLOCK_N and BLOCK_K divide 128, so each K step's 128x128 scale (E8M0 or float32) is one scalar applied to the
-  float32 partial product; edge blocks are masked. Same small (split-K) / large split by M.
+  block_size 128 (V4): BLOCK_N and BLOCK_K divide 128, so each K step's 128x128 scale (E8M0 or float32) is one
+  scalar applied to the float32 partial product; block_size 32 (V4.1): BLOCK_K = 32 and each step's scales are
+  a [BLOCK_N] vector (one per output column's 32-row block) applied to the partial product's columns. Edge
+  blocks are masked. Same small (split-K) / large split by M. act_quant="fp8" quantises per 1 x block_size
+  (fp4: per 1 x act_block_size).
 * Non-contiguous inputs: weights and scales are always read through their strides (copying a weight would
   cost more than the op); x is read through its strides on the small path (x is tiny) and copied to contiguous
   rows on the large path when its last stride is not 1 (a copy of x is cheap next to the GEMM and enables
@@ -107,6 +110,7 @@ def plan(op: str, args: Mapping[str, Any], path: str | None = None) -> Plan:
     per_group = rows / max(1, args["w"].shape[0]) if op == "fp4_grouped_gemm" else rows
     path = path or ("small" if per_group <= SMALL_ROWS else "large")
     fp8 = op == "fp8_gemm"
+    scale_block = args.get("block_size", 128) if fp8 else 128
     dot = "bf16" if args["act_quant"] == "fp8" else (_DOT8 if fp8 else _DOT)[x.dtype]
     if path == "small":
         bm, bn, bk, warps, stages = (16, 64, 128, 4, 1) if interp else (16, 64, 256 if dot == "bf16" else 128, 4, 3)
@@ -116,7 +120,7 @@ def plan(op: str, args: Mapping[str, Any], path: str | None = None) -> Plan:
         bm, bn, bk, warps, stages = 64, 128, 128 if dot != "tf32" else 64, 4, 4
     else:
         bm, bn, bk, warps, stages = 128, 128, 128 if dot != "tf32" else 64, 8, 3
-    bk = min(bk, 128) if fp8 else min(bk, max(32, _pow2(k)))  # fp8: BLOCK_K divides the 128 scale block
+    bk = min(bk, scale_block) if fp8 else min(bk, max(32, _pow2(k)))  # fp8: BLOCK_K divides the scale block
     split, per = 1, _cdiv(k, bk)
     if path == "small":
         split, per = _split(k, bk, _tiles(op, args, bm) * _cdiv(n, bn), interp, x.device)
@@ -136,31 +140,31 @@ def _tl_dtype(name: str) -> Any:
     return {"bf16": tl.bfloat16, "fp16": tl.float16, "tf32": tl.float32}[name]
 
 
-def _quantize(x: Tensor, fold: bool) -> tuple[Tensor, Tensor]:
-    """Launch the per-1x128 E4M3 quantiser on x [M, K] (any strides). fold: (q*s bf16 [M, K], same); else
-    (q float32 [M, K], s float32 [M, ceil(K/128)])."""
+def _quantize(x: Tensor, fold: bool, block: int = 128) -> tuple[Tensor, Tensor]:
+    """Launch the per-1 x block E4M3 quantiser on x [M, K] (any strides). fold: (q*s bf16 [M, K], same); else
+    (q float32 [M, K], s float32 [M, ceil(K/block)])."""
     m, k = x.shape
-    nb = _cdiv(k, 128)
+    nb = _cdiv(k, block)
     q = torch.empty((m, k), dtype=torch.bfloat16 if fold else torch.float32, device=x.device)
     s = q if fold else torch.empty((m, nb), dtype=torch.float32, device=x.device)
     if m and k:
-        rows = 16 if interpreter_requested() else 4
+        rows = 16 if interpreter_requested() or block == 32 else 4   # ~512+ elements per program
         with device_guard(x):
             kernels("gemm").act_quant_kernel[(_cdiv(m, rows), nb)](
                 x, q, s, m, k, x.stride(0), x.stride(1), q.stride(0), s.stride(0), FOLD=fold, BLOCK_R=rows,
-                num_warps=4)
+                BLOCK=block, num_warps=4)
     return q, s
 
 
-def act_quant_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
-    """The Triton quantiser as ``dsv4rt.formats.act_quant_fp8(x, 128)`` for a 2-D x: (q float32 [M, K] holding
-    E4M3 values, s float32 [M, ceil(K/128)] powers of two); bit-identical to it. Used by the tests."""
-    return _quantize(x, fold=False)
+def act_quant_fp8(x: Tensor, block: int = 128) -> tuple[Tensor, Tensor]:
+    """The Triton quantiser as ``dsv4rt.formats.act_quant_fp8(x, block)`` for a 2-D x: (q float32 [M, K]
+    holding E4M3 values, s float32 [M, ceil(K/block)] powers of two); bit-identical to it. Used by the tests."""
+    return _quantize(x, fold=False, block=block)
 
 
-def _prepare_x(x: Tensor, act_quant: str | None, p: Plan) -> Tensor:
+def _prepare_x(x: Tensor, act_quant: str | None, p: Plan, block: int = 128) -> Tensor:
     if act_quant == "fp8":
-        return _quantize(x, fold=True)[0]
+        return _quantize(x, fold=True, block=block)[0]
     if p.path == "large" and x.stride(1) != 1:
         return x.contiguous()  # cheap next to the GEMM; enables vector loads of x rows
     return x
@@ -176,7 +180,7 @@ def _finish(out: Tensor, y: Tensor, p: Plan) -> Tensor:
 
 
 def _fp4(x: Tensor, w: Tensor, w_scale: Tensor, offsets: Tensor | None, act_quant: str | None,
-         path: str | None) -> Tensor:
+         path: str | None, act_block: int = 128) -> Tensor:
     grouped = offsets is not None
     args = {"x": x, "w": w if grouped else w.unsqueeze(0), "act_quant": act_quant}
     rows, k = x.shape
@@ -190,7 +194,7 @@ def _fp4(x: Tensor, w: Tensor, w_scale: Tensor, offsets: Tensor | None, act_quan
         wb, sb = wb.unsqueeze(0), sb.unsqueeze(0)
     e = wb.shape[0]
     with device_guard(x):
-        xk = _prepare_x(x, act_quant, p)
+        xk = _prepare_x(x, act_quant, p, act_block)
         y = out if p.split_k == 1 else torch.empty((p.split_k, rows, n), dtype=torch.float32, device=x.device)
         grid = (_tiles("fp4_grouped_gemm" if grouped else "fp4_gemm", args, p.block_m) * _cdiv(n, p.block_n),
                 p.split_k)
@@ -201,34 +205,36 @@ def _fp4(x: Tensor, w: Tensor, w_scale: Tensor, offsets: Tensor | None, act_quan
         return _finish(out, y, p)
 
 
-def fp4_gemm(x: Tensor, w: Tensor, w_scale: Tensor, act_quant: str | None = None, *,
+def fp4_gemm(x: Tensor, w: Tensor, w_scale: Tensor, act_quant: str | None = None, act_block_size: int = 128, *,
              path: str | None = None) -> Tensor:
     """cuda/triton ``fp4_gemm``: y[M, N] = q(x) @ dequant(w).T, fp32 accumulation, y in x's dtype.
 
     w [N, K/2] uint8 / int8 / float4_e2m1fn_x2 (low nibble = even k), w_scale [N, K/32] E8M0 bytes or
     float8_e8m0fnu; any strides. M <= 16: weight-streaming split-K path (two launches when split); else
-    tensor-core tiles. act_quant="fp8" adds one quantiser launch (bit-identical to formats.act_quant_fp8).
-    No host synchronisation. ``path`` ("small" / "large") overrides the choice (tests).
+    tensor-core tiles. act_quant="fp8" adds one quantiser launch (bit-identical to formats.act_quant_fp8,
+    1 x act_block_size blocks: 128 V4, 32 V4.1). No host synchronisation. ``path`` ("small" / "large")
+    overrides the choice (tests).
     """
-    return _fp4(x, w, w_scale, None, act_quant, path)
+    return _fp4(x, w, w_scale, None, act_quant, path, act_block_size)
 
 
-def fp4_grouped_gemm(x: Tensor, w: Tensor, w_scale: Tensor, offsets: Tensor, act_quant: str | None = None, *,
-                     path: str | None = None) -> Tensor:
+def fp4_grouped_gemm(x: Tensor, w: Tensor, w_scale: Tensor, offsets: Tensor, act_quant: str | None = None,
+                     act_block_size: int = 128, *, path: str | None = None) -> Tensor:
     """cuda/triton ``fp4_grouped_gemm``: rows offsets[e]:offsets[e+1] of x times expert e's MXFP4 weight.
 
     x [R, K], w [E, N, K/2], w_scale [E, N, K/32], offsets [E+1] int32 (read on the device only: no host
     sync). One GEMM launch for all experts (see the module docstring); empty experts cost one early-exiting
     program at most. The path is chosen from the mean rows per expert R / E (<= 16: small).
     """
-    return _fp4(x, w, w_scale, offsets, act_quant, path)
+    return _fp4(x, w, w_scale, offsets, act_quant, path, act_block_size)
 
 
-def fp8_gemm(x: Tensor, w: Tensor, w_scale: Tensor, act_quant: str | None = None, *,
+def fp8_gemm(x: Tensor, w: Tensor, w_scale: Tensor, act_quant: str | None = None, block_size: int = 128, *,
              path: str | None = None) -> Tensor:
-    """cuda/triton ``fp8_gemm``: y[M, N] = q(x) @ (w * scale).T with 128x128 block scales, fp32 accumulation.
+    """cuda/triton ``fp8_gemm``: y[M, N] = q(x) @ (w * scale).T with bs x bs block scales (bs = block_size,
+    128 V4 / 32 V4.1), fp32 accumulation.
 
-    w [N, K] float8_e4m3fn (any strides), w_scale [ceil(N/128), ceil(K/128)] E8M0 (bytes or float8_e8m0fnu)
+    w [N, K] float8_e4m3fn (any strides), w_scale [ceil(N/bs), ceil(K/bs)] E8M0 (bytes or float8_e8m0fnu)
     or float32; partial edge blocks are masked. MMA operands: bf16 (bf16 x or act_quant="fp8"), fp16 (fp16 x),
     TF32 (fp32 x). Needs float8e4nv conversions (sm_89+; see supports_fp8). No host synchronisation.
     """
@@ -239,17 +245,17 @@ def fp8_gemm(x: Tensor, w: Tensor, w_scale: Tensor, act_quant: str | None = None
         return out
     if k == 0:   # an empty sum; the kernel's K loop and scale tiles assume K >= 1
         return out.zero_()
-    p = plan("fp8_gemm", {"x": x, "w": w, "act_quant": act_quant}, path)
+    p = plan("fp8_gemm", {"x": x, "w": w, "act_quant": act_quant, "block_size": block_size}, path)
     e8m0 = w_scale.dtype != torch.float32
     sb = w_scale.view(torch.uint8) if e8m0 else w_scale
     wb = w.view(torch.uint8)
     with device_guard(x):
-        xk = _prepare_x(x, act_quant, p)
+        xk = _prepare_x(x, act_quant, p, block_size)
         y = out if p.split_k == 1 else torch.empty((p.split_k, m, n), dtype=torch.float32, device=x.device)
         grid = (_cdiv(m, p.block_m) * _cdiv(n, p.block_n), p.split_k)
         kernels("gemm").fp8_gemm_kernel[grid](
             xk, wb, sb, y, m, n, k, xk.stride(0), xk.stride(1), *wb.stride(), *sb.stride(),
-            0 if p.split_k == 1 else m * n, n, SCALE_E8M0=e8m0, **_meta(k, p))
+            0 if p.split_k == 1 else m * n, n, SCALE_E8M0=e8m0, SCALE_BLOCK=block_size, **_meta(k, p))
         return _finish(out, y, p)
 
 

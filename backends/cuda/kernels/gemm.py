@@ -163,12 +163,16 @@ def fp4_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, off_ptr, M, N, K, E,
 def fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K,
                     sxm, sxk, swn, swk, ssn, ssk, sys, sym,
                     SCALE_E8M0: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    K_STEPS: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr, INTERP: tl.constexpr):
-    """y[m, n] (+)= sum_k x[m, k] * E4M3(w[n, k]) * s[n // 128, k // 128] over this program's K split.
+                    K_STEPS: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr, INTERP: tl.constexpr,
+                    SCALE_BLOCK: tl.constexpr = 128):
+    """y[m, n] (+)= sum_k x[m, k] * E4M3(w[n, k]) * s[n // SB, k // SB] over this program's K split (SB =
+    SCALE_BLOCK: 128 for V4, 32 for V4.1).
 
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), splits), N-blocks fastest; K_STEPS per split as in fp4_gemm_kernel.
-    BLOCK_N and BLOCK_K divide 128, so each tile and K step lies in one scale block: the scale is one scalar per step,
-    applied to the float32 partial product. Edge blocks (N, K not multiples of 128) are masked.
+    BLOCK_K divides SB, so each K step lies in one scale column and its scale multiplies the float32 partial
+    product (the official kernel's ``acc += (A_kb . W_kb^T) * sa * sw``). SB = 128: BLOCK_N divides 128 too, so
+    the scale is one scalar per step; SB = 32: one scale per output column (row block n // 32) per step, loaded
+    as a [BLOCK_N] vector. Edge blocks (N, K not multiples of SB) are masked.
     """
     n_blocks = tl.cdiv(N, BLOCK_N)
     pid_m = tl.program_id(0) // n_blocks
@@ -180,7 +184,10 @@ def fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K,
     n_ok = rn < N
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * sxm
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * swn
-    s_row = s_ptr + ((pid_n * BLOCK_N) // 128) * ssn
+    if SCALE_BLOCK == 128:
+        s_row = s_ptr + ((pid_n * BLOCK_N) // 128) * ssn
+    else:
+        s_cols = s_ptr + (rn // SCALE_BLOCK).to(tl.int64) * ssn   # [BLOCK_N]: the scale row of each column
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for step in range(0, K_STEPS):
         k0 = (pid_k * K_STEPS + step) * BLOCK_K
@@ -192,12 +199,19 @@ def fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K,
             xt = tl.load(x_rows + kk[None, :] * sxk, mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
             wb = tl.load(w_rows + kk[None, :] * swk, mask=n_ok[:, None] & (kk < K)[None, :], other=0)
         w = e4m3_to_f32(wb, INTERP)
-        if SCALE_E8M0:
-            sc = _e8m0(tl.load(s_row + (k0 // 128) * ssk).to(tl.int32))
-        else:
-            sc = tl.load(s_row + (k0 // 128) * ssk).to(tl.float32)
         part = _mma(xt, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT, INTERP)
-        acc += part * sc
+        if SCALE_BLOCK == 128:
+            if SCALE_E8M0:
+                sc = _e8m0(tl.load(s_row + (k0 // 128) * ssk).to(tl.int32))
+            else:
+                sc = tl.load(s_row + (k0 // 128) * ssk).to(tl.float32)
+            acc += part * sc
+        else:
+            if SCALE_E8M0:
+                sv = _e8m0(tl.load(s_cols + (k0 // SCALE_BLOCK) * ssk, mask=n_ok, other=127).to(tl.int32))
+            else:
+                sv = tl.load(s_cols + (k0 // SCALE_BLOCK) * ssk, mask=n_ok, other=1.0).to(tl.float32)
+            acc += part * sv[None, :]
     y = y_ptr + pid_k.to(tl.int64) * sys + rm.to(tl.int64)[:, None] * sym + rn[None, :]
     tl.store(y, _out(acc, y_ptr, INTERP), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -215,19 +229,20 @@ def split_sum_kernel(ws_ptr, y_ptr, total, SPLIT: tl.constexpr, BLOCK: tl.conste
 
 @triton.jit
 def act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, sxm, sxk, sqm, ssm,
-                     FOLD: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Per row and 1x128 K block: s = 2^ceil(log2(max(amax, 1e-4) * fp32(1/448))), q = E4M3-RNE(clamp(x/s, 448)).
+                     FOLD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr = 128):
+    """Per row and 1 x BLOCK K block (128 V4, 32 V4.1): s = 2^ceil(log2(max(amax, 1e-4) * fp32(1/448))),
+    q = E4M3-RNE(clamp(x/s, 448)).
 
     Bit-identical to dsv4rt.formats.act_quant_fp8: the ceil-log2 is taken from the float32 bits, x/s is an
     exact power-of-two multiply, and round-to-nearest-even onto the E4M3 grid uses the 2^23 trick on the
     scaled magnitude. A block holding Inf gets s = Inf, one holding NaN s = NaN, and q = x / s there (as
     formats does), so q * s is NaN over the block. FOLD: store q * s (exact in bf16) into q [M, K]; else
-    store q into q (float32 or float8) and s into s [M, ceil(K/128)] float32. Grid: (cdiv(M, BLOCK_R),
-    ceil(K/128)).
+    store q into q (float32 or float8) and s into s [M, ceil(K/BLOCK)] float32. Grid: (cdiv(M, BLOCK_R),
+    ceil(K/BLOCK)).
     """
     rm = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     kb = tl.program_id(1)
-    rk = kb * 128 + tl.arange(0, 128)
+    rk = kb * BLOCK + tl.arange(0, BLOCK)
     mask = (rm < M)[:, None] & (rk < K)[None, :]
     x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * sxm + rk[None, :] * sxk, mask=mask, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=1)
