@@ -157,7 +157,8 @@ class AscendBackend(Backend):
         from .weights import prepare_weights
 
         try:
-            return dict(args, w=prepare_weights(args["w"], args["w_scale"]))
+            block = {"block_size": args.get("block_size", 128)} if op == "fp8_gemm" else {}
+            return dict(args, w=prepare_weights(args["w"], args["w_scale"], **block))
         except ValueError:
             return args
 

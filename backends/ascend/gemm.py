@@ -9,12 +9,19 @@ The activation side is exact w.r.t. the contract's ``q(x)``:
 
 - ``act_quant=None``: x is used as is (BF16 layouts need bf16 x; fp16 / fp32 x are refused: converting
   them to bf16 would round).
-- ``act_quant="fp8"``: ``q(x)`` is computed by the composite code (per 1x128 block, power-of-two scale,
-  E4M3 values); its values are E4M3 codes times powers of two, exact in BF16. On the 950 MXFP4 path they
-  are then re-expressed as MXFP8 (1x32 blocks) by ``npu_dynamic_mx_quant(..., scale_alg=1)``, whose block
-  scale is ``2^ceil(log2(amax / 448))``: for a block of values ``m * s`` (``|m| <= 448`` E4M3, ``s`` a power
-  of two) that scale is ``s * 2^-t`` with ``t >= 0`` and ``|m| * 2^t <= 448``, so every element is again an
-  exact E4M3 value: the MXFP8 tensor represents ``q(x)`` exactly (aclnnDynamicMxQuant, scaleAlg 1).
+- ``act_quant="fp8"``: ``q(x)`` is computed by the composite code (per 1x128 block, or 1x32 for V4.1's
+  ``act_block_size`` / ``block_size`` 32; power-of-two scale, E4M3 values); its values are E4M3 codes times
+  powers of two, exact in BF16. On the 950 MXFP4 path they are then re-expressed as MXFP8 (1x32 blocks) by
+  ``npu_dynamic_mx_quant(..., scale_alg=1)``, whose block scale is ``2^ceil(log2(amax / 448))``: for a block
+  of values ``m * s`` (``|m| <= 448`` E4M3, ``s`` one power of two over the 32-block, which holds for both
+  activation block sizes since both are multiples of 32 aligned at 0) that scale is ``s * 2^-t`` with
+  ``t >= 0`` and ``|m| * 2^t <= 448``, so every element is again an exact E4M3 value: the MXFP8 tensor
+  represents ``q(x)`` exactly (aclnnDynamicMxQuant, scaleAlg 1).
+- ``fp8_gemm(block_size=32)`` (V4.1's 32x32 weight blocks) runs on a ``bf16-nd`` weight prepared with
+  ``prepare_weights(w, w_scale, block_size=32)`` (exact: E4M3 x 2^k is a bf16 value). No quantised torch_npu
+  matmul takes it: ``npu_quant_matmul`` (A2/A3) multiplies int8/int4 with one scale per output channel (``[N]``)
+  and per token (``[M]``), and ``npu_weight_quant_batchmatmul`` dequantises int8/int4 weights; neither
+  represents a scale that changes every 32 k within a row, so those ops are not used.
 
 All functions are device-agnostic (the wiring tests call them on CPU tensors with a stand-in torch_npu).
 """
@@ -53,13 +60,13 @@ def _raw_reason(feat: Features, kind: str) -> str:
             f"{default_layout(kind, feat.soc)!r}) and pass the result as w")
 
 
-def _quantized_bf16(x: Tensor, act_quant: str | None) -> Tensor:
-    """q(x) as bf16, exact (see the module doc)."""
+def _quantized_bf16(x: Tensor, act_quant: str | None, block: int = 128) -> Tensor:
+    """q(x) as bf16 (1 x block activation scales), exact (see the module doc)."""
     if act_quant is None:
         return x
     from dsv4rt.backends.composite.gemm import quantize_activation
 
-    return quantize_activation(x, act_quant).to(torch.bfloat16)
+    return quantize_activation(x, act_quant, block).to(torch.bfloat16)
 
 
 def supports_fp4_grouped(feat: Features) -> Callable[[Mapping[str, Any]], str | None]:
@@ -111,24 +118,25 @@ def make_fp4_grouped_gemm(npu: Any, feat: Features, fallback: Callable[..., Tens
     supports = supports_fp4_grouped(feat)
 
     def fp4_grouped_gemm(x: Tensor, w: Tensor, w_scale: Tensor, offsets: Tensor,
-                         act_quant: str | None = None) -> Tensor:
+                         act_quant: str | None = None, act_block_size: int = 128) -> Tensor:
         # The dispatcher's selection cache keys on shape/dtype/device only, so a raw weight of the same
         # shape can arrive here after a prepared one was selected: re-check (no sync) and fall back.
-        reason = supports({"x": x, "w": w, "w_scale": w_scale, "offsets": offsets, "act_quant": act_quant})
+        reason = supports({"x": x, "w": w, "w_scale": w_scale, "offsets": offsets, "act_quant": act_quant,
+                           "act_block_size": act_block_size})
         if reason or x.shape[0] == 0:
             if reason:
                 log.info("dsv4rt: ascend/fused fp4_grouped_gemm -> composite: %s", reason)
-            return fallback(x, w, w_scale, offsets, act_quant)
+            return fallback(x, w, w_scale, offsets, act_quant, act_block_size)
         p = w.prep
         # offsets[E+1] (offsets[0] = 0) -> cumulative ends [E], group_list_type 0: group e = rows
         # group_list[e-1]:group_list[e], exactly the contract's offsets[e]:offsets[e+1].
         group_list = offsets[1:].to(torch.int64)
         common = dict(group_list=group_list, group_type=0, group_list_type=0, split_item=3)
         if p.layout.startswith("bf16"):
-            xb = _quantized_bf16(x, act_quant).contiguous()
+            xb = _quantized_bf16(x, act_quant, act_block_size).contiguous()
             return npu.npu_grouped_matmul([xb], [p.tensor], output_dtype=torch.bfloat16, **common)[0]
         if p.layout == "950-mxfp4-nz":
-            xq = _quantized_bf16(x, act_quant).contiguous()
+            xq = _quantized_bf16(x, act_quant, act_block_size).contiguous()
             x8, x_scale = npu.npu_dynamic_mx_quant(xq, axis=-1, round_mode="rint",
                                                    dst_type=npu_dtype(npu, "float8_e4m3fn"), block_size=32,
                                                    scale_alg=1)
@@ -137,7 +145,7 @@ def make_fp4_grouped_gemm(npu: Any, feat: Features, fallback: Callable[..., Tens
                 per_token_scale_dtype=npu_dtype(npu, "float8_e8m0fnu"), x_dtype=npu_dtype(npu, "float8_e4m3fn"),
                 weight_dtype=npu_dtype(npu, "float4_e2m1fn_x2"), output_dtype=x.dtype, **common)[0]
         # a2a3-w8a8-nz (lossy, opted into at prepare time)
-        xq, x_scale = npu.npu_dynamic_quant(_quantized_bf16(x, act_quant).contiguous())
+        xq, x_scale = npu.npu_dynamic_quant(_quantized_bf16(x, act_quant, act_block_size).contiguous())
         return npu.npu_grouped_matmul([xq], [p.tensor], scale=[p.scale], per_token_scale=[x_scale],
                                       output_dtype=torch.bfloat16, **common)[0]
 
@@ -155,6 +163,9 @@ def supports_dense(feat: Features, op: str) -> Callable[[Mapping[str, Any]], str
         p = w.prep
         if p.kind != kind or p.layout != "bf16-nd":
             return f"the weight was prepared as {p.layout!r} ({p.kind}); {op} runs a 'bf16-nd' {kind} weight"
+        if kind == "fp8" and a.get("block_size", 128) != p.block:
+            return (f"block_size={a.get('block_size', 128)}, but the weight was prepared with block_size={p.block} "
+                    f"(prepare_weights(w, w_scale, block_size=...))")
         if scale_key(a["w_scale"]) != p.source_scale:
             return "w_scale is not the scale tensor this weight was prepared with (prepare_weights(w, w_scale))"
         if x.dtype != torch.bfloat16:
@@ -168,12 +179,15 @@ def make_dense(op: str, feat: Features, fallback: Callable[..., Tensor]) -> Call
     cube (aclnnMatmul, fp32 accumulation), no per-call decode."""
     supports = supports_dense(feat, op)
 
-    def dense(x: Tensor, w: Tensor, w_scale: Tensor, act_quant: str | None = None) -> Tensor:
-        reason = supports({"x": x, "w": w, "w_scale": w_scale, "act_quant": act_quant})
+    block_arg = "block_size" if op == "fp8_gemm" else "act_block_size"
+
+    def dense(x: Tensor, w: Tensor, w_scale: Tensor, act_quant: str | None = None, block: int = 128) -> Tensor:
+        # block: fp8_gemm's block_size (weight tiles and activation blocks) or fp4_gemm's act_block_size
+        reason = supports({"x": x, "w": w, "w_scale": w_scale, "act_quant": act_quant, block_arg: block})
         if reason:
             log.info("dsv4rt: ascend/fused %s -> composite: %s", op, reason)
-            return fallback(x, w, w_scale, act_quant)
-        return torch.matmul(_quantized_bf16(x, act_quant), w.prep.tensor.t())
+            return fallback(x, w, w_scale, act_quant, block)
+        return torch.matmul(_quantized_bf16(x, act_quant, block), w.prep.tensor.t())
 
     dense.__name__ = dense.__qualname__ = op
     return dense

@@ -92,6 +92,7 @@ class Prep:
     source_shape: tuple[int, ...]
     source_scale: tuple
     exact: bool
+    block: int = 128  # fp8: the scale block size the weight was prepared with (128 V4, 32 V4.1)
 
     def refuse(self, chip: str, w_scale: Tensor) -> str | None:
         """Why this prepared weight cannot run on ``chip`` with ``w_scale`` (None when it can)."""
@@ -125,11 +126,14 @@ class PreparedWeight(Tensor):
                 f"prepared={tuple(p.tensor.shape)} {p.tensor.dtype}, exact={p.exact}, device={self.device})")
 
 
-def _kind(w: Tensor, w_scale: Tensor) -> str:
+def _kind(w: Tensor, w_scale: Tensor, block: int = 128) -> str:
     if w.dtype == torch.float8_e4m3fn:
-        if w.dim() != 2 or w_scale.dim() != 2:
-            raise ValueError(f"prepare_weights: FP8 weights are [N, K] with [ceil(N/128), ceil(K/128)] scales, got "
-                             f"{tuple(w.shape)} and {tuple(w_scale.shape)}")
+        if block not in (32, 128):
+            raise ValueError(f"prepare_weights: block_size must be 128 (V4) or 32 (V4.1), got {block!r}")
+        if w.dim() != 2 or w_scale.dim() != 2 or \
+                tuple(w_scale.shape) != (-(-w.shape[0] // block), -(-w.shape[1] // block)):
+            raise ValueError(f"prepare_weights: FP8 weights are [N, K] with [ceil(N/{block}), ceil(K/{block})] "
+                             f"scales (block_size={block}), got {tuple(w.shape)} and {tuple(w_scale.shape)}")
         return "fp8"
     if w.dtype not in (torch.uint8, torch.int8, torch.float4_e2m1fn_x2):
         raise ValueError(f"prepare_weights: w must be MXFP4 (uint8/int8/float4_e2m1fn_x2) or float8_e4m3fn, "
@@ -151,19 +155,19 @@ def _detect_soc() -> str:
             from exc
 
 
-def _dequant_rows(w: Tensor, w_scale: Tensor, kind: str) -> Tensor:
-    """float32 values [N, K] of one 2-D weight (one expert)."""
+def _dequant_rows(w: Tensor, w_scale: Tensor, kind: str, block: int = 128) -> Tensor:
+    """float32 values [N, K] of one 2-D weight (one expert); ``block``: the FP8 scale block."""
     from dsv4rt.formats import dequant_fp8_block, dequant_mxfp4
 
     if kind == "fp8":
-        return dequant_fp8_block(w, w_scale, 128, torch.float32)
+        return dequant_fp8_block(w, w_scale, block, torch.float32)
     return dequant_mxfp4(w, w_scale, torch.float32)
 
 
-def _bf16(w: Tensor, w_scale: Tensor, kind: str) -> Tensor:
+def _bf16(w: Tensor, w_scale: Tensor, kind: str, block: int = 128) -> Tensor:
     """BF16 [E, K, N] (grouped, one expert at a time: peak extra memory one fp32 expert) or [N, K]."""
     if kind != "mxfp4-grouped":
-        return _dequant_rows(w, w_scale, kind).to(torch.bfloat16)
+        return _dequant_rows(w, w_scale, kind, block).to(torch.bfloat16)
     e, n, half = w.shape
     out = torch.empty((e, 2 * half, n), dtype=torch.bfloat16, device=w.device)
     for i in range(e):
@@ -185,7 +189,7 @@ def _w8a8(w: Tensor, w_scale: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def prepare_weights(w: Tensor, w_scale: Tensor, *, layout: str | None = None, soc: str | None = None,
-                    allow_lossy: bool = False) -> PreparedWeight:
+                    allow_lossy: bool = False, block_size: int = 128) -> PreparedWeight:
     """Convert a released MXFP4 or FP8 weight, once, into the layout an ``ascend/fused`` GEMM consumes.
 
     ``w``/``w_scale``: the released tensors, already on the NPU (the conversion runs where they are; only
@@ -193,10 +197,11 @@ def prepare_weights(w: Tensor, w_scale: Tensor, *, layout: str | None = None, so
     grouped MXFP4 experts on a 950 and ``bf16-nd`` otherwise (``soc`` defaults to the chip torch_npu
     reports; pass it to prepare without one). ``allow_lossy``: required for the layouts that round
     (``a2a3-w8a8-nz``, and BF16 from FP8 with float32 scales); the fused GEMM then no longer computes the
-    op contract exactly, so this is an explicit opt-in. Returns a :class:`PreparedWeight` to pass in place
-    of ``w`` (see the module doc).
+    op contract exactly, so this is an explicit opt-in. ``block_size``: FP8 weights only, the scale block of
+    the checkpoint (128 V4, 32 V4.1); the fused fp8_gemm then runs only calls with the same ``block_size``.
+    Returns a :class:`PreparedWeight` to pass in place of ``w`` (see the module doc).
     """
-    kind = _kind(w, w_scale)
+    kind = _kind(w, w_scale, block_size)
     if layout is None:
         layout = default_layout(kind, soc or _detect_soc())
     if layout not in LAYOUTS:
@@ -221,7 +226,7 @@ def prepare_weights(w: Tensor, w_scale: Tensor, *, layout: str | None = None, so
     scale = None
     with torch.no_grad():
         if layout == "bf16-nd":
-            tensor = _bf16(w, w_scale, kind)
+            tensor = _bf16(w, w_scale, kind, block_size)
         elif layout == "bf16-nz":
             tensor = npu.npu_format_cast(_bf16(w, w_scale, kind), 29)
         elif layout == "950-mxfp4-nz":
@@ -239,5 +244,6 @@ def prepare_weights(w: Tensor, w_scale: Tensor, *, layout: str | None = None, so
         else:  # a2a3-w8a8-nz
             q, scale = _w8a8(w, w_scale)
             tensor = npu.npu_format_cast(q, 29)
-    prep = Prep(layout, kind, tensor, scale, tuple(w.shape), scale_key(w_scale), exact)
+    prep = Prep(layout, kind, tensor, scale, tuple(w.shape), scale_key(w_scale), exact,
+                block_size if kind == "fp8" else 128)
     return PreparedWeight.wrap(w.detach(), prep)

@@ -312,6 +312,78 @@ def test_dense_gemm_on_prepared_bf16(a2, op, act_quant):
     assert "needs bfloat16 x" in a2.fused(op).supports(dict(args, x=x.float()))
 
 
+@pytest.mark.parametrize("act_quant", [None, "fp8"])
+def test_dense_fp8_block32_on_prepared_bf16(a2, act_quant):
+    """V4.1's 32x32 FP8 blocks: prepared with block_size=32 they run fused (exactly); a weight prepared for
+    the other block size is refused with the reason, and no quantised torch_npu matmul is called."""
+    g = gen(11)
+    wf = torch.randn(72, 160, generator=g) * torch.logspace(-3, 3, 160)   # scales differ per 32 columns
+    w, s = quant_fp8_block(wf, 32)
+    x = torch.randn(5, 160, generator=g).bfloat16()
+    pw = prepare_weights(w, s, block_size=32)
+    assert pw.prep.block == 32
+    args = dict(x=x, w=pw, w_scale=s, act_quant=act_quant, block_size=32)
+    assert a2.fused("fp8_gemm").supports(args) is None
+    y = a2.fused("fp8_gemm").fn(x, pw, s, act_quant, 32)
+    assert a2.rec.calls == [] and y.dtype == torch.bfloat16
+    check("gemm", "fp8_gemm", dict(args, w=w), y)
+    assert "block_size=32" in a2.fused("fp8_gemm").supports(dict(args, block_size=128))
+    w128, s128 = quant_fp8_block(wf[:, :128])
+    p128 = prepare_weights(w128, s128)
+    reason = a2.fused("fp8_gemm").supports(dict(args, x=x[:, :128], w=p128, w_scale=s128))
+    assert "prepared with block_size=128" in reason
+    with pytest.raises(ValueError, match="block_size=32"):
+        prepare_weights(w128, s128, block_size=32)
+    with pytest.raises(ValueError, match="128 \\(V4\\) or 32"):
+        prepare_weights(w, s, block_size=64)
+
+
+@pytest.mark.parametrize("op", ["fp4_gemm", "fp8_gemm"])
+def test_dense_gemm_block32_falls_back_on_raw_weight(a2, op):
+    g = gen(12)
+    wf = torch.randn(40, 96, generator=g)
+    w, s = quant_mxfp4(wf) if op == "fp4_gemm" else quant_fp8_block(wf, 32)
+    x = torch.randn(3, 96, generator=g).bfloat16()
+    y = a2.fused(op).fn(x, w, s, "fp8", 32)
+    assert a2.rec.calls == []
+    assert torch.equal(y, a2.torch(op).fn(x, w, s, "fp8", 32))
+    key = "block_size" if op == "fp8_gemm" else "act_block_size"
+    check("gemm", op, {"x": x, "w": w, "w_scale": s, "act_quant": "fp8", key: 32}, y)
+
+
+def test_dense_fp4_act_block32_on_prepared_bf16(a2):
+    g = gen(13)
+    w, s = quant_mxfp4(torch.randn(64, 288, generator=g))
+    x = torch.randn(4, 288, generator=g).bfloat16()
+    x[:, 0] = 2.0**20   # an outlier: 1x128 and 1x32 activation blocks then round the rest differently
+    pw = prepare_weights(w, s)
+    y = a2.fused("fp4_gemm").fn(x, pw, s, "fp8", 32)
+    assert a2.rec.calls == []
+    assert torch.equal(y, torch.matmul(
+        dsv4rt_quantize(x, 32).bfloat16(), pw.prep.tensor.t()))
+    assert not torch.equal(y, a2.fused("fp4_gemm").fn(x, pw, s, "fp8", 128))
+    check("gemm", "fp4_gemm", {"x": x, "w": w, "w_scale": s, "act_quant": "fp8", "act_block_size": 32}, y)
+
+
+def dsv4rt_quantize(x: torch.Tensor, block: int) -> torch.Tensor:
+    from dsv4rt.backends.composite.gemm import quantize_activation
+
+    return quantize_activation(x, "fp8", block)
+
+
+@pytest.mark.parametrize("act_block", [32, 128])
+def test_grouped_gemm_950_act_block32_is_exact_mxfp8(c950, act_block):
+    """The 950 MxA8W4 path re-expresses q(x) as MXFP8 (1x32): exact for 1x32 activation blocks too."""
+    x, w, s, off = experts()
+    x[:, 0] = 2.0**18
+    pw = prepare_weights(w, s, soc="950")
+    args = dict(x=x, w=pw, w_scale=s, offsets=off, act_quant="fp8", act_block_size=act_block)
+    assert c950.fused("fp4_grouped_gemm").supports(args) is None
+    y = c950.fused("fp4_grouped_gemm").fn(x, pw, s, off, "fp8", act_block)
+    assert torch.equal(y, c950.torch("fp4_grouped_gemm").fn(x, w, s, off, "fp8", act_block))
+    check("gemm", "fp4_grouped_gemm", dict(args, w=w), y)
+
+
 def test_fp8_with_float32_scales_needs_allow_lossy(a2):
     w, s = quant_fp8_block(torch.randn(128, 128, generator=gen(2)))
     s32 = s.to(torch.float32) if s.dtype == torch.float32 else torch.exp2(s.float() - 127)
