@@ -111,6 +111,24 @@ EDGE = {
     "fp8-K0": "dsv4rt.ops.fp8_gemm(torch.randn(3,0), torch.zeros(8,0).to(torch.float8_e4m3fn), torch.ones(1,0), backend=V)",
     "fp8-M0": "dsv4rt.ops.fp8_gemm(torch.randn(0,128), torch.zeros(8,128).to(torch.float8_e4m3fn), torch.ones(1,1), backend=V)",
     "fp8-scale-nan": "dsv4rt.ops.fp8_gemm(torch.randn(3,128), torch.zeros(8,128).to(torch.float8_e4m3fn), torch.full((1,1), float('nan')), backend=V)",
+    # V4.1 block sizes: fp8_gemm block_size=32, the fp4 GEMMs' act_block_size=32
+    "fp8-bs32-M0": "dsv4rt.ops.fp8_gemm(torch.randn(0,64), torch.zeros(40,64).to(torch.float8_e4m3fn), torch.ones(2,2), None, 32, backend=V)",
+    "fp8-bs32-K0": "dsv4rt.ops.fp8_gemm(torch.randn(3,0), torch.zeros(8,0).to(torch.float8_e4m3fn), torch.ones(1,0), block_size=32, backend=V)",
+    "fp8-bs32-ragged": "dsv4rt.ops.fp8_gemm(torch.randn(3,45), torch.randn(33,45).to(torch.float8_e4m3fn), torch.ones(2,2), 'fp8', 32, backend=V)",
+    "fp8-bs32-e8m0-extremes": "dsv4rt.ops.fp8_gemm(torch.randn(16,64) * 1e-20, torch.randn(64,64).to(torch.float8_e4m3fn), torch.tensor([[0,254],[254,0]],dtype=torch.uint8).view(torch.float8_e8m0fnu), None, 32, backend=V)",
+    "fp8-bs32-x-inf-fp8": ("y = dsv4rt.ops.fp8_gemm(torch.full((3,96), float('inf')), torch.randn(40,96).to(torch.float8_e4m3fn), torch.ones(2,3), 'fp8', 32, backend=V)\n"
+                           "assert y.isnan().all()"),
+    "fp8-bs32-x-transposed": "dsv4rt.ops.fp8_gemm(torch.randn(64,3).t(), torch.randn(40,64).to(torch.float8_e4m3fn), torch.ones(2,2), None, 32, backend=V)",
+    "fp8-bs32-nan-codes-prefill": ("y = dsv4rt.ops.fp8_gemm(torch.randn(16,64).bfloat16(), torch.full((40,64),0x7F,dtype=torch.uint8).view(torch.float8_e4m3fn), torch.ones(2,2), 'fp8', 32, backend=V)\n"
+                                   "assert y.isnan().all()"),
+    "fp8-bs32-scale-128-shape": "dsv4rt.ops.fp8_gemm(torch.randn(3,256), torch.zeros(64,256).to(torch.float8_e4m3fn), torch.ones(1,2), block_size=32, backend=V)",
+    "fp8-block-64": "dsv4rt.ops.fp8_gemm(torch.randn(3,128), torch.zeros(64,128).to(torch.float8_e4m3fn), torch.ones(1,1), block_size=64, backend=V)",
+    "fp8-block-float": "dsv4rt.ops.fp8_gemm(torch.randn(3,128), torch.zeros(64,128).to(torch.float8_e4m3fn), torch.ones(4,4), block_size=32.0, backend=V)",
+    "gemm-ab32-K96": f"dsv4rt.ops.fp4_gemm(torch.randn(2,96), {_w4(8, 96)}, 'fp8', 32, backend=V)",
+    "gemm-ab32-x-inf-fp8": (f"y = dsv4rt.ops.fp4_gemm(torch.full((3,128), float('inf')), {_w4(8, 128)}, 'fp8', 32, backend=V)\n"
+                            "assert y.isnan().all()"),
+    "gemm-ab64": f"dsv4rt.ops.fp4_gemm(torch.randn(3,128), {_w4(8, 128)}, 'fp8', 64, backend=V)",
+    "ggemm-ab32-R0": "dsv4rt.ops.fp4_grouped_gemm(torch.randn(0,64), torch.zeros(2,8,32,dtype=torch.uint8), torch.full((2,8,2),127,dtype=torch.uint8), torch.zeros(3,dtype=torch.int32), 'fp8', 32, backend=V)",
     # MoE
     "dispatch-T0": "dsv4rt.ops.moe_dispatch(torch.randn(0,16), torch.zeros(0,2,dtype=torch.int32), 4, backend=V)",
     "dispatch-H0": "dsv4rt.ops.moe_dispatch(torch.randn(3,0), torch.zeros(3,2,dtype=torch.int32), 4, backend=V)",
@@ -154,14 +172,15 @@ MUST_REFUSE = {"attn-idx-int64", "attn-idx-out-of-range", "attn-scale-inf", "idx
                "ggemm-offsets-non-monotone", "ggemm-offsets-int64", "dispatch-ids-out-of-range",
                "dispatch-experts-2^63", "dispatch-experts-2^40", "combine-float4", "combine-topk-2^63",
                "combine-src-repeated", "route-topk-gt-E", "compress-ratio-float", "compress-overlap-int",
-               "fp8-scale-nan", "route-nan-logits", "idx-cand-uint8", "idx-cand-shape", "idx-cand-list",
+               "fp8-scale-nan", "fp8-bs32-scale-128-shape", "fp8-block-64", "fp8-block-float", "gemm-ab64", "route-nan-logits", "idx-cand-uint8", "idx-cand-shape", "idx-cand-list",
                "idx-sorted-int", "blocks-len-int64", "blocks-len-beyond-N", "blocks-block-float", "blocks-keep-2^63", "compress-v41-r2-odd-S", "compress-v41-no-gate-r2",
                "compress-v41-no-gate-ape", "compress-v41-gate-list"}
 CUDA_FAST = ("attn-S0", "attn-H0", "attn-K0", "attn-N0", "idx-S0", "idx-N0", "idx-H0", "idx-topk-2^63", "gemm-M0", "gemm-K0",
              "ggemm-R0", "ggemm-offsets-strided", "fp8-K0", "fp8-M0", "dispatch-T0", "combine-T0", "route-T0",
              "compress-S0", "route-very-negative", "idx-cand-N0", "idx-cand-none-true", "idx-cand-inf-keys-H3",
              "blocks-N0", "blocks-all-minus-inf", "blocks-nan", "blocks-huge-block", "compress-v41-r2-S0", "compress-v41-r1-S0",
-             "compress-v41-r1-transposed", "compress-v41-r2-all-minus-inf")
+             "compress-v41-r1-transposed", "compress-v41-r2-all-minus-inf",
+             "fp8-bs32-K0", "fp8-bs32-ragged", "fp8-bs32-x-inf-fp8", "gemm-ab32-x-inf-fp8", "ggemm-ab32-R0")
 
 
 def _random_attention(rng: random.Random, n: int) -> dict[str, str]:
