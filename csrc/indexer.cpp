@@ -5,8 +5,10 @@
 // are sorted (descending score, or ascending key with sorted_out). Scoring vectorises over heads: each
 // query is transposed once to qT[D][H] (heads padded to 16; the pad lanes are left out of the head sum,
 // where an infinite key would make their 0 * inf a NaN) and every key value is broadcast against it, so
-// keys are read in their natural [N, D] layout (converted from bf16 / E4M3 * scale to float32 one tile at
-// a time). V4.1's candidate mask drops the non-candidate keys of a row before the selection.
+// keys are read in their natural [N, D] layout (converted from bf16 / E4M3 * scale / MXFP4 (E2M1 pairs *
+// per-32 E8M0) to float32 one tile at a time). V4.1's candidate mask drops the non-candidate keys of a row
+// before the selection. indexer_scores runs the same scoring and writes each row's scores instead of
+// selecting (-inf beyond the row's visible keys and for NaN).
 #include <algorithm>
 #include <cmath>
 #include <functional>
@@ -25,9 +27,11 @@ constexpr int64_t kGroup = 8;    // queries sharing a key tile
 struct IndexerArgs {
     const void* q;           // [B, S, H, D] float32 or bf16 bits
     bool q_bf16;
-    const void* k;           // [B, N, D] float32, bf16 bits or E4M3 bytes
+    const void* k;           // [B, N, D] float32, bf16 bits or E4M3 bytes; [B, N, D/2] E2M1 pairs (MXFP4)
     Kind k_kind;
     const float* k_scale;    // [B, N] for E4M3 keys
+    const uint8_t* k_e8m0;   // [B, N, D/32] E8M0 scale bytes of MXFP4 keys (k_kind u8), else null
+    float* full;             // indexer_scores: [B, S, N] output (no selection), else null
     const float* w;          // [B, S, H]
     const int32_t* vis;      // [B, S]
     int32_t* idx;            // [B, S, topk]
@@ -117,6 +121,17 @@ void load_keys(const IndexerArgs& a, int64_t b, int64_t t0, int64_t nk, float* k
     } else if (a.k_kind == Kind::bf16) {
         const uint16_t* src = static_cast<const uint16_t*>(a.k) + base;
         for (int64_t i = 0; i < nk * a.d; ++i) kf[i] = bf16_to_f32(src[i]);
+    } else if (a.k_e8m0) {   // MXFP4: byte i of a key holds elements 2i (low nibble) and 2i + 1
+        const int64_t half = a.d / 2, nsc = a.d / 32;
+        const uint8_t* src = static_cast<const uint8_t*>(a.k) + (b * a.n + t0) * half;
+        const uint8_t* sc = a.k_e8m0 + (b * a.n + t0) * nsc;
+        for (int64_t t = 0; t < nk; ++t)
+            for (int64_t i = 0; i < half; ++i) {
+                const uint8_t byte = src[t * half + i];
+                const float s = kE8M0[sc[t * nsc + i / 16]];
+                kf[t * a.d + 2 * i] = kE2M1[byte & 15] * s;
+                kf[t * a.d + 2 * i + 1] = kE2M1[byte >> 4] * s;
+            }
     } else {
         const uint8_t* src = static_cast<const uint8_t*>(a.k) + base;
         for (int64_t t = 0; t < nk; ++t) {
@@ -224,6 +239,16 @@ void run_group(const IndexerArgs& a, int64_t b, int64_t s0, int64_t s1, bool inn
     } else {
         score_tiles(0, tiles, scr.kf);
     }
+    if (a.full) {   // indexer_scores: the row's scores, -inf beyond its visible keys and for NaN
+        const float ninf = -std::numeric_limits<float>::infinity();
+        for (int64_t i = 0; i < ng; ++i) {
+            float* out = a.full + (b * a.s + s0 + i) * a.n;
+            const float* sc = scr.sc.data() + i * nmax;
+            for (int64_t t = 0; t < vis[i]; ++t) out[t] = std::isnan(sc[t]) ? ninf : sc[t];
+            std::fill(out + vis[i], out + a.n, ninf);
+        }
+        return;
+    }
     for (int64_t i = 0; i < ng; ++i) {
         const int64_t row = b * a.s + s0 + i;
         select_row(scr.sc.data() + i * nmax, vis[i], a.topk, a.idx + row * a.topk,
@@ -250,31 +275,56 @@ void indexer_run(const IndexerArgs& a) {
     }
 }
 
+// The inputs shared by indexer_topk and indexer_scores, validated; keeps the arrays alive.
+struct Inputs {
+    py::array q, k, ks, w, vis;
+};
+
+Inputs common_args(const char* fn, py::handle q_, py::handle k_, py::handle k_scale_, py::handle w_,
+                   py::handle vis_, IndexerArgs& a) {
+    Inputs in;
+    in.q = need({fn, "q"}, q_, 4, {Kind::f32, Kind::bf16});
+    in.k = need({fn, "k"}, k_, 3, {Kind::f32, Kind::bf16, Kind::u8});
+    const int64_t b = dim(in.q, 0), s = dim(in.q, 1), h = dim(in.q, 2), d = dim(in.q, 3), n = dim(in.k, 1);
+    a.q = in.q.data();
+    a.q_bf16 = kind_of(in.q) == Kind::bf16;
+    a.k = in.k.data();
+    a.k_kind = kind_of(in.k);
+    const bool mx = a.k_kind == Kind::u8 && !is_none(k_scale_) && py::array::ensure(k_scale_).ndim() == 3;
+    if (mx) {   // MXFP4: uint8 [B, N, D/2] pairs with uint8 E8M0 [B, N, D/32]
+        if (d % 32) value_error({fn, "k"}, "MXFP4 keys need D % 32 == 0, got D = " + std::to_string(d));
+        need_shape({fn, "k"}, in.k, {b, n, d / 2}, "[B, N, D/2]");
+        in.ks = need({fn, "k_scale"}, k_scale_, 3, {Kind::u8});
+        need_shape({fn, "k_scale"}, in.ks, {b, n, d / 32}, "[B, N, D/32]");
+        a.k_e8m0 = static_cast<const uint8_t*>(in.ks.data());
+    } else {
+        need_shape({fn, "k"}, in.k, {b, n, d}, "[B, N, D]");
+        if (a.k_kind == Kind::u8) {
+            if (is_none(k_scale_))
+                value_error({fn, "k_scale"}, "must be a float32 [B, N] array when k holds E4M3 bytes");
+            in.ks = need({fn, "k_scale"}, k_scale_, 2, {Kind::f32});
+            need_shape({fn, "k_scale"}, in.ks, {b, n}, "[B, N]");
+            a.k_scale = static_cast<const float*>(in.ks.data());
+        } else if (!is_none(k_scale_)) {
+            value_error({fn, "k_scale"}, "must be None unless k holds E4M3 bytes or MXFP4 pairs (uint8)");
+        }
+    }
+    in.w = need({fn, "weights"}, w_, 3, {Kind::f32});
+    need_shape({fn, "weights"}, in.w, {b, s, h}, "[B, S, H]");
+    in.vis = need({fn, "visible"}, vis_, 2, {Kind::i32});
+    need_shape({fn, "visible"}, in.vis, {b, s}, "[B, S]");
+    a.w = static_cast<const float*>(in.w.data());
+    a.vis = static_cast<const int32_t*>(in.vis.data());
+    a.b = b, a.s = s, a.h = h, a.d = d, a.n = n, a.hp = (h + 15) / 16 * 16;
+    return in;
+}
+
 void indexer_topk(py::handle q_, py::handle k_, py::handle k_scale_, py::handle w_, py::handle vis_, int64_t topk,
                   py::handle idx_, py::handle scores_, bool score_bf16, py::handle cand_, bool sorted_out) {
     const char* fn = "indexer_topk";
-    auto q = need({fn, "q"}, q_, 4, {Kind::f32, Kind::bf16});
-    auto k = need({fn, "k"}, k_, 3, {Kind::f32, Kind::bf16, Kind::u8});
-    const int64_t b = dim(q, 0), s = dim(q, 1), h = dim(q, 2), d = dim(q, 3), n = dim(k, 1);
-    need_shape({fn, "k"}, k, {b, n, d}, "[B, N, D]");
     IndexerArgs a{};
-    a.q = q.data();
-    a.q_bf16 = kind_of(q) == Kind::bf16;
-    a.k = k.data();
-    a.k_kind = kind_of(k);
-    py::array ks;
-    if (a.k_kind == Kind::u8) {
-        if (is_none(k_scale_)) value_error({fn, "k_scale"}, "must be a float32 [B, N] array when k holds E4M3 bytes");
-        ks = need({fn, "k_scale"}, k_scale_, 2, {Kind::f32});
-        need_shape({fn, "k_scale"}, ks, {b, n}, "[B, N]");
-        a.k_scale = static_cast<const float*>(ks.data());
-    } else if (!is_none(k_scale_)) {
-        value_error({fn, "k_scale"}, "must be None unless k holds E4M3 bytes (uint8)");
-    }
-    auto w = need({fn, "weights"}, w_, 3, {Kind::f32});
-    need_shape({fn, "weights"}, w, {b, s, h}, "[B, S, H]");
-    auto vis = need({fn, "visible"}, vis_, 2, {Kind::i32});
-    need_shape({fn, "visible"}, vis, {b, s}, "[B, S]");
+    Inputs in = common_args(fn, q_, k_, k_scale_, w_, vis_, a);
+    const int64_t b = a.b, s = a.s, n = a.n;
     if (topk < 1) value_error({fn, "topk"}, "must be >= 1, got " + std::to_string(topk));
     auto idx = need({fn, "idx"}, idx_, 3, {Kind::i32}, true);
     need_shape({fn, "idx"}, idx, {b, s, topk}, "[B, S, topk]");
@@ -284,10 +334,8 @@ void indexer_topk(py::handle q_, py::handle k_, py::handle k_scale_, py::handle 
         need_shape({fn, "scores"}, sc, {b, s, topk}, "[B, S, topk]");
         a.scores = static_cast<float*>(sc.mutable_data());
     }
-    a.w = static_cast<const float*>(w.data());
-    a.vis = static_cast<const int32_t*>(vis.data());
     a.idx = static_cast<int32_t*>(idx.mutable_data());
-    a.b = b, a.s = s, a.h = h, a.d = d, a.n = n, a.topk = topk, a.hp = (h + 15) / 16 * 16;
+    a.topk = topk;
     a.score_bf16 = score_bf16;
     py::array cand;
     if (!is_none(cand_)) {
@@ -296,6 +344,20 @@ void indexer_topk(py::handle q_, py::handle k_, py::handle k_scale_, py::handle 
         a.cand = static_cast<const uint8_t*>(cand.data());
     }
     a.sorted_out = sorted_out;
+    py::gil_scoped_release nogil;
+    indexer_run(a);
+}
+
+void indexer_scores(py::handle q_, py::handle k_, py::handle k_scale_, py::handle w_, py::handle vis_,
+                    py::handle out_, bool score_bf16) {
+    const char* fn = "indexer_scores";
+    IndexerArgs a{};
+    Inputs in = common_args(fn, q_, k_, k_scale_, w_, vis_, a);
+    auto out = need({fn, "out"}, out_, 3, {Kind::f32}, true);
+    need_shape({fn, "out"}, out, {a.b, a.s, a.n}, "[B, S, N]");
+    a.full = static_cast<float*>(out.mutable_data());
+    a.topk = 1;
+    a.score_bf16 = score_bf16;
     py::gil_scoped_release nogil;
     indexer_run(a);
 }
@@ -313,7 +375,13 @@ void bind_indexer(py::module_& m) {
           "and, if given, scores float32 [B, S, topk] (-inf where idx is -1). score_bf16 rounds q.k, w * relu(q.k) and\n"
           "the head sum to bf16 (the release's bf16 indexer). candidates: None or uint8 [B, S, N] (bool bytes):\n"
           "only keys t < visible with candidates[b, s, t] != 0 are selected (V4.1). sorted_out: each row's\n"
-          "indices in ascending key order, then the -1s.");
+          "indices in ascending key order, then the -1s. MXFP4 keys: k uint8 [B, N, D/2] (E2M1 pairs, low nibble\n"
+          "= even element) with k_scale uint8 E8M0 [B, N, D/32].");
+    m.def("indexer_scores", &indexer_scores, py::arg("q"), py::arg("k"), py::arg("k_scale"), py::arg("weights"),
+          py::arg("visible"), py::arg("out"), py::arg("score_bf16") = false,
+          "Lightning-indexer score matrix (the scoring of indexer_topk, no selection).\n\n"
+          "Inputs as indexer_topk (float32 / bf16 / E4M3 / MXFP4 keys). Writes out float32 [B, S, N]:\n"
+          "sum_h w[h] * relu(q[h] . k[t]) for t < visible, -inf beyond it and for NaN scores.");
 }
 
 }  // namespace dsv4rt

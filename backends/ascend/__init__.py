@@ -21,7 +21,10 @@ fp4_grouped_gemm    npu_grouped_matmul (+ npu_dynamic_mx_quant on 950)     a Pre
 fp4_gemm, fp8_gemm  BF16 matmul on a prepared weight                      a PreparedWeight
 moe_dispatch        npu_moe_init_routing_v2
 moe_combine         npu_moe_token_unpermute
-indexer_topk        npu_lightning_indexer                                 decode (S = 1), no candidates
+indexer_topk        npu_lightning_indexer                                 decode (S = 1), no candidates,
+                                                                          keys in q's dtype
+indexer_scores      composite only (npu_lightning_indexer returns top-k
+                    indices / values, never the whole score matrix)
 sparse_attention    npu_fused_infer_attention_score (window) + LSE merge   a WindowedIndex (attention.py)
 kv_compress,        composite only (moe_route: npu_moe_gating_top_k has
 moe_route,          no sqrt-softplus score and one bias for all tokens;
@@ -57,7 +60,8 @@ _CANN_DIRS = ("/usr/local/Ascend/ascend-toolkit/latest", "/usr/local/Ascend/asce
 _SET_ENV = "source /usr/local/Ascend/ascend-toolkit/set_env.sh"
 _FUSED_OPS = ("fp4_grouped_gemm", "fp4_gemm", "fp8_gemm", "moe_dispatch", "moe_combine", "indexer_topk",
               "sparse_attention")
-_ALL_OPS = _FUSED_OPS + ("kv_compress", "moe_route", "engram_hash", "engram_lookup", "select_candidate_blocks")
+_ALL_OPS = _FUSED_OPS + ("kv_compress", "moe_route", "engram_hash", "engram_lookup", "select_candidate_blocks",
+                         "indexer_scores")
 _LAZY = {"prepare_weights": "weights", "PreparedWeight": "weights", "WindowedIndex": "attention"}
 
 

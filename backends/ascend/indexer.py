@@ -18,7 +18,12 @@ V4.1: 32 heads, FP4-simulated q and k and no Hadamard are all the caller's (the 
 ``sum_h w_h relu(q_h . k)`` of whatever it gets), so they map. ``sorted_output`` is a sort of the returned
 row by index (-1 last). A candidate mask does not map: the op's documented arguments hold no mask (its
 ``sparse_mode`` is 0 = none or 3 = causal), so calls with ``candidates`` are declined and run on the
-composite ``ascend/torch``.
+composite ``ascend/torch``. MXFP4 keys do not map either: the op takes bf16 / fp16 keys (its quantised
+variant int8 / fp8 / hif8), no E2M1 with E8M0 block scales.
+
+indexer_scores has no fused variant: ``npu_lightning_indexer`` returns at most ``sparse_count`` (<= 8192)
+indices per query (with ``return_value=True``, their values), never the whole ``[B, S, N]`` score matrix,
+and no other documented torch_npu op fuses the head-weighted ReLU sum; ``ascend/torch`` runs it.
 """
 from __future__ import annotations
 
@@ -56,7 +61,7 @@ def supports_indexer(feat: Features) -> Callable[[Mapping[str, Any]], str | None
         if q.dtype not in _QUERY:
             return f"q is {q.dtype}; npu_lightning_indexer takes bfloat16 or float16 queries"
         if k.dtype != q.dtype:
-            return f"k is {k.dtype}; the fused indexer needs keys in q's dtype ({q.dtype}), no FP8 keys"
+            return f"k is {k.dtype}; the fused indexer needs keys in q's dtype ({q.dtype}), no FP8 or MXFP4 keys"
         if d != 128:
             return f"D = {d}; npu_lightning_indexer needs head dim 128"
         if feat.soc == "950" and h not in _HEADS_950:

@@ -27,6 +27,7 @@ OPS: dict[str, str] = {
     "fp4_grouped_gemm": "gemm",
     "fp8_gemm": "gemm",
     "indexer_topk": "indexer",
+    "indexer_scores": "indexer",
     "select_candidate_blocks": "indexer",
     "kv_compress": "attention",
     "sparse_attention": "attention",

@@ -19,8 +19,8 @@ NATIVE_PRIORITY = 20
 NUMPY_PRIORITY = 10
 COMPOSITE_PRIORITY = 5
 NATIVE_ABI = 6
-NATIVE_OPS = ("fp4_gemm", "fp4_grouped_gemm", "fp8_gemm", "indexer_topk", "select_candidate_blocks", "kv_compress",
-              "sparse_attention", "moe_route", "moe_dispatch", "moe_combine",
+NATIVE_OPS = ("fp4_gemm", "fp4_grouped_gemm", "fp8_gemm", "indexer_topk", "indexer_scores", "select_candidate_blocks",
+              "kv_compress", "sparse_attention", "moe_route", "moe_dispatch", "moe_combine",
               "engram_hash", "engram_lookup")
 
 
@@ -98,7 +98,7 @@ class CpuBackend(Backend):
                                     requires=("native",), supports=native_impl.SUPPORTS[op])
 
         for module, ops in ((gemm, ("fp4_gemm", "fp4_grouped_gemm", "fp8_gemm")),
-                            (indexer, ("indexer_topk", "select_candidate_blocks")),
+                            (indexer, ("indexer_topk", "indexer_scores", "select_candidate_blocks")),
                             (attention, ("kv_compress", "sparse_attention")),
                             (moe, ("moe_route", "moe_dispatch", "moe_combine")),
                             (engram, ("engram_hash", "engram_lookup"))):

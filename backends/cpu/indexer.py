@@ -1,19 +1,23 @@
-"""NumPy lightning indexer: indexer_topk (V4.1's candidates and sorted output too) and
-select_candidate_blocks."""
+"""NumPy lightning indexer: indexer_topk (V4.1's candidates and sorted output too), indexer_scores and
+select_candidate_blocks. Keys: float, E4M3 times a per-key scale, or MXFP4 (E2M1 pairs times per-32 E8M0),
+decoded to float32 a batch row at a time (dsv4rt.formats)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
 from dsv4rt.backend import new_output
-from dsv4rt.formats import ORDER_KEY_FLOOR, decode_e4m3, order_key, round_float
+from dsv4rt.formats import ORDER_KEY_FLOOR, decode_e4m3, dequant_mxfp4, order_key, round_float
 
 from ._np import BUDGET, f32, ints, u8
 
 
 def _keys(k: torch.Tensor, k_scale: torch.Tensor | None, b: int, n: int) -> np.ndarray:
     """The first n keys of batch row b as float32 [n, D]; E4M3 keys are decoded (dsv4rt.formats) and
-    multiplied by k_scale[b]. Keys no query of the call can see are never converted."""
+    multiplied by k_scale[b], MXFP4 keys (uint8 pairs) decoded and scaled per 32 elements. Keys no query of
+    the call can see are never converted."""
+    if k.dtype == torch.uint8:
+        return dequant_mxfp4(u8(k[b, :n]), u8(k_scale[b, :n]))  # type: ignore[index]
     if k.dtype == torch.float8_e4m3fn:
         return decode_e4m3(u8(k[b, :n])) * f32(k_scale[b, :n])[:, None]  # type: ignore[index]
     return f32(k[b, :n])
@@ -112,6 +116,35 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, visibl
     if return_scores:
         return idx, scores_t
     return idx
+
+
+def indexer_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, visible: torch.Tensor,
+                   k_scale: torch.Tensor | None = None, score_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """scores[B, S, N] float32: the float32 scores of :func:`indexer_topk` (same query chunks, keys beyond a
+    chunk's largest ``visible`` never scored), -inf for ``t >= visible`` and for NaN."""
+    bsz, s, h, _ = q.shape
+    n = k.shape[1]
+    sd = q.dtype if score_dtype is None else score_dtype
+    rnd = sd if sd in (torch.bfloat16, torch.float16) else None
+    out_t = new_output((bsz, s, n), torch.float32, "cpu")
+    out = out_t.numpy()
+    out[...] = -np.inf
+    vis = np.clip(ints(visible).astype(np.int64), 0, n)
+    w_all = f32(weights)
+    rows = max(1, min(s, BUDGET // max(n, 1), BUDGET // max(h * min(max(n, 1), 1024), 1)))
+    for b in range(bsz):
+        if s == 0 or int(vis[b].max()) == 0:
+            continue
+        kb = _keys(k, k_scale, b, int(vis[b].max()))
+        qb = f32(q[b])
+        for s0 in range(0, s, rows):
+            s1 = min(s, s0 + rows)
+            vrow = vis[b, s0:s1]
+            nmax = int(vrow.max())
+            sc = _scores(qb[s0:s1], kb, w_all[b, s0:s1], nmax, rnd)
+            sc[np.isnan(sc) | (np.arange(nmax)[None, :] >= vrow[:, None])] = -np.inf
+            out[b, s0:s1, :nmax] = sc
+    return out_t
 
 
 def select_candidate_blocks(scores: torch.Tensor, compress_len: torch.Tensor, block_size: int = 8,

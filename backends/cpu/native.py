@@ -23,8 +23,8 @@ from ._np import bits_view, f32
 from .native_engram import SUPPORTS as _ENGRAM_SUPPORTS
 from .native_engram import engram_hash, engram_lookup  # noqa: F401  (the backend looks ops up here by name)
 
-__all__ = ["fp4_gemm", "fp4_grouped_gemm", "fp8_gemm", "indexer_topk", "select_candidate_blocks", "kv_compress",
-           "sparse_attention", "moe_route",
+__all__ = ["fp4_gemm", "fp4_grouped_gemm", "fp8_gemm", "indexer_topk", "indexer_scores", "select_candidate_blocks",
+           "kv_compress", "sparse_attention", "moe_route",
            "moe_dispatch", "moe_combine", "SUPPORTS", "GEMV_MAX_M", "FP8_GEMV_MAX_M", "FEW_MAX_M"]
 
 GEMV_MAX_M = 8          # rows of x up to which the GEMM streams the weight once (GEMV path)
@@ -126,6 +126,16 @@ def fp8_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
 # ---------------------------------------------------------------------------------------------- indexer
 
 _INDEXER_V41 = hasattr(_C, "select_candidate_blocks")   # this build takes candidates / sorted_out (V4.1)
+_INDEXER_MX = hasattr(_C, "indexer_scores")   # this build has indexer_scores and MXFP4 keys
+
+
+def _indexer_keys(k: torch.Tensor, k_scale: torch.Tensor | None):
+    """(keys, scale) as the kernels take them: E4M3 or MXFP4 bytes with float32 / E8M0-byte scales."""
+    if k.dtype == torch.uint8:
+        return _bytes(k), _bytes(k_scale)  # type: ignore[arg-type]
+    if k.dtype == torch.float8_e4m3fn:
+        return _bytes(k), _arr(k_scale)  # type: ignore[arg-type]
+    return _act(k), None
 
 
 def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, visible: torch.Tensor, topk: int,
@@ -138,16 +148,25 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, visibl
     bsz, s = q.shape[:2]
     idx = new_output((bsz, s, topk), torch.int32, "cpu")
     scores = new_output((bsz, s, topk), torch.float32, "cpu") if return_scores else None
-    if k.dtype == torch.float8_e4m3fn:
-        keys, ks = _bytes(k), _arr(k_scale)  # type: ignore[arg-type]
-    else:
-        keys, ks = _act(k), None
+    keys, ks = _indexer_keys(k, k_scale)
     sd = q.dtype if score_dtype is None else score_dtype
     v41 = () if candidates is None and not sorted_output else (
         None if candidates is None else _arr(candidates, torch.uint8), sorted_output)
     _C.indexer_topk(_act(q), keys, ks, _arr(weights), _arr(visible), topk, idx.numpy(),
                     None if scores is None else scores.numpy(), sd == torch.bfloat16, *v41)
     return (idx, scores) if return_scores else idx
+
+
+def indexer_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, visible: torch.Tensor,
+                   k_scale: torch.Tensor | None = None, score_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The fused indexer's scoring loop (query groups x key tiles, the head sum in registers) writing each
+    row's scores instead of selecting; -inf beyond ``visible`` and for NaN."""
+    bsz, s = q.shape[:2]
+    out = new_output((bsz, s, k.shape[1]), torch.float32, "cpu")
+    keys, ks = _indexer_keys(k, k_scale)
+    sd = q.dtype if score_dtype is None else score_dtype
+    _C.indexer_scores(_act(q), keys, ks, _arr(weights), _arr(visible), out.numpy(), sd == torch.bfloat16)
+    return out
 
 
 def select_candidate_blocks(scores: torch.Tensor, compress_len: torch.Tensor, block_size: int = 8,
@@ -261,6 +280,16 @@ def _indexer_supports(args: Mapping[str, Any]) -> str | None:
         return "score_dtype float16: cpu/native rounds indexer scores to bf16 only"
     if not _INDEXER_V41 and (args.get("candidates") is not None or args.get("sorted_output", False)):
         return "this dsv4rt._C build predates V4.1's candidates / sorted_output; rebuild it"
+    if not _INDEXER_MX and args["k"].dtype == torch.uint8:
+        return "this dsv4rt._C build predates MXFP4 indexer keys; rebuild it"
+    return _strided(args)
+
+
+def _scores_supports(args: Mapping[str, Any]) -> str | None:
+    if not _INDEXER_MX:
+        return "this dsv4rt._C build predates indexer_scores; rebuild it"
+    if score_dtype_of(args) == torch.float16:
+        return "score_dtype float16: cpu/native rounds indexer scores to bf16 only"
     return _strided(args)
 
 
@@ -294,6 +323,7 @@ def _route_supports(args: Mapping[str, Any]) -> str | None:
 
 
 SUPPORTS = {"fp4_gemm": _gemm_supports, "fp4_grouped_gemm": _gemm_supports, "fp8_gemm": _fp8_supports,
-            "indexer_topk": _indexer_supports, "select_candidate_blocks": _blocks_supports, "kv_compress": _strided,
+            "indexer_topk": _indexer_supports, "indexer_scores": _scores_supports,
+            "select_candidate_blocks": _blocks_supports, "kv_compress": _strided,
             "sparse_attention": _attention_supports, "moe_route": _route_supports, "moe_dispatch": _strided,
             "moe_combine": _strided, **_ENGRAM_SUPPORTS}

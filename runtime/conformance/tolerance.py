@@ -20,8 +20,8 @@ from .. import reference as ref
 from ..ops.attention import p_dtype_of
 from ..ops.indexer import score_dtype_of
 
-__all__ = ["Check", "gemm", "topk", "candidate_blocks", "pooling", "attention", "route", "exact", "combine",
-           "hash_rows", "lookup"]
+__all__ = ["Check", "gemm", "topk", "index_scores", "candidate_blocks", "pooling", "attention", "route", "exact",
+           "combine", "hash_rows", "lookup"]
 
 U_OUT = {torch.float32: 2.0**-22, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}  # one ulp
 # absolute rounding step of the output dtype's subnormals (where u_out * |ref| no longer bounds rounding)
@@ -120,13 +120,7 @@ def topk(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
     sd = score_dtype_of(args)
     cand = args.get("candidates")
     scores = ref.indexer_scores(q, k, w, args["visible"], args["k_scale"], sd, cand)
-    bound = ref.indexer_scores(_finite_abs(q), _finite_abs(k), _finite_abs(w),
-                               torch.full_like(args["visible"], k.shape[1]), args["k_scale"], torch.float32)
-    # a 16-bit score: an fp32 value next to a rounding boundary may round one ulp (2^-7 / 2^-10 relative)
-    # the other way at each of the three rounding points (q.k, w*relu, the head sum): 3 ulps of the bound
-    u = {torch.bfloat16: 3 * 2.0**-7, torch.float16: 3 * 2.0**-10}.get(
-        sd, U_TF32 if q.dtype == torch.float32 else 2.0**-18)
-    tol_all = u * bound + TINY
+    u, tol_all = _score_bound(args, sd)
     idx = outs[0].long()
     b_n, s_n, top = idx.shape
     vis = args["visible"].clamp(0, k.shape[1])
@@ -174,6 +168,29 @@ def topk(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
     want = _at(scores, idx, -math.inf)
     tol = _at(tol_all, idx, 0.0) + u * want.abs().nan_to_num(0, 0, 0)
     return _worst(set_check, _compare(outs[1], want, tol, f"scores {u:.2g}*bound", "scores"))
+
+
+def _score_bound(args: Mapping[str, Any], sd: torch.dtype) -> tuple[float, torch.Tensor]:
+    """(u, u * sum_h |w| relu(|q| . |key|) + TINY): the indexer score's error bound over every key (MXFP4 keys:
+    the sign bits cleared)."""
+    q, k, w = args["q"], args["k"], args["weights"]
+    k_abs = _abs_fp4(k) if k.dtype == torch.uint8 else _finite_abs(k)
+    bound = ref.indexer_scores(_finite_abs(q), k_abs, _finite_abs(w),
+                               torch.full_like(args["visible"], k.shape[1]), args["k_scale"], torch.float32)
+    # a 16-bit score: an fp32 value next to a rounding boundary may round one ulp (2^-7 / 2^-10 relative)
+    # the other way at each of the three rounding points (q.k, w*relu, the head sum): 3 ulps of the bound
+    u = {torch.bfloat16: 3 * 2.0**-7, torch.float16: 3 * 2.0**-10}.get(
+        sd, U_TF32 if q.dtype == torch.float32 else 2.0**-18)
+    return u, u * bound + TINY
+
+
+def index_scores(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
+    """indexer_scores: -inf exactly where the reference is -inf (invisible, NaN), elsewhere within
+    ``u * (sum_h |w| relu(|q| . |key|) + |ref|)`` (u: 3 ulps of a 16-bit score_dtype, else the fp32 / TF32
+    accumulation allowance)."""
+    u, tol = _score_bound(args, score_dtype_of(args))
+    want = refs[0]
+    return _compare(outs[0], want, tol + u * want.abs().nan_to_num(0, 0, 0), f"{u:.2g}*(bound + |ref|)", "scores")
 
 
 def candidate_blocks(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:

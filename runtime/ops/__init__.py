@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["fp4_gemm", "fp4_grouped_gemm", "fp8_gemm", "indexer_topk", "select_candidate_blocks", "kv_compress",
-           "sparse_attention", "moe_route", "moe_dispatch", "moe_combine",
+__all__ = ["fp4_gemm", "fp4_grouped_gemm", "fp8_gemm", "indexer_topk", "indexer_scores", "select_candidate_blocks",
+           "kv_compress", "sparse_attention", "moe_route", "moe_dispatch", "moe_combine",
            "engram_hash", "engram_lookup", "all_ops"]
 
 

@@ -1,5 +1,6 @@
 """Lightning indexer family: indexer_topk (docs/deepseek-v4.md section 2; V4.1's candidate mask and sorted
-output) and select_candidate_blocks (V4.1's first level of the two-level top-k)."""
+output, MXFP4 keys), indexer_scores (the whole score matrix: V4.1's candidate source and the tensor-parallel
+partial scores) and select_candidate_blocks (V4.1's first level of the two-level top-k)."""
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -11,7 +12,9 @@ from . import _check as c
 from ..spec import OutputSpec, declare_spec
 
 FAMILY = "indexer"
-KEY_DTYPES = c.FLOAT_ACT + (torch.float8_e4m3fn,)
+KEY_DTYPES = c.FLOAT_ACT + (torch.float8_e4m3fn, torch.uint8)
+MX_BLOCK = 32
+"""MXFP4 keys: one E8M0 scale per 32 key elements."""
 TOPK_PAD_SLOTS = 1 << 16
 """Slots a row may have beyond the N keys (all -1): ``topk <= max(N, TOPK_PAD_SLOTS)``."""
 
@@ -27,7 +30,13 @@ def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: i
 
     - ``q``: [B, S, H, D] float32 / bfloat16 / float16.
     - ``k``: [B, N, D], the same float dtypes, or torch.float8_e4m3fn with ``k_scale`` [B, N] float32
-      (``key = e4m3 * k_scale[b, t]``).
+      (``key = e4m3 * k_scale[b, t]``), or MXFP4 (V4.1's 68 B/entry key cache at D = 128): uint8
+      [B, N, D/2] packed E2M1, two per byte (low nibble = even element, high = odd), with ``k_scale``
+      [B, N, D/32] E8M0 (float8_e8m0fnu or its uint8 bytes; byte 255, NaN, is a ContractError):
+      ``key[b, t, d] = e2m1(k[b, t, d // 2] nibble) * 2^(k_scale[b, t, d // 32] - 127)``; D % 32 == 0.
+      Keys are packed with :func:`dsv4rt.formats.quant_mxfp4` (the release's MXFP4 QDQ: block 32,
+      ``s = 2^ceil(log2(max(amax, 6 * 2^-126) / 6))``, E2M1 round-to-nearest-even), so the packed form
+      holds exactly the release's fake-quantised keys. Decoded keys are used in float32 arithmetic.
     - ``weights``: [B, S, H] float32 head weights; ``visible``: [B, S] int32 in [0, N].
     - ``topk`` >= 1. Row ``(b, s)`` holds ``min(topk, visible[b, s])`` distinct key indices and -1 in
       the remaining slots. Order within a row is unspecified; ties may be broken either way.
@@ -64,24 +73,54 @@ def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: i
     """
 
 
-def _check(a: Mapping[str, Any]) -> None:
-    op = "indexer_topk"
+def is_mxfp4(k: Tensor) -> bool:
+    """Whether an indexer call's keys are MXFP4 (packed uint8 E2M1 with per-32 E8M0 ``k_scale``)."""
+    return k.dtype == torch.uint8
+
+
+def _check_keys(op: str, a: Mapping[str, Any], b: int, d: int) -> int:
+    """The three key forms (float, E4M3 + per-key scale, MXFP4 + per-32 E8M0 scale); returns N."""
+    k, ks = a["k"], a["k_scale"]
+    c.tensor(op, "k", k, 3, KEY_DTYPES)
+    n = k.shape[1]
+    if is_mxfp4(k):
+        if d % MX_BLOCK:
+            raise c.ContractError(op, "k", f"float keys (MXFP4 keys need D % {MX_BLOCK} == 0)",
+                                  f"uint8 MXFP4 keys with D = {d}")
+        c.shape(op, "k", k, (b, n, d // 2), "[B, N, D/2] (packed E2M1)")
+        if ks is None:
+            raise c.ContractError(op, "k_scale", "a [B, N, D/32] E8M0 tensor when k is uint8 (MXFP4)", "None")
+        c.tensor(op, "k_scale", ks, 3, c.E8M0)
+        c.shape(op, "k_scale", ks, (b, n, d // MX_BLOCK), "[B, N, D/32]")
+        return n
+    c.shape(op, "k", k, (b, n, d), "[B, N, D]")
+    if k.dtype == torch.float8_e4m3fn:
+        if ks is None:
+            raise c.ContractError(op, "k_scale", "a [B, N] float32 tensor when k is float8_e4m3fn", "None")
+        c.tensor(op, "k_scale", ks, 2, (torch.float32,))
+        c.shape(op, "k_scale", ks, (b, n), "[B, N]")
+    elif ks is not None:
+        raise c.ContractError(op, "k_scale", "None when k holds float keys (a scale goes with float8_e4m3fn or "
+                              "uint8 MXFP4 keys)", f"a tensor (k is {k.dtype})")
+    return n
+
+
+def _check_common(op: str, a: Mapping[str, Any]) -> int:
+    """q, the keys, weights and visible of indexer_topk / indexer_scores; returns N."""
     c.tensor(op, "q", a["q"], 4, c.FLOAT_ACT)
     b, s, h, d = a["q"].shape
-    c.tensor(op, "k", a["k"], 3, KEY_DTYPES)
-    n = a["k"].shape[1]
-    c.shape(op, "k", a["k"], (b, n, d), "[B, N, D]")
-    if a["k"].dtype == torch.float8_e4m3fn:
-        if a["k_scale"] is None:
-            raise c.ContractError(op, "k_scale", "a [B, N] float32 tensor when k is float8_e4m3fn", "None")
-        c.tensor(op, "k_scale", a["k_scale"], 2, (torch.float32,))
-        c.shape(op, "k_scale", a["k_scale"], (b, n), "[B, N]")
-    elif a["k_scale"] is not None:
-        raise c.ContractError(op, "k_scale", "None when k is not float8_e4m3fn", f"a tensor (k is {a['k'].dtype})")
+    n = _check_keys(op, a, b, d)
     c.tensor(op, "weights", a["weights"], 3, (torch.float32,))
     c.shape(op, "weights", a["weights"], (b, s, h), "[B, S, H]")
     c.tensor(op, "visible", a["visible"], 2, c.INDEX)
     c.shape(op, "visible", a["visible"], (b, s), "[B, S]")
+    return n
+
+
+def _check(a: Mapping[str, Any]) -> None:
+    op = "indexer_topk"
+    n = _check_common(op, a)
+    b, s = a["q"].shape[:2]
     c.integer(op, "topk", a["topk"], lo=1)
     hi = min(max(n, TOPK_PAD_SLOTS), c.MAX_INT32)
     if a["topk"] > hi:
@@ -103,11 +142,18 @@ def score_dtype_of(a: Mapping[str, Any]) -> torch.dtype:
     return a["q"].dtype if a.get("score_dtype") is None else a["score_dtype"]
 
 
-def _values(a: Mapping[str, Any]) -> None:
-    op = "indexer_topk"
+def _values_of(op: str, a: Mapping[str, Any]) -> None:
     c.index_range(op, "visible", a["visible"], 0, a["k"].shape[1] + 1)
-    if a["k_scale"] is not None:
+    if a["k_scale"] is None:
+        return
+    if is_mxfp4(a["k"]):
+        c.e8m0_finite(op, "k_scale", a["k_scale"])
+    else:
         c.finite(op, "k_scale", a["k_scale"])
+
+
+def _values(a: Mapping[str, Any]) -> None:
+    _values_of("indexer_topk", a)
 
 
 def _outputs(a: Mapping[str, Any]) -> tuple[OutputSpec, ...]:
@@ -122,6 +168,49 @@ INDEXER_TOPK = declare_spec(indexer_topk, family=FAMILY, check=_check, outputs=_
                             reference="dsv4rt.reference:indexer_topk",
                             cases="dsv4rt.conformance.cases.indexer:indexer_topk",
                             tolerance="dsv4rt.conformance.tolerance:topk")
+
+
+def indexer_scores(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, k_scale: Tensor | None = None,
+                   score_dtype: torch.dtype | None = None) -> Tensor:
+    """scores[B, S, N] float32: the lightning-indexer score of every key for every query, the matrix
+    :func:`indexer_topk` ranks (V4.1's candidate source hands it to :func:`select_candidate_blocks`; the
+    tensor-parallel indexer sums each rank's partial matrix over its heads before the top-k).
+
+    ``scores[b, s, t] = sum_h weights[b, s, h] * relu(q[b, s, h, :] . key[b, t, :])`` for
+    ``t < visible[b, s]``, and ``-inf`` for ``t >= visible[b, s]`` (the release's prefill mask).
+
+    - ``q``, ``k``, ``k_scale``, ``weights``, ``visible``: exactly as :func:`indexer_topk` (float keys, E4M3
+      keys with a per-key float32 scale, or MXFP4 keys: uint8 [B, N, D/2] with E8M0 ``k_scale``
+      [B, N, D/32]).
+    - ``score_dtype``: as :func:`indexer_topk`: None (default) = q's dtype (the release's bf16 einsum); for a
+      16-bit dtype the same three rounding points (``round(q_h . key_t)``, ``round(w_h * relu(.))``,
+      ``round(sum_h .)``, each from an fp32 or exact value); the result is returned as float32 either way.
+    - NaN: a NaN score (NaN in q, a key or a weight) is returned as -inf, as :func:`indexer_topk` ranks it.
+      Infinite inputs follow IEEE arithmetic (+inf scores stay +inf).
+    Memory: O(B * S * N) for the output; per-head scores ``[B, S, H, N]`` are never materialised (backends
+    score a chunk of queries or keys at a time, or fuse the head sum).
+    """
+
+
+def _scores_check(a: Mapping[str, Any]) -> None:
+    op = "indexer_scores"
+    _check_common(op, a)
+    c.choice(op, "score_dtype", a["score_dtype"], SCORE_DTYPES)
+
+
+def _scores_values(a: Mapping[str, Any]) -> None:
+    _values_of("indexer_scores", a)
+
+
+def _scores_outputs(a: Mapping[str, Any]) -> tuple[OutputSpec, ...]:
+    b, s = a["q"].shape[:2]
+    return (OutputSpec("scores", (b, s, a["k"].shape[1]), torch.float32),)
+
+
+INDEXER_SCORES = declare_spec(indexer_scores, family=FAMILY, check=_scores_check, outputs=_scores_outputs,
+                              check_values=_scores_values, reference="dsv4rt.reference:indexer_scores",
+                              cases="dsv4rt.conformance.cases.indexer:indexer_scores",
+                              tolerance="dsv4rt.conformance.tolerance:index_scores")
 
 
 def select_candidate_blocks(scores: Tensor, compress_len: Tensor, block_size: int = 8,
@@ -169,4 +258,4 @@ SELECT_CANDIDATE_BLOCKS = declare_spec(select_candidate_blocks, family=FAMILY, c
                                        reference="dsv4rt.reference:select_candidate_blocks",
                                        cases="dsv4rt.conformance.cases.indexer:select_candidate_blocks",
                                        tolerance="dsv4rt.conformance.tolerance:candidate_blocks")
-SPECS = (INDEXER_TOPK, SELECT_CANDIDATE_BLOCKS)
+SPECS = (INDEXER_TOPK, INDEXER_SCORES, SELECT_CANDIDATE_BLOCKS)

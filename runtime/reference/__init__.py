@@ -11,12 +11,13 @@ from .indexer import candidate_block_scores, indexer_scores, indexer_topk, selec
 from .moe import moe_combine, moe_dispatch, moe_route, moe_route_weights, moe_scores
 from .engram import engram_hash, engram_lookup
 
-# The nine v1 ops, by name (design.md section 2).
+# The v1 ops, by name (design.md section 2).
 OPS = {
     "fp4_gemm": fp4_gemm,
     "fp4_grouped_gemm": fp4_grouped_gemm,
     "fp8_gemm": fp8_gemm,
     "indexer_topk": indexer_topk,
+    "indexer_scores": indexer_scores,
     "select_candidate_blocks": select_candidate_blocks,
     "kv_compress": kv_compress,
     "sparse_attention": sparse_attention,
@@ -31,7 +32,6 @@ __all__ = [
     *OPS,
     "OPS",
     # helpers for conformance checks
-    "indexer_scores",
     "candidate_block_scores",
     "selectable",
     "moe_route_weights",

@@ -3,14 +3,17 @@ output) and V4.1's candidate blocks, float64."""
 
 import torch
 
-from ._decode import F64, decode_e4m3, to_f64
+from ._decode import F64, decode_e4m3, dequant_fp4, to_f64
 
 _S_CHUNK = 64
 
 
 def _keys_f64(k, k_scale):
-    """Key values as float64 ``[B, N, D]``: bf16/fp32 keys as they are; float8_e4m3fn keys (or their
-    uint8 bytes) times the per-key scale ``k_scale [B, N]`` when given."""
+    """Key values as float64 ``[B, N, D]``: bf16/fp32 keys as they are; MXFP4 keys (uint8 ``[B, N, D/2]``
+    packed E2M1 with E8M0 ``k_scale [B, N, D/32]``) as ``e2m1 * 2^(scale - 127)``; float8_e4m3fn keys (or
+    their uint8 bytes) times the per-key scale ``k_scale [B, N]`` when given."""
+    if k.dtype == torch.uint8 and k_scale is not None and k_scale.dim() == 3:
+        return dequant_fp4(k, k_scale)
     if k.dtype in (torch.float8_e4m3fn, torch.uint8):
         kv = decode_e4m3(k)
     else:
@@ -33,7 +36,8 @@ def indexer_scores(q, k, weights, visible, k_scale=None, score_dtype=None, candi
 
     ``score[b, s, t] = sum_h weights[b, s, h] * relu(q[b, s, h, :] . key[b, t, :])`` for
     ``t < clamp(visible[b, s], 0, N)`` and ``-inf`` for the other (invisible) keys and for NaN scores, with
-    ``key = k`` (bf16 / fp32) or ``key = e4m3(k) * k_scale[b, t]`` (float8_e4m3fn keys).
+    ``key = k`` (bf16 / fp32), ``key = e4m3(k) * k_scale[b, t]`` (float8_e4m3fn keys) or
+    ``key = e2m1(k) * 2^(k_scale[b, t, d // 32] - 127)`` (MXFP4 keys). Also the golden ``indexer_scores`` op.
     Keys outside ``candidates`` (bool ``[B, S, N]``, when given) score ``-inf`` like invisible ones.
     Everything is computed in float64 from the exact input values. ``score_dtype`` (None = q's dtype):
     when 16-bit, the three rounding points of the contract, each rounding an exact value once:

@@ -70,6 +70,41 @@ EDGE = {
     "idx-cand-inf-keys-H3": ("k = torch.rand(1,9,4) + .5; k[0, [1, 4], 0] = float('inf'); q = torch.zeros(1,2,3,4); q[..., 0] = 1.0\n"
                              "idx = dsv4rt.ops.indexer_topk(q, k, torch.ones(1,2,3), torch.full((1,2),9,dtype=torch.int32), 2, candidates=torch.ones(1,2,9,dtype=torch.bool), sorted_output=True, backend=V)\n"
                              "assert idx.tolist() == [[[1, 4], [1, 4]]], idx"),
+    # indexer_scores (the whole score matrix)
+    "scores-S0": "dsv4rt.ops.indexer_scores(torch.randn(1,0,4,32), torch.randn(1,8,32), torch.randn(1,0,4), torch.zeros(1,0,dtype=torch.int32), backend=V)",
+    "scores-N0": ("sc = dsv4rt.ops.indexer_scores(torch.randn(1,2,4,32), torch.randn(1,0,32), torch.randn(1,2,4), torch.zeros(1,2,dtype=torch.int32), backend=V)\n"
+                  "assert sc.shape == (1, 2, 0)"),
+    "scores-H0": ("sc = dsv4rt.ops.indexer_scores(torch.randn(1,2,0,32), torch.randn(1,8,32), torch.randn(1,2,0), torch.tensor([[3, 8]],dtype=torch.int32), backend=V)\n"
+                  "assert (sc[0, 0, :3] == 0).all() and (sc[0, 0, 3:] == float('-inf')).all() and (sc[0, 1] == 0).all()"),
+    "scores-D0": ("sc = dsv4rt.ops.indexer_scores(torch.randn(1,2,4,0), torch.randn(1,8,0), torch.randn(1,2,4), torch.full((1,2),5,dtype=torch.int32), backend=V)\n"
+                  "assert (sc[..., :5] == 0).all() and (sc[..., 5:] == float('-inf')).all()"),
+    "scores-nan-weights": ("sc = dsv4rt.ops.indexer_scores(torch.randn(1,2,4,32), torch.randn(1,8,32), torch.full((1,2,4), float('nan')), torch.full((1,2),8,dtype=torch.int32), backend=V)\n"
+                           "assert (sc == float('-inf')).all()"),
+    "scores-inf-keys-H3": ("k = torch.rand(1,9,4) + .5; k[0, [1, 4], 0] = float('inf'); q = torch.zeros(1,2,3,4); q[..., 0] = 1.0\n"
+                           "sc = dsv4rt.ops.indexer_scores(q, k, torch.ones(1,2,3), torch.full((1,2),9,dtype=torch.int32), backend=V)\n"
+                           "assert (sc[..., [1, 4]] == float('inf')).all() and sc[..., [0, 2, 3]].isfinite().all()"),
+    "scores-expanded-k": "dsv4rt.ops.indexer_scores(torch.randn(1,2,4,32), torch.randn(1,1,32).expand(1,8,32), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), backend=V)",
+    "scores-transposed-q": "dsv4rt.ops.indexer_scores(torch.randn(1,4,2,32).transpose(1,2), torch.randn(1,8,32), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), backend=V)",
+    "scores-visible-gt-N": "dsv4rt.ops.indexer_scores(torch.randn(1,2,4,32), torch.randn(1,8,32), torch.randn(1,2,4), torch.full((1,2),9,dtype=torch.int32), backend=V)",
+    "scores-visible-int64": "dsv4rt.ops.indexer_scores(torch.randn(1,2,4,32), torch.randn(1,8,32), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int64), backend=V)",
+    # MXFP4 keys (uint8 E2M1 pairs [B, N, D/2] + E8M0 [B, N, D/32]) on indexer_topk and indexer_scores
+    "mx-random-bytes": ("k = torch.randint(0,256,(1,8,32),dtype=torch.uint8); s = torch.randint(120,134,(1,8,2),dtype=torch.uint8)\n"
+                        "sc = dsv4rt.ops.indexer_scores(torch.randn(1,2,4,64), k, torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), s, backend=V)\n"
+                        "assert sc.isfinite().all()\n"
+                        "idx = dsv4rt.ops.indexer_topk(torch.randn(1,2,4,64), k, torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), 3, s, sorted_output=True, backend=V)\n"
+                        "assert (idx >= 0).all()"),
+    "mx-scale-bytes-0-and-254": ("s = torch.zeros(1,8,1,dtype=torch.uint8); s[0, 4:] = 254\n"
+                                 "dsv4rt.ops.indexer_scores(torch.randn(1,2,4,32), torch.randint(0,256,(1,8,16),dtype=torch.uint8), torch.rand(1,2,4), torch.full((1,2),8,dtype=torch.int32), s.view(torch.float8_e8m0fnu), backend=V)"),
+    "mx-scale-nan": "dsv4rt.ops.indexer_scores(torch.randn(1,2,4,32), torch.zeros(1,8,16,dtype=torch.uint8), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), torch.full((1,8,1),255,dtype=torch.uint8), backend=V)",
+    "mx-topk-scale-nan": "dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.zeros(1,8,16,dtype=torch.uint8), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), 4, torch.full((1,8,1),255,dtype=torch.uint8), backend=V)",
+    "mx-D48": "dsv4rt.ops.indexer_topk(torch.randn(1,2,4,48), torch.zeros(1,8,24,dtype=torch.uint8), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), 4, torch.full((1,8,1),127,dtype=torch.uint8), backend=V)",
+    "mx-scale-float": "dsv4rt.ops.indexer_scores(torch.randn(1,2,4,32), torch.zeros(1,8,16,dtype=torch.uint8), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), torch.ones(1,8,1), backend=V)",
+    "mx-without-scale": "dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.zeros(1,8,16,dtype=torch.uint8), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), 4, backend=V)",
+    "mx-N0": ("idx = dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.zeros(1,0,16,dtype=torch.uint8), torch.randn(1,2,4), torch.zeros(1,2,dtype=torch.int32), 4, torch.zeros(1,0,1,dtype=torch.uint8), sorted_output=True, backend=V)\n"
+              "assert (idx == -1).all()"),
+    "mx-S0": "dsv4rt.ops.indexer_scores(torch.randn(1,0,4,32), torch.zeros(1,8,16,dtype=torch.uint8), torch.randn(1,0,4), torch.zeros(1,0,dtype=torch.int32), torch.full((1,8,1),127,dtype=torch.uint8), backend=V)",
+    "mx-expanded-scale": "dsv4rt.ops.indexer_topk(torch.randn(1,2,4,64), torch.randint(0,256,(1,8,32),dtype=torch.uint8), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), 4, torch.full((1,1,1),127,dtype=torch.uint8).expand(1,8,2), backend=V)",
+    "mx-transposed-k": "dsv4rt.ops.indexer_scores(torch.randn(1,2,4,64), torch.randint(0,256,(1,32,8),dtype=torch.uint8).transpose(1,2), torch.randn(1,2,4), torch.full((1,2),8,dtype=torch.int32), torch.full((1,8,2),127,dtype=torch.uint8), backend=V)",
     # select_candidate_blocks
     "blocks-S0": "dsv4rt.ops.select_candidate_blocks(torch.randn(1,0,16), torch.zeros(1,0,dtype=torch.int32), 4, 2, backend=V)",
     "blocks-B0": "dsv4rt.ops.select_candidate_blocks(torch.randn(0,2,16), torch.zeros(0,2,dtype=torch.int32), 4, 2, backend=V)",
@@ -181,6 +216,10 @@ CUDA_FAST = ("attn-S0", "attn-H0", "attn-K0", "attn-N0", "idx-S0", "idx-N0", "id
              "blocks-N0", "blocks-all-minus-inf", "blocks-nan", "blocks-huge-block", "compress-v41-r2-S0", "compress-v41-r1-S0",
              "compress-v41-r1-transposed", "compress-v41-r2-all-minus-inf",
              "fp8-bs32-K0", "fp8-bs32-ragged", "fp8-bs32-x-inf-fp8", "gemm-ab32-x-inf-fp8", "ggemm-ab32-R0")
+MUST_REFUSE |= {"scores-visible-gt-N", "scores-visible-int64", "mx-scale-nan", "mx-topk-scale-nan", "mx-D48",
+                "mx-scale-float", "mx-without-scale"}
+CUDA_FAST += ("scores-N0", "scores-H0", "scores-D0", "scores-nan-weights", "scores-inf-keys-H3", "mx-random-bytes",
+              "mx-N0", "mx-scale-nan")
 
 
 def _random_attention(rng: random.Random, n: int) -> dict[str, str]:

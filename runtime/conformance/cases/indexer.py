@@ -1,9 +1,10 @@
-"""Conformance cases of indexer_topk (V4 and V4.1 modes) and select_candidate_blocks."""
+"""Conformance cases of indexer_topk (V4 and V4.1 modes, MXFP4 keys), indexer_scores and
+select_candidate_blocks."""
 from __future__ import annotations
 
 import torch
 
-from ...formats import fp4_fake_quant
+from ...formats import fp4_fake_quant, quant_mxfp4
 from ..case import Case, bad_cases, case_generator, randn
 
 BF16, F32 = torch.bfloat16, torch.float32
@@ -18,10 +19,30 @@ def _causal(b: int, s: int, ratio: int = 4, start: int = 0) -> torch.Tensor:
 def _case(label: str, b: int, s: int, h: int, d: int, n: int, topk: int, visible=None, dtype=BF16,
           fp8_keys: bool = False, scores: bool = False, noncontig: tuple[str, ...] = (),
           score_dtype: torch.dtype | None = None, nan_keys: int = 0, candidates=None, sorted_output: bool = False,
-          fp4: bool = False, distinct_keys: int = 0) -> Case:
+          fp4: bool = False, distinct_keys: int = 0, mxfp4_keys: str = "", nan_q: int = 0) -> Case:
     """``candidates``: None, or a function of (gen, visible) giving the bool [B, S, N] mask; ``fp4``: q and k
     MXFP4 fake-quantised (V4.1's indexer inputs: many tied scores); ``distinct_keys``: keys drawn from that
-    many rows (tied scores)."""
+    many rows (tied scores); ``mxfp4_keys``: the keys packed as MXFP4 (V4.1's key cache), the scales as
+    "uint8" or "e8m0" (float8_e8m0fnu); ``nan_q``: that many query heads hold a NaN."""
+    make = _maker(b, s, h, d, n, topk, visible, dtype, fp8_keys, scores, score_dtype, nan_keys, candidates,
+                  sorted_output, fp4, distinct_keys, mxfp4_keys, nan_q)
+    return Case("indexer_topk", label, make, noncontig=noncontig)
+
+
+def _scores_case(label: str, b: int, s: int, h: int, d: int, n: int, noncontig: tuple[str, ...] = (),
+                 **kw) -> Case:
+    """An indexer_scores case: the inputs of the matching indexer_topk case (same keyword arguments)."""
+    full = _case(label, b, s, h, d, n, 1, **kw).make
+    names = ("q", "k", "weights", "visible", "k_scale", "score_dtype")
+
+    def make(gen: torch.Generator) -> dict:
+        a = full(gen)
+        return {name: a[name] for name in names}
+    return Case("indexer_scores", label, make, noncontig=noncontig)
+
+
+def _maker(b, s, h, d, n, topk, visible, dtype, fp8_keys, scores, score_dtype, nan_keys, candidates, sorted_output,
+           fp4, distinct_keys, mxfp4_keys, nan_q):
     def make(gen: torch.Generator) -> dict:
         q = randn(gen, b, s, h, d, dtype=dtype)
         if fp8_keys:
@@ -40,13 +61,19 @@ def _case(label: str, b: int, s: int, h: int, d: int, n: int, topk: int, visible
                 k.view(torch.uint8)[:, bad, 0] = 0x7F    # the E4M3 NaN code
             else:
                 k[:, bad, 0] = float("nan")
+        if mxfp4_keys:   # V4.1's key cache: the packed form of the (fake-quantised) keys
+            k, k_scale = quant_mxfp4(k.float() * 4)
+            if mxfp4_keys == "e8m0":
+                k_scale = k_scale.view(torch.float8_e8m0fnu)
+        if nan_q:
+            q.view(b * s, h, d)[torch.randperm(b * s, generator=gen)[:nan_q], 0, 0] = float("nan")
         weights = torch.randn((b, s, h), generator=gen)
         vis = visible(gen) if callable(visible) else _causal(b, s, start=4 * n - s)
         return {"q": q, "k": k, "weights": weights, "visible": vis, "topk": topk, "k_scale": k_scale,
                 "return_scores": scores, "score_dtype": score_dtype,
                 "candidates": None if candidates is None else candidates(gen, vis),
                 "sorted_output": sorted_output}
-    return Case("indexer_topk", label, make, noncontig=noncontig)
+    return make
 
 
 def _mask(p: float, n: int):
@@ -96,6 +123,28 @@ def _v41_cases() -> list[Case]:
         _case("v41-mask-noncontiguous", 1, 4, 32, 64, 32, 8, fp4=True, candidates=_mask(0.5, 32),
               sorted_output=True, noncontig=("q", "k", "weights", "candidates")),
         _case("v41-mask-no-keys", 1, 2, 32, 32, 0, 4, candidates=_mask(1.0, 0), sorted_output=True, scores=True,
+              visible=lambda g: torch.zeros((1, 2), dtype=torch.int32)),
+    ] + _mxfp4_cases()
+
+
+def _mxfp4_cases() -> list[Case]:
+    """MXFP4 keys (uint8 E2M1 pairs + E8M0 per 32): V4.1's 68 B/entry key cache at D = 128."""
+    return [
+        _case("mxfp4-keys-decode-D128-sorted", 2, 1, 32, 128, 96, 16, fp4=True, mxfp4_keys="e8m0",
+              candidates=_mask(0.6, 96), sorted_output=True, scores=True,
+              visible=lambda g: torch.tensor([[96], [50]], dtype=torch.int32)),
+        _case("mxfp4-keys-prefill-uint8-scales", 1, 10, 32, 64, 40, 8, fp4=True, mxfp4_keys="uint8",
+              sorted_output=True, scores=True, visible=lambda g: _causal(1, 10, ratio=1, start=30)),
+        _case("mxfp4-keys-f32-scores", 2, 3, 8, 64, 48, 8, dtype=F32, mxfp4_keys="uint8", scores=True,
+              score_dtype=F32),
+        _case("mxfp4-keys-fp16-q", 1, 4, 4, 32, 33, 6, dtype=torch.float16, mxfp4_keys="e8m0", scores=True),
+        _case("mxfp4-keys-fewer-visible", 2, 5, 16, 32, 24, 12, mxfp4_keys="uint8", scores=True,
+              visible=lambda g: torch.randint(0, 25, (2, 5), generator=g, dtype=torch.int32)),
+        _case("mxfp4-keys-nan-q", 1, 4, 8, 64, 20, 8, mxfp4_keys="uint8", nan_q=2, scores=True,
+              visible=lambda g: torch.randint(4, 21, (1, 4), generator=g, dtype=torch.int32)),
+        _case("mxfp4-keys-noncontiguous", 1, 4, 8, 64, 32, 8, fp4=True, mxfp4_keys="uint8",
+              noncontig=("q", "k", "k_scale", "weights")),
+        _case("mxfp4-keys-no-keys", 1, 2, 8, 32, 0, 4, mxfp4_keys="uint8", scores=True,
               visible=lambda g: torch.zeros((1, 2), dtype=torch.int32)),
     ]
 
@@ -152,7 +201,72 @@ def indexer_topk() -> list[Case]:
         ("candidates-dtype", "candidates", {"candidates": torch.ones((1, 2, 16), dtype=torch.uint8)}),
         ("candidates-shape", "candidates", {"candidates": torch.ones((1, 2, 15), dtype=torch.bool)}),
         ("sorted-output-int", "sorted_output", {"sorted_output": 1}),
-    ])
+    ] + _bad_mxfp4())
+    return cases
+
+
+def _bad_mxfp4() -> list[tuple]:
+    """Bad MXFP4 key arguments (shared by indexer_topk and indexer_scores; the good call has D = 32, N = 16)."""
+    def packed(a):
+        return quant_mxfp4(a["k"].float())
+
+    return [
+        ("mxfp4-without-scale", "k_scale", {"k": lambda a: packed(a)[0]}),
+        ("mxfp4-scale-f32", "k_scale", {"k_scale": lambda a: packed(a)[1].float(), "k": lambda a: packed(a)[0]}),
+        ("mxfp4-scale-shape", "k_scale", {"k": lambda a: packed(a)[0],
+                                          "k_scale": torch.full((1, 16, 2), 127, dtype=torch.uint8)}),
+        ("mxfp4-k-unpacked-width", "k", {"k": torch.zeros((1, 16, 32), dtype=torch.uint8),
+                                         "k_scale": torch.full((1, 16, 1), 127, dtype=torch.uint8)}),
+        ("mxfp4-scale-nan-byte", "k_scale", {"k": lambda a: packed(a)[0],
+                                             "k_scale": torch.full((1, 16, 1), 255, dtype=torch.uint8)}),
+        ("mxfp4-D-not-multiple-of-32", "k", {"q": lambda a: a["q"][..., :16],
+                                              "k": torch.zeros((1, 16, 8), dtype=torch.uint8),
+                                              "k_scale": torch.full((1, 16, 1), 127, dtype=torch.uint8)}),
+        ("float-keys-with-scale", "k_scale", {"k_scale": torch.ones((1, 16))}),
+    ]
+
+
+@case_generator
+def indexer_scores() -> list[Case]:
+    """The whole score matrix: decode and prefill, bf16 / fp32 / fp16 scores, E4M3 and MXFP4 keys, fewer
+    visible than N (-inf beyond), NaN keys and queries (-inf), ties, no keys, non-contiguous inputs."""
+    cases = [
+        _scores_case("decode-B2-H8-N256", 2, 1, 8, 64, 256),
+        _scores_case("prefill-causal-ratio4", 1, 24, 4, 32, 8, visible=lambda g: _causal(1, 24)),
+        _scores_case("random-visible", 2, 6, 8, 32, 40,
+                     visible=lambda g: torch.randint(0, 41, (2, 6), generator=g, dtype=torch.int32)),
+        _scores_case("f32-scores", 2, 3, 8, 64, 64, dtype=F32, score_dtype=F32),
+        _scores_case("bf16-scores-f32-inputs", 1, 4, 8, 64, 48, dtype=F32, score_dtype=BF16),
+        _scores_case("fp16-scores", 1, 3, 4, 32, 30, dtype=torch.float16),
+        _scores_case("fp8-keys", 2, 3, 8, 64, 100, fp8_keys=True),
+        _scores_case("fp8-keys-f32-scores", 1, 3, 8, 64, 40, fp8_keys=True, score_dtype=F32),
+        _scores_case("nan-keys", 2, 4, 4, 32, 24, nan_keys=6,
+                     visible=lambda g: torch.randint(8, 25, (2, 4), generator=g, dtype=torch.int32)),
+        _scores_case("v41-H32-fp4-ties", 1, 8, 32, 64, 50, fp4=True, distinct_keys=4,
+                     visible=lambda g: _causal(1, 8, ratio=1, start=42)),
+        _scores_case("v41-mxfp4-keys-D128", 1, 6, 32, 128, 64, fp4=True, mxfp4_keys="e8m0",
+                     visible=lambda g: _causal(1, 6, ratio=1, start=58)),
+        _scores_case("mxfp4-keys-f32", 2, 2, 8, 64, 36, dtype=F32, mxfp4_keys="uint8", score_dtype=F32),
+        _scores_case("mxfp4-keys-nan-q", 1, 5, 8, 32, 20, mxfp4_keys="uint8", nan_q=2),
+        _scores_case("no-keys", 2, 3, 4, 32, 0, visible=lambda g: torch.zeros((2, 3), dtype=torch.int32)),
+        _scores_case("noncontiguous", 1, 4, 4, 32, 40, noncontig=("q", "k", "weights", "visible")),
+        _scores_case("mxfp4-noncontiguous", 1, 3, 8, 64, 24, mxfp4_keys="uint8", noncontig=("k", "k_scale")),
+    ]
+
+    def good(gen):
+        return {"q": randn(gen, 1, 2, 4, 32, dtype=BF16), "k": randn(gen, 1, 16, 32, dtype=BF16),
+                "weights": torch.randn((1, 2, 4), generator=gen), "visible": torch.tensor([[3, 16]], dtype=torch.int32),
+                "k_scale": None, "score_dtype": None}
+
+    cases += bad_cases("indexer_scores", good, [
+        ("q-rank", "q", {"q": lambda a: a["q"][0]}),
+        ("k-dim", "k", {"k": lambda a: a["k"][..., :16]}),
+        ("weights-dtype", "weights", {"weights": lambda a: a["weights"].to(BF16)}),
+        ("visible-beyond-N", "visible", {"visible": torch.tensor([[3, 17]], dtype=torch.int32)}),
+        ("visible-negative", "visible", {"visible": torch.tensor([[-1, 2]], dtype=torch.int32)}),
+        ("fp8-without-scale", "k_scale", {"k": lambda a: a["k"].to(torch.float8_e4m3fn)}),
+        ("score-dtype-unknown", "score_dtype", {"score_dtype": torch.int32}),
+    ] + _bad_mxfp4())
     return cases
 
 
