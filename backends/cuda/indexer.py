@@ -1,11 +1,14 @@
 """``cuda/triton`` launcher of the lightning indexer: indexer_topk (spec 2.5-2.7, V4.1's candidates and sorted
-output) and select_candidate_blocks.
+output, MXFP4 keys), indexer_scores (the logits kernel alone, writing the score matrix) and
+select_candidate_blocks.
 
 Two kernels (:mod:`dsv4rt.backends.cuda.kernels.indexer`, imported with Triton on the first launch):
 
 1. ``indexer_logits_kernel``: q.k over D on the tensor cores for a (queries x heads) by keys tile, with
    ReLU, the per-key FP8 scale and the head-weight sum fused on the accumulator; only the [B, S, N]
-   fp32 scores are written (never per-head scores). Key tiles beyond every query's ``visible`` are skipped.
+   fp32 scores are written (never per-head scores). Key tiles beyond every query's ``visible`` are skipped
+   (indexer_scores writes them as -inf). MXFP4 keys are decoded from their bits in registers, 32 elements
+   (one E8M0 scale) per MMA step, the scale applied to that step's fp32 product.
 2. ``topk_select_kernel``: one program per query row; a radix select (4 passes of 8-bit histograms over
    order-preserving int32 keys) finds the k-th largest score, then one compaction pass writes exactly
    ``min(topk, selectable)`` distinct indices (ties at the threshold taken in index order; all in index
@@ -27,7 +30,7 @@ from torch import Tensor
 from dsv4rt.backend import Registrar, new_output
 from ._launch import device_guard, kernels, next_pow2, on_interpreter
 
-__all__ = ["register", "indexer_topk", "select_candidate_blocks", "supports", "supports_blocks", "MAX_HEADS",
+__all__ = ["register", "indexer_topk", "indexer_scores", "select_candidate_blocks", "supports", "supports_blocks", "MAX_HEADS",
            "MAX_HEAD_DIM", "MAX_BLOCK"]
 
 MAX_HEADS = 128
@@ -40,15 +43,17 @@ MAX_BLOCK = 1024
 """select_candidate_blocks: positions of a block held in one tile (V4.1: 8)."""
 
 
-def _logit_tiles(s: int, h: int, n: int, d: int, interp: bool) -> dict[str, int]:
-    """Tile sizes of the logits kernel: BLOCK_S * BLOCK_H >= 16 rows for the MMA."""
+def _logit_tiles(s: int, h: int, n: int, d: int, interp: bool, mx: bool = False) -> dict[str, int]:
+    """Tile sizes of the logits kernel: BLOCK_S * BLOCK_H >= 16 rows for the MMA; MXFP4 keys (``mx``) walk D
+    in chunks of 32, one E8M0 scale each."""
     block_h = next_pow2(h)
     if interp:
         block_s = max(16 // block_h, 1, min(next_pow2(s), 256 // block_h))
-        return dict(BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_N=min(next_pow2(n), 256), BLOCK_D=next_pow2(d), NUM_DC=1,
-                    num_warps=4)
+        block_d = 32 if mx else next_pow2(d)
+        return dict(BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_N=min(next_pow2(n), 256), BLOCK_D=block_d,
+                    NUM_DC=-(-d // block_d), num_warps=4)
     block_s = max(16 // block_h, 1, min(next_pow2(s), 128 // block_h))
-    block_d = min(next_pow2(d), 128)
+    block_d = 32 if mx else min(next_pow2(d), 128)
     rows = block_s * block_h
     return dict(BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_N=128, BLOCK_D=block_d, NUM_DC=-(-d // block_d),
                 num_warps=8 if rows >= 128 else 4, num_stages=2)
@@ -68,24 +73,48 @@ def _select(sc: Tensor, visible: Tensor, topk: int, idx: Tensor, scores: Tensor 
         BLOCK_K=min(next_pow2(topk), 1024), INTERP=interp, num_warps=4 if interp or block_n <= 1024 else 8)
 
 
+def _logits(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, k_scale: Tensor | None, sc: Tensor,
+            interp: bool, rnd: int, mask_vis: bool) -> None:
+    """indexer_logits_kernel: the scores of the queries of ``q`` (views) into ``sc`` [B, s, N]; ``mask_vis``:
+    every entry written, -inf at ``t >= visible`` (else key blocks beyond every query's visible are skipped)."""
+    b, s, h, d = q.shape
+    n = k.shape[1]
+    if not (n and h and d):
+        if n:   # no heads or an empty head dim: every score is 0
+            sc.zero_()
+            if mask_vis:
+                sc.masked_fill_(torch.arange(n, device=sc.device) >= visible[..., None], float("-inf"))
+        return
+    kfmt = 2 if k.dtype == torch.uint8 else 1 if k.dtype == torch.float8_e4m3fn else 0
+    t = _logit_tiles(s, h, n, d, interp, mx=kfmt == 2)
+    grid = (-(-n // t["BLOCK_N"]), -(-s // t["BLOCK_S"]), b)
+    ks = weights if k_scale is None else k_scale.view(torch.uint8) if kfmt == 2 else k_scale
+    ks_st = (0, 0, 0) if k_scale is None else tuple(k_scale.stride()) + (0,) * (3 - k_scale.dim())
+    kernels("indexer").indexer_logits_kernel[grid](
+        q, k, ks, weights, visible, sc, s, h, n, d, *q.stride(), *k.stride(), *ks_st, *weights.stride(),
+        *visible.stride(), *sc.stride(), KFMT=kfmt, INTERP=interp, RND=rnd, MASK_VIS=mask_vis, **t)
+
+
 def _launch(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: int, k_scale: Tensor | None,
             idx: Tensor, scores: Tensor | None, sc: Tensor, interp: bool, rnd: int, cand: Tensor | None,
             in_order: bool) -> None:
     """Logits of the queries of ``q`` (a chunk, as views) into ``sc`` [B, s, N], then their top-k select."""
-    kern = kernels("indexer")
-    b, s, h, d = q.shape
-    n = k.shape[1]
-    if n and h and d:
-        t = _logit_tiles(s, h, n, d, interp)
-        grid = (-(-n // t["BLOCK_N"]), -(-s // t["BLOCK_S"]), b)
-        ks = k_scale if k_scale is not None else weights
-        ks_st = k_scale.stride() if k_scale is not None else (0, 0)
-        kern.indexer_logits_kernel[grid](
-            q, k, ks, weights, visible, sc, s, h, n, d, *q.stride(), *k.stride(), *ks_st, *weights.stride(),
-            *visible.stride(), *sc.stride(), HAS_SCALE=k_scale is not None, INTERP=interp, RND=rnd, **t)
-    elif n:
-        sc.zero_()  # no heads or an empty head dim: every score is 0
+    _logits(q, k, weights, visible, k_scale, sc, interp, rnd, False)
     _select(sc, visible, topk, idx, scores, cand, in_order, interp)
+
+
+def indexer_scores(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, k_scale: Tensor | None = None,
+                   score_dtype: torch.dtype | None = None) -> Tensor:
+    """``scores[B, S, N]`` float32: the fused logits kernel writing straight into the output (-inf at
+    ``t >= visible`` and for NaN); keys as :func:`indexer_topk` takes them."""
+    sd = q.dtype if score_dtype is None else score_dtype
+    b, s = q.shape[:2]
+    out = new_output((b, s, k.shape[1]), torch.float32, q.device)
+    if out.numel():
+        with device_guard(q):
+            _logits(q, k, weights, visible, k_scale, out, on_interpreter(q),
+                    {torch.bfloat16: 1, torch.float16: 2}.get(sd, 0), True)
+    return out
 
 
 def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: int,
@@ -160,13 +189,13 @@ def select_candidate_blocks(scores: Tensor, compress_len: Tensor, block_size: in
 def supports(a: Mapping[str, Any]) -> str | None:
     """None, or why cuda/triton cannot take this indexer_topk call (cuda/torch then runs it)."""
     q, k = a["q"], a["k"]
-    if k.dtype != torch.float8_e4m3fn and k.dtype != q.dtype:
-        return f"cuda/triton needs keys of q's dtype or float8_e4m3fn (got q {q.dtype}, k {k.dtype})"
+    if k.dtype not in (torch.float8_e4m3fn, torch.uint8) and k.dtype != q.dtype:
+        return f"cuda/triton needs keys of q's dtype, float8_e4m3fn or MXFP4 (got q {q.dtype}, k {k.dtype})"
     if q.shape[2] > MAX_HEADS:
         return f"cuda/triton holds all heads of a query in one tile: H <= {MAX_HEADS} (got {q.shape[2]})"
     if q.shape[3] > MAX_HEAD_DIM:
         return f"cuda/triton: head dim <= {MAX_HEAD_DIM} (got {q.shape[3]})"
-    if a["topk"] > MAX_TOPK:
+    if a.get("topk", 1) > MAX_TOPK:
         return f"cuda/triton: topk <= {MAX_TOPK} (got {a['topk']})"
     if k.dtype == torch.float8_e4m3fn and k.device.type == "cuda" and \
             torch.cuda.get_device_capability(k.device) < (8, 9):
@@ -188,6 +217,8 @@ def supports_blocks(a: Mapping[str, Any]) -> str | None:
 def register(registrar: Registrar, device_type: str, priority: int) -> None:
     """Register ``cuda/triton`` indexer_topk and select_candidate_blocks (no Triton import here)."""
     registrar.implement("indexer_topk", "triton", indexer_topk, priority=priority, device_type=device_type,
+                        supports=supports)
+    registrar.implement("indexer_scores", "triton", indexer_scores, priority=priority, device_type=device_type,
                         supports=supports)
     registrar.implement("select_candidate_blocks", "triton", select_candidate_blocks, priority=priority,
                         device_type=device_type, supports=supports_blocks)

@@ -1,4 +1,5 @@
-"""Triton kernels of the lightning indexer: fused logits (spec 2.5) and a per-row radix top-k select.
+"""Triton kernels of the lightning indexer: fused logits (spec 2.5; float, E4M3 or MXFP4 keys, the score
+matrix of indexer_scores too) and a per-row radix top-k select.
 
 Only ``@triton.jit`` code lives here; the launcher is ``backends/cuda/indexer.py``. ``INTERP`` (constexpr)
 is True under the Triton interpreter: MMA operands are upcast to fp32 there (its ``tl.dot`` multiplies
@@ -11,24 +12,46 @@ import triton
 import triton.language as tl
 
 from .e4m3 import e4m3_to_f32
+from .gemm import _e2m1, _e8m0
 from .rounding import round_to
 
 
 @triton.jit
+def _key_tile(k_ptr, b, offs_n, n_ok, offs_d, d_ok, s_kb, s_kn, s_kd, KFMT: tl.constexpr, INTERP: tl.constexpr):
+    """Keys ``[BLOCK_N, BLOCK_D]``: as stored (KFMT 0: q's float dtype; 1: E4M3 bytes, the per-key scale applied
+    later), or (KFMT 2, MXFP4) the E2M1 values of the packed pairs (byte ``d // 2``, low nibble = even d) as
+    float32, decoded from the bits; the per-32 E8M0 scale is applied to the chunk's product."""
+    if KFMT == 2:
+        byte = tl.load(k_ptr + b * s_kb + offs_n[:, None] * s_kn + (offs_d // 2)[None, :] * s_kd,
+                       mask=n_ok[:, None] & d_ok[None, :], other=0).to(tl.int32)
+        return _e2m1((byte >> ((offs_d & 1) * 4)[None, :]) & 15)
+    kt = tl.load(k_ptr + b * s_kb + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
+                 mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    if INTERP and KFMT == 1:   # E4M3 keys: the interpreter's own decode turns the NaN codes into +-480
+        kt = e4m3_to_f32(kt.to(tl.uint8, bitcast=True), INTERP)
+    return kt
+
+
+@triton.jit
 def indexer_logits_kernel(q_ptr, k_ptr, ks_ptr, w_ptr, vis_ptr, sc_ptr, S, H, N, D,
-                          s_qb, s_qs, s_qh, s_qd, s_kb, s_kn, s_kd, s_ksb, s_ksn, s_wb, s_ws, s_wh,
+                          s_qb, s_qs, s_qh, s_qd, s_kb, s_kn, s_kd, s_ksb, s_ksn, s_ksc, s_wb, s_ws, s_wh,
                           s_vb, s_vs, s_cb, s_cs, s_cn,
-                          HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+                          KFMT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_DC: tl.constexpr,
-                          INTERP: tl.constexpr, RND: tl.constexpr):
+                          INTERP: tl.constexpr, RND: tl.constexpr, MASK_VIS: tl.constexpr):
     """Grid (key blocks, query blocks, B): ``score[s, t] = sum_h w[s, h] relu(q[s, h] . key[t])``.
 
+    KFMT (key format): 0 float keys of q's dtype; 1 E4M3 keys, the per-key scale ``ks[b, t]`` applied to the
+    fp32 accumulator; 2 MXFP4 keys (uint8 E2M1 pairs ``[B, N, D/2]``), decoded in registers, one D chunk of
+    BLOCK_D = 32 per E8M0 scale ``ks[b, t, chunk]`` (bytes), which multiplies that chunk's fp32 product.
     RND (``score_dtype``): 0 keeps fp32; 1 / 2 round ``q . key``, ``w * relu(.)`` and the head sum to bf16 /
     fp16 in registers (the release's bf16 indexer).
+    MASK_VIS (indexer_scores): every tile is written, -inf at ``t >= visible[s]``; otherwise (indexer_topk)
+    key blocks at or beyond every query's ``visible`` are skipped and left unwritten.
 
     The MMA's M dimension is (BLOCK_S queries x BLOCK_H heads) against BLOCK_N keys; ReLU, the key scale
     and the head weights are applied to the fp32 accumulator and the heads summed in registers, so only
-    [BLOCK_S, BLOCK_N] scores reach memory. Key blocks at or beyond every query's ``visible`` are skipped.
+    [BLOCK_S, BLOCK_N] scores reach memory.
     """
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -37,28 +60,29 @@ def indexer_logits_kernel(q_ptr, k_ptr, ks_ptr, w_ptr, vis_ptr, sc_ptr, S, H, N,
     s_ok = offs_s < S
     vis = tl.load(vis_ptr + b * s_vb + offs_s * s_vs, mask=s_ok, other=0)
     n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    out_ptr = sc_ptr + b * s_cb + offs_s[:, None] * s_cs + offs_n[None, :] * s_cn
     if n0 < tl.max(vis, axis=0):
         offs_m = tl.arange(0, BLOCK_S * BLOCK_H)
         ms = pid_s * BLOCK_S + offs_m // BLOCK_H
         mh = offs_m % BLOCK_H
         m_ok = (ms < S) & (mh < H)
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
         acc = tl.zeros([BLOCK_S * BLOCK_H, BLOCK_N], tl.float32)
         for i in range(NUM_DC):
             offs_d = i * BLOCK_D + tl.arange(0, BLOCK_D)
             d_ok = offs_d < D
             q = tl.load(q_ptr + b * s_qb + ms[:, None] * s_qs + mh[:, None] * s_qh + offs_d[None, :] * s_qd,
                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-            kt = tl.load(k_ptr + b * s_kb + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
-                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             if INTERP:
                 q = q.to(tl.float32)
-                if HAS_SCALE:   # E4M3 keys: the interpreter's own decode turns the NaN codes into +-480
-                    kt = e4m3_to_f32(kt.to(tl.uint8, bitcast=True), INTERP)
-            kt = kt.to(q.dtype)
-            acc += tl.dot(q, tl.trans(kt))
-        if HAS_SCALE:
+            kt = _key_tile(k_ptr, b, offs_n, n_ok, offs_d, d_ok, s_kb, s_kn, s_kd, KFMT, INTERP).to(q.dtype)
+            if KFMT == 2:
+                e8 = tl.load(ks_ptr + b * s_ksb + offs_n * s_ksn + i * s_ksc, mask=n_ok, other=127).to(tl.int32)
+                acc += tl.dot(q, tl.trans(kt)) * _e8m0(e8)[None, :]
+            else:
+                acc += tl.dot(q, tl.trans(kt))
+        if KFMT == 1:
             acc *= tl.load(ks_ptr + b * s_ksb + offs_n * s_ksn, mask=n_ok, other=0.0)[None, :]
         w = tl.load(w_ptr + b * s_wb + ms * s_ws + mh * s_wh, mask=m_ok, other=0.0)
         acc = round_to(acc, RND)
@@ -66,8 +90,12 @@ def indexer_logits_kernel(q_ptr, k_ptr, ks_ptr, w_ptr, vis_ptr, sc_ptr, S, H, N,
         acc = tl.where(m_ok[:, None], acc, 0.0)   # pad heads (q = 0, w = 0): an infinite key's 0 * inf is NaN
         sc = round_to(tl.sum(tl.reshape(acc, [BLOCK_S, BLOCK_H, BLOCK_N]), axis=1), RND)
         sc = tl.where(sc != sc, float("-inf"), sc)   # a NaN score counts as -inf (the contract)
-        tl.store(sc_ptr + b * s_cb + offs_s[:, None] * s_cs + offs_n[None, :] * s_cn, sc,
-                 mask=s_ok[:, None] & n_ok[None, :])
+        if MASK_VIS:
+            sc = tl.where(offs_n[None, :] < vis[:, None], sc, float("-inf"))
+        tl.store(out_ptr, sc, mask=s_ok[:, None] & n_ok[None, :])
+    if MASK_VIS:
+        if n0 >= tl.max(vis, axis=0):
+            tl.store(out_ptr, tl.full([BLOCK_S, BLOCK_N], float("-inf"), tl.float32), mask=s_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
