@@ -17,7 +17,7 @@ _LAZY = {
     "EPHandle": "ep", "ep_dispatch": "ep", "ep_combine": "ep",
     "ep_moe_forward": "moe", "gather_rows": "moe",
     "vocab_parallel_embed": "tp", "gather_vocab": "tp", "indexer_topk": "tp", "topk_from_scores": "tp",
-    "indexer_partial_scores": "tp",
+    "indexer_partial_scores": "tp", "indexer_scores": "tp", "engram_parallel_lookup": "tp",
     "backend_for_device": "launch", "init_from_env": "launch", "world_from_env": "launch", "shutdown": "launch",
     "describe": "launch",
 }
