@@ -280,7 +280,9 @@ def quant_mxfp4(w: Array) -> Tuple[Array, Array]:
     """Float w [..., N, K] (K % 32 == 0, finite) -> (packed uint8 [..., N, K/2], E8M0 uint8 [..., N, K/32]).
 
     Per 1x32 block: s = 2^ceil(log2(max(amax, 6*2^-126) * float32(1/6))) in float32 (spec 2.2, the kernel's
-    rule); codes = E2M1 round-to-nearest-even of clamp(w/s, -6, 6), ties to the even code."""
+    rule); codes = E2M1 round-to-nearest-even of clamp(w/s, -6, 6), ties to the even code. Also the packer of
+    V4.1's indexer key cache (the release's fp4_act_quant QDQ of the keys, block 32, E8M0): its output is the
+    MXFP4 ``k`` / ``k_scale`` of indexer_topk and indexer_scores, 68 B per key at D = 128."""
     xp, x32 = _as_f32(w, "quant_mxfp4", "w")
     if x32.ndim < 1 or x32.shape[-1] % 32:
         raise ValueError(f"quant_mxfp4: w must be [..., N, K] with K % 32 == 0, got shape {tuple(w.shape)}")
