@@ -148,6 +148,34 @@ class Parallel:
         ops.calls[("indexer_topk", "tensor-parallel: torch partial scores + all_reduce + topk")] += 1
         return indexer_topk(q, k, weights, visible, topk, self.tp_group)
 
+    # ---- V4.1 -----------------------------------------------------------------------------------------
+    def indexer_scores(self, ops: Any, q: Tensor, k: Tensor, weights: Tensor, visible: Tensor,
+                       k_scale: Tensor | None) -> Tensor:
+        """The head-split score matrix (:func:`dsv4rt.distributed.tp.indexer_scores`): partial scores of this
+        rank's heads summed over the group, rounded as the release's (bf16 partials, a bf16 sum) in release
+        precision, fp32 in fp32 precision; recorded in ``ops.used()``."""
+        from .tp import indexer_scores
+
+        ops.calls[("indexer_scores", "tensor-parallel: partial indexer_scores + all_reduce")] += 1
+        return indexer_scores(q, k, weights, visible, self.tp_group, k_scale=k_scale, score_dtype=ops._p_dtype)
+
+    def indexer_topk_v41(self, ops: Any, q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: int,
+                         k_scale: Tensor | None, candidates: Tensor | None) -> Tensor:
+        """V4.1's head-split top-k: reduced scores, then the candidate mask and position order of the op."""
+        from .tp import indexer_topk
+
+        ops.calls[("indexer_topk", "tensor-parallel: partial indexer_scores + all_reduce + topk")] += 1
+        return indexer_topk(q, k, weights, visible, topk, self.tp_group, k_scale=k_scale, candidates=candidates,
+                            sorted_output=True, score_dtype=ops._p_dtype)
+
+    def engram_lookup(self, ops: Any, ids: Tensor, weight_part: Tensor, scale_part: Tensor, part: tuple[int, int],
+                      out_dtype: Any) -> Tensor:
+        """Rows of a row-sharded Engram table (:func:`dsv4rt.distributed.tp.engram_parallel_lookup`)."""
+        from .tp import engram_parallel_lookup
+
+        ops.calls[("engram_lookup", "tensor-parallel: row-sharded engram_lookup + all_reduce")] += 1
+        return engram_parallel_lookup(ids, weight_part, scale_part, part, self.tp_group, out_dtype)
+
     def moe(self, moe: Any, ops: Any, x: Tensor, token_ids: Tensor) -> Tensor:
         from .moe import ep_moe_forward
 

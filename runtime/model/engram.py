@@ -64,6 +64,9 @@ class Engram:
         self.par = ld.par if ld.par is not None and ld.par.tp > 1 else None
         self.table = ld.mapped(f"{prefix}.embed.weight")
         self.table_scale = ld.mapped(f"{prefix}.embed.scale")
+        if self.par is not None:   # row-sharded over the TP group: this rank keeps rows [a, b) (views, no copy)
+            self.part = self.par.tp_range(self.table.shape[0])
+            self.table, self.table_scale = (t[self.part[0]:self.part[1]] for t in (self.table, self.table_scale))
         self.wkv = ld.fp8(f"{prefix}.wkv")
         self.weight = ld.f32(f"{prefix}.q_weight") * ld.f32(f"{prefix}.k_weight")
         # the release dequantises the rows to bf16; an fp32 model keeps them exact
@@ -89,5 +92,5 @@ class Engram:
 
     def _lookup(self, ops: OpCaller, rows: Tensor) -> Tensor:
         if self.par is not None:
-            return self.par.engram_lookup(ops, rows, self.table, self.table_scale, self.out_dtype)
+            return self.par.engram_lookup(ops, rows, self.table, self.table_scale, self.part, self.out_dtype)
         return ops.engram_lookup(rows, self.table, self.table_scale, self.out_dtype)
