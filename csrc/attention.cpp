@@ -6,6 +6,11 @@
 // gathered value is broadcast against it), a running max / denominator per head (exp rescaling of the
 // accumulator only when the max grows), and P.V accumulated per head into acc[H][D]. The sink joins the
 // denominator at the end; rows with no valid index return zeros.
+//
+// kv_format 1 (V4.1): kv holds packed FP8 window rows [B, N, D + D/32] (E4M3 codes, then one UE8M0 scale per
+// 32) and kv_global packed FP4 global rows [B, M, D/2 + D/16] (E2M1 pairs, low nibble = even element, then
+// one E4M3 scale per 16); idx in [N, N + M) reads global row idx - N. Only the gathered rows are decoded
+// (table lookups, exact in float32) into the same float32 scratch, so the softmax path is unchanged.
 #include <cmath>
 #include <limits>
 
@@ -31,7 +36,66 @@ struct AttnArgs {
     float* lse;          // [B, S, H] or null
     int p_round;         // P (against the running max) before P.V: 0 kept, 1 rounded to bf16, 2 to fp16
     int64_t b, s, h, d, n, k;
+    bool v41 = false;            // kv: packed FP8 rows; kvg: packed FP4 rows (or null); m global rows
+    const uint8_t* kvg = nullptr;
+    int64_t m = 0;
 };
+
+// decode tables of the V4.1 packed cache: E4M3 and E8M0 bytes, E2M1 codes (NaN bytes give NaN)
+struct KvTables {
+    float e4m3[256], e8m0[256], e2m1[16];
+    KvTables() {
+        const float nan = std::numeric_limits<float>::quiet_NaN();
+        for (int c = 0; c < 256; ++c) {
+            const int e = (c >> 3) & 15, mt = c & 7;
+            const float mag = e == 0 ? std::ldexp(static_cast<float>(mt), -9) : std::ldexp(1.0f + mt / 8.0f, e - 7);
+            e4m3[c] = (c & 0x7F) == 0x7F ? nan : (c & 0x80 ? -mag : mag);
+            e8m0[c] = c == 255 ? nan : std::ldexp(1.0f, c - 127);
+        }
+        for (int c = 0; c < 16; ++c) {
+            const int e = (c >> 1) & 3, mt = c & 1;
+            const float mag = e == 0 ? 0.5f * mt : std::ldexp(1.0f + mt / 2.0f, e - 1);
+            e2m1[c] = c & 8 ? -mag : mag;
+        }
+    }
+};
+
+const KvTables& kv_tables() {
+    static const KvTables t;
+    return t;
+}
+
+// V4.1: gathered rows -> float32 [n][d]; rows[j] >= 0 is a window row (b * N + i), rows[j] < 0 the global
+// row -rows[j] - 1 (b * M + i)
+void gather_rows_v41(const AttnArgs& a, const int32_t* rows, int64_t n, float* out) {
+    const KvTables& t = kv_tables();
+    const int64_t d = a.d, wrow = d + d / 32, grow = d / 2 + d / 16;
+    const uint8_t* kv = static_cast<const uint8_t*>(a.kv);
+    auto at = [&](int32_t r) { return r >= 0 ? kv + r * wrow : a.kvg + (-static_cast<int64_t>(r) - 1) * grow; };
+    for (int64_t j = 0; j < n; ++j) {
+        if (j + kAhead < n) {
+            const uint8_t* nxt = at(rows[j + kAhead]);
+            for (int64_t b = 0; b < (rows[j + kAhead] >= 0 ? wrow : grow); b += 64) __builtin_prefetch(nxt + b);
+        }
+        const uint8_t* src = at(rows[j]);
+        float* dst = out + j * d;
+        if (rows[j] >= 0) {
+            for (int64_t g = 0; g < d / 32; ++g) {
+                const float sc = t.e8m0[src[d + g]];
+                for (int64_t i = 0; i < 32; ++i) dst[g * 32 + i] = t.e4m3[src[g * 32 + i]] * sc;
+            }
+        } else {
+            for (int64_t g = 0; g < d / 16; ++g) {
+                const float sc = t.e4m3[src[d / 2 + g]];
+                for (int64_t i = 0; i < 8; ++i) {
+                    const uint8_t byte = src[g * 8 + i];
+                    dst[g * 16 + 2 * i] = t.e2m1[byte & 15] * sc;
+                    dst[g * 16 + 2 * i + 1] = t.e2m1[byte >> 4] * sc;
+                }
+            }
+        }
+    }
+}
 
 // logits[j][hb*16 + l] = sum_d kv_j[d] * qT[d][hb*16 + l] for KB gathered rows and HB head vectors
 template <int KB, int HB>
@@ -183,7 +247,9 @@ void attend_task(const AttnArgs& a, int64_t b, int64_t s, int64_t e0, int64_t e1
     const int32_t* sel = a.idx + (b * a.s + s) * a.k;
     w.rows.clear();
     for (int64_t j = 0, v = 0; j < a.k && v < e1; ++j)
-        if (sel[j] >= 0 && v++ >= e0) w.rows.push_back(static_cast<int32_t>(b * a.n + sel[j]));
+        if (sel[j] >= 0 && v++ >= e0)
+            w.rows.push_back(sel[j] < a.n ? static_cast<int32_t>(b * a.n + sel[j])
+                                          : static_cast<int32_t>(-(b * a.m + sel[j] - a.n) - 1));
     if (w.rows.empty()) return;
     if (!qt) {
         w.qt.resize(static_cast<size_t>(d * hp));
@@ -196,7 +262,8 @@ void attend_task(const AttnArgs& a, int64_t b, int64_t s, int64_t e0, int64_t e1
     const int64_t nvalid = static_cast<int64_t>(w.rows.size());
     for (int64_t c0 = 0; c0 < nvalid; c0 += kChunk) {
         const int64_t nj = std::min(kChunk, nvalid - c0);
-        gather_rows(a.kv, a.kv_bf16, d, w.rows.data() + c0, nj, w.kvf.data());
+        if (a.v41) gather_rows_v41(a, w.rows.data() + c0, nj, w.kvf.data());
+        else gather_rows(a.kv, a.kv_bf16, d, w.rows.data() + c0, nj, w.kvf.data());
         attend_chunk(qt, hp, d, w.kvf.data(), nj, out.m, out.den, out.acc, w.p.data(), w.alpha.data(), a.p_round);
     }
 }
@@ -320,12 +387,27 @@ void attention_run(const AttnArgs& a, bool row_invariant) {
 }
 
 void sparse_attention(py::handle q_, py::handle kv_, py::handle idx_, py::handle sink_, double scale, py::handle o_,
-                      py::handle lse_, int p_round, bool row_invariant) {
+                      py::handle lse_, int p_round, bool row_invariant, py::handle kv_global_, int kv_format) {
     const char* fn = "sparse_attention";
+    if (kv_format != 0 && kv_format != 1) value_error({fn, "kv_format"}, "must be 0 (plain) or 1 (V4.1 packed)");
+    const bool v41 = kv_format == 1;
     auto q = need({fn, "q"}, q_, 4, {Kind::f32, Kind::bf16});
-    auto kv = need({fn, "kv"}, kv_, 3, {Kind::f32, Kind::bf16});
+    auto kv = v41 ? need({fn, "kv"}, kv_, 3, {Kind::u8}) : need({fn, "kv"}, kv_, 3, {Kind::f32, Kind::bf16});
     const int64_t b = dim(q, 0), s = dim(q, 1), h = dim(q, 2), d = dim(q, 3), n = dim(kv, 1);
-    need_shape({fn, "kv"}, kv, {b, n, d}, "[B, N, D]");
+    py::array kvg;
+    int64_t m = 0;
+    if (v41) {
+        if (d % 32) value_error({fn, "q"}, "head dim must be a multiple of 32 with kv_format 1");
+        need_shape({fn, "kv"}, kv, {b, n, d + d / 32}, "[B, N, D + D/32]");
+        if (!is_none(kv_global_)) {
+            kvg = need({fn, "kv_global"}, kv_global_, 3, {Kind::u8});
+            m = dim(kvg, 1);
+            need_shape({fn, "kv_global"}, kvg, {b, m, d / 2 + d / 16}, "[B, M, D/2 + D/16]");
+        }
+    } else {
+        if (!is_none(kv_global_)) value_error({fn, "kv_global"}, "must be None unless kv_format is 1");
+        need_shape({fn, "kv"}, kv, {b, n, d}, "[B, N, D]");
+    }
     auto idx = need({fn, "idx"}, idx_, 3, {Kind::i32});
     const int64_t k = dim(idx, 2);
     need_shape({fn, "idx"}, idx, {b, s, k}, "[B, S, K]");
@@ -348,8 +430,8 @@ void sparse_attention(py::handle q_, py::handle kv_, py::handle idx_, py::handle
     }
     const int32_t* ip = static_cast<const int32_t*>(idx.data());
     for (int64_t i = 0; i < b * s * k; ++i)
-        if (ip[i] < -1 || ip[i] >= n)
-            value_error({fn, "idx"}, "entries must be -1 or in [0, N = " + std::to_string(n) + "), got " +
+        if (ip[i] < -1 || ip[i] >= n + m)
+            value_error({fn, "idx"}, "entries must be -1 or in [0, N + M = " + std::to_string(n + m) + "), got " +
                                          std::to_string(ip[i]) + " at flat index " + std::to_string(i));
     a.q = q.data(), a.q_bf16 = kind_of(q) == Kind::bf16;
     a.kv = kv.data(), a.kv_bf16 = kind_of(kv) == Kind::bf16;
@@ -357,6 +439,9 @@ void sparse_attention(py::handle q_, py::handle kv_, py::handle idx_, py::handle
     F32Out of(o);
     a.o = of.ptr;
     a.b = b, a.s = s, a.h = h, a.d = d, a.n = n, a.k = k;
+    a.v41 = v41, a.m = m, a.kvg = m ? static_cast<const uint8_t*>(kvg.data()) : nullptr;
+    if (v41 && (b * std::max(n, m) >= (int64_t(1) << 31)))
+        value_error({fn, "kv"}, "B * max(N, M) rows must stay below 2^31 with kv_format 1");
     py::gil_scoped_release nogil;
     attention_run(a, row_invariant);
     of.finish();
@@ -367,14 +452,16 @@ void sparse_attention(py::handle q_, py::handle kv_, py::handle idx_, py::handle
 void bind_attention(py::module_& m) {
     m.def("sparse_attention", &sparse_attention, py::arg("q"), py::arg("kv"), py::arg("idx"), py::arg("sink"),
           py::arg("scale"), py::arg("o"), py::arg("lse") = py::none(), py::arg("p_round") = 0,
-          py::arg("row_invariant") = false,
+          py::arg("row_invariant") = false, py::arg("kv_global") = py::none(), py::arg("kv_format") = 0,
           "One softmax per (b, s, h) over the gathered K=V rows plus the sink, online, in float32.\n\n"
           "q [B, S, H, D] and kv [B, N, D] float32 or int16/uint16 (bf16 bits); idx int32 [B, S, K] in [0, N) or -1;\n"
           "sink float32 [H] or None; scale > 0. Writes o float32 or bf16 bits [B, S, H, D] (zeros for rows with no valid\n"
           "index) and, if given, lse float32 [B, S, H] (log of the full denominator, sink included). p_round 1 / 2\n"
           "rounds the probabilities of the P.V product to bf16 / fp16 (against the running max; the denominator\n"
           "stays float32). row_invariant: a row's entries are split over tasks by its own count only (pieces of 256,\n"
-          "merged in order), so its result never depends on the other rows or the threads (the batch-invariant mode).");
+          "merged in order), so its result never depends on the other rows or the threads (the batch-invariant mode).\n"
+          "kv_format 1 (V4.1): kv uint8 [B, N, D + D/32] packed FP8 rows, kv_global uint8 [B, M, D/2 + D/16] packed FP4\n"
+          "rows or None; idx in [N, N + M) reads global row idx - N; the gathered rows are decoded in the kernel.");
 }
 
 }  // namespace dsv4rt

@@ -449,7 +449,15 @@ __all__ = ["FP4_VALUES", "round_float", "order_key", "ORDER_KEY_FLOOR", "as_byte
            "decode_e4m3", "encode_e4m3", "dequant_mxfp4", "quant_mxfp4", "fp4_fake_quant", "quant_fp8_block",
            "dequant_fp8_block", "act_quant_fp8", "fp8_fake_quant", "fp4_to_fp8_tiles"]
 
-from .kv_formats import (kv_fp4_row_bytes, kv_fp8_row_bytes, pack_kv_fp4, pack_kv_fp8, qdq_kv_fp4,  # noqa: E402
-                         qdq_kv_fp8, unpack_kv_fp4, unpack_kv_fp8)
-__all__ += ["pack_kv_fp8", "unpack_kv_fp8", "pack_kv_fp4", "unpack_kv_fp4", "qdq_kv_fp8", "qdq_kv_fp4",
-            "kv_fp8_row_bytes", "kv_fp4_row_bytes"]
+_KV_NAMES = ("pack_kv_fp8", "unpack_kv_fp8", "pack_kv_fp4", "unpack_kv_fp4", "qdq_kv_fp8", "qdq_kv_fp4",
+             "kv_fp8_row_bytes", "kv_fp4_row_bytes")
+__all__ += list(_KV_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    """The V4.1 KV-cache formats live in dsv4rt.kv_formats (built on the helpers here); re-exported lazily
+    so that either module may be imported first."""
+    if name in _KV_NAMES:
+        from . import kv_formats
+        return getattr(kv_formats, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

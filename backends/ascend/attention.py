@@ -127,6 +127,12 @@ def supports_attention(feat: Features) -> Callable[[Mapping[str, Any]], str | No
     """FIA limits (op-plugin torch_npu-npu_fused_infer_attention_score.md) and the window declaration."""
     def supports(a: Mapping[str, Any]) -> str | None:
         q, kv = a["q"], a["kv"]
+        if a.get("kv_format") is not None:
+            return (f"kv_format={a['kv_format']!r}: no torch_npu op takes the V4.1 packed KV cache (FP8 E4M3 rows "
+                    f"with a UE8M0 scale per 32 over all D, FP4 E2M1 rows with an E4M3 scale per 16; docs/ascend.md "
+                    f"section 4: the quantised-KV kernel npu_kv_quant_sparse_attn_sharedkv is vllm-ascend csrc, "
+                    f"950 only, and packs [rope bf16 | nope fp8 | E8M0] instead); the composite variant decodes "
+                    f"the gathered rows")
         if feat.soc not in ("A2", "A3", "950"):
             return f"SoC {feat.soc}: npu_fused_infer_attention_score runs on A2, A3 and 950"
         if q.dtype not in (torch.bfloat16, torch.float16):
@@ -180,12 +186,13 @@ def make_sparse_attention(npu: Any, feat: Features, fallback: Callable[..., Any]
         return o, lse
 
     def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, scale: float,
-                         return_lse: bool = False, p_dtype: torch.dtype | None = None):
+                         return_lse: bool = False, p_dtype: torch.dtype | None = None,
+                         kv_format: str | None = None, kv_global: Tensor | None = None):
         reason = supports({"q": q, "kv": kv, "idx": idx, "sink": sink, "scale": scale, "return_lse": return_lse,
-                           "p_dtype": p_dtype})
+                           "p_dtype": p_dtype, "kv_format": kv_format, "kv_global": kv_global})
         if reason:  # the selection cache ignores the WindowedIndex type: re-check (no sync) and fall back
             log.info("dsv4rt: ascend/fused sparse_attention -> composite: %s", reason)
-            return fallback(q, kv, idx, sink, scale, return_lse, p_dtype)
+            return fallback(q, kv, idx, sink, scale, return_lse, p_dtype, kv_format, kv_global)
         w = idx.window
         o_w, lse = window_part(q, kv, w, scale)
         o = o_w.float()

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 from dsv4rt.backend import new_output
-from dsv4rt.formats import round_float
+from dsv4rt.formats import round_float, unpack_kv_fp4, unpack_kv_fp8
 
-__all__ = ["kv_compress", "sparse_attention", "CHUNK_ELEMS"]
+__all__ = ["kv_compress", "sparse_attention", "gather_v41", "CHUNK_ELEMS"]
 
 CHUNK_ELEMS = 1 << 25
 """Upper bound on the elements of the largest float32 intermediate per query chunk (128 MiB)."""
@@ -77,8 +77,30 @@ def kv_compress(kv: Tensor, gate: Tensor | None, ape: Tensor | None, ratio: int,
     return out
 
 
+def gather_v41(kv: Tensor, kv_global: Tensor | None, ic: Tensor) -> Tensor:
+    """Decoded float32 rows [*ic.shape, D] of the V4.1 packed cache for indices ``ic`` (int64, -1 allowed):
+    ``ic`` in [0, N) from the FP8 window rows, [N, N + M) from the FP4 global rows; only the selected rows
+    are read and decoded (no whole-cache dequantisation). A -1 entry's stand-in row is zeros."""
+    b, n, w = kv.shape
+    d = w * 32 // 33
+    m = 0 if kv_global is None else kv_global.shape[1]
+    base = (torch.arange(b, device=ic.device) * n).view(b, *([1] * (ic.dim() - 1)))
+    rows = torch.zeros(ic.shape + (d,), dtype=torch.float32, device=kv.device)
+    if n:
+        win = (ic >= 0) & (ic < n)
+        sel = kv.reshape(b * n, w).index_select(0, (ic.clamp(0, n - 1) + base).reshape(-1))
+        rows = torch.where(win[..., None], unpack_kv_fp8(sel).view(rows.shape), rows)
+    if m:
+        glob = ic >= n
+        gb = (torch.arange(b, device=ic.device) * m).view(base.shape)
+        sel = kv_global.reshape(b * m, -1).index_select(0, ((ic - n).clamp(0, m - 1) + gb).reshape(-1))
+        rows = torch.where(glob[..., None], unpack_kv_fp4(sel).view(rows.shape), rows)
+    return rows
+
+
 def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, scale: float,
-                     return_lse: bool = False, p_dtype: torch.dtype | None = None):
+                     return_lse: bool = False, p_dtype: torch.dtype | None = None,
+                     kv_format: str | None = None, kv_global: Tensor | None = None):
     """``o[B, S, H, D]`` in q's dtype: one softmax per (b, s, h) over the selected K=V rows plus the sink.
 
     Rows ``kv[b, idx]`` are gathered with the indices clamped into range (``index_select`` on the
@@ -88,9 +110,12 @@ def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, sc
     index gets ``p = 0`` and so ``o = 0``, and ``lse = sink[h]`` (``-inf`` without a sink).
     With ``return_lse`` also returns ``lse[B, S, H]`` float32. A 16-bit effective ``p_dtype`` (None = kv's
     dtype) rounds the numerator's P, taken against the largest logit, before ``P @ rows``.
+    ``kv_format="v41"``: the rows are gathered from the packed FP8 window / FP4 global caches and decoded
+    per chunk (:func:`gather_v41`); ``p_dtype=None`` is then q's dtype.
     """
+    v41 = kv_format == "v41"
     b, s, h, d = q.shape
-    n, k = kv.shape[1], idx.shape[2]
+    n, k = kv.shape[1] + (kv_global.shape[1] if v41 and kv_global is not None else 0), idx.shape[2]
     dev = q.device
     o = new_output((b, s, h, d), q.dtype, dev)
     lse_out = new_output((b, s, h), torch.float32, dev) if return_lse else None
@@ -104,10 +129,10 @@ def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, sc
                 lse_out.copy_(sink_f.expand(b, s, h))
         return (o, lse_out) if return_lse else o
 
-    pd = kv.dtype if p_dtype is None else p_dtype
+    pd = (q.dtype if v41 else kv.dtype) if p_dtype is None else p_dtype
     rounded = pd in (torch.bfloat16, torch.float16)
     qf = q.float()
-    flat = kv.float().reshape(b * n, d)
+    flat = None if v41 else kv.float().reshape(b * n, d)
     base = (torch.arange(b, device=dev) * n).view(b, 1, 1)
     chunk = max(1, CHUNK_ELEMS // max(1, b * k * max(d, h)))
     for s0 in range(0, s, chunk):
@@ -115,7 +140,10 @@ def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, sc
         c = s1 - s0
         ic = idx[:, s0:s1].long()                                        # [B, c, K]
         valid = ic >= 0
-        rows = flat.index_select(0, (ic.clamp(0, n - 1) + base).reshape(-1)).view(b, c, k, d)
+        if v41:
+            rows = gather_v41(kv, kv_global, ic)
+        else:
+            rows = flat.index_select(0, (ic.clamp(0, n - 1) + base).reshape(-1)).view(b, c, k, d)
         rows.masked_fill_(~valid[..., None], 0.0)   # a skipped entry's stand-in row: p = 0 must not meet Inf / NaN
         logits = torch.matmul(qf[:, s0:s1], rows.transpose(-1, -2)).mul_(scale)   # [B, c, H, K]
         logits.masked_fill_(~valid[:, :, None, :], float("-inf"))

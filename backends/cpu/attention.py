@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from dsv4rt.backend import new_output
-from dsv4rt.formats import round_float
+from dsv4rt.formats import round_float, unpack_kv_fp4, unpack_kv_fp8
 
 from ._np import BUDGET, alloc_f32, f32, finish, gather_rows_f32, ints
 
@@ -105,18 +105,35 @@ def _attend(qc: np.ndarray, keys: np.ndarray, valid: np.ndarray, sink: np.ndarra
     return o, lse
 
 
+def _gather_v41(kv: np.ndarray, kv_global: np.ndarray | None, sel: np.ndarray) -> np.ndarray:
+    """Decoded float32 rows of one batch row's packed V4.1 cache for indices ``sel`` (>= 0): window rows
+    (FP8) for sel < N, global rows (FP4) for sel >= N. Only the selected rows are decoded."""
+    n, d = kv.shape[0], kv.shape[1] * 32 // 33
+    keys = np.empty(sel.shape + (d,), np.float32)
+    win = sel < n
+    if win.any():
+        keys[win] = unpack_kv_fp8(kv[sel[win]])
+    if kv_global is not None and not win.all():
+        keys[~win] = unpack_kv_fp4(kv_global[sel[~win] - n])
+    return keys
+
+
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor | None,
-                     scale: float, return_lse: bool = False, p_dtype: torch.dtype | None = None):
+                     scale: float, return_lse: bool = False, p_dtype: torch.dtype | None = None,
+                     kv_format: str | None = None, kv_global: torch.Tensor | None = None):
     """o[B, S, H, D] (+ lse[B, S, H] float32): one softmax over the gathered K=V rows plus the sink.
 
     Per batch row and chunk of queries: gathers the selected kv rows (-1 masked), float32 logits, a
     max-shifted softmax whose denominator includes exp(sink), zeros for rows without a valid index.
     A bf16/fp16 cache is converted per batch row when the call gathers at least as many rows as it
     holds (prefill), else only the gathered rows are converted (decode over a long cache).
+    ``kv_format="v41"``: the selected packed rows (FP8 window, FP4 global) are decoded per chunk;
+    ``p_dtype=None`` is then q's dtype.
     """
     bsz, s, h, d = q.shape
     k = idx.shape[2]
-    pd = kv.dtype if p_dtype is None else p_dtype
+    v41 = kv_format == "v41"
+    pd = (q.dtype if v41 else kv.dtype) if p_dtype is None else p_dtype
     rnd = pd if pd in (torch.bfloat16, torch.float16) else None
     out, obuf = alloc_f32((bsz, s, h, d), q.dtype)
     lse_t = new_output((bsz, s, h), torch.float32, "cpu") if return_lse else None
@@ -128,16 +145,20 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink:
         qb = f32(q[b])
         # convert the batch row's cache once when the call gathers more rows than it holds (prefill),
         # else convert only the gathered rows (decode over a large bf16 cache)
-        kvb = f32(kv[b]) if kv.dtype == torch.float32 or s * k >= kv.shape[1] else None
+        kvb = f32(kv[b]) if not v41 and (kv.dtype == torch.float32 or s * k >= kv.shape[1]) else None
+        if v41:
+            wb, gb = kv[b].numpy(), None if kv_global is None else kv_global[b].numpy()
+        n_all = kv.shape[1] + (kv_global.shape[1] if v41 and kv_global is not None else 0)
         for s0 in range(0, s, rows):
             s1 = min(s, s0 + rows)
             sel = idx_np[b, s0:s1]
             valid = sel >= 0
             safe = np.where(valid, sel, 0)
-            if kv.shape[1] == 0:
+            if n_all == 0:
                 keys = np.zeros(sel.shape + (d,), np.float32)
             else:
-                keys = kvb[safe] if kvb is not None else gather_rows_f32(kv[b], safe)
+                keys = (_gather_v41(wb, gb, safe) if v41 else kvb[safe] if kvb is not None
+                        else gather_rows_f32(kv[b], safe))
                 keys[~valid] = 0.0   # a skipped entry's stand-in row: its p = 0 must not meet Inf / NaN there
             o, lse = _attend(qb[s0:s1], keys, valid, sink_np, scale, rnd)
             obuf[b, s0:s1] = o

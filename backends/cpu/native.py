@@ -194,17 +194,24 @@ def kv_compress(kv: torch.Tensor, gate: torch.Tensor | None, ape: torch.Tensor |
     return out
 
 
+_ATTN_V41 = "kv_format" in (_C.sparse_attention.__doc__ or "")   # this build decodes the V4.1 packed cache
+
+
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor | None,
-                     scale: float, return_lse: bool = False, p_dtype: torch.dtype | None = None):
+                     scale: float, return_lse: bool = False, p_dtype: torch.dtype | None = None,
+                     kv_format: str | None = None, kv_global: torch.Tensor | None = None):
     """Online softmax with sink over the gathered K=V rows, per (b, s, head group), float32 statistics;
     P rounded to bf16 / fp16 for the P.V product when the effective ``p_dtype`` is 16-bit. In the
-    batch-invariant mode a row's entries are split over threads by its own count only."""
+    batch-invariant mode a row's entries are split over threads by its own count only.
+    ``kv_format="v41"``: the kernel decodes the gathered packed rows (FP8 window, FP4 global) itself."""
     out, obuf = _out(tuple(q.shape), q.dtype)
     lse = new_output(tuple(q.shape[:3]), torch.float32, "cpu") if return_lse else None
-    _C.sparse_attention(_act(q), _act(kv), _arr(idx), None if sink is None else _arr(sink),
+    v41 = kv_format == "v41"
+    pd = (q.dtype if v41 else kv.dtype) if p_dtype is None else p_dtype
+    extra = (None if kv_global is None else _bytes(kv_global), 1) if v41 else ()
+    _C.sparse_attention(_act(q), _bytes(kv) if v41 else _act(kv), _arr(idx), None if sink is None else _arr(sink),
                         float(scale), obuf, None if lse is None else lse.numpy(),
-                        {torch.bfloat16: 1, torch.float16: 2}.get(kv.dtype if p_dtype is None else p_dtype, 0),
-                        invariant.enabled())
+                        {torch.bfloat16: 1, torch.float16: 2}.get(pd, 0), invariant.enabled(), *extra)
     _finish(out, obuf)
     return (out, lse) if return_lse else out
 
@@ -301,6 +308,10 @@ def _blocks_supports(args: Mapping[str, Any]) -> str | None:
 
 def _attention_supports(args: Mapping[str, Any]) -> str | None:
     kv, idx = args["kv"], args["idx"]
+    if args.get("kv_format") == "v41":
+        if not _ATTN_V41:
+            return "this dsv4rt._C build predates the V4.1 packed KV cache (kv_format='v41'); rebuild it"
+        return _strided(args)
     if kv.dtype == torch.float16 and idx.numel() < kv.shape[0] * kv.shape[1]:
         return ("float16 KV cache larger than the gathered rows: cpu/native would widen the whole cache, "
                 "cpu/numpy widens only the gathered rows")

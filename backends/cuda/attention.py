@@ -70,6 +70,10 @@ def plan(args: Mapping[str, Any]) -> AttentionPlan:
         if wide and args["q"].element_size() == 4:
             block_k = 16                                   # fp32 tiles: keep the two kv stages in smem
         sms = _sm_count(args["q"].device)
+    if args.get("kv_format") == "v41" and block_d > 128:
+        # the in-kernel decode gathers every element through its own byte address: at D = 512 keep the tile
+        # at 16 rows over 8 warps (the GPU's wide-head warps, under the interpreter too) so nothing spills
+        block_k, warps = 16, 8
     programs = b * s * -(-h // block_h)
     kblocks = -(-k // block_k)
     # At D = 512 one program fills an SM's registers, so split only when the grid would leave more than
@@ -85,13 +89,16 @@ def plan(args: Mapping[str, Any]) -> AttentionPlan:
 
 
 def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, scale: float,
-                     return_lse: bool = False, p_dtype: torch.dtype | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                     return_lse: bool = False, p_dtype: torch.dtype | None = None,
+                     kv_format: str | None = None, kv_global: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """``o[B, S, H, D]`` (+ ``lse[B, S, H]``): sparse MQA over the selected K=V rows plus the sink.
 
     Triton online softmax (fp32 statistics; P in its ``p_dtype``, by default the kv dtype for the P.V
     MMA on the tensor cores; an fp32 or other P multiplies in fp32); -1 entries are
     skipped, rows with no valid entry give zeros and ``lse = sink`` (-inf without a sink). The path
-    (prefill or split-K decode) comes from :func:`plan`.
+    (prefill or split-K decode) comes from :func:`plan`. ``kv_format="v41"``: the kernel gathers the packed
+    FP8 window / FP4 global rows and decodes them from their bits (no whole-cache dequantisation); with a
+    bf16 q the decoded rows (exact in bf16) go to the bf16 MMAs, else both MMAs run in fp32.
     """
     b, s, h, d = q.shape
     k = idx.shape[2]
@@ -100,15 +107,20 @@ def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, sc
     lse = new_output((b, s, h), torch.float32, dev) if return_lse else None
     if b * s * h == 0 or d == 0:
         return (o, lse) if return_lse else o
-    p = plan({"q": q, "idx": idx})
+    p = plan({"q": q, "idx": idx, "kv_format": kv_format})
     kern = kernels("attention")
     interp = on_interpreter(q)
     lse_arg = lse if lse is not None else o
     lse_st = lse.stride() if lse is not None else (0, 0, 0)
     sink_arg = sink if sink is not None else q
     grid = (b * s, -(-h // p.block_h), p.splits)
-    pd = kv.dtype if p_dtype is None else p_dtype
+    v41 = kv_format == "v41"
+    rows_bf16 = v41 and q.dtype == torch.bfloat16          # exact: decoded values fit bf16
+    row_dtype = (torch.bfloat16 if rows_bf16 else torch.float32) if v41 else kv.dtype
+    pd = (q.dtype if v41 else kv.dtype) if p_dtype is None else p_dtype
     p_mode = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[pd]
+    g = kv_global if v41 and kv_global is not None else kv      # stand-in: never read without global rows
+    g_st = kv_global.stride() if v41 and kv_global is not None else (0, 0, 0)
     common = dict(HAS_SINK=sink is not None, HAS_LSE=return_lse, BLOCK_H=p.block_h, BLOCK_D=p.block_d)
     with device_guard(q):
         if p.path == "decode":
@@ -118,10 +130,11 @@ def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, sc
         else:
             out_args = (o, lse_arg, o, o)
         kern.sparse_attn_kernel[grid](
-            q, kv, idx, sink_arg, *out_args, s, h, d, k, p.k_per_split, float(scale),
-            *q.stride(), *kv.stride(), *idx.stride(), *o.stride(), *lse_st,
+            q, kv, idx, sink_arg, *out_args, g, s, h, d, k, p.k_per_split, float(scale), kv.shape[1],
+            *q.stride(), *kv.stride(), *idx.stride(), *o.stride(), *lse_st, *g_st,
             SPLIT=p.path == "decode", BLOCK_K=p.block_k, INTERP=interp,
-            P_MODE=p_mode, P_MMA=not interp and pd == kv.dtype and pd != torch.float32,
+            P_MODE=p_mode, P_MMA=not interp and pd == row_dtype and pd != torch.float32,
+            KV41=v41, ROWS_BF16=rows_bf16,
             num_warps=p.num_warps, num_stages=p.num_stages, **common)
         if p.path == "decode":
             kern.sparse_attn_combine_kernel[grid[:2]](
@@ -173,6 +186,10 @@ def kv_compress(kv: Tensor, gate: Tensor | None, ape: Tensor | None, ratio: int,
 
 def supports_attention(a: Mapping[str, Any]) -> str | None:
     """None, or why cuda/triton cannot take this sparse_attention call (cuda/torch then runs it)."""
+    if a.get("kv_format") == "v41":   # packed bytes: decoded in the kernel for any float q
+        if a["q"].shape[3] > MAX_HEAD_DIM:
+            return f"cuda/triton keeps a head in one tile: head dim <= {MAX_HEAD_DIM} (got {a['q'].shape[3]})"
+        return None
     if a["q"].dtype != a["kv"].dtype:
         return f"cuda/triton needs q and kv of one dtype (got {a['q'].dtype} and {a['kv'].dtype})"
     if a["q"].shape[3] > MAX_HEAD_DIM:

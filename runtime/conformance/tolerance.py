@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import torch
 
 from .. import reference as ref
-from ..ops.attention import p_dtype_of
+from ..ops.attention import dequant_kv, p_dtype_of
 from ..ops.indexer import score_dtype_of
 
 __all__ = ["Check", "gemm", "topk", "index_scores", "candidate_blocks", "pooling", "attention", "route", "exact",
@@ -241,7 +241,7 @@ def pooling(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check
 def attention(op: str, args: Mapping[str, Any], outs: tuple, refs: tuple) -> Check:
     """o: u_out|ref| + (2 u_p + 2 u_dot L) * max|v| per row, where u_p covers P rounded to the input
     dtype for the P.V product, u_dot the q.k products (TF32 for fp32), L = scale * max_j sum|q||k_j|."""
-    q, kv, idx = args["q"].double(), args["kv"].double(), args["idx"].long()
+    q, kv, idx = args["q"].double(), dequant_kv(args).double(), args["idx"].long()   # V4.1: decoded rows
     valid = (idx >= 0).unsqueeze(-1)
     gathered = kv.gather(1, idx.clamp(min=0).flatten(1).unsqueeze(-1).expand(-1, -1, kv.shape[-1]))
     gathered = gathered.view(*idx.shape, kv.shape[-1]) * valid  # [B,S,K,D]

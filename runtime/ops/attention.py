@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from . import _check as c
+from ..kv_formats import kv_fp4_row_bytes, kv_fp8_row_bytes, unpack_kv_fp4, unpack_kv_fp8
 from ..spec import OutputSpec, declare_spec
 
 FAMILY = "attention"
@@ -42,7 +43,8 @@ def kv_compress(kv: Tensor, gate: Tensor | None, ape: Tensor | None, ratio: int,
 
 
 def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, scale: float,
-                     return_lse: bool = False, p_dtype: torch.dtype | None = None) -> Tensor:
+                     return_lse: bool = False, p_dtype: torch.dtype | None = None,
+                     kv_format: str | None = None, kv_global: Tensor | None = None) -> Tensor:
     """o[B, S, H, D]: one softmax per (b, s, h) over the selected shared K=V entries plus an attention sink.
 
     - ``q``: [B, S, H, D] float32 / bfloat16 / float16; ``kv``: [B, N, D] (K = V), same dtype family.
@@ -64,6 +66,16 @@ def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, sc
       ``o = sum_j round(exp(logit_j - m)) kv[idx_j] / (sum_j exp(logit_j - m) + exp(sink - m))``: only the
       numerator's P is rounded, the denominator and ``lse`` stay fp32. An online kernel rounds against
       its running max, which differs from ``m`` by at most one rounding of each P (inside the tolerance).
+    - ``kv_format``: None (default, V4: ``kv`` holds the values as above, ``kv_global`` must be None) or
+      ``"v41"``, the V4.1 quantised cache (dsv4rt.formats / runtime/kv_formats.py; D % 32 == 0):
+      ``kv`` uint8 [B, N, D + D/32] packed FP8 rows (``pack_kv_fp8``: E4M3 codes, then one UE8M0 scale
+      per 32; the window, in prefill the chunk's own rows), ``kv_global`` None or uint8
+      [B, M, D/2 + D/16] packed FP4 rows (``pack_kv_fp4``: E2M1 pairs, low nibble = even element, then
+      one E4M3 scale per 16; the compressed entries). ``idx`` entries in [0, N) read window row ``idx``,
+      entries in [N, N + M) read global row ``idx - N``, -1 skips. The math above runs on the decoded
+      rows (``unpack_kv_fp8`` / ``unpack_kv_fp4``: exact in fp32, exactly representable in bf16; a NaN
+      scale byte makes its group NaN); ``p_dtype=None`` then means q's dtype (the bf16 buffer the
+      release dequantises into). q: float32 / bfloat16 / float16 as above; the output takes q's dtype.
     """
 
 
@@ -109,13 +121,35 @@ def _out_compress(a: Mapping[str, Any]) -> tuple[OutputSpec, ...]:
     return (OutputSpec("out", (b, s // a["ratio"], d), torch.float32),)
 
 
+KV_FORMATS = (None, "v41")
+
+
+def _check_kv_v41(op: str, a: Mapping[str, Any], b: int, d: int) -> None:
+    if d % 32:
+        raise c.ContractError(op, "q", "a head dim D % 32 == 0 with kv_format='v41' (one FP8 scale per 32)",
+                              f"D = {d}")
+    c.tensor(op, "kv", a["kv"], 3, (torch.uint8,))
+    c.shape(op, "kv", a["kv"], (b, a["kv"].shape[1], kv_fp8_row_bytes(d)),
+            "[B, N, D + D/32] (packed FP8 rows with kv_format='v41')")
+    if a["kv_global"] is not None:
+        c.tensor(op, "kv_global", a["kv_global"], 3, (torch.uint8,))
+        c.shape(op, "kv_global", a["kv_global"], (b, a["kv_global"].shape[1], kv_fp4_row_bytes(d)),
+                "[B, M, D/2 + D/16] (packed FP4 rows)")
+
+
 def _check_attention(a: Mapping[str, Any]) -> None:
     op = "sparse_attention"
     c.tensor(op, "q", a["q"], 4, c.FLOAT_ACT)
     b, s, h, d = a["q"].shape
-    c.tensor(op, "kv", a["kv"], 3, c.FLOAT_ACT)
-    n = a["kv"].shape[1]
-    c.shape(op, "kv", a["kv"], (b, n, d), "[B, N, D]")
+    c.choice(op, "kv_format", a["kv_format"], KV_FORMATS)
+    if a["kv_format"] == "v41":
+        _check_kv_v41(op, a, b, d)
+    else:
+        if a["kv_global"] is not None:
+            raise c.ContractError(op, "kv_global", "None unless kv_format='v41' (the packed FP4 global rows)",
+                                  "a tensor")
+        c.tensor(op, "kv", a["kv"], 3, c.FLOAT_ACT)
+        c.shape(op, "kv", a["kv"], (b, a["kv"].shape[1], d), "[B, N, D]")
     c.tensor(op, "idx", a["idx"], 3, c.INDEX)
     c.shape(op, "idx", a["idx"], (b, s, a["idx"].shape[2]), "[B, S, K]")
     if a["sink"] is not None:
@@ -130,12 +164,33 @@ P_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 
 
 def p_dtype_of(a: Mapping[str, Any]) -> torch.dtype:
-    """The effective P dtype of a sparse_attention call (``p_dtype``, or kv's dtype when None)."""
-    return a["kv"].dtype if a.get("p_dtype") is None else a["p_dtype"]
+    """The effective P dtype of a sparse_attention call (``p_dtype``, or when None kv's dtype; q's dtype
+    for the packed ``kv_format='v41'`` cache)."""
+    if a.get("p_dtype") is not None:
+        return a["p_dtype"]
+    return a["q"].dtype if a.get("kv_format") == "v41" else a["kv"].dtype
+
+
+def kv_rows(a: Mapping[str, Any]) -> int:
+    """N + M: the row count ``idx`` addresses (window rows, then the V4.1 global rows)."""
+    g = a.get("kv_global")
+    return a["kv"].shape[1] + (0 if g is None else g.shape[1])
+
+
+def dequant_kv(a: Mapping[str, Any]) -> Tensor:
+    """The values every ``idx`` entry addresses, float32 [B, N + M, D]: ``kv`` itself (widened) without a
+    kv_format, else the decoded window rows followed by the decoded global rows (the whole cache: for
+    references and tolerances, not for kernels)."""
+    if a.get("kv_format") != "v41":
+        return a["kv"].float()
+    rows = [unpack_kv_fp8(a["kv"])]
+    if a.get("kv_global") is not None:
+        rows.append(unpack_kv_fp4(a["kv_global"]))
+    return torch.cat(rows, dim=1)
 
 
 def _values_attention(a: Mapping[str, Any]) -> None:
-    c.index_range("sparse_attention", "idx", a["idx"], 0, a["kv"].shape[1], allow_minus_one=True)
+    c.index_range("sparse_attention", "idx", a["idx"], 0, kv_rows(a), allow_minus_one=True)
     if a["sink"] is not None:
         c.finite("sparse_attention", "sink", a["sink"])
 

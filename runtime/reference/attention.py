@@ -2,6 +2,7 @@
 
 import torch
 
+from ..kv_formats import unpack_kv_fp4, unpack_kv_fp8
 from ._decode import F64, to_f64
 
 
@@ -76,7 +77,7 @@ def _round(x, dtype):
     return x.to(dtype).to(F64)
 
 
-def sparse_attention(q, kv, idx, sink, scale, return_lse=False, p_dtype=None):
+def sparse_attention(q, kv, idx, sink, scale, return_lse=False, p_dtype=None, kv_format=None, kv_global=None):
     """Sparse MQA attention core with an attention sink (spec 3.5): ``o [B, S, H, D]`` float64.
 
     For each (b, s, h), over the selected entries ``j in idx[b, s, :]`` with ``j >= 0`` (``-1`` is
@@ -95,15 +96,23 @@ def sparse_attention(q, kv, idx, sink, scale, return_lse=False, p_dtype=None):
     relative to the row's largest logit ``m_l`` (the sink excluded)::
 
         o = sum_j round(exp(logit_j - m_l)) * kv[b, j, :] / (sum_j exp(logit_j - m_l) + exp(sink[h] - m_l))
+
+    ``kv_format="v41"``: ``kv`` holds packed FP8 window rows and ``kv_global`` (or None) packed FP4 global
+    rows; both are decoded exactly (``unpack_kv_fp8`` / ``unpack_kv_fp4``) and concatenated, window first,
+    so ``idx`` in [N, N + M) reads global row ``idx - N``; ``p_dtype=None`` then means q's dtype.
     """
     qd = to_f64(q)
-    kvd = to_f64(kv)
+    if kv_format == "v41":
+        rows = [unpack_kv_fp8(kv)] + ([] if kv_global is None else [unpack_kv_fp4(kv_global)])
+        kvd = torch.cat(rows, dim=1).to(F64)
+    else:
+        kvd = to_f64(kv)
     b, s, h, dim = qd.shape
     sink_d = None if sink is None else to_f64(sink)
     o = torch.zeros((b, s, h, dim), dtype=F64)
     lse = torch.full((b, s, h), float("-inf"), dtype=F64)
     idx64 = idx.to(torch.int64)
-    pd = kv.dtype if p_dtype is None else p_dtype
+    pd = (q.dtype if kv_format == "v41" else kv.dtype) if p_dtype is None else p_dtype
     rounded = pd in (torch.bfloat16, torch.float16)
     for bi in range(b):
         for si in range(s):

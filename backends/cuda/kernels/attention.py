@@ -80,21 +80,71 @@ def kv_compress_kernel(kv_ptr, gate_ptr, ape_ptr, pkv_ptr, pgate_ptr, out_ptr, N
 
 
 @triton.jit
+def _e4m3(c):
+    """E4M3 (float8_e4m3fn) bytes -> float32 from the bits: bias 7, subnormals m * 2^-9, 0x7F / 0xFF NaN."""
+    c = c.to(tl.int32)
+    e = (c >> 3) & 15
+    mt = c & 7
+    normal = (((e + 120) << 23) | (mt << 20)).to(tl.float32, bitcast=True)
+    mag = tl.where(e == 0, mt.to(tl.float32) * 0.001953125, normal)
+    mag = tl.where((c & 0x7F) == 0x7F, float("nan"), mag)
+    return tl.where((c & 0x80) != 0, -mag, mag)
+
+
+@triton.jit
+def _e8m0(b):
+    """UE8M0 bytes -> float32 2^(b - 127) from the bits (b = 0: the subnormal 2^-127; 255: NaN)."""
+    b = b.to(tl.int32)
+    v = tl.where(b == 0, 0x00400000, b << 23).to(tl.float32, bitcast=True)
+    return tl.where(b == 255, float("nan"), v)
+
+
+@triton.jit
+def _rows_v41(ids, valid, kv_ptr, kv_base, g_ptr, g_base, N, D, s_kn, s_kd, s_gn, s_gd, BLOCK_D: tl.constexpr):
+    """Decoded float32 [BLOCK_K, BLOCK_D] rows of the V4.1 packed cache: ids < N from the FP8 window rows
+    (E4M3 codes, then a UE8M0 byte per 32), ids >= N from the FP4 global rows (E2M1 pairs, low nibble =
+    even element, then an E4M3 byte per 16). One code-byte and one scale-byte gather per element (each
+    row's own addresses; repeated bytes come from L1), an E2M1 nibble turned into the E4M3 byte of the
+    same value, then one E4M3 decode times the scale: elementwise, so the compiler keeps one tile live.
+    Skipped entries and padding lanes read 0."""
+    offs_d = tl.arange(0, BLOCK_D)[None, :]
+    g = (ids >= N)[:, None]
+    ok = valid[:, None] & (offs_d < D)
+    wrow = kv_ptr + kv_base + ids.to(tl.int64)[:, None] * s_kn
+    grow = g_ptr + g_base + (ids - N).to(tl.int64)[:, None] * s_gn
+    byte = tl.load(tl.where(g, grow + (offs_d // 2) * s_gd, wrow + offs_d * s_kd), mask=ok, other=0).to(tl.int32)
+    sb = tl.load(tl.where(g, grow + (D // 2 + offs_d // 16) * s_gd, wrow + (D + offs_d // 32) * s_kd),
+                 mask=ok, other=0)
+    nib = tl.where((offs_d & 1) == 1, byte >> 4, byte & 15)
+    e = (nib >> 1) & 3
+    mt = nib & 1
+    as_e4m3 = tl.where(e == 0, mt * 0x30, ((e + 6) << 3) | (mt << 2)) | ((nib & 8) << 4)   # 0.5 = 0x30
+    return _e4m3(tl.where(g, as_e4m3, byte)) * tl.where(g, _e4m3(sb), _e8m0(sb))
+
+
+@triton.jit
 def _attend_block(k0, k_hi, q, m, l, acc, kv_ptr, idx_ptr, row_idx, kv_base, D, scale, s_kn, s_kd, s_ik,
+                  g_ptr, g_base, N, s_gn, s_gd,
                   BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr,
-                  P_MODE: tl.constexpr, P_MMA: tl.constexpr):
+                  P_MODE: tl.constexpr, P_MMA: tl.constexpr, KV41: tl.constexpr, ROWS_BF16: tl.constexpr):
     """One online-softmax step over entries ``[k0, min(k0 + BLOCK_K, k_hi))``: gathers the kv rows once
     ([BLOCK_K, D]) and feeds them to every head of the block through two MMAs.
 
     P for the P.V product (``p_dtype``): P_MMA (P's dtype is the kv dtype, on a GPU) casts P to it and
     multiplies on the tensor cores; otherwise P is rounded to bf16 (P_MODE 1) / fp16 (2) or kept (0) and
-    multiplied in fp32. The denominator always sums the fp32 P."""
+    multiplied in fp32. The denominator always sums the fp32 P. KV41: the rows are decoded from the packed
+    V4.1 cache (:func:`_rows_v41`), then cast to bf16 for the MMAs when ROWS_BF16 (exact)."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, BLOCK_D)
     ids = tl.load(idx_ptr + row_idx + offs_k * s_ik, mask=offs_k < k_hi, other=-1)
     valid = ids >= 0
-    rows = tl.load(kv_ptr + kv_base + ids.to(tl.int64)[:, None] * s_kn + offs_d[None, :] * s_kd,
-                   mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+    if KV41:
+        rows = _rows_v41(ids, valid, kv_ptr, kv_base, g_ptr, g_base, N, D, s_kn, s_kd, s_gn, s_gd, BLOCK_D)
+        if ROWS_BF16:
+            rows = rows.to(tl.bfloat16)
+    else:
+        rows = tl.load(kv_ptr + kv_base + ids.to(tl.int64)[:, None] * s_kn + offs_d[None, :] * s_kd,
+                       mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
     if INTERP:
         rows = rows.to(tl.float32)
     s = tl.dot(q, tl.trans(rows)) * scale
@@ -114,9 +164,9 @@ def _attend_block(k0, k_hi, q, m, l, acc, kv_ptr, idx_ptr, row_idx, kv_base, D, 
 
 @triton.jit
 def _attend(q_ptr, kv_ptr, idx_ptr, row_q, row_idx, kv_base, k_lo, k_hi, H, D, scale,
-            s_qh, s_qd, s_kn, s_kd, s_ik,
+            s_qh, s_qd, s_kn, s_kd, s_ik, g_ptr, g_base, N, s_gn, s_gd,
             BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr,
-            P_MODE: tl.constexpr, P_MMA: tl.constexpr):
+            P_MODE: tl.constexpr, P_MMA: tl.constexpr, KV41: tl.constexpr, ROWS_BF16: tl.constexpr):
     """Online softmax of one head block over entries ``[k_lo, k_hi)`` of one query row.
 
     Returns (m, l, acc): running max (-inf where nothing valid), sum of exp(logit - m) and the
@@ -127,7 +177,7 @@ def _attend(q_ptr, kv_ptr, idx_ptr, row_q, row_idx, kv_base, k_lo, k_hi, H, D, s
     offs_d = tl.arange(0, BLOCK_D)
     q = tl.load(q_ptr + row_q + offs_h[:, None] * s_qh + offs_d[None, :] * s_qd,
                 mask=(offs_h[:, None] < H) & (offs_d[None, :] < D), other=0.0)
-    if INTERP:
+    if INTERP or (KV41 and not ROWS_BF16):   # decoded fp32 rows: the q.k MMA in fp32 (exact for fp16 q)
         q = q.to(tl.float32)
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
@@ -136,12 +186,14 @@ def _attend(q_ptr, kv_ptr, idx_ptr, row_q, row_idx, kv_base, k_lo, k_hi, H, D, s
         k0 = k_lo
         while k0 < k_hi:
             m, l, acc = _attend_block(k0, k_hi, q, m, l, acc, kv_ptr, idx_ptr, row_idx, kv_base, D, scale,
-                                      s_kn, s_kd, s_ik, BLOCK_K, BLOCK_D, INTERP, P_MODE, P_MMA)
+                                      s_kn, s_kd, s_ik, g_ptr, g_base, N, s_gn, s_gd,
+                                      BLOCK_K, BLOCK_D, INTERP, P_MODE, P_MMA, KV41, ROWS_BF16)
             k0 += BLOCK_K
     else:
         for k0 in range(k_lo, k_hi, BLOCK_K):
             m, l, acc = _attend_block(k0, k_hi, q, m, l, acc, kv_ptr, idx_ptr, row_idx, kv_base, D, scale,
-                                      s_kn, s_kd, s_ik, BLOCK_K, BLOCK_D, INTERP, P_MODE, P_MMA)
+                                      s_kn, s_kd, s_ik, g_ptr, g_base, N, s_gn, s_gd,
+                                      BLOCK_K, BLOCK_D, INTERP, P_MODE, P_MMA, KV41, ROWS_BF16)
     return m, l, acc
 
 
@@ -171,16 +223,18 @@ def _finish(m, l, acc, sink_ptr, o_ptr, lse_ptr, row_o, row_lse, H, D, s_oh, s_o
 
 
 @triton.jit
-def sparse_attn_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, o_ptr, lse_ptr, ws_ptr, wsml_ptr,
-                       S, H, D, K, k_per_split, scale,
+def sparse_attn_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, o_ptr, lse_ptr, ws_ptr, wsml_ptr, g_ptr,
+                       S, H, D, K, k_per_split, scale, N,
                        s_qb, s_qs, s_qh, s_qd, s_kb, s_kn, s_kd, s_ib, s_is, s_ik,
-                       s_ob, s_os, s_oh, s_od, s_lb, s_ls, s_lh,
+                       s_ob, s_os, s_oh, s_od, s_lb, s_ls, s_lh, s_gb, s_gn, s_gd,
                        SPLIT: tl.constexpr, HAS_SINK: tl.constexpr, HAS_LSE: tl.constexpr,
                        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                       INTERP: tl.constexpr, P_MODE: tl.constexpr, P_MMA: tl.constexpr):
+                       INTERP: tl.constexpr, P_MODE: tl.constexpr, P_MMA: tl.constexpr,
+                       KV41: tl.constexpr = False, ROWS_BF16: tl.constexpr = False):
     """Grid (B*S, head blocks, splits). SPLIT=False (prefill): all K entries, writes o and lse.
     SPLIT=True (decode): entries ``[split*k_per_split, ...)`` only; writes the unnormalised partial
-    output to ``ws[row, h, split, :]`` and (m, l) to ``wsml[row, h, split, 0:2]`` for the combine kernel."""
+    output to ``ws[row, h, split, :]`` and (m, l) to ``wsml[row, h, split, 0:2]`` for the combine kernel.
+    KV41: ``kv`` holds the packed FP8 window rows (N of them) and ``g`` the packed FP4 global rows."""
     row = tl.program_id(0)
     b = (row // S).to(tl.int64)
     s = (row % S).to(tl.int64)
@@ -188,8 +242,8 @@ def sparse_attn_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, o_ptr, lse_ptr, ws_ptr,
     k_lo = split * k_per_split
     k_hi = tl.minimum(K, k_lo + k_per_split)
     m, l, acc = _attend(q_ptr, kv_ptr, idx_ptr, b * s_qb + s * s_qs, b * s_ib + s * s_is, b * s_kb, k_lo, k_hi,
-                        H, D, scale, s_qh, s_qd, s_kn, s_kd, s_ik, BLOCK_H, BLOCK_K, BLOCK_D, INTERP,
-                        P_MODE, P_MMA)
+                        H, D, scale, s_qh, s_qd, s_kn, s_kd, s_ik, g_ptr, b * s_gb, N, s_gn, s_gd,
+                        BLOCK_H, BLOCK_K, BLOCK_D, INTERP, P_MODE, P_MMA, KV41, ROWS_BF16)
     if SPLIT:
         nsplit = tl.num_programs(2)
         offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
