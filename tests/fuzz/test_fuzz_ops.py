@@ -35,6 +35,22 @@ EDGE = {
     "attn-transposed-q": "dsv4rt.ops.sparse_attention(torch.randn(1,4,2,64).transpose(1,2), torch.randn(1,8,64), torch.randint(0,8,(1,2,3),dtype=torch.int32), None, .125, backend=V)",
     "attn-nan-q": "dsv4rt.ops.sparse_attention(torch.full((1,2,4,64), float('nan')), torch.randn(1,8,64), torch.randint(0,8,(1,2,3),dtype=torch.int32), None, .125, True, backend=V)",
     "attn-scale-inf": "dsv4rt.ops.sparse_attention(torch.randn(1,2,4,64), torch.randn(1,8,64), torch.randint(0,8,(1,2,3),dtype=torch.int32), None, float('inf'), backend=V)",
+    # sparse_attention, V4.1 packed cache (D = 64: FP8 rows of 66 bytes, FP4 rows of 36 bytes)
+    "attn-v41-N0-M0": ("o, lse = dsv4rt.ops.sparse_attention(torch.randn(1,2,4,64).bfloat16(), torch.zeros(1,0,66,dtype=torch.uint8), -torch.ones(1,2,3,dtype=torch.int32), torch.zeros(4), .125, True, kv_format='v41', kv_global=torch.zeros(1,0,36,dtype=torch.uint8), backend=V)\n"
+                       "assert (o == 0).all() and (lse == 0).all()"),
+    "attn-v41-K0": "dsv4rt.ops.sparse_attention(torch.randn(1,2,4,64), torch.zeros(1,5,66,dtype=torch.uint8), torch.zeros(1,2,0,dtype=torch.int32), None, .125, True, kv_format='v41', backend=V)",
+    "attn-v41-random-bytes": "dsv4rt.ops.sparse_attention(torch.randn(2,3,4,64).bfloat16(), torch.randint(0,256,(2,7,66),dtype=torch.uint8), torch.randint(-1,12,(2,3,9),dtype=torch.int32), torch.randn(4), .125, True, kv_format='v41', kv_global=torch.randint(0,256,(2,5,36),dtype=torch.uint8), backend=V)",
+    "attn-v41-nan-scales": ("kv = torch.full((1,4,66), 0x38, dtype=torch.uint8); kv[..., 64:] = 255\n"
+                            "o = dsv4rt.ops.sparse_attention(torch.randn(1,2,4,64), kv, torch.randint(0,4,(1,2,3),dtype=torch.int32), None, .125, kv_format='v41', backend=V)\n"
+                            "assert o.isnan().all()"),
+    "attn-v41-expanded-global": "dsv4rt.ops.sparse_attention(torch.randn(1,2,4,64), torch.zeros(1,3,66,dtype=torch.uint8), torch.randint(0,9,(1,2,4),dtype=torch.int32), None, .125, kv_format='v41', kv_global=torch.randint(0,256,(1,1,36),dtype=torch.uint8).expand(1,6,36), backend=V)",
+    "attn-v41-global-without-format": "dsv4rt.ops.sparse_attention(torch.randn(1,2,4,64), torch.randn(1,8,64), torch.zeros(1,2,3,dtype=torch.int32), None, .125, kv_global=torch.zeros(1,2,36,dtype=torch.uint8), backend=V)",
+    "attn-v41-kv-width": "dsv4rt.ops.sparse_attention(torch.randn(1,2,4,64), torch.zeros(1,8,64,dtype=torch.uint8), torch.zeros(1,2,3,dtype=torch.int32), None, .125, kv_format='v41', backend=V)",
+    "attn-v41-kv-float": "dsv4rt.ops.sparse_attention(torch.randn(1,2,4,64), torch.randn(1,8,66), torch.zeros(1,2,3,dtype=torch.int32), None, .125, kv_format='v41', backend=V)",
+    "attn-v41-D48": "dsv4rt.ops.sparse_attention(torch.randn(1,2,4,48), torch.zeros(1,8,49,dtype=torch.uint8), torch.zeros(1,2,3,dtype=torch.int32), None, .125, kv_format='v41', backend=V)",
+    "attn-v41-idx-beyond-global": "dsv4rt.ops.sparse_attention(torch.randn(1,2,4,64), torch.zeros(1,3,66,dtype=torch.uint8), torch.full((1,2,3),5,dtype=torch.int32), None, .125, kv_format='v41', kv_global=torch.zeros(1,2,36,dtype=torch.uint8), backend=V)",
+    "attn-v41-format-int": "dsv4rt.ops.sparse_attention(torch.randn(1,2,4,64), torch.zeros(1,3,66,dtype=torch.uint8), torch.zeros(1,2,3,dtype=torch.int32), None, .125, kv_format=1, backend=V)",
+    "attn-v41-global-batch": "dsv4rt.ops.sparse_attention(torch.randn(2,2,4,64), torch.zeros(2,3,66,dtype=torch.uint8), torch.zeros(2,2,3,dtype=torch.int32), None, .125, kv_format='v41', kv_global=torch.zeros(1,2,36,dtype=torch.uint8), backend=V)",
     # indexer_topk
     "idx-S0": "dsv4rt.ops.indexer_topk(torch.randn(1,0,4,32), torch.randn(1,8,32), torch.randn(1,0,4), torch.zeros(1,0,dtype=torch.int32), 4, backend=V)",
     "idx-N0": "dsv4rt.ops.indexer_topk(torch.randn(1,2,4,32), torch.randn(1,0,32), torch.randn(1,2,4), torch.zeros(1,2,dtype=torch.int32), 4, backend=V)",
@@ -202,7 +218,9 @@ EDGE = {
     "compress-v41-gate-list": "dsv4rt.ops.kv_compress(torch.randn(1,4,16), [[0.0]], None, 2, False, backend=V)",
 }
 # a clean refusal is fine everywhere; these must be refused (ContractError), never computed
-MUST_REFUSE = {"attn-idx-int64", "attn-idx-out-of-range", "attn-scale-inf", "idx-visible-gt-N", "idx-topk-2^63",
+MUST_REFUSE = {"attn-idx-int64", "attn-idx-out-of-range", "attn-scale-inf", "attn-v41-global-without-format",
+               "attn-v41-kv-width", "attn-v41-kv-float", "attn-v41-D48", "attn-v41-idx-beyond-global",
+               "attn-v41-format-int", "attn-v41-global-batch", "idx-visible-gt-N", "idx-topk-2^63",
                "idx-topk-2^31", "gemm-K48",
                "ggemm-offsets-non-monotone", "ggemm-offsets-int64", "dispatch-ids-out-of-range",
                "dispatch-experts-2^63", "dispatch-experts-2^40", "combine-float4", "combine-topk-2^63",
@@ -210,7 +228,8 @@ MUST_REFUSE = {"attn-idx-int64", "attn-idx-out-of-range", "attn-scale-inf", "idx
                "fp8-scale-nan", "fp8-bs32-scale-128-shape", "fp8-block-64", "fp8-block-float", "gemm-ab64", "route-nan-logits", "idx-cand-uint8", "idx-cand-shape", "idx-cand-list",
                "idx-sorted-int", "blocks-len-int64", "blocks-len-beyond-N", "blocks-block-float", "blocks-keep-2^63", "compress-v41-r2-odd-S", "compress-v41-no-gate-r2",
                "compress-v41-no-gate-ape", "compress-v41-gate-list"}
-CUDA_FAST = ("attn-S0", "attn-H0", "attn-K0", "attn-N0", "idx-S0", "idx-N0", "idx-H0", "idx-topk-2^63", "gemm-M0", "gemm-K0",
+CUDA_FAST = ("attn-S0", "attn-H0", "attn-K0", "attn-N0", "attn-v41-N0-M0", "attn-v41-random-bytes", "attn-v41-nan-scales",
+             "attn-v41-expanded-global", "idx-S0", "idx-N0", "idx-H0", "idx-topk-2^63", "gemm-M0", "gemm-K0",
              "ggemm-R0", "ggemm-offsets-strided", "fp8-K0", "fp8-M0", "dispatch-T0", "combine-T0", "route-T0",
              "compress-S0", "route-very-negative", "idx-cand-N0", "idx-cand-none-true", "idx-cand-inf-keys-H3",
              "blocks-N0", "blocks-all-minus-inf", "blocks-nan", "blocks-huge-block", "compress-v41-r2-S0", "compress-v41-r1-S0",

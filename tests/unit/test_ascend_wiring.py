@@ -641,6 +641,23 @@ def test_attention_plain_idx_falls_back(a2):
     assert torch.equal(o, a2.torch("sparse_attention").fn(q, kv, idx, sink, 0.1, False))
 
 
+def test_attention_v41_packed_cache_declined_with_reason_and_run_by_composite(a2):
+    from dsv4rt.formats import pack_kv_fp4, pack_kv_fp8
+    q, kv, idx, widx, sink = decode_case(d=64)
+    kvb, glob = pack_kv_fp8(kv[:, :8]), pack_kv_fp4(kv[:, 8:])        # 8 window rows, 5 global rows
+    args = dict(q=q, kv=kvb, idx=widx, sink=sink, scale=0.125, return_lse=True, p_dtype=None, kv_format="v41",
+                kv_global=glob)
+    reason = a2.fused("sparse_attention").supports(args)
+    assert reason and "kv_format='v41'" in reason and "torch_npu" in reason, reason
+    o, lse = a2.fused("sparse_attention").fn(*args.values())             # falls back to the composite code
+    assert a2.rec.named("npu_fused_infer_attention_score") == []
+    plain = dict(args, idx=idx)
+    assert a2.torch("sparse_attention").supports is None or a2.torch("sparse_attention").supports(plain) is None
+    o2, lse2 = a2.torch("sparse_attention").fn(*plain.values())
+    assert torch.equal(o, o2) and torch.equal(lse, lse2)
+    check("attention", "sparse_attention", plain, (o, lse))
+
+
 def test_windowed_index_verify_catches_a_wrong_declaration():
     _, _, idx, _, _ = decode_case()
     assert not WindowedIndex.decode(idx, 8, 0, [8, 8]).verify()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ...kv_formats import pack_kv_fp4, pack_kv_fp8
 from ..case import Case, bad_cases, case_generator, randn
 
 BF16, F32 = torch.bfloat16, torch.float32
@@ -123,9 +124,102 @@ def _attn(label: str, b: int, s: int, h: int, d: int, n: int, k: int, dtype=BF16
     return Case("sparse_attention", label, make, noncontig=noncontig)
 
 
+def _v41_rows(gen: torch.Generator, b: int, n: int, d: int, spread: float, pack) -> torch.Tensor:
+    """Packed V4.1 rows of bf16 values whose row magnitudes span ``exp(+-3 spread)`` (scale extremes),
+    with an all-zero group (the amax floors) and a lone outlier group in the first row."""
+    mag = torch.exp(torch.randn((b, n, 1), generator=gen) * spread)
+    x = torch.randn((b, n, d), generator=gen) * mag
+    if n:
+        x[:, 0, :32] = 0.0
+        x[:, 0, 32:48] *= 1e3
+    return pack(x.to(BF16))
+
+
+def _attn41(label: str, b: int, s: int, h: int, d: int, n: int, m: int | None, k: int, dtype=BF16,
+            sink: bool = True, pad: float = 0.2, lse: bool = False, spread: float = 1.0, qscale: float = 1.0,
+            p_dtype: torch.dtype | None = None, noncontig: tuple[str, ...] = (), edit=None) -> Case:
+    """V4.1 packed cache: ``n`` FP8 window rows and ``m`` FP4 global rows (None: kv_global=None), idx over
+    both; ``edit(args, gen)`` changes the drawn arguments in place."""
+    def make(gen: torch.Generator) -> dict:
+        total = n + (m or 0)
+        args = {"q": randn(gen, b, s, h, d, dtype=dtype, scale=qscale),
+                "kv": _v41_rows(gen, b, n, d, spread, pack_kv_fp8),
+                "idx": _window_plus_topk(gen, b, s, max(total, 1), k, pad if total else 1.0),
+                "sink": torch.randn((h,), generator=gen) if sink else None, "scale": d ** -0.5,
+                "return_lse": lse, "p_dtype": p_dtype, "kv_format": "v41",
+                "kv_global": None if m is None else _v41_rows(gen, b, m, d, spread, pack_kv_fp4)}
+        if edit is not None:
+            edit(args, gen)
+        return args
+    return Case("sparse_attention", f"v41-{label}", make, noncontig=noncontig)
+
+
+def _v41_window_then_topk(args: dict, gen: torch.Generator) -> None:
+    """Prefill-like idx: query s sees window rows s-3..s (the chunk's own rows) then global picks."""
+    b, s, k = args["idx"].shape
+    n, m = args["kv"].shape[1], args["kv_global"].shape[1]
+    pos = torch.arange(s)[:, None] - 3 + torch.arange(4)[None, :]
+    win = torch.where(pos < 0, -1, pos).expand(b, s, 4)
+    glob = torch.randint(n, n + m, (b, s, k - 4), generator=gen, dtype=torch.int32)
+    glob[torch.rand(glob.shape, generator=gen) < 0.25] = -1
+    args["idx"] = torch.cat([win.to(torch.int32), glob], dim=-1).contiguous()
+
+
+def _v41_nan_scales(args: dict, gen: torch.Generator) -> None:
+    """A NaN scale byte in window row 1 (UE8M0 255) and global row 2 (E4M3 0x7F): rows selecting them
+    are NaN; rows selecting neither are not."""
+    d, n, k = args["q"].shape[3], args["kv"].shape[1], args["idx"].shape[2]
+    args["kv"][:, 1, d] = 255
+    args["kv_global"][:, 2, d // 2] = 0x7F
+    clean = [i for i in range(n + args["kv_global"].shape[1]) if i not in (1, n + 2)]
+    args["idx"][:, 0] = torch.tensor(clean[:k], dtype=torch.int32)     # query 0 stays finite
+    args["idx"][:, 1, 0] = n + 2                                          # query 1 reads the NaN group
+
+
+def _v41_cases() -> list[Case]:
+    return [
+        _attn41("decode-B2-H16-D512-N128-M300-K160", 2, 1, 16, 512, 128, 300, 160, lse=True),
+        _attn41("prefill-B1-S12-H8-D512-window-then-topk", 1, 12, 8, 512, 12, 40, 20,
+                edit=_v41_window_then_topk),
+        _attn41("no-global", 2, 3, 4, 64, 30, None, 24, lse=True),
+        _attn41("global-only-N0", 1, 2, 4, 64, 0, 50, 16, lse=True),
+        _attn41("no-sink", 1, 4, 4, 128, 20, 40, 24, sink=False),
+        _attn41("all-padding", 1, 2, 4, 32, 8, 8, 6, pad=1.0, lse=True),
+        _attn41("scale-extremes", 1, 4, 4, 64, 40, 60, 48, spread=4.0, qscale=0.05, lse=True),
+        _attn41("f32-q", 1, 3, 4, 64, 20, 30, 24, dtype=F32, lse=True),
+        _attn41("f16-q", 1, 3, 4, 64, 20, 30, 24, dtype=torch.float16),
+        _attn41("p-fp32", 1, 3, 8, 64, 20, 30, 24, p_dtype=F32, lse=True),
+        _attn41("nan-scale-bytes", 1, 4, 4, 64, 10, 12, 16, lse=True, edit=_v41_nan_scales),
+        _attn41("noncontiguous", 1, 4, 4, 64, 20, 30, 16, noncontig=("q", "kv", "kv_global", "idx")),
+    ]
+
+
+def _v41_bad() -> list[Case]:
+    def good(gen):
+        return {"q": randn(gen, 1, 2, 4, 32, dtype=BF16), "kv": pack_kv_fp8(randn(gen, 1, 6, 32)),
+                "idx": torch.tensor([[[0, 7, -1], [5, 9, 1]]], dtype=torch.int32),
+                "sink": torch.zeros(4), "scale": 32 ** -0.5, "return_lse": False, "p_dtype": None,
+                "kv_format": "v41", "kv_global": pack_kv_fp4(randn(gen, 1, 4, 32))}
+
+    return bad_cases("sparse_attention", good, [
+        ("v41-idx-beyond-global", "idx", {"idx": torch.tensor([[[0, 10, -1], [5, 9, 1]]], dtype=torch.int32)}),
+        ("v41-kv-not-bytes", "kv", {"kv": lambda a: a["kv"].to(BF16)}),
+        ("v41-kv-width", "kv", {"kv": lambda a: a["kv"][..., :32]}),
+        ("v41-global-width", "kv_global", {"kv_global": lambda a: a["kv_global"][..., :16]}),
+        ("v41-global-dtype", "kv_global", {"kv_global": lambda a: a["kv_global"].to(torch.int8)}),
+        ("v41-global-batch", "kv_global", {"kv_global": lambda a: a["kv_global"].expand(2, -1, -1)}),
+        ("v41-head-dim-16", "q", {"q": lambda a: a["q"][..., :16]}),
+        ("v41-unknown-format", "kv_format", {"kv_format": "v42"}),
+        ("v41-global-without-format", "kv_global", {"kv_format": None, "kv": lambda a: randn(
+            torch.Generator().manual_seed(0), 1, 6, 32, dtype=BF16)}),
+    ])
+
+
 @case_generator
 def sparse_attention() -> list[Case]:
-    """Decode and prefill, with and without sink, -1 padding, empty rows, duplicates, lse, large logits."""
+    """Decode and prefill, with and without sink, -1 padding, empty rows, duplicates, lse, large logits;
+    the V4.1 packed cache (FP8 window + FP4 global rows) with and without global rows, scale extremes,
+    NaN scale bytes; bad inputs."""
     def some_empty(gen):
         idx = _window_plus_topk(gen, 2, 5, 40, 24, 0.3)
         idx[0, 1] = -1
@@ -165,4 +259,4 @@ def sparse_attention() -> list[Case]:
         ("p-dtype-unknown", "p_dtype", {"p_dtype": torch.float64}),
         ("p-dtype-string", "p_dtype", {"p_dtype": "bf16"}),
     ])
-    return cases
+    return cases + _v41_cases() + _v41_bad()
