@@ -24,11 +24,12 @@ def _key_tile(k_ptr, b, offs_n, n_ok, offs_d, d_ok, s_kb, s_kn, s_kd, KFMT: tl.c
     if KFMT == 2:
         byte = tl.load(k_ptr + b * s_kb + offs_n[:, None] * s_kn + (offs_d // 2)[None, :] * s_kd,
                        mask=n_ok[:, None] & d_ok[None, :], other=0).to(tl.int32)
-        return _e2m1((byte >> ((offs_d & 1) * 4)[None, :]) & 15)
-    kt = tl.load(k_ptr + b * s_kb + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
-                 mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    if INTERP and KFMT == 1:   # E4M3 keys: the interpreter's own decode turns the NaN codes into +-480
-        kt = e4m3_to_f32(kt.to(tl.uint8, bitcast=True), INTERP)
+        kt = _e2m1((byte >> ((offs_d & 1) * 4)[None, :]) & 15)
+    else:
+        kt = tl.load(k_ptr + b * s_kb + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
+                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if INTERP and KFMT == 1:   # E4M3 keys: the interpreter's own decode turns the NaN codes into +-480
+            kt = e4m3_to_f32(kt.to(tl.uint8, bitcast=True), INTERP)
     return kt
 
 
