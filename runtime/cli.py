@@ -216,8 +216,56 @@ def _cmd_kv_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- synth -----------------------------------------------------------------------------------------
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="write a preset's synthetic checkpoint in the released format",
+                       description="Draw a preset's seeded random weights and write them as a checkpoint in the "
+                                   "released format (config.json, sharded safetensors with the index, and for V4.1 a "
+                                   "byte-level tokenizer.json): what other loaders and tools can read.")
+    p.add_argument("--preset", required=True, choices=("tiny", "flash-slice", "tiny-v41", "flash41-slice"))
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to create (must not exist)")
+    p.add_argument("--layers", type=int, metavar="N", help="layers of a slice preset")
+    p.add_argument("--experts", type=int, metavar="N", help="routed experts of a slice preset")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_synth)
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    import os
+
+    from .model.checkpoint import write_checkpoint
+    from .model.config import preset
+    from .model.config_v41 import _flash41_slice
+    from .model.progress import ProgressSource
+    from .model.runner import slice_ratios
+    from .model.synthetic import SyntheticSource
+
+    if os.path.exists(args.out):
+        raise _UsageError(f"--out {args.out} exists; give a new directory")
+    if (args.layers is not None or args.experts is not None) and "slice" not in args.preset:
+        raise _UsageError("--layers / --experts shape the slice presets only")
+    cfg = preset(args.preset)
+    if args.layers is not None:
+        cfg = _flash41_slice(args.layers) if cfg.is_v41 else cfg.replace(
+            n_layers=args.layers, compress_ratios=slice_ratios(preset("flash").compress_ratios[:-1], args.layers) + (0,))
+    if args.experts is not None:
+        cfg = cfg.replace(n_routed_experts=args.experts, n_activated_experts=min(cfg.n_activated_experts, args.experts))
+    # the slices draw FP8 / FP4 codes directly (as ``run`` does), so memory stays near one shard
+    src = ProgressSource(SyntheticSource(cfg, args.seed, fast="slice" in args.preset), "drawing synthetic weights")
+    extras = None
+    if cfg.is_v41:
+        from .model.engram_map import write_byte_tokenizer_json
+        extras = write_byte_tokenizer_json
+    out = write_checkpoint(args.out, cfg, ((n, src.get(n)) for n in src.names()), max_shard_bytes=1 << 30,
+                           extras=extras)
+    src.progress.close()
+    print(f"wrote {cfg.name} ({len(src.names()):,} tensors) to {out}")
+    return 0
+
+
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_info, _add_conformance, _add_bench,
-                                                                          _add_run, _add_kv_cache, *(  # serve, loadtest
+                                                                          _add_run, _add_kv_cache, _add_synth, *(  # serve, loadtest
     lambda s, n=n: getattr(__import__("dsv4rt.serve.cli", fromlist=[n]), n)(s) for n in ("add_serve", "add_loadtest")))
 
 

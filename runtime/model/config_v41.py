@@ -159,13 +159,14 @@ def _tiny_v41() -> ModelConfig:
     """Toy sizes, every V4.1 layer kind: 0 window only (+ Engram), 1 ratio-2 kv / index source, 2 ratio-2
     reader, 3 ratio-1 source and candidate-block source, 4 ratio-1 index source inside the candidate blocks
     (+ Engram), 5 ratio-1 reader; two DSpark blocks. The released 128-token window; 8-position candidate
-    blocks, 4 kept, top-16 entries, so a 300-token prompt exercises every level."""
+    blocks, 4 kept, top-16 entries, so a 300-token prompt exercises every level. 16 index heads: with 4, one
+    score in 16 is exactly 0 (every head's ReLU clips) and such ties make the top-k implementation-defined."""
     from ..engram_tables import engram_tables
     tables = engram_tables((0, 4), 4, 2, 1000, TINY_V41_COMPRESSED_VOCAB)
     return ModelConfig(
         name="tiny-v41", arch=ARCH_V41, fp8_block=32, vocab_size=259, dim=256, n_layers=6, n_mtp_layers=2,
         n_heads=8, head_dim=128, q_lora_rank=128, o_groups=2, o_lora_rank=128,
-        compress_ratios=(0, 2, 2, 1, 1, 1, 0, 0), index_n_heads=4, index_topk=16, n_routed_experts=8,
+        compress_ratios=(0, 2, 2, 1, 1, 1, 0, 0), index_n_heads=16, index_topk=16, n_routed_experts=8,
         n_activated_experts=2, n_hash_layers=0, moe_inter_dim=128, norm_eps=1e-20,
         kv_source_layers=(1, 3), index_source_layers=(1, 3, 4), candidate_source_layer=3, candidate_topk_blocks=4,
         candidate_block_size=8, engram_layer_ids=(0, 4), engram_num_embeddings=tuple(t.rows for t in tables),

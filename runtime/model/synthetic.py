@@ -25,7 +25,7 @@ from .schema import E8M0, FP8, I8, TensorSpec, checkpoint_schema
 
 __all__ = ["SyntheticSource", "cache_dir", "tiny_checkpoint", "SYNTHETIC_VERSION"]
 
-SYNTHETIC_VERSION = 2
+SYNTHETIC_VERSION = 3
 """Bumped whenever the recipe changes, so stale cached checkpoints are not reused."""
 _FP4_RMS = math.sqrt(sum(v * v for v in (0, .5, 1, 1.5, 2, 3, 4, 6)) / 8)
 

@@ -122,3 +122,14 @@ def test_run_cli_on_tiny_v41(tmp_path):
                          env={**__import__("os").environ, "DSV4RT_CACHE_DIR": str(tmp_path)})
     assert out.returncode == 0, out.stderr
     assert "select_candidate_blocks" in out.stdout and "engram_lookup" in out.stdout
+
+
+def test_synth_writes_a_loadable_released_format_checkpoint(tmp_path):
+    out = tmp_path / "ck"
+    res = subprocess.run([sys.executable, "-m", "dsv4rt", "synth", "--preset", "tiny-v41", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "deepseek_v41" and cfg["quantization_config"]["weight_block_size"] == [32, 32]
+    assert (out / "tokenizer.json").is_file() and load_config(str(out)).name == "tiny-v41"
+    assert len(Checkpoint(str(out)).schema) == len(checkpoint_schema(preset("tiny-v41")))
