@@ -44,16 +44,21 @@ MAX_BLOCK = 1024
 
 
 def _logit_tiles(s: int, h: int, n: int, d: int, interp: bool, mx: bool = False) -> dict[str, int]:
-    """Tile sizes of the logits kernel: BLOCK_S * BLOCK_H >= 16 rows for the MMA; MXFP4 keys (``mx``) walk D
-    in chunks of 32, one E8M0 scale each."""
+    """Tile sizes of the logits kernel: BLOCK_S * BLOCK_H >= 16 rows for the MMA. MXFP4 keys (``mx``) walk D
+    in chunks of 32, one E8M0 scale each, and take 64 keys per tile (each step's scaled product is a second
+    accumulator-sized tile: 128 rows x 128 keys spill on sm_90, x 64 keys do not); the interpreter launches
+    them with the GPU's tiles."""
     block_h = next_pow2(h)
+    if mx:
+        block_s = max(16 // block_h, 1, min(next_pow2(s), 128 // block_h))
+        return dict(BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_N=max(16, min(next_pow2(n), 64)), BLOCK_D=32,
+                    NUM_DC=-(-d // 32), num_warps=8 if block_s * block_h >= 128 else 4, num_stages=2)
     if interp:
         block_s = max(16 // block_h, 1, min(next_pow2(s), 256 // block_h))
-        block_d = 32 if mx else next_pow2(d)
-        return dict(BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_N=min(next_pow2(n), 256), BLOCK_D=block_d,
-                    NUM_DC=-(-d // block_d), num_warps=4)
+        return dict(BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_N=min(next_pow2(n), 256), BLOCK_D=next_pow2(d),
+                    NUM_DC=1, num_warps=4)
     block_s = max(16 // block_h, 1, min(next_pow2(s), 128 // block_h))
-    block_d = 32 if mx else min(next_pow2(d), 128)
+    block_d = min(next_pow2(d), 128)
     rows = block_s * block_h
     return dict(BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_N=128, BLOCK_D=block_d, NUM_DC=-(-d // block_d),
                 num_warps=8 if rows >= 128 else 4, num_stages=2)
