@@ -15,6 +15,7 @@
 #include <limits>
 
 #include "common.h"
+#include "kv_v41.h"
 #include "vec.h"
 
 namespace dsv4rt {
@@ -40,62 +41,6 @@ struct AttnArgs {
     const uint8_t* kvg = nullptr;
     int64_t m = 0;
 };
-
-// decode tables of the V4.1 packed cache: E4M3 and E8M0 bytes, E2M1 codes (NaN bytes give NaN)
-struct KvTables {
-    float e4m3[256], e8m0[256], e2m1[16];
-    KvTables() {
-        const float nan = std::numeric_limits<float>::quiet_NaN();
-        for (int c = 0; c < 256; ++c) {
-            const int e = (c >> 3) & 15, mt = c & 7;
-            const float mag = e == 0 ? std::ldexp(static_cast<float>(mt), -9) : std::ldexp(1.0f + mt / 8.0f, e - 7);
-            e4m3[c] = (c & 0x7F) == 0x7F ? nan : (c & 0x80 ? -mag : mag);
-            e8m0[c] = c == 255 ? nan : std::ldexp(1.0f, c - 127);
-        }
-        for (int c = 0; c < 16; ++c) {
-            const int e = (c >> 1) & 3, mt = c & 1;
-            const float mag = e == 0 ? 0.5f * mt : std::ldexp(1.0f + mt / 2.0f, e - 1);
-            e2m1[c] = c & 8 ? -mag : mag;
-        }
-    }
-};
-
-const KvTables& kv_tables() {
-    static const KvTables t;
-    return t;
-}
-
-// V4.1: gathered rows -> float32 [n][d]; rows[j] >= 0 is a window row (b * N + i), rows[j] < 0 the global
-// row -rows[j] - 1 (b * M + i)
-void gather_rows_v41(const AttnArgs& a, const int32_t* rows, int64_t n, float* out) {
-    const KvTables& t = kv_tables();
-    const int64_t d = a.d, wrow = d + d / 32, grow = d / 2 + d / 16;
-    const uint8_t* kv = static_cast<const uint8_t*>(a.kv);
-    auto at = [&](int32_t r) { return r >= 0 ? kv + r * wrow : a.kvg + (-static_cast<int64_t>(r) - 1) * grow; };
-    for (int64_t j = 0; j < n; ++j) {
-        if (j + kAhead < n) {
-            const uint8_t* nxt = at(rows[j + kAhead]);
-            for (int64_t b = 0; b < (rows[j + kAhead] >= 0 ? wrow : grow); b += 64) __builtin_prefetch(nxt + b);
-        }
-        const uint8_t* src = at(rows[j]);
-        float* dst = out + j * d;
-        if (rows[j] >= 0) {
-            for (int64_t g = 0; g < d / 32; ++g) {
-                const float sc = t.e8m0[src[d + g]];
-                for (int64_t i = 0; i < 32; ++i) dst[g * 32 + i] = t.e4m3[src[g * 32 + i]] * sc;
-            }
-        } else {
-            for (int64_t g = 0; g < d / 16; ++g) {
-                const float sc = t.e4m3[src[d / 2 + g]];
-                for (int64_t i = 0; i < 8; ++i) {
-                    const uint8_t byte = src[g * 8 + i];
-                    dst[g * 16 + 2 * i] = t.e2m1[byte & 15] * sc;
-                    dst[g * 16 + 2 * i + 1] = t.e2m1[byte >> 4] * sc;
-                }
-            }
-        }
-    }
-}
 
 // logits[j][hb*16 + l] = sum_d kv_j[d] * qT[d][hb*16 + l] for KB gathered rows and HB head vectors
 template <int KB, int HB>
@@ -262,7 +207,8 @@ void attend_task(const AttnArgs& a, int64_t b, int64_t s, int64_t e0, int64_t e1
     const int64_t nvalid = static_cast<int64_t>(w.rows.size());
     for (int64_t c0 = 0; c0 < nvalid; c0 += kChunk) {
         const int64_t nj = std::min(kChunk, nvalid - c0);
-        if (a.v41) gather_rows_v41(a, w.rows.data() + c0, nj, w.kvf.data());
+        if (a.v41)
+            gather_rows_v41(static_cast<const uint8_t*>(a.kv), a.kvg, d, w.rows.data() + c0, nj, w.kvf.data());
         else gather_rows(a.kv, a.kv_bf16, d, w.rows.data() + c0, nj, w.kvf.data());
         attend_chunk(qt, hp, d, w.kvf.data(), nj, out.m, out.den, out.acc, w.p.data(), w.alpha.data(), a.p_round);
     }
