@@ -9,6 +9,8 @@
 // Prefill sizes take the blocked AVX512-BF16 GEMM: with bs = 128 the per-row block scale multiplies each
 // 128-block's sums; with bs = 32 the four scales of a 128-block are folded into the bf16 weights (exact
 // while every E8M0 byte is in [10, 246]; float32 scales or bytes outside that range take the GEMV).
+#include <cmath>
+
 #include "bf16_gemm.h"
 #include "common.h"
 #include "fp8_kernels.h"
@@ -77,6 +79,14 @@ int fold32_min_exp(const uint8_t* s8, int64_t count) {
     return count > 0 && lo >= 10 && hi <= 246 ? lo - 9 : -1;
 }
 
+// true if some scale times 256 overflows float32 (E8M0 bytes >= 247, NaN included, or float32 scales above
+// FLT_MAX / 256): the block-32 GEMV then multiplies its chunk sums by 256 before the scale
+bool scales_wide(const uint8_t* s8, const float* s32, int64_t count) {
+    for (int64_t i = 0; i < count; ++i)
+        if (s8 ? s8[i] >= 247 : !(std::fabs(s32[i]) <= std::numeric_limits<float>::max() / 256.0f)) return true;
+    return false;
+}
+
 void fp8_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_, bool act_quant, int64_t gemv_max_m,
               bool row_invariant, int64_t block_size) {
     const char* fn = "fp8_gemm";
@@ -100,6 +110,7 @@ void fp8_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_, bool
     Fp8Problem p{nullptr, static_cast<const uint8_t*>(w.data()),
                  s_f32 ? nullptr : static_cast<const uint8_t*>(s.data()),
                  s_f32 ? static_cast<const float*>(s.data()) : nullptr, y.ptr, m, n, k, sk, bs};
+    if (bs == 32) p.wide = scales_wide(p.s8, p.s32, sn * sk);
     if (act_quant) xf.load_gemm(true, m, k, bs);   // without act_quant, x is loaded below if the bf16 path declines
 #if defined(DSV4RT_X86)
     // the smallest biased exponent of a nonzero (folded, for bs = 32) bf16 weight; -1: no bf16 path

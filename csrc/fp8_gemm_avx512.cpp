@@ -104,72 +104,82 @@ AVX512 bool has_nan32(__m512i h) {
     return _mm512_cmpeq_epi16_mask(_mm512_and_si512(h, m7), m7) != 0;
 }
 
+// the table path of one 32-chunk (NaN bytes, or the K % 32 tail of kw < 32 values)
+template <int M>
+AVX512 void chunk_table(const Fp8Args& a, const float* x, const uint8_t* wr, int64_t k0, int64_t kw, float sc,
+                        float* side) {
+    for (int r = 0; r < M; ++r) {
+        const float* xr = x + r * a.k + k0;
+        float t = 0.0f;
+        for (int64_t j = 0; j < kw; ++j) t += kE4M3[wr[k0 + j]] * xr[j];
+        side[r] += t * sc;
+    }
+}
+
+// one 32-chunk without NaN bytes: acc[r] += (chunk dot of row r) * scv (times 256 first when `wide`)
+template <int M>
+AVX512 void chunk32(const Fp8Args& a, const float* x, const uint8_t* wp, int64_t k0, __m512 scv, __m512* acc) {
+    __m512 lo, hi;
+    decode32(widen32(wp), lo, hi);
+    for (int r = 0; r < M; ++r) {
+        const float* xr = x + r * a.k + k0;
+        __m512 t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + 16), _mm512_mul_ps(lo, _mm512_loadu_ps(xr)));
+        if (a.wide) t = _mm512_mul_ps(t, _mm512_set1_ps(256.0f));
+        acc[r] = _mm512_fmadd_ps(t, scv, acc[r]);
+    }
+}
+
 // Block size 32 (V4.1): every 32 k of a weight row has its own scale (row block n / 32), so each 32-chunk's
 // partial dot product (one vector per row) is scaled on its own: y = sum over chunks of (chunk dot) * sc.
-// sc * 256 (the decode's factor) is applied as one multiplier unless it overflows (scale >= 2^121), when the
-// chunk sum is multiplied by 256 first, as the 128 path does. Two accumulators per row (even / odd chunks)
-// keep the M = 1 FMA chain short. A chunk with NaN bytes and the K % 32 tail take the table.
+// The decode's factor 256 is folded into the scale (sc * 256), unless some scale of the call is so large that
+// this overflows (`wide`): then the chunk sum is multiplied by 256 first, as the 128 path does. The main loop
+// takes 128 bytes per step (one NaN test, four scales); two accumulators per row (even / odd chunks) keep the
+// M = 1 FMA chain short. Chunks with NaN bytes and the K % 32 tail take the table.
 template <int M>
 AVX512 void rows_m32(const Fp8Args& a, const float* x, float* y, int64_t n0, int64_t n1) {
-    const __m512 k256 = _mm512_set1_ps(256.0f);
+    const float pre = a.wide ? 1.0f : 256.0f;
     for (int64_t n = n0; n < n1; ++n) {
         const uint8_t* wr = a.w + n * a.k;
         const int64_t srow = (n / 32) * a.sk;
         __m512 tot[2][M];
         float side[M];
         for (int r = 0; r < M; ++r) { tot[0][r] = tot[1][r] = _mm512_setzero_ps(); side[r] = 0.0f; }
+        auto scale = [&](int64_t k0) { const int64_t si = srow + k0 / 32; return a.s8 ? kE8M0[a.s8[si]] : a.s32[si]; };
         int64_t k0 = 0;
-        for (int c = 0; k0 + 32 <= a.k; k0 += 32, c ^= 1) {
-            if ((k0 & 127) == 0) {   // software prefetch, as rows_m
-                _mm_prefetch(reinterpret_cast<const char*>(wr + k0 + kPrefetch), _MM_HINT_T0);
-                _mm_prefetch(reinterpret_cast<const char*>(wr + k0 + kPrefetch + 64), _MM_HINT_T0);
-            }
-            const int64_t si = srow + k0 / 32;
-            const float sc = a.s8 ? kE8M0[a.s8[si]] : a.s32[si];
-            const __m512i h = widen32(wr + k0);
-            if (has_nan32(h)) {
-                for (int r = 0; r < M; ++r) {
-                    const float* xr = x + r * a.k + k0;
-                    float t = 0.0f;
-                    for (int64_t j = 0; j < 32; ++j) t += kE4M3[wr[k0 + j]] * xr[j];
-                    side[r] += t * sc;
+        for (; k0 + kBlk <= a.k; k0 += kBlk) {
+            // software prefetch kPrefetch bytes ahead, as rows_m
+            _mm_prefetch(reinterpret_cast<const char*>(wr + k0 + kPrefetch), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(wr + k0 + kPrefetch + 64), _MM_HINT_T0);
+            if (has_nan128(wr + k0)) {
+                for (int64_t c = 0; c < kBlk; c += 32) {
+                    if (has_nan32(widen32(wr + k0 + c))) chunk_table<M>(a, x, wr, k0 + c, 32, scale(k0 + c), side);
+                    else chunk32<M>(a, x, wr + k0 + c, k0 + c, _mm512_set1_ps(scale(k0 + c) * pre), tot[(c >> 5) & 1]);
                 }
                 continue;
             }
-            __m512 lo, hi;
-            decode32(h, lo, hi);
-            const float sc256 = sc * 256.0f;
-            const bool big = std::isinf(sc256) && !std::isinf(sc);   // sc * 256 overflowed
-            const __m512 scv = _mm512_set1_ps(big ? sc : sc256);
-            for (int r = 0; r < M; ++r) {
-                const float* xr = x + r * a.k + k0;
-                __m512 t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + 16), _mm512_mul_ps(lo, _mm512_loadu_ps(xr)));
-                if (big) t = _mm512_mul_ps(t, k256);
-                tot[c][r] = _mm512_fmadd_ps(t, scv, tot[c][r]);
-            }
+            chunk32<M>(a, x, wr + k0, k0, _mm512_set1_ps(scale(k0) * pre), tot[0]);
+            chunk32<M>(a, x, wr + k0 + 32, k0 + 32, _mm512_set1_ps(scale(k0 + 32) * pre), tot[1]);
+            chunk32<M>(a, x, wr + k0 + 64, k0 + 64, _mm512_set1_ps(scale(k0 + 64) * pre), tot[0]);
+            chunk32<M>(a, x, wr + k0 + 96, k0 + 96, _mm512_set1_ps(scale(k0 + 96) * pre), tot[1]);
         }
-        if (k0 < a.k) {   // the K % 32 tail
-            const int64_t si = srow + k0 / 32;
-            const float sc = a.s8 ? kE8M0[a.s8[si]] : a.s32[si];
-            for (int r = 0; r < M; ++r) {
-                const float* xr = x + r * a.k + k0;
-                float t = 0.0f;
-                for (int64_t j = 0; j < a.k - k0; ++j) t += kE4M3[wr[k0 + j]] * xr[j];
-                side[r] += t * sc;
-            }
+        for (int c = 0; k0 + 32 <= a.k; k0 += 32, c ^= 1) {   // the K % 128 rest, 32 at a time
+            if (has_nan32(widen32(wr + k0))) chunk_table<M>(a, x, wr, k0, 32, scale(k0), side);
+            else chunk32<M>(a, x, wr + k0, k0, _mm512_set1_ps(scale(k0) * pre), tot[c]);
         }
+        if (k0 < a.k) chunk_table<M>(a, x, wr, k0, a.k - k0, scale(k0), side);   // the K % 32 tail
         for (int r = 0; r < M; ++r) y[r * a.n + n] = _mm512_reduce_add_ps(_mm512_add_ps(tot[0][r], tot[1][r])) + side[r];
     }
 }
 
 // 32 E4M3 bytes -> 32 bf16 patterns of their values (exact: E4M3 values are bf16 values, all normal
 // floats once the 1/256 is undone, so vcvtne2ps2bf16 neither rounds nor flushes); NaN bytes -> NaN
-AVX512_BF16 __m512i decode32_bf16(const uint8_t* p) {
+// mult: 256 (undoes the decode's 1/256), or 256 * 2^(e - 127) to fold a block-32 E8M0 scale in (exact while
+// the products are normal: the caller keeps e in [10, 246])
+AVX512_BF16 __m512i decode32_bf16(const uint8_t* p, __m512 mult = _mm512_set1_ps(256.0f)) {
     const __m512i h = widen32(p);
     __m512 lo, hi;
     decode32(h, lo, hi);
-    const __m512 k256 = _mm512_set1_ps(256.0f);
-    const __m512i b = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, k256), _mm512_mul_ps(lo, k256));
+    const __m512i b = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, mult), _mm512_mul_ps(lo, mult));
     const __m512i m7 = _mm512_set1_epi16(0x7F);
     const __mmask32 nan = _mm512_cmpeq_epi16_mask(_mm512_and_si512(h, m7), m7);
     return _mm512_mask_mov_epi16(b, nan, _mm512_set1_epi16(0x7FC0));
@@ -214,11 +224,10 @@ AVX512_FN void rows_avx512(const Fp8Args& a, int64_t n0, int64_t n1) {
     rows_all<Rows128>(a, n0, n1);
 }
 
-// decode_tile_bf16 for block size 32: each 32-chunk's bf16 values times its E8M0 scale 2^(e - 127), by adding
-// (e - 127) to the exponent field of the nonzero, non-NaN values (exact: the caller keeps e in [10, 246])
+// decode_tile_bf16 for block size 32: each 32-chunk's values times its E8M0 scale 2^(e - 127), folded into the
+// decode's multiplier (exact: the caller keeps e in [10, 246])
 AVX512_BF16 void decode_tile_bf16_32(const Fp8Args& a, int64_t n0, int64_t nt, int64_t kb, uint16_t* wd, float* sc) {
     const int64_t k0 = kb * kBlk, kw = std::min(kBlk, a.k - k0);
-    const __m512i m7 = _mm512_set1_epi16(0x7F);
     for (int64_t r = 0; r < nt; ++r) {
         const int64_t n = n0 + r;
         const uint8_t* wr = a.w + n * a.k + k0;
@@ -230,13 +239,8 @@ AVX512_BF16 void decode_tile_bf16_32(const Fp8Args& a, int64_t n0, int64_t nt, i
             _mm_prefetch(reinterpret_cast<const char*>(wr + kBlk), _MM_HINT_T0);
             _mm_prefetch(reinterpret_cast<const char*>(wr + kBlk + 64), _MM_HINT_T0);
         }
-        for (; j + 32 <= kw; j += 32) {
-            const __m512i h = _mm512_and_si512(widen32(wr + j), m7);
-            const __mmask32 live = _mm512_test_epi16_mask(h, h) & ~_mm512_cmpeq_epi16_mask(h, m7);
-            const __m512i b = decode32_bf16(wr + j);
-            const __m512i add = _mm512_set1_epi16(static_cast<int16_t>((static_cast<int>(sr[j / 32]) - 127) * 128));
-            _mm512_storeu_si512(out + j, _mm512_mask_add_epi16(b, live, b, add));
-        }
+        for (; j + 32 <= kw; j += 32)   // 256 * 2^(e - 127) = 2^(e - 119), a normal float for e >= 10
+            _mm512_storeu_si512(out + j, decode32_bf16(wr + j, _mm512_set1_ps(bits_f32(static_cast<uint32_t>(sr[j / 32] + 8) << 23))));
         for (; j < kw; ++j) {   // the K % 32 tail
             const uint8_t byte = wr[j];
             out[j] = (byte & 0x7F) == 0x7F ? static_cast<uint16_t>(0x7FC0 | ((byte & 0x80) << 8))
@@ -292,6 +296,13 @@ AVX512 __m512i e4m3_bf16(__m512i h, const __m512i tb[4]) {
     // b | (h << 8 & 0x8000): the sign bit
     return _mm512_ternarylogic_epi32(b, _mm512_slli_epi16(h, 8), _mm512_set1_epi16(static_cast<int16_t>(0x8000)), 0xF8);
 }
+// bf16 values b plus `add` (e - 127 in the exponent field) where b is nonzero and not NaN
+AVX512 __m512i fold_exp(__m512i b, __m512i add) {
+    const __m512i mag = _mm512_set1_epi16(0x7FFF);
+    const __mmask32 live = _mm512_test_epi16_mask(b, mag) &
+                           ~_mm512_cmpeq_epi16_mask(_mm512_and_si512(b, mag), _mm512_set1_epi16(0x7FC0));
+    return _mm512_mask_add_epi16(b, live, b, add);
+}
 }  // namespace
 
 // decode_tile_bf16's values transposed: the 16 rows' bytes are transposed as dwords in registers (64 bytes
@@ -300,7 +311,8 @@ AVX512 __m512i e4m3_bf16(__m512i h, const __m512i tb[4]) {
 AVX512_FN bool decode_tile_bf16_t(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint32_t* wt, float* sc) {
     const Fp8Args& a = *static_cast<const Fp8Args*>(ctx);
     const int64_t k0 = kb * kBlk;
-    if (a.k - k0 < kBlk || a.bs != 128) return false;
+    if (a.k - k0 < kBlk || (a.bs != 128 && !a.s8)) return false;
+    const bool fold = a.bs == 32;   // block 32: E8M0 scales folded into the values (the caller checked the range)
     static const E4M3Tables tables;
     __m512i tb[4];
     for (int i = 0; i < 4; ++i) tb[i] = _mm512_load_si512(tables.t + 32 * i);
@@ -318,10 +330,25 @@ AVX512_FN bool decode_tile_bf16_t(const void* ctx, int64_t n0, int64_t nt, int64
             wr[j] = a.w + (n0 + g + r) * a.k + k0;
             _mm_prefetch(reinterpret_cast<const char*>(wr[j] + 8 * kBlk), _MM_HINT_T0);
             _mm_prefetch(reinterpret_cast<const char*>(wr[j] + 8 * kBlk + 64), _MM_HINT_T0);
-            if (j < rows) {
+            if (j < rows && !fold) {
                 const int64_t n = n0 + g + j, si = (n / kBlk) * a.sk + kb;
                 sc[g + j] = a.s8 ? kE8M0[a.s8[si]] : a.s32[si];
             }
+            if (j < rows && fold) sc[g + j] = 1.0f;
+        }
+        // block 32: per 32-block c of the K block, lane j's exponent offset (e - 127) in both 16-bit halves
+        __m512i add[kBlk / 32];
+        if (fold) {
+            alignas(64) uint32_t e[kBlk / 32][16];
+            for (int j = 0; j < 16; ++j) {
+                const int64_t n = n0 + g + std::min<int64_t>(j, rows - 1);
+                const uint8_t* sr = a.s8 + (n / 32) * a.sk + kb * (kBlk / 32);
+                for (int c = 0; c < kBlk / 32; ++c) {
+                    const uint32_t u = static_cast<uint16_t>((static_cast<int>(sr[c]) - 127) * 128);
+                    e[c][j] = u | (u << 16);
+                }
+            }
+            for (int c = 0; c < kBlk / 32; ++c) add[c] = _mm512_load_si512(e[c]);
         }
         for (int64_t half = 0; half < kBlk; half += 64) {
             __m512i v[16];
@@ -329,8 +356,15 @@ AVX512_FN bool decode_tile_bf16_t(const void* ctx, int64_t n0, int64_t nt, int64
             transpose16(v);   // v[q] lane j: bytes half + 4q .. + 3 of row j = pairs half / 2 + 2q, + 1
             for (int64_t q = 0; q < 16; ++q) {
                 uint32_t* out = wt + (half / 2 + 2 * q) * kNt + g;
-                _mm512_storeu_si512(out, e4m3_bf16(_mm512_shuffle_epi8(v[q], spread0), tb));
-                _mm512_storeu_si512(out + kNt, e4m3_bf16(_mm512_shuffle_epi8(v[q], spread1), tb));
+                const int c = static_cast<int>((half + 4 * q) / 32);
+                __m512i b0 = e4m3_bf16(_mm512_shuffle_epi8(v[q], spread0), tb);
+                __m512i b1 = e4m3_bf16(_mm512_shuffle_epi8(v[q], spread1), tb);
+                if (fold) {
+                    b0 = fold_exp(b0, add[c]);
+                    b1 = fold_exp(b1, add[c]);
+                }
+                _mm512_storeu_si512(out, b0);
+                _mm512_storeu_si512(out + kNt, b1);
             }
         }
     }

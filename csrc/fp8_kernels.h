@@ -15,6 +15,7 @@ struct Fp8Args {
     float* y;              // [m, n]
     int64_t m, n, k, sk;
     int64_t bs = 128;      // block size of the scales: 128 (V4) or 32 (V4.1)
+    bool wide = true;      // bs = 32: some scale * 256 may overflow float32 (the GEMV then scales in two steps)
 };
 
 #if defined(DSV4RT_X86)
@@ -25,8 +26,9 @@ void rows_avx512(const Fp8Args& a, int64_t n0, int64_t n1);
 // four E8M0 scales of the 128-wide K block are folded into the bf16 values (exact where every scale byte
 // is in [10, 246]: the caller checks) and sc = 1
 void decode_tile_bf16(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint16_t* wd, float* sc);
-// bf16_gemm.h DecodeTFn: the same values transposed (16 rows gathered a dword at a time), full K blocks of
-// block size 128 only (false otherwise: gemm_few then transposes decode_tile_bf16's tile)
+// bf16_gemm.h DecodeTFn: the same values transposed (16 rows gathered a dword at a time; block 32 with the
+// scales folded in as decode_tile_bf16), full K blocks only (false otherwise: gemm_few then transposes
+// decode_tile_bf16's tile)
 bool decode_tile_bf16_t(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint32_t* wt, float* sc);
 #endif
 

@@ -134,7 +134,8 @@ def test_set_isa_and_build_facts():
 
 @needs_c
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_act_quant_bit_identical_to_formats(dtype):
+@pytest.mark.parametrize("block", [128, 32])
+def test_act_quant_bit_identical_to_formats(dtype, block):
     """_C.act_quant_fp8 (the GEMMs' act_quant='fp8') gives the bits of q * s of formats.act_quant_fp8: partial
     last block, blocks below the 1e-4 amax floor, huge and subnormal values, values that saturate, NaN and
     Inf blocks."""
@@ -148,16 +149,22 @@ def test_act_quant_bit_identical_to_formats(dtype):
     x[5, 0] = 3e38
     x = x.to(dtype)
     out = np.full(x.shape, np.nan, f32)
-    _C.act_quant_fp8(x.view(torch.int16).numpy() if dtype == torch.bfloat16 else x.numpy(), out)
+    _C.act_quant_fp8(x.view(torch.int16).numpy() if dtype == torch.bfloat16 else x.numpy(), out, block)
     with np.errstate(invalid="ignore"):                  # the Inf block: inf / inf and 0 * inf
-        q, sc = act_quant_fp8(x.float().numpy())
-        want = q * np.repeat(sc, 128, axis=1)[:, :300]
+        q, sc = act_quant_fp8(x.float().numpy(), block)
+        want = q * np.repeat(sc, block, axis=1)[:, :300]
     nan = np.isnan(want)
     assert np.array_equal(np.isnan(out), nan)                       # NaN payloads may differ, positions not
     assert np.array_equal(out[~nan].view(np.uint32), want[~nan].astype(f32).view(np.uint32))
-    assert np.isnan(out[3, 128:256]).all() and np.isnan(out[4, 256:]).all() and not np.isnan(out[0]).any()
+    nan3 = slice(128, 256) if block == 128 else slice(128, 160)     # the block holding x[3, 130]
+    nan4 = slice(256, 300) if block == 128 else slice(256, 288)     # the block holding x[4, 260]
+    assert np.isnan(out[3, nan3]).all() and np.isnan(out[4, nan4]).all() and not np.isnan(out[0]).any()
+    if block == 32:
+        assert not np.isnan(out[3, 160:]).any() and not np.isnan(out[4, 288:]).any()
     with pytest.raises(ValueError, match="act_quant_fp8: argument 'out'"):
         _C.act_quant_fp8(np.zeros((2, 4), f32), np.zeros((2, 5), f32))
+    with pytest.raises(ValueError, match="act_quant_fp8: argument 'block'"):
+        _C.act_quant_fp8(np.zeros((2, 4), f32), np.zeros((2, 4), f32), 64)
 
 
 @needs_c

@@ -288,6 +288,76 @@ def test_fp8_gemm_nan_weight_bytes_and_subnormals(m, xdtype):
 
 
 
+def rand_fp8_blocks(n: int, k: int, seed: int, bs: int, scales: str):
+    """E4M3 weights (finite) and bs x bs scales: 'e8m0' bytes 118..126, 'f32' float32, 'low' bytes 1..12 (no
+    exact bf16 fold: the blocked path declines), 'wide' bytes up to 250 (scale * 256 overflows float32)."""
+    w, _ = rand_fp8(n, k, seed)
+    g = gen(seed + 1)
+    sn, sk = -(-n // bs), -(-k // bs)
+    lo, hi = {"e8m0": (118, 127), "low": (1, 13), "wide": (240, 251)}.get(scales, (0, 0))
+    s = torch.rand(sn, sk, generator=g) * 0.01 + 1e-3 if scales == "f32" else \
+        torch.randint(lo, hi, (sn, sk), generator=g, dtype=torch.int32).to(torch.uint8)
+    return w, s
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 256, 512), (2, 70, 300), (4, 40, 1280), (9, 64, 256), (40, 96, 520),
+                                   (33, 130, 129), (64, 7, 1001)])
+@pytest.mark.parametrize("act_quant", [None, "fp8"])
+@pytest.mark.parametrize("scales", ["e8m0", "f32", "low", "wide"])
+@pytest.mark.parametrize("path", ["gemv", "blocked", "invariant"])
+def test_fp8_gemm_block32(m, n, k, act_quant, scales, path, monkeypatch):
+    """block_size=32 (V4.1): the block-32 GEMV, the blocked AVX512-BF16 GEMM with the E8M0 scales folded into
+    the weights, its refusal where folding is not exact (float32 scales, bytes outside [10, 246]: the GEMV
+    runs), the two-step scaling where scale * 256 overflows, ragged N and K (K % 32 != 0 too)."""
+    x = torch.randn(m, k, generator=gen(m * 3 + k)).to(torch.bfloat16)
+    if scales == "wide":
+        x = (x.float() * 2.0**-100).to(torch.bfloat16)   # keeps 448 * 2^123 * x finite
+    w, s = rand_fp8_blocks(n, k, n + k, 32, scales)
+    args = {"x": x, "w": w, "w_scale": s, "act_quant": act_quant, "block_size": 32}
+    with gemm_path(path, monkeypatch, "FP8_GEMV_MAX_M", 1 << 30):
+        check(tol.gemm, "fp8_gemm", args, ops.fp8_gemm(**args, backend=NATIVE))
+
+
+@pytest.mark.parametrize("m", [1, 3, 20])
+def test_fp8_gemm_block32_nan_codes_and_row_blocks(m):
+    """block_size=32: NaN bytes make their column NaN (GEMV table chunks, bf16 decode); each 32-row block of
+    N has its own scales (a weight whose rows differ only by scale row gives scaled outputs)."""
+    w, s = rand_fp8_blocks(96, 320, 5, 32, "e8m0")
+    b = w.view(torch.uint8).clone()
+    b[5, 33], b[70, 319] = 0x7F, 0xFF
+    args = {"x": torch.randn(m, 320, generator=gen(6)).bfloat16(), "w": b.view(torch.float8_e4m3fn), "w_scale": s,
+            "act_quant": "fp8", "block_size": 32}
+    y = ops.fp8_gemm(**args, backend=NATIVE)
+    assert y.isnan().any(0).nonzero().flatten().tolist() == [5, 70]
+    b[32:64] = b[0:32]
+    s2 = s.clone()
+    s2[1] = s2[0] + 2                                     # rows 32..63: the weights of rows 0..31 times 4
+    y = ops.fp8_gemm(**dict(args, w=b.view(torch.float8_e4m3fn), w_scale=s2), backend=NATIVE).float()
+    ok = [i for i in range(32) if i != 5]
+    torch.testing.assert_close(y[:, [i + 32 for i in ok]], 4 * y[:, ok], rtol=2**-7, atol=0)
+
+
+@pytest.mark.parametrize("path", ["gemv", "blocked", "invariant"])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_fp4_gemm_act_block32(path, grouped, monkeypatch):
+    """act_block_size=32: activation scales per 32 k. An outlier at k = 0 with a zero weight there makes
+    1x128 blocks round the rest of the first 128 k to zero, so the wrong block size cannot pass."""
+    m, n, k = 12, 64, 352
+    x = torch.randn(m, k, generator=gen(21)).bfloat16()
+    x[:, 0] = 2.0**20
+    w, s = rand_fp4(*((3,) if grouped else ()), n=n, k=k, seed=22)
+    w[..., 0] &= 0xF0
+    args = {"x": x, "w": w, "w_scale": s, "act_quant": "fp8", "act_block_size": 32}
+    op = "fp4_grouped_gemm" if grouped else "fp4_gemm"
+    if grouped:
+        args["offsets"] = torch.tensor([0, 5, 5, m], dtype=torch.int32)
+    with gemm_path(path, monkeypatch, "GEMV_MAX_M", 1 << 30):
+        y = getattr(ops, op)(**args, backend=NATIVE)
+    check(tol.gemm, op, args, y)
+    wrong = getattr(ref, op)(**dict(args, act_block_size=128))
+    assert not tol.gemm(op, args, (wrong.float(),), (getattr(ref, op)(**args),)).passed
+
+
 @pytest.mark.parametrize("case", ["f32-exact", "f32-inexact", "bf16-subnormal", "bf16-tiny", "f32-nan-inf", "fp16"])
 def test_fp8_gemm_activations_that_leave_the_bf16_path(case):
     """The blocked AVX512-BF16 path takes x only where it is exactly bf16 and its products with the weights
