@@ -81,6 +81,18 @@ for path in ("small", "large"):
             rand_e8m0(gen, (-(-n // 128), -(-k // 128)), 118, 126)
         args = {"x": randn(m, k), "w": rand_e4m3(gen, (n, k)), "w_scale": scale, "act_quant": None}
         check(f"fp8 {path} M{m}-N{n}-K{k} f32scale={f32}", "fp8_gemm", args, G.fp8_gemm, path=path)
+    # V4.1: 32x32 weight blocks (per-column scale vectors in the kernel), 1x32 activation blocks
+    for m, n, k, f32, act in ((1, 200, 300, False, None), (3, 72, 1280, False, "fp8"), (40, 130, 352, True, "fp8"),
+                              (64, 96, 256, False, None)):
+        sh = (-(-n // 32), -(-k // 32))
+        scale = torch.rand(sh, generator=gen) + 0.5 if f32 else rand_e8m0(gen, sh, 116, 130)
+        args = {"x": randn(m, k), "w": rand_e4m3(gen, (n, k)), "w_scale": scale, "act_quant": act, "block_size": 32}
+        check(f"fp8 {path} bs32 M{m}-N{n}-K{k} f32scale={f32} {act}", "fp8_gemm", args, G.fp8_gemm, path=path)
+    args = fp4_args(20, k=288, act="fp8")
+    args["x"][:, 0] = 2.0 ** 20          # with 1x128 blocks the rest of the first 128 k would round to zero
+    args["w"][:, 0] &= 0xF0
+    args["act_block_size"] = 32
+    check(f"fp4 {path} ab32 outlier", "fp4_gemm", args, G.fp4_gemm, path=path)
 
 blocks = torch.tensor([0.0, 1e-9, 3e-5, 1.0, 7.5, 448.0, 1e4, 3e30])  # one magnitude per 128-wide block
 for dt in (torch.float32, torch.bfloat16, torch.float16):
@@ -99,6 +111,18 @@ for dt in (torch.float32, torch.bfloat16, torch.float16):
     out["quant"][str(dt)] = {"q": bool(torch.equal(q.view(torch.int32), rq.view(torch.int32))),
                              "s": bool(torch.equal(s.view(torch.int32), rs.view(torch.int32))),
                              "shapes": [list(q.shape), list(s.shape), list(rq.shape), list(rs.shape)]}
+out["quant32"] = {}
+for dt in (torch.float32, torch.bfloat16):   # V4.1's 1x32 blocks, magnitudes changing every 32 k
+    x = (torch.randn((7, 300), generator=gen) * torch.logspace(-12, 12, 10).repeat_interleave(32)[:300]).to(dt)
+    x[2, 40] = float("nan"); x[3, 70] = float("inf")
+    q, s = G.act_quant_fp8(x, 32)
+    rq, rs = formats.act_quant_fp8(x, 32)
+    out["quant32"][str(dt)] = {"q": bool(torch.equal(torch.where(q.isnan(), 0.0, q).view(torch.int32),
+                                                     torch.where(rq.isnan(), 0.0, rq).view(torch.int32))
+                                         and torch.equal(q.isnan(), rq.isnan())),
+                               "s": bool(torch.equal(s.nan_to_num(1.0, 2.0).view(torch.int32),
+                                                     rs.nan_to_num(1.0, 2.0).view(torch.int32))),
+                               "shape": list(s.shape)}
 x = torch.randn((6, 300), generator=gen)
 x[0, 5] = float("inf"); x[1, 200] = float("-inf"); x[2, 3] = float("nan"); x[3, 7] = float("nan"); x[3, 9] = float("inf")
 x[4, 290] = float("nan")   # one non-finite kind per block, rows 5 finite
@@ -181,3 +205,18 @@ def test_act_quant_fp8_non_finite_blocks_as_formats(report: dict, dtype: str) ->
     row = report["quant-nonfinite"][dtype]
     assert row["s"], "scales of non-finite blocks differ from dsv4rt.formats.act_quant_fp8"
     assert row["q"], "quantised values of non-finite blocks differ from dsv4rt.formats.act_quant_fp8"
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("dtype", ["torch.float32", "torch.bfloat16"])
+def test_act_quant_fp8_block32_bit_exact(report: dict, dtype: str) -> None:
+    """The quantiser with 1x32 blocks (V4.1) as dsv4rt.formats.act_quant_fp8(x, 32), non-finite blocks included."""
+    row = report["quant32"][dtype]
+    assert row["shape"] == [7, 10] and row["s"] and row["q"], row
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("path", ["small", "large"])
+def test_v41_block32_kernels_ran(report: dict, path: str) -> None:
+    rows = {k: v for k, v in report["value"].items() if k.startswith(f"fp8 {path} bs32") or k == f"fp4 {path} ab32 outlier"}
+    assert len(rows) == 5 and all(v["passed"] for v in rows.values()), rows
