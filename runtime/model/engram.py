@@ -91,6 +91,11 @@ class Engram:
         return (h + gate.unsqueeze(-1) * value.unsqueeze(1)).to(x.dtype)
 
     def _lookup(self, ops: OpCaller, rows: Tensor) -> Tensor:
+        """The rows, gathered where the table lies (a memory-mapped checkpoint table stays in host memory while
+        the model runs on an accelerator: 24 rows per token cross, never the table), on the rows' device."""
+        ids = rows.to(self.table.device)
         if self.par is not None:
-            return self.par.engram_lookup(ops, rows, self.table, self.table_scale, self.part, self.out_dtype)
-        return ops.engram_lookup(rows, self.table, self.table_scale, self.out_dtype)
+            out = self.par.engram_lookup(ops, ids, self.table, self.table_scale, self.part, self.out_dtype)
+        else:
+            out = ops.engram_lookup(ids, self.table, self.table_scale, self.out_dtype)
+        return out.to(rows.device)
