@@ -67,8 +67,9 @@ class Engram:
         if self.par is not None:   # row-sharded over the TP group: this rank keeps rows [a, b) (views, no copy)
             self.part = self.par.tp_range(self.table.shape[0])
             self.table, self.table_scale = (t[self.part[0]:self.part[1]] for t in (self.table, self.table_scale))
-            if ld.device.type != "cpu":   # a rank's share (1/tp of ~100 GB) lives on its device, where the
-                self.table, self.table_scale = (t.to(ld.device) for t in (self.table, self.table_scale))  # all-reduce runs
+            if ld.device.type != "cpu":
+                # a rank's share (1/tp of ~100 GB per table) lives on its device, where the all-reduce runs
+                self.table, self.table_scale = (t.to(ld.device) for t in (self.table, self.table_scale))
         self.wkv = ld.fp8(f"{prefix}.wkv")
         self.weight = ld.f32(f"{prefix}.q_weight") * ld.f32(f"{prefix}.k_weight")
         # the release dequantises the rows to bf16; an fp32 model keeps them exact
