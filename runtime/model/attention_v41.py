@@ -44,7 +44,9 @@ class Attention41(Attention):
         self.q_norm = ld.f32(f"{prefix}.q_norm.weight")
         self.kv_norm = ld.f32(f"{prefix}.kv_norm.weight")
         self.wq_b = ld.fp8(f"{prefix}.wq_b", tp_dim=0)
-        self.wo_a = ld.act(f"{prefix}.wo_a.weight", tp_dim=0).view(self.groups, cfg.o_lora_rank, -1)
+        fp8_wo_a = f"{prefix}.wo_a.scale" in (getattr(ld.source, "schema", None) or {})
+        wo_a = ld.fp8_dequant(f"{prefix}.wo_a", tp_dim=0) if fp8_wo_a else ld.act(f"{prefix}.wo_a.weight", tp_dim=0)
+        self.wo_a = wo_a.view(self.groups, cfg.o_lora_rank, -1)
         self.wo_b = ld.fp8(f"{prefix}.wo_b", tp_dim=1)
         self.sink = ld.f32(f"{prefix}.attn_sink", tp_dim=0)
         self.scale = self.head_dim ** -0.5

@@ -79,7 +79,9 @@ class Checkpoint:
             if kind and kind != self.cfg.expert_dtype:
                 log.info("dsv4rt: %s stores %s experts; using expert_dtype=%s", self.root, kind, kind)
                 self.cfg = self.cfg.replace(expert_dtype=kind)
-        self.schema: dict[str, TensorSpec] = checkpoint_schema(self.cfg)
+        # V4.1: wo_a as the release stores it (FP8 + scales) or as the official convert.py writes it (bf16)
+        fp8_wo_a = "layers.0.attn.wo_a.scale" in self.where
+        self.schema: dict[str, TensorSpec] = checkpoint_schema(self.cfg, fp8_wo_a=fp8_wo_a)
         self._validate()
         self._progress: Progress | None = None
 

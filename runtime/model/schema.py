@@ -129,11 +129,11 @@ def block_schema(cfg: ModelConfig, layer: int) -> Iterator[TensorSpec]:
         yield from _head(f"{p}.", cfg)
 
 
-def checkpoint_schema(cfg: ModelConfig, mtp: bool = True) -> dict[str, TensorSpec]:
+def checkpoint_schema(cfg: ModelConfig, mtp: bool = True, fp8_wo_a: bool = False) -> dict[str, TensorSpec]:
     """name -> TensorSpec of every tensor of the checkpoint, in a stable order (top level, layers, MTP)."""
     if cfg.is_v41:
         from .schema_v41 import checkpoint_schema_v41
-        return checkpoint_schema_v41(cfg, mtp)
+        return checkpoint_schema_v41(cfg, mtp, fp8_wo_a)
     specs = [TensorSpec("embed.weight", (cfg.vocab_size, cfg.dim), (BF16,)),
              TensorSpec("head.weight", (cfg.vocab_size, cfg.dim), (BF16,)),
              TensorSpec("norm.weight", (cfg.dim,), (BF16,)), *_head("", cfg)]

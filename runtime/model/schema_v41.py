@@ -21,7 +21,7 @@ def _lin(name: str, cfg: ModelConfig, out: int, inp: int) -> Iterator[TensorSpec
     yield from _fp8(name, out, inp, block=cfg.fp8_block)
 
 
-def _attention(p: str, cfg: ModelConfig, layer: int) -> Iterator[TensorSpec]:
+def _attention(p: str, cfg: ModelConfig, layer: int, fp8_wo_a: bool) -> Iterator[TensorSpec]:
     h, hd, dim = cfg.n_heads, cfg.head_dim, cfg.dim
     yield TensorSpec(f"{p}.attn_sink", (h,), (F32,))
     yield from _lin(f"{p}.wq_a", cfg, cfg.q_lora_rank, dim)
@@ -29,14 +29,18 @@ def _attention(p: str, cfg: ModelConfig, layer: int) -> Iterator[TensorSpec]:
     yield from _lin(f"{p}.wq_b", cfg, h * hd, cfg.q_lora_rank)
     yield from _lin(f"{p}.wkv", cfg, hd, dim)
     yield TensorSpec(f"{p}.kv_norm.weight", (hd,), (BF16,))
-    yield TensorSpec(f"{p}.wo_a.weight", (cfg.o_groups * cfg.o_lora_rank, h * hd // cfg.o_groups), (BF16,))
+    wo_a = (cfg.o_groups * cfg.o_lora_rank, h * hd // cfg.o_groups)
+    if fp8_wo_a:   # as the HF release may store it (the official convert.py dequantises it to bf16)
+        yield from _lin(f"{p}.wo_a", cfg, *wo_a)
+    else:
+        yield TensorSpec(f"{p}.wo_a.weight", wo_a, (BF16, F32))
     yield from _lin(f"{p}.wo_b", cfg, dim, cfg.o_groups * cfg.o_lora_rank)
     if layer >= cfg.n_layers:
         return
     if layer in cfg.kv_source_layers:
-        yield TensorSpec(f"{p}.compressor.wkv.weight", (hd, dim), (BF16,))
+        yield TensorSpec(f"{p}.compressor.wkv.weight", (hd, dim), (BF16, F32))
         if cfg.ratio(layer) > 1:
-            yield TensorSpec(f"{p}.compressor.wgate.weight", (hd, dim), (BF16,))
+            yield TensorSpec(f"{p}.compressor.wgate.weight", (hd, dim), (BF16, F32))
         yield TensorSpec(f"{p}.compressor.norm.weight", (hd,), (BF16,))
     if layer in cfg.index_source_layers:
         ih, ihd = cfg.index_n_heads, cfg.index_head_dim
@@ -87,10 +91,10 @@ def _dspark(p: str, cfg: ModelConfig, stage: int) -> Iterator[TensorSpec]:
         yield TensorSpec(f"{p}.confidence_head.proj.weight", (1, dim + rank), (BF16, F32))
 
 
-def block_schema_v41(cfg: ModelConfig, layer: int) -> Iterator[TensorSpec]:
+def block_schema_v41(cfg: ModelConfig, layer: int, fp8_wo_a: bool = False) -> Iterator[TensorSpec]:
     """Tensors of one V4.1 block (a backbone layer, or DSpark block ``layer - n_layers``)."""
     p = layer_prefix(cfg, layer)
-    yield from _attention(f"{p}.attn", cfg, layer)
+    yield from _attention(f"{p}.attn", cfg, layer, fp8_wo_a)
     yield TensorSpec(f"{p}.attn_norm.weight", (cfg.dim,), (BF16,))
     yield from _moe(f"{p}.ffn", cfg, layer)
     yield TensorSpec(f"{p}.ffn_norm.weight", (cfg.dim,), (BF16,))
@@ -102,11 +106,12 @@ def block_schema_v41(cfg: ModelConfig, layer: int) -> Iterator[TensorSpec]:
         yield from _dspark(p, cfg, layer - cfg.n_layers)
 
 
-def checkpoint_schema_v41(cfg: ModelConfig, mtp: bool = True) -> dict[str, TensorSpec]:
-    """name -> TensorSpec of every text-model tensor of a V4.1 checkpoint (top level, layers, DSpark)."""
+def checkpoint_schema_v41(cfg: ModelConfig, mtp: bool = True, fp8_wo_a: bool = False) -> dict[str, TensorSpec]:
+    """name -> TensorSpec of every text-model tensor of a V4.1 checkpoint (top level, layers, DSpark);
+    ``fp8_wo_a``: the grouped output projection stored FP8 with 32x32 scales instead of bf16."""
     specs = [TensorSpec("embed.weight", (cfg.vocab_size, cfg.dim), (BF16,)),
-             TensorSpec("head.weight", (cfg.vocab_size, cfg.dim), (BF16,)),
+             TensorSpec("head.weight", (cfg.vocab_size, cfg.dim), (BF16, F32)),
              TensorSpec("norm.weight", (cfg.dim,), (BF16,))]
     for layer in range(cfg.n_layers + (cfg.n_mtp_layers if mtp else 0)):
-        specs.extend(block_schema_v41(cfg, layer))
+        specs.extend(block_schema_v41(cfg, layer, fp8_wo_a))
     return {s.name: s for s in specs}

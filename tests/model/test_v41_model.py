@@ -133,3 +133,26 @@ def test_synth_writes_a_loadable_released_format_checkpoint(tmp_path):
     assert cfg["model_type"] == "deepseek_v41" and cfg["quantization_config"]["weight_block_size"] == [32, 32]
     assert (out / "tokenizer.json").is_file() and load_config(str(out)).name == "tiny-v41"
     assert len(Checkpoint(str(out)).schema) == len(checkpoint_schema(preset("tiny-v41")))
+
+
+def test_fp8_wo_a_as_the_release_may_store_it(ck, tmp_path):
+    from dsv4rt.formats import dequant_fp8_block, quant_fp8_block
+    from dsv4rt.model.checkpoint import write_checkpoint
+
+    tensors = []
+    for name in ck.schema:
+        t = ck.get(name)
+        if name.endswith("attn.wo_a.weight"):
+            w8, s = quant_fp8_block(t.float(), 32)
+            tensors += [(name, w8), (name[:-len("weight")] + "scale", s.view(torch.float8_e8m0fnu))]
+        else:
+            tensors.append((name, t))
+    out = write_checkpoint(str(tmp_path / "fp8-wo-a"), ck.cfg, tensors)
+    ck8 = Checkpoint(out)
+    assert ck8.schema["layers.0.attn.wo_a.weight"].dtype == "F8_E4M3"
+    model = Transformer(ck8.cfg, ck8, dtype=torch.float32)
+    w8, s8 = ck8.get("layers.0.attn.wo_a.weight"), ck8.get("layers.0.attn.wo_a.scale")
+    want = dequant_fp8_block(w8, s8, 32, torch.float32)
+    assert torch.equal(model.layers[0].attn.wo_a.reshape(want.shape), want)
+    logits = model.forward(torch.randint(3, 259, (1, 20)), model.new_cache(1, 64))
+    assert torch.isfinite(logits).all()
