@@ -251,7 +251,7 @@ def _run(opts: RunOptions, out: TextIO, distributed: bool) -> int:
             print(f"{'text' + tag:<8} " + _printable(tok.decode(res.tokens[i])), file=out)
             ids = res.tokens[i]
             print(f"{'ids' + tag:<8} {ids[:16]}{' ...' if len(ids) > 16 else ''}", file=out)
-        _timings(res, out)
+        _timings(res, prompts, out)
         _ops(model, out)
         if opts.check:
             return 0 if _check(opts, model, device, choice, prompts, res, out) else 1
@@ -266,12 +266,34 @@ def _use(choice: str) -> Iterator[None]:
         yield
 
 
-def _timings(res: GenerationResult, out: TextIO) -> None:
-    print(f"prefill  {res.prompt_tokens} tokens in {res.prefill_s:.3f} s = {res.prefill_tok_s:.1f} tok/s", file=out)
+def _timings(res: GenerationResult, prompts: list[list[int]], out: TextIO) -> None:
+    """Prefill / decode figures: one sequence as before; a batch per sequence and in total, saying which
+    prompt tokens were prefilled together (the shortest prompt's length) and which went through decode steps."""
+    b = len(prompts)
+    if b == 1:
+        print(f"prefill  {res.prompt_tokens} tokens in {res.prefill_s:.3f} s = {res.prefill_tok_s:.1f} tok/s", file=out)
+        if res.decode_steps:
+            print(f"decode   {res.decode_steps} tokens in {res.decode_s:.3f} s = {res.decode_tok_s:.1f} tok/s",
+                  file=out)
+        else:
+            print("decode   0 tokens (stopped after the first generated token)", file=out)
+        return
+    common = min(len(p) for p in prompts)
+    fed = res.prompt_tokens - common * b
+    pre_rate = common * b / res.prefill_s if res.prefill_s > 0 else float("inf")
+    print(f"prefill  {common * b} tokens ({b} sequences x {common}, one batch) in {res.prefill_s:.3f} s = "
+          f"{pre_rate:.1f} tok/s in total" + (f"; {fed} more prompt tokens (the longer prompts' rest) went through "
+                                             "the decode steps" if fed else ""), file=out)
+    rows = res.decode_steps * b
     if res.decode_steps:
-        print(f"decode   {res.decode_steps} tokens in {res.decode_s:.3f} s = {res.decode_tok_s:.1f} tok/s", file=out)
+        print(f"decode   {res.decode_steps} steps x {b} sequences = {rows} tokens in {res.decode_s:.3f} s = "
+              f"{res.decode_tok_s:.1f} tok/s in total, {res.decode_tok_s / b:.1f} tok/s per sequence", file=out)
     else:
-        print("decode   0 tokens (stopped after the first generated token)", file=out)
+        print("decode   0 steps (every sequence stopped after its first generated token)", file=out)
+    for i, (p, t) in enumerate(zip(prompts, res.tokens)):
+        print(f"  sequence {i + 1}: prompt {len(p)} tokens ({common} prefilled, {len(p) - common} in decode steps), "
+              f"{len(t)} generated", file=out)
+    print(f"  total: prompts {res.prompt_tokens} tokens, {sum(len(t) for t in res.tokens)} generated", file=out)
 
 
 def _ops(model: Transformer, out: TextIO) -> None:

@@ -1,4 +1,4 @@
-"""The DeepSeek-V4 model: embedding -> 4 mHC streams -> blocks -> hc_head -> norm -> fp32 head.
+"""The DeepSeek-V4 model: embedding -> 4 mHC streams -> blocks -> hc_head -> norm -> head (fp32 logits).
 
 Built from any weight source (a validated Checkpoint, or synthetic weights) onto one device; the heavy
 work of every layer goes through the registry ops (``OpCaller``), so the backend is picked by the inputs'
@@ -11,11 +11,11 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from ..invariant import linear
 from .block import Block, MTPBlock, load_hc
 from .cache import KVCache
 from .config import SWA, ModelConfig
 from .functional import rms_norm
+from .head import OutputHead
 from .mhc import hc_head
 from .opcall import OpCaller
 from .ragged import RaggedBatch
@@ -52,7 +52,7 @@ class Transformer:
         self.embed = ld.act("embed.weight", tp_dim=0)
         self.layers = [Block(cfg, i, ld) for i in range(cfg.n_layers)]
         self.norm = ld.f32("norm.weight")
-        self.head = ld.f32("head.weight", tp_dim=0)
+        self.head = OutputHead(ld, "head.weight", tp_dim=0)
         self.hc_head = load_hc(ld, "hc_head")
         self.mtp = [MTPBlock(cfg, cfg.n_layers + i, ld) for i in range(cfg.n_mtp_layers if mtp else 0)]
         self.rope = rope_tables(cfg, self.device)
@@ -117,7 +117,7 @@ class Transformer:
         y = y.view(b, s, -1)
         if not all_logits:
             y = y[:, -1]
-        logits = linear(y.float(), self.head)
+        logits = self.head(y)
         return logits if self._tp is None else self._tp.gather_vocab(logits, self.cfg.vocab_size)
 
     @torch.inference_mode()

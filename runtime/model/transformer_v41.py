@@ -1,5 +1,5 @@
 """The DeepSeek-V4.1 text model (official ``Transformer.forward``): embedding -> hc_mult streams -> per layer
-(Engram, then the single-pass mHC block) -> collapse with the last block's ``pre`` -> norm -> fp32 head.
+(Engram, then the single-pass mHC block) -> collapse with the last block's ``pre`` -> norm -> head (fp32 logits).
 
 ``Transformer(cfg, ...)`` builds this class for a V4.1 config; it has the V4 model's interface
 (``forward``, ``forward_ragged``, ``new_cache``, ``load_order``), so generation, ``dsv4rt run`` and
@@ -12,12 +12,12 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from ..invariant import linear
 from .block_v41 import Block41
 from .cache_v41 import KVCache41
 from .config import SWA, ModelConfig
 from .engram import token_classes
 from .functional import rms_norm
+from .head import OutputHead
 from .indexer_v41 import Shared41
 from .mhc import hc_collapse
 from .opcall import OpCaller
@@ -40,7 +40,7 @@ class Transformer41:
         self.embed = ld.act("embed.weight", tp_dim=0)
         self.layers = [Block41(cfg, i, ld) for i in range(cfg.n_layers)]
         self.norm = ld.f32("norm.weight")
-        self.head = ld.f32("head.weight", tp_dim=0)
+        self.head = OutputHead(ld, "head.weight", tp_dim=0)
         self.mtp = [Block41(cfg, cfg.n_layers + i, ld) for i in range(cfg.n_mtp_layers if mtp else 0)]
         self.classes = token_classes(cfg, source, self.device) if cfg.engram_layer_ids else None
         self.pad_class = int(self.classes[cfg.engram_pad_id]) if self.classes is not None else 0
@@ -111,5 +111,5 @@ class Transformer41:
         return self.embed[ids] if self._tp is None else self._tp.embed(self.embed, ids, self.cfg.vocab_size)
 
     def _head(self, y: Tensor) -> Tensor:
-        logits = linear(y.float(), self.head)
+        logits = self.head(y)
         return logits if self._tp is None else self._tp.gather_vocab(logits, self.cfg.vocab_size)
