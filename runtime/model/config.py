@@ -153,6 +153,7 @@ class ModelConfig:
                              "beta_slow": self.beta_slow,
                              "original_max_position_embeddings": self.original_seq_len}
         d["num_key_value_heads"] = 1
+        d.update(_HF_FIXED)
         d["quantization_config"] = dict(_QUANT)
         d["expert_dtype"] = self.expert_dtype
         d["torch_dtype"] = "bfloat16"
@@ -224,6 +225,12 @@ def layer_kind(ratio: int) -> str:
 
 _QUANT = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "scale_fmt": "ue8m0",
           "weight_block_size": [128, 128]}
+
+# fields every released V4 config.json carries with these values (the architecture has no other setting for
+# them); written so that peers (vLLM, llama.cpp's converter, transformers) load a preset's config unchanged
+_HF_FIXED = {"attention_bias": False, "attention_dropout": 0.0, "hidden_act": "silu", "initializer_range": 0.02,
+             "norm_topk_prob": True, "tie_word_embeddings": False, "topk_method": "noaux_tc",
+             "transformers_version": "4.57.1", "use_cache": True}
 
 # reference name -> HF name (fields with a different HF spelling, or the same, that HF configs carry)
 _HF_NAMES = {

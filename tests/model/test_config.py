@@ -108,3 +108,23 @@ def test_invalid_configs(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json"):
         load_config(tmp_path)
+
+
+@needs_ref
+@pytest.mark.parametrize("model", ["flash", "pro"])
+@pytest.mark.parametrize("written", ["same model", "tiny", "flash-slice"])
+def test_written_config_has_every_released_key(model, written):
+    """A preset's config.json carries every key of the released one (hidden_act, norm_topk_prob, topk_method,
+    ...), so peers that read the released file (vLLM, llama.cpp's converter) read ours unchanged; for the
+    released model itself every value is the released one too."""
+    released = _json(f"deepseek-v4-{model}.config.json")
+    d = preset(model if written == "same model" else written).to_hf_dict()
+    assert sorted(set(released) - set(d)) == []
+    # keys we write beyond the release: the expert dtype (the Pro file has it too) and dsv4rt's own notes
+    assert set(d) - set(released) <= {"expert_dtype", "dsv4rt"}
+    if written == "same model":
+        assert {k: d[k] for k in released} == released
+    else:
+        same = ("hidden_act", "norm_topk_prob", "topk_method", "num_key_value_heads", "attention_bias",
+                "scoring_func", "tie_word_embeddings", "quantization_config", "architectures", "model_type")
+        assert {k: d[k] for k in same} == {k: released[k] for k in same}
