@@ -2,10 +2,10 @@
 
     dsv4rt info [--matrix] [--json]
     dsv4rt conformance --backend NAME [--ops a,b,...] [--report FILE] [--xfails FILE] [--seed N]
-    dsv4rt run [--checkpoint DIR | --preset tiny|flash-slice] [--backend auto|cpu|cuda|ascend] [--prompt TEXT]
+    dsv4rt run [--checkpoint DIR | --preset tiny|flash-slice|tiny-v41|flash41-slice] [--backend auto|cpu|cuda|ascend] [--prompt TEXT]
                [--max-new-tokens N] [--check]
     torchrun --nproc-per-node N -m dsv4rt run [--tp N] [--ep N] ...   (tensor / expert parallel)
-    dsv4rt kv-cache --preset flash|pro --context N [--format bf16|fp8]
+    dsv4rt kv-cache --preset flash|pro|flash41|... --context N [--format bf16|fp8]
 
 Exit codes: 0 success, 1 a check failed (conformance), 2 usage error or a dsv4rt error (message, no
 traceback). Each subcommand is one ``_add_<name>`` function that declares its arguments and sets
@@ -20,6 +20,7 @@ import sys
 from typing import Callable, Sequence
 
 from .errors import Dsv4rtError
+from .presets_cli import ALL as PRESET_NAMES, PresetAction, PresetError
 
 __all__ = ["main", "build_parser"]
 
@@ -113,7 +114,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                                    "tokens/s and the implementation each op used.")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory (config.json + safetensors)")
-    src.add_argument("--preset", choices=("tiny", "flash-slice", "tiny-v41", "flash41-slice"),
+    src.add_argument("--preset", action=PresetAction,
                      help="synthetic model: tiny (default), flash-slice (V4-Flash widths, --layers layers, weights "
                      "drawn in memory; for GPUs), tiny-v41 (DeepSeek-V4.1, every layer kind at toy sizes) or "
                      "flash41-slice (V4.1-Flash widths, --layers >= 6)")
@@ -190,8 +191,8 @@ def _add_kv_cache(sub: argparse._SubParsersAction) -> None:
                        description="KV cache bytes per sequence (docs/deepseek-v4.md section 8): windows, compressed entries "
                                    "and indexer keys of every layer at a context length.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", choices=("flash", "pro", "tiny", "flash-slice", "flash41", "tiny-v41", "flash41-slice"),
-                     help="released or synthetic config")
+    src.add_argument("--preset", action=PresetAction, allowed=PRESET_NAMES,
+                     help=f"released or synthetic config: {', '.join(PRESET_NAMES)}")
     src.add_argument("--config", metavar="PATH", help="a config.json / inference config.json, or a checkpoint dir")
     p.add_argument("--context", type=_context, required=True, metavar="N", help="tokens per sequence (e.g. 1M)")
     p.add_argument("--format", choices=("bf16", "fp8"),
@@ -223,7 +224,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
                        description="Draw a preset's seeded random weights and write them as a checkpoint in the "
                                    "released format (config.json, sharded safetensors with the index, and for V4.1 a "
                                    "byte-level tokenizer.json): what other loaders and tools can read.")
-    p.add_argument("--preset", required=True, choices=("tiny", "flash-slice", "tiny-v41", "flash41-slice"))
+    p.add_argument("--preset", required=True, action=PresetAction, help="tiny, flash-slice, tiny-v41 or flash41-slice")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to create (must not exist)")
     p.add_argument("--layers", type=int, metavar="N", help="layers of a slice preset")
     p.add_argument("--experts", type=int, metavar="N", help="routed experts of a slice preset")
@@ -290,17 +291,21 @@ def _setup_logging() -> None:
                         format="%(levelname)s %(message)s", stream=sys.stderr)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script; returns the exit code."""
+def main(argv: Sequence[str] | None = None, shadow_checked: bool = False) -> int:
+    """Entry point of the console script and of ``python -m dsv4rt`` (which warns about a shadowing folder
+    itself, then passes ``shadow_checked``); returns the exit code."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2): argparse already printed why
         return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
+    except PresetError as exc:  # a --preset name the command cannot use: one line saying what to do instead
+        print(f"{exc.prog}: error: {exc}", file=sys.stderr)
+        return 2
     _setup_logging()
     from .shadow import shadowing_warning
 
-    warning = shadowing_warning(path=())  # the console script's sys.path is not the user's: check the cwd
+    warning = None if shadow_checked else shadowing_warning(path=())  # the script's sys.path is not the user's: the cwd
     if warning:
         print(f"dsv4rt: {warning}", file=sys.stderr)
     try:

@@ -67,8 +67,12 @@ class Checkpoint:
 
     def __init__(self, path: str | os.PathLike, cfg: ModelConfig | None = None, progress: bool = False) -> None:
         self.root = os.path.abspath(os.fspath(path))
+        if not os.path.exists(self.root):
+            raise CheckpointError(f"{self.root}: does not exist; --checkpoint takes the folder of a downloaded "
+                                  f"checkpoint (config.json and the *.safetensors files; docs/model.md)")
         if not os.path.isdir(self.root):
-            raise CheckpointError(f"{self.root}: not a checkpoint directory")
+            raise CheckpointError(f"{self.root}: is a file, not a checkpoint directory; give the folder that holds "
+                                  f"config.json and the *.safetensors files")
         self.cfg = cfg if cfg is not None else load_config(self.root)
         self.show_progress = progress
         self.where: dict[str, ShardFile] = {}

@@ -16,6 +16,7 @@ from typing import Any
 
 from .. import env
 from ..errors import Dsv4rtError
+from ..presets_cli import PresetAction
 
 __all__ = ["ServeOptions", "Served", "build_server", "add_serve", "add_loadtest", "ServeConfigError"]
 
@@ -114,8 +115,8 @@ def build_server(o: ServeOptions) -> Served:
 def _model_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory (config.json + safetensors)")
-    src.add_argument("--preset", choices=("tiny", "flash-slice", "tiny-v41", "flash41-slice"),
-                     help="synthetic model (default tiny; tiny-v41 / flash41-slice: DeepSeek-V4.1)")
+    src.add_argument("--preset", action=PresetAction,
+                     help="synthetic model: tiny (default), flash-slice, tiny-v41 or flash41-slice (default tiny; tiny-v41 / flash41-slice: DeepSeek-V4.1)")
     p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "ascend"),
                    help="where the ops run (default auto)")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json, or a folder holding one (and maybe a "

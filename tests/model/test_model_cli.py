@@ -67,7 +67,7 @@ def test_run_check_on_cpu(tmp_path, fresh_registry, capsys):
 
 def test_run_errors(tmp_path, capsys):
     assert main(["run", "--checkpoint", str(tmp_path / "nope")]) == 2
-    assert "not a checkpoint directory" in capsys.readouterr().err
+    assert "nope: does not exist" in capsys.readouterr().err
     assert main(["run", "--max-new-tokens", "0"]) == 2
 
 

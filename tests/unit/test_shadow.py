@@ -39,3 +39,13 @@ def test_the_shadowing_is_real_for_python_dash_m(tmp_path):
                           capture_output=True, text=True)
     assert good.returncode == 0, good.stderr
     assert bad.returncode != 0 and "__version__" in bad.stderr
+
+
+def test_python_dash_m_warns_and_stops_without_a_traceback(tmp_path):
+    """`python -m dsv4rt` from the parent of such a folder: the warning with the fix, exit 2, no ImportError trace."""
+    (tmp_path / "dsv4rt").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, "-m", "dsv4rt", "--version"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "empty namespace package" in p.stderr and "Fix:" in p.stderr and "Traceback" not in p.stderr
