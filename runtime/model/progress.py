@@ -16,11 +16,14 @@ def _gb(n: float) -> str:
 
 class Progress:
     """``Progress(label, total_bytes, total_items)``; call ``advance(nbytes)`` per item and ``close()``.
-    Off a terminal, loads under ``quiet_below`` bytes print nothing."""
+    Off a terminal, loads under ``quiet_below`` bytes print nothing. ``unit`` names the items; with
+    ``count_only`` the line shows items (pass ``total_bytes = total_items`` and ``advance(1)``), no bytes."""
 
     def __init__(self, label: str, total_bytes: int, total_items: int, enabled: bool = True,
-                 stream: TextIO | None = None, quiet_below: int = 256 << 20) -> None:
+                 stream: TextIO | None = None, quiet_below: int = 256 << 20, unit: str = "tensors",
+                 count_only: bool = False) -> None:
         self.label, self.total, self.items = label, max(total_bytes, 1), total_items
+        self.unit, self.count_only = unit, count_only
         self.done = self.count = 0
         self.stream = stream or sys.stderr
         self.enabled = enabled
@@ -32,8 +35,11 @@ class Progress:
     def _line(self) -> str:
         frac = self.done / self.total
         bar = "#" * int(frac * 30)
-        rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-        return (f"{self.label}: [{bar:<30}] {frac * 100:5.1f}%  {self.count}/{self.items} tensors  "
+        elapsed = time.perf_counter() - self.t0
+        if self.count_only:
+            return f"{self.label}: [{bar:<30}] {frac * 100:5.1f}%  {self.count}/{self.items} {self.unit}  {elapsed:.0f} s"
+        rate = self.done / max(elapsed, 1e-9)
+        return (f"{self.label}: [{bar:<30}] {frac * 100:5.1f}%  {self.count}/{self.items} {self.unit}  "
                 f"{_gb(self.done)}/{_gb(self.total)}  {_gb(rate)}/s")
 
     def advance(self, nbytes: int) -> None:

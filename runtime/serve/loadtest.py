@@ -13,6 +13,7 @@ import asyncio
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,9 +100,15 @@ async def _model_id(client: Any, url: str, headers: dict[str, str]) -> str | Non
 
 
 async def run_load(url: str, concurrency: int, prompts: list[str], max_tokens: int, api_key: str | None = None,
-                   model: str | None = None) -> dict[str, Any]:
-    """Send one streaming completion per prompt from ``concurrency`` clients; the figures as a dict."""
+                   model: str | None = None, progress: str | None = None) -> dict[str, Any]:
+    """Send one streaming completion per prompt from ``concurrency`` clients; the figures as a dict.
+    ``progress``: the label of a progress line on stderr, advanced per finished request (None: silent)."""
     import httpx
+
+    from ..model.progress import Progress
+
+    bar = Progress(progress or "", len(prompts), len(prompts), enabled=progress is not None, quiet_below=0,
+                   unit="requests", count_only=True)
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=concurrency + 1, max_keepalive_connections=concurrency + 1)
@@ -125,10 +132,12 @@ async def run_load(url: str, concurrency: int, prompts: list[str], max_tokens: i
                 if model:
                     body["model"] = model
                 results.append(await _one(client, url, body, headers))
+                bar.advance(1)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
+    bar.close()
     ok = [r for r in results if r.error is None]
     tokens = sum(r.tokens for r in ok)
     ttft = [r.ttft for r in ok if r.ttft == r.ttft]
@@ -144,7 +153,7 @@ def run_remote(url: str, concurrency: int, requests: int, max_tokens: int, promp
                api_key: str | None = None, model: str | None = None) -> dict[str, Any]:
     """The load test against a running server at ``url``."""
     run = asyncio.run(run_load(url.rstrip("/"), concurrency, make_prompts(requests, prompt_len), max_tokens,
-                               api_key, model))
+                               api_key, model, progress=f"{concurrency} clients"))
     return {"url": url, "runs": [run], "errors": run["errors"]}
 
 
@@ -154,14 +163,18 @@ def run_inprocess(opts: Any, concurrency: int, requests: int, max_tokens: int, p
     from .app import BackgroundServer, build_app
     from .cli import build_server
 
+    print("loadtest: loading the model and starting the server in-process ...", file=sys.stderr, flush=True)
     served = build_server(opts)
+    print(f"loadtest: {served.model_name} ready; a warm-up request, then {requests} requests from 1 client and from "
+          f"{concurrency}", file=sys.stderr, flush=True)
     engine = served.engine.start()
     prompts = make_prompts(requests, prompt_len)
     try:
         with BackgroundServer(build_app(engine, served.model_name, None, served.template)) as srv:
             asyncio.run(run_load(srv.url, 1, prompts[:1], 2))                      # warm-up
-            seq = asyncio.run(run_load(srv.url, 1, prompts, max_tokens))
-            bat = asyncio.run(run_load(srv.url, concurrency, prompts, max_tokens))
+            seq = asyncio.run(run_load(srv.url, 1, prompts, max_tokens, progress="1 client (sequential)"))
+            bat = asyncio.run(run_load(srv.url, concurrency, prompts, max_tokens,
+                                       progress=f"{concurrency} clients (batched)"))
     finally:
         engine.stop()
     ratio = bat["output_tokens_per_s"] / seq["output_tokens_per_s"] if seq["output_tokens_per_s"] else float("nan")

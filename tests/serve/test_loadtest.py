@@ -27,9 +27,11 @@ def test_loadtest_in_process_reports_finite_figures(tmp_path, capsys):
     out = tmp_path / "load.json"
     rc = main(["loadtest", "--preset", "tiny", "--backend", "cpu", "--max-seq-len", "256", "--concurrency", "2",
                "--requests", "4", "--max-tokens", "4", "--prompt-len", "16", "--json", str(out)])
-    text = capsys.readouterr().out
+    text, err = capsys.readouterr()
     assert rc == 0, text
     assert "concurrency 1" in text and "concurrency 2" in text and "batch-2 decode" in text
+    # progress on stderr: what it is doing, then each run's requests as they finish
+    assert "starting the server in-process" in err and "4/4 requests" in err and "2 clients (batched)" in err, err
     report = json.loads(out.read_text())
     assert report["errors"] == 0 and math.isfinite(report["batch_speedup"]) and report["batch_speedup"] > 0
     seq, bat = report["runs"]

@@ -39,3 +39,4 @@ def test_a_missing_checkpoint_says_it_does_not_exist(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["run", "--checkpoint", str(tmp_path / "file")]) == 2
     assert "is a file, not a checkpoint directory" in capsys.readouterr().err
+
