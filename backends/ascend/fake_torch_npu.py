@@ -8,9 +8,15 @@ tensors of the documented shapes computed by a plain-torch model of the document
 
 What this proves: the fused implementations form the calls as documented and the layout conversions
 around them are consistent with the documented semantics. What it does NOT prove: that the NPU computes
-what the documents say, or its numerics. The dtype constants are arbitrary distinct ints (the real ones
-come from ``torch_npu._C._cd.DType``); only their int-ness matters here. The backend itself never imports
-this module.
+what the documents say, or its numerics. The backend itself never imports this module.
+
+Bound to a release (``make(..., facts=tests/data/ascend/torch_npu-<version>.txt)``, see ``fake_schemas``),
+every call goes through ``torch.library`` ops defined with that release's real schemas, so argument names,
+keyword-only rules, types and overloads are the wheel's; the dtype constants are the release's (checked
+equal to :data:`DTYPE_CONSTANTS`, the values of ``torch_npu._C._cd.DType``), and ``npu_grouped_matmul``
+enforces the ``*_dtype`` values its graph-mode (meta) registration accepts. Documented input dtypes are
+enforced where the backend depends on them (``npu_moe_token_unpermute``: bfloat16 tokens and probs;
+``npu_lightning_indexer``: weights in the query's dtype or float32).
 """
 from __future__ import annotations
 
@@ -23,8 +29,9 @@ from torch import Tensor
 
 __all__ = ["make", "TensorDesc", "Call", "Recorder", "DTYPE_CONSTANTS", "describe"]
 
-DTYPE_CONSTANTS = {"float4_e2m1fn_x2": 296, "float4_e1m2fn_x2": 297, "float8_e8m0fnu": 290,
-                   "float8_e4m3fn": 292, "float8_e5m2": 293, "hifloat8": 294, "int4": 295}
+DTYPE_CONSTANTS = {"float4_e2m1fn_x2": 296, "float4_e1m2fn_x2": 297, "float8_e8m0fnu": 293,
+                   "float8_e4m3fn": 292, "float8_e5m2": 291, "hifloat8": 290, "int4": 285}
+"""torch_npu 2.13.0 / 2.14.0 values (``op_plugin/meta/_meta_registrations.py`` of both wheels)."""
 _NZ = 29
 
 
@@ -34,6 +41,7 @@ class TensorDesc:
     shape: tuple[int, ...]
     format: int  # 2 = ND, 29 = FRACTAL_NZ
     contiguous: bool
+    stride: tuple[int, ...] = field(default=(), compare=False)
 
 
 @dataclass
@@ -54,7 +62,7 @@ class Recorder:
 def describe(value: Any, rec: Recorder) -> Any:
     if isinstance(value, Tensor):
         fmt = rec.formats.get(value.untyped_storage().data_ptr(), 2) if value.device.type != "meta" else 2
-        return TensorDesc(value.dtype, tuple(value.shape), fmt, value.is_contiguous())
+        return TensorDesc(value.dtype, tuple(value.shape), fmt, value.is_contiguous(), tuple(value.stride()))
     if isinstance(value, (list, tuple)) and any(isinstance(v, Tensor) for v in value):
         return [describe(v, rec) for v in value]
     return value
@@ -64,9 +72,18 @@ def _e8m0(b: Tensor) -> Tensor:
     return torch.exp2(b.to(torch.float32) - 127.0)
 
 
-def make(soc_version: int = 223, ops: tuple[str, ...] | None = None, device_count: int = 1) -> types.ModuleType:
+def make(soc_version: int = 223, ops: tuple[str, ...] | None = None, device_count: int = 1,
+         facts: Any = None) -> types.ModuleType:
     """A torch_npu stand-in reporting ``soc_version`` (223 = A2, 253 = A3, 260 = 950); ``ops`` limits which
-    ops exist (default: all). ``module.recorder`` holds the calls."""
+    ops exist (default: all); ``facts``: a :class:`fake_schemas.Facts` or the path of a facts file to bind
+    every op to that release's schemas (default: plain Python signatures). ``module.recorder`` holds the
+    calls."""
+    from .fake_schemas import Facts, load_facts
+
+    if facts is not None and not isinstance(facts, Facts):
+        facts = load_facts(facts)
+    if facts is not None and any(facts.dtypes.get(k, v) != v for k, v in DTYPE_CONSTANTS.items()):
+        raise ValueError(f"torch_npu {facts.version} dtype constants {facts.dtypes} differ from {DTYPE_CONSTANTS}")
     rec = Recorder()
     mod = types.ModuleType("torch_npu")
     mod.__file__ = __file__
@@ -79,7 +96,7 @@ def make(soc_version: int = 223, ops: tuple[str, ...] | None = None, device_coun
     def record(op: str, **args: Any) -> None:
         rec.calls.append(Call(op, {k: describe(v, rec) for k, v in args.items()}))
 
-    def npu_format_cast(input, acl_format, customize_dtype=None, input_dtype=None):
+    def npu_format_cast(input, acl_format, *, customize_dtype=None, input_dtype=None):
         record("npu_format_cast", input=input, acl_format=acl_format, customize_dtype=customize_dtype,
                input_dtype=input_dtype)
         out = input.clone()
@@ -125,6 +142,13 @@ def make(soc_version: int = 223, ops: tuple[str, ...] | None = None, device_coun
                group_list=group_list, split_item=split_item, group_type=group_type, group_list_type=group_list_type,
                act_type=act_type, output_dtype=output_dtype, x_dtype=x_dtype, weight_dtype=weight_dtype,
                scale_dtype=scale_dtype, per_token_scale_dtype=per_token_scale_dtype)
+        if facts is not None:
+            for arg, value in (("x_dtype", x_dtype), ("weight_dtype", weight_dtype), ("scale_dtype", scale_dtype),
+                               ("per_token_scale_dtype", per_token_scale_dtype)):
+                allowed = [facts.dtypes[n] for n in facts.gmm_meta.get(arg, ())]
+                if value is not None and arg in facts.gmm_meta and value not in allowed:
+                    raise RuntimeError(f"npu_grouped_matmul: {arg}={value!r}; the graph-mode (meta) registration of "
+                                       f"torch_npu {facts.version} accepts only {facts.gmm_meta[arg]} ({allowed})")
         xs, ws = x[0], weight[0]
         ends = group_list.long() if group_list_type == 0 else torch.cumsum(group_list.long(), 0)
         starts = torch.cat([ends.new_zeros(1), ends[:-1]])
@@ -180,11 +204,16 @@ def make(soc_version: int = 223, ops: tuple[str, ...] | None = None, device_coun
                                 restore_shape=None):
         record("npu_moe_token_unpermute", permuted_tokens=permuted_tokens, sorted_indices=sorted_indices,
                probs=probs, padded_mode=padded_mode, restore_shape=restore_shape)
+        if permuted_tokens.dtype != torch.bfloat16 or (probs is not None and probs.dtype != torch.bfloat16):
+            raise RuntimeError(f"npu_moe_token_unpermute: permuted_tokens {permuted_tokens.dtype}, probs "
+                               f"{None if probs is None else probs.dtype}; the op documents bfloat16 for both")
+        if sorted_indices.dtype not in (torch.int32, torch.int64):
+            raise RuntimeError(f"npu_moe_token_unpermute: sorted_indices {sorted_indices.dtype}")
         k = 1 if probs is None else probs.shape[1]
-        t = permuted_tokens[sorted_indices.long()]                    # aclnn: T[k] = T[S[k]]
+        t = permuted_tokens.float()[sorted_indices.long()]                    # aclnn: T[k] = T[S[k]]
         if probs is not None:
-            t = t * probs.reshape(-1, 1).to(t.dtype)
-        return t.reshape(-1, k, t.shape[-1]).sum(1)
+            t = t * probs.reshape(-1, 1).float()
+        return t.reshape(-1, k, t.shape[-1]).sum(1).to(torch.bfloat16)
 
     def npu_lightning_indexer(query, key, weights, *, actual_seq_lengths_query=None, actual_seq_lengths_key=None,
                               block_table=None, layout_query="BSND", layout_key="BSND", sparse_count=2048,
@@ -195,6 +224,9 @@ def make(soc_version: int = 223, ops: tuple[str, ...] | None = None, device_coun
                sparse_count=sparse_count, sparse_mode=sparse_mode, return_value=return_value)
         if layout_query != "BSND" or layout_key != "BSND":
             raise NotImplementedError("stand-in models BSND only")
+        if weights.dtype not in (query.dtype, torch.float32):
+            raise RuntimeError(f"npu_lightning_indexer: weights {weights.dtype} with query {query.dtype}; weights "
+                               f"must be in the query's dtype (or float32)")
         b, s, _, _ = query.shape
         n = key.shape[1]
         dots = torch.einsum("bshd,bnd->bshn", query.float(), key[:, :, 0].float()).relu()
@@ -253,8 +285,15 @@ def make(soc_version: int = 223, ops: tuple[str, ...] | None = None, device_coun
         out = torch.einsum("bnsk,bkd->bsnd", torch.exp(logits - lse), value[:, :, 0].float())
         return out.to(query.dtype), (lse if softmax_lse_flag else torch.zeros(1))
 
-    for fn in (npu_format_cast, npu_dynamic_quant, npu_dynamic_mx_quant, npu_grouped_matmul, npu_moe_init_routing_v2,
-               npu_moe_token_unpermute, npu_lightning_indexer, npu_fused_infer_attention_score):
-        if ops is None or fn.__name__ in ops:
-            setattr(mod, fn.__name__, fn)
+    impls = {fn.__name__: fn for fn in (npu_format_cast, npu_dynamic_quant, npu_dynamic_mx_quant, npu_grouped_matmul,
+                                         npu_moe_init_routing_v2, npu_moe_token_unpermute, npu_lightning_indexer,
+                                         npu_fused_infer_attention_score)}
+    if facts is not None:
+        from .fake_schemas import bind
+
+        impls = bind(facts, impls)
+        mod.facts = facts
+    for name, fn in impls.items():
+        if ops is None or name in ops:
+            setattr(mod, name, fn)
     return mod
