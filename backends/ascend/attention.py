@@ -14,6 +14,12 @@ softmax-weighted mean over a disjoint set of idx columns, duplicates included), 
 fp32; the only extra rounding is FIA's output in q's dtype (one rounding of the window partial, inside the
 contract's P-rounding allowance). The rest is computed in fp32 by the composite code (``q.float()``).
 
+Not settled by the documentation: FIA with ``softmax_lse_flag=True`` at D = 512. The op documents D <= 512
+(with N * D < 65535 for BSND: 64 heads per call) and the LSE output ([B, N, S, 1] float32) without naming
+a head-dim limit for it, and no public caller uses that pair (vllm-ascend's D = 512 path is its own csrc
+kernel). It is neither allowed nor forbidden; the fused variant relies on it, so the first hardware run
+must compare it with the composite variant (docs/ascend.md, "Only on hardware").
+
 How the window is known: the contract's ``idx`` does not say which columns form the window, and finding
 out would need a device->host sync. So the caller declares it by passing a :class:`WindowedIndex` (the
 same int32 tensor, with a :class:`Window` attached; the contract check and the composite path see a plain

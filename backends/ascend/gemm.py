@@ -23,6 +23,12 @@ The activation side is exact w.r.t. the contract's ``q(x)``:
   and per token (``[M]``), and ``npu_weight_quant_batchmatmul`` dequantises int8/int4 weights; neither
   represents a scale that changes every 32 k within a row, so those ops are not used.
 
+The 950 call passes no ``x_dtype``: the activations are a native ``torch.float8_e4m3fn`` tensor, and the
+graph-mode (meta) registration of ``npu_grouped_matmul`` in torch_npu 2.13 / 2.14 accepts ``x_dtype`` only
+for dtypes torch lacks (hifloat8, FP4: :data:`GMM_DTYPE_ARGS`), so passing it would make graph capture /
+``torch.compile`` raise although eager mode takes it. ``supports()`` checks every ``*_dtype`` value the
+call passes against that table (``tests/data/ascend`` holds the wheel's, and a test compares them).
+
 All functions are device-agnostic (the wiring tests call them on CPU tensors with a stand-in torch_npu).
 """
 from __future__ import annotations
@@ -33,7 +39,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from ._npu import Features, npu_dtype
+from ._npu import Features, module as _module, npu_dtype
 from .weights import PreparedWeight, scale_key
 
 __all__ = ["register", "make_fp4_grouped_gemm", "supports_fp4_grouped", "make_dense", "supports_dense",
@@ -47,6 +53,25 @@ INNER_LIMIT = 65536
 DYNAMIC_QUANT_K_A2 = 11264
 """npu_dynamic_quant on A2: the last dimension of x at most 11264."""
 _CHIPS = ("A2", "A3", "950")
+GMM_DTYPE_ARGS = {"x_dtype": ("float4_e1m2fn_x2", "float4_e2m1fn_x2", "hifloat8"),
+                  "weight_dtype": ("float4_e1m2fn_x2", "float4_e2m1fn_x2", "hifloat8"),
+                  "scale_dtype": ("float8_e8m0fnu",), "per_token_scale_dtype": ("float8_e8m0fnu",)}
+"""The torch_npu dtype constants the meta registration of npu_grouped_matmul accepts per argument."""
+_MX_DTYPE_ARGS = {"weight_dtype": "float4_e2m1fn_x2", "per_token_scale_dtype": "float8_e8m0fnu"}
+"""What the 950 MxA8W4 call passes (x is a native float8_e4m3fn tensor: no x_dtype)."""
+
+
+def gmm_dtype_reason(npu: Any, passed: Mapping[str, str]) -> str | None:
+    """Why a ``npu_grouped_matmul`` call with these ``*_dtype`` constants would fail in graph mode."""
+    for arg, name in passed.items():
+        if name not in GMM_DTYPE_ARGS.get(arg, ()):
+            return (f"{arg}={name}: npu_grouped_matmul's graph-mode registration accepts {arg} only for "
+                    f"{', '.join(GMM_DTYPE_ARGS.get(arg, ()))}")
+        try:
+            npu_dtype(npu, name)
+        except KeyError:
+            return f"torch_npu lacks the dtype constant {name} for {arg}"
+    return None
 
 
 def _raw_reason(feat: Features, kind: str) -> str:
@@ -102,7 +127,9 @@ def supports_fp4_grouped(feat: Features) -> Callable[[Mapping[str, Any]], str | 
             if k == 64 or e == 1:
                 return f"E = {e}, K = {k}: the MxA8W4 GMM does not support E = 1 or K = 64"
             missing = feat.missing("npu_dynamic_mx_quant", "float4_e2m1fn_x2", "float8_e8m0fnu")
-            return f"torch_npu lacks {', '.join(missing)}" if missing else None
+            if missing:
+                return f"torch_npu lacks {', '.join(missing)}"
+            return gmm_dtype_reason(_module(), _MX_DTYPE_ARGS)
         if p.layout == "a2a3-w8a8-nz":
             if x.dtype != torch.bfloat16:
                 return f"x is {x.dtype}; the W8A8 GEMM with bf16 scales outputs bfloat16 only"
@@ -142,8 +169,7 @@ def make_fp4_grouped_gemm(npu: Any, feat: Features, fallback: Callable[..., Tens
                                                    scale_alg=1)
             return npu.npu_grouped_matmul(
                 [x8], [p.tensor], antiquant_scale=[p.scale], per_token_scale=[x_scale],
-                per_token_scale_dtype=npu_dtype(npu, "float8_e8m0fnu"), x_dtype=npu_dtype(npu, "float8_e4m3fn"),
-                weight_dtype=npu_dtype(npu, "float4_e2m1fn_x2"), output_dtype=x.dtype, **common)[0]
+                output_dtype=x.dtype, **{a: npu_dtype(npu, n) for a, n in _MX_DTYPE_ARGS.items()}, **common)[0]
         # a2a3-w8a8-nz (lossy, opted into at prepare time)
         xq, x_scale = npu.npu_dynamic_quant(_quantized_bf16(x, act_quant, act_block_size).contiguous())
         return npu.npu_grouped_matmul([xq], [p.tensor], scale=[p.scale], per_token_scale=[x_scale],

@@ -68,6 +68,9 @@ def supports_indexer(feat: Features) -> Callable[[Mapping[str, Any]], str | None
             return f"H = {h} heads; on 950 npu_lightning_indexer takes {_HEADS_950}"
         if feat.soc != "950" and h > MAX_HEADS_A2A3:
             return f"H = {h} heads > {MAX_HEADS_A2A3} (npu_lightning_indexer limit on A2/A3)"
+        if w.dtype not in (q.dtype, torch.float32):
+            return (f"weights are {w.dtype} with {q.dtype} queries; npu_lightning_indexer takes weights in the "
+                    f"query's dtype (or float32 on A2/A3); casting would round")
         if feat.soc == "950" and w.dtype == torch.float32:
             return "weights are float32, which npu_lightning_indexer does not take on 950 (casting would round)"
         if not valid_sparse_count(a["topk"]):

@@ -17,9 +17,13 @@ Layout mapping (documented semantics, Ascend/op-plugin ``torch_npu-npu_moe_init_
   *gather* index ``S`` (the sorted row of each pair; vllm-ascend passes init_routing_v2's default
   ``row_idx_type=0`` output there). The contract's ``src`` is the scatter index, so ``S`` is its inverse
   permutation, built on the device with one ``scatter_`` (``S[src[r]] = r``): exact because ``src`` is a
-  permutation. The contract sums in fp32, so the rows go in as fp32 (an exact upcast) with fp32 ``probs``
-  (``ones`` for the unweighted sum: ``probs=None`` would mean topk = 1) and the fp32 result is rounded
-  once to the output dtype.
+  permutation. Its documentation (torch_npu 2.13 / 2.14 docstring) takes bfloat16 ``permuted_tokens`` and
+  ``probs`` only, returns bfloat16, and lists A2 and A3 only; the op-plugin wrapper does not check, so other
+  dtypes would reach CANN and fail there. So the fused combine runs only where that is exact: A2 / A3,
+  bfloat16 ``y_sorted``, and the unweighted sum (``probs = ones`` in bfloat16, exact; ``probs=None``
+  would mean topk = 1). The contract's fp32 ``weights`` would be rounded to bfloat16 ``probs`` (an error
+  of 2^-9 per term, beyond the contract's fp32-weight sum), and fp32 / fp16 rows would have to be
+  rounded or are undocumented: those calls, and every call on 950, run the composite ``ascend/torch``.
 """
 from __future__ import annotations
 
@@ -40,7 +44,8 @@ MAX_EXPERTS = 10240
 MAX_UNPERMUTE_TOPK = 512
 """npu_moe_token_unpermute on A2/A3: topK_num <= 512."""
 _DISPATCH_X = (torch.float16, torch.bfloat16, torch.float32)
-_UNPERMUTE = (torch.float16, torch.bfloat16, torch.float32)
+UNPERMUTE_CHIPS = ("A2", "A3")
+"""npu_moe_token_unpermute: the chips its documentation lists (torch_npu 2.13 / 2.14 docstring)."""
 
 
 def supports_dispatch(feat: Features) -> Callable[[Mapping[str, Any]], str | None]:
@@ -73,28 +78,36 @@ def make_moe_dispatch(npu: Any, fallback: Callable[..., Any]) -> Callable[..., A
 def supports_combine(feat: Features) -> Callable[[Mapping[str, Any]], str | None]:
     def supports(a: Mapping[str, Any]) -> str | None:
         y = a["y_sorted"]
-        if y.dtype not in _UNPERMUTE:
-            return f"y_sorted is {y.dtype}; npu_moe_token_unpermute takes bfloat16, float16 or float32"
-        k = a["weights"].shape[1] if a["weights"] is not None else a["topk"]
+        if feat.soc not in UNPERMUTE_CHIPS:
+            return (f"SoC {feat.soc}: npu_moe_token_unpermute documents A2 and A3 only; the composite combine "
+                    f"runs here")
+        if y.dtype != torch.bfloat16:
+            return (f"y_sorted is {y.dtype}; npu_moe_token_unpermute takes and returns bfloat16 only (converting "
+                    f"would round)")
+        if a["weights"] is not None:
+            return ("weights given: npu_moe_token_unpermute takes bfloat16 probs only, and rounding the contract's "
+                    "float32 weights to bfloat16 is not exact; the composite combine runs weighted sums")
+        k = a["topk"]
         if feat.soc in ("A2", "A3") and k > MAX_UNPERMUTE_TOPK:
             return f"topk = {k} > {MAX_UNPERMUTE_TOPK} (npu_moe_token_unpermute limit on A2/A3)"
         return None
     return supports
 
 
-def make_moe_combine(npu: Any, fallback: Callable[..., Any]) -> Callable[..., Tensor]:
+def make_moe_combine(npu: Any, feat: Features, fallback: Callable[..., Any]) -> Callable[..., Tensor]:
+    supports = supports_combine(feat)
+
     def moe_combine(y_sorted: Tensor, src: Tensor, weights: Tensor | None, topk: int | None = None) -> Tensor:
-        k = weights.shape[1] if weights is not None else topk
+        # the selection cache keys on shape / dtype only: a weighted call can follow an unweighted one
         rows = y_sorted.shape[0]
-        if rows == 0:
+        if rows == 0 or supports({"y_sorted": y_sorted, "src": src, "weights": weights, "topk": topk}):
             return fallback(y_sorted, src, weights, topk)
+        k = topk
         t = rows // k
         gather = torch.empty_like(src, dtype=torch.int32)
         gather.scatter_(0, src.long(), torch.arange(rows, dtype=torch.int32, device=src.device))
-        probs = (weights.float().contiguous() if weights is not None
-                 else torch.ones((t, k), dtype=torch.float32, device=y_sorted.device))
-        out = npu.npu_moe_token_unpermute(y_sorted.float().contiguous(), gather, probs=probs)
-        return out.to(y_sorted.dtype)
+        probs = torch.ones((t, k), dtype=torch.bfloat16, device=y_sorted.device)
+        return npu.npu_moe_token_unpermute(y_sorted.contiguous(), gather, probs=probs)
     return moe_combine
 
 
@@ -106,6 +119,6 @@ def register(registrar: Any, npu: Any, feat: Features, priority: int, device_typ
                             priority=priority, requires=("npu_moe_init_routing_v2",), device_type=device_type,
                             supports=supports_dispatch(feat))
     if feat.has("npu_moe_token_unpermute"):
-        registrar.implement("moe_combine", "fused", make_moe_combine(npu, composite.moe_combine),
+        registrar.implement("moe_combine", "fused", make_moe_combine(npu, feat, composite.moe_combine),
                             priority=priority, requires=("npu_moe_token_unpermute",), device_type=device_type,
                             supports=supports_combine(feat))

@@ -33,6 +33,7 @@ bf16-nd        A2 A3 950  yes   BF16 ``[E, K, N]`` (grouped) or ``[N, K]`` (dens
 bf16-nz        A2 A3 950  yes   the grouped BF16 ``[E, K, N]`` cast to FRACTAL_NZ (``npu_format_cast(t, 29)``)
 950-mxfp4-nz   950        yes   ``npu_format_cast(u8 [E, N, K/2], 29, customize_dtype=float8_e4m3fn,
                                 input_dtype=float4_e2m1fn_x2).transpose(1, 2)``; scale uint8 ``[E, K/64, N, 2]``
+                                (a transposed view of ``[E, N, K/64, 2]`` memory, as the weight)
 a2a3-w8a8-nz   A2 A3      NO    int8 ``[E, K, N]`` NZ, per-output-channel scale bf16 ``[E, N]`` (a lossy
                                 requantisation; only with ``allow_lossy=True``)
 ============== ========== ===== ===================================================================
@@ -240,7 +241,10 @@ def prepare_weights(w: Tensor, w_scale: Tensor, *, layout: str | None = None, so
             # vllm-ascend casts to NZ first and transposes the view afterwards: an NZ tensor made from an
             # already transposed weight lacks the transpose metadata that the FP8 x FP4 GMM expects.
             tensor = nz.transpose(1, 2)
-            scale = (w_scale.view(torch.uint8).reshape(e, n, (2 * half) // 64, 2).transpose(1, 2).contiguous())
+            # The scale follows the same convention: a transposed [E, K/64, N, 2] *view* of [E, N, K/64, 2]
+            # memory (vllm-ascend's working 950 MoE code for the released DeepSeek checkpoint, w4a8_mxfp4.py);
+            # the op documentation gives the shape only, so the convention of the running code is followed.
+            scale = w_scale.view(torch.uint8).reshape(e, n, (2 * half) // 64, 2).transpose(1, 2)
         else:  # a2a3-w8a8-nz
             q, scale = _w8a8(w, w_scale)
             tensor = npu.npu_format_cast(q, 29)

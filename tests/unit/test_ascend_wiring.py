@@ -1,5 +1,9 @@
 """WIRING tests of the ascend/fused implementations, on CPU tensors, with a recording stand-in for torch_npu.
 
+Every stand-in op is bound (``torch.library``) to the real schemas of torch-npu 2.13.0 and 2.14.0
+(``tests/data/ascend/``, extracted from the wheels by ``tools/ascend_schemas.py``): each test runs once per
+release, so an argument name, keyword rule or type that drifts from a release fails here.
+
 These prove that every fused implementation calls the documented torch_npu op with the documented argument
 names, dtypes, layouts (ND / FRACTAL_NZ) and shapes, that the layout conversions around each call are
 consistent with the op's *documented* semantics (the stand-in computes them in plain torch), and that
@@ -12,6 +16,7 @@ these tests call them directly.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -29,13 +34,24 @@ from dsv4rt.formats import quant_fp8_block, quant_mxfp4
 from dsv4rt.registry import REGISTRY
 
 A2, A3, C950 = 223, 253, 260
+FACTS = sorted((Path(__file__).resolve().parents[1] / "data" / "ascend").glob("torch_npu-*.txt"))
+_RELEASE: list[Path] = []
+
+
+@pytest.fixture(autouse=True, params=FACTS, ids=[f.stem for f in FACTS])
+def release(request):
+    """Every test of this file runs against each torch_npu release's schemas."""
+    _RELEASE[:] = [request.param]
+    yield request.param
+    _RELEASE.clear()
+
 C = fake_torch_npu.DTYPE_CONSTANTS
 FUSED_OPS = {"fp4_grouped_gemm", "fp4_gemm", "fp8_gemm", "moe_dispatch", "moe_combine", "indexer_topk",
              "sparse_attention"}
 
 
 def load(monkeypatch, soc: int = A2, ops=None) -> SimpleNamespace:
-    fake = fake_torch_npu.make(soc, ops)
+    fake = fake_torch_npu.make(soc, ops, facts=_RELEASE[0] if _RELEASE else None)
     monkeypatch.setitem(sys.modules, "torch_npu", fake)
     backend = AscendBackend()
     registrar = Registrar(backend, REGISTRY.specs)
@@ -99,8 +115,8 @@ def test_offers_declares_everything_load_registers(a2):
         assert variant in offers[op], (op, variant)
 
 
-def test_dtype_constants_are_ints_passed_only_as_dtype_arguments(monkeypatch):
-    fake = fake_torch_npu.make(C950)
+def test_dtype_constants_are_ints_passed_only_as_dtype_arguments(monkeypatch, release):
+    fake = fake_torch_npu.make(C950, facts=release)
     assert isinstance(npu_dtype(fake, "float4_e2m1fn_x2"), int)
     assert isinstance(npu_dtype(fake, "float8_e8m0fnu"), int)
     del fake.float8_e4m3fn
@@ -159,11 +175,14 @@ def test_grouped_gemm_950_mxfp4_calls_dynamic_mx_quant_and_grouped_matmul(c950):
     (call,) = c950.rec.named("npu_grouped_matmul")
     assert call.args["x"] == [desc(torch.float8_e4m3fn, (20, k))]
     assert call.args["weight"] == [desc(torch.uint8, (e, k // 2, n), fmt=29, contiguous=False)]   # transposed NZ view
-    assert call.args["antiquant_scale"] == [desc(torch.uint8, (e, k // 64, n, 2))]
+    # the scale: a transposed [E, K/64, N, 2] view of [E, N, K/64, 2] memory, as vllm-ascend's 950 MoE passes it
+    (scale,) = call.args["antiquant_scale"]
+    assert scale == desc(torch.uint8, (e, k // 64, n, 2), contiguous=False)
+    assert scale.stride == (n * k // 32, 2, k // 32, 1)
     assert call.args["per_token_scale"] == [desc(torch.uint8, (20, k // 64, 2))]
-    for name, const in (("x_dtype", "float8_e4m3fn"), ("weight_dtype", "float4_e2m1fn_x2"),
-                        ("per_token_scale_dtype", "float8_e8m0fnu")):
+    for name, const in (("weight_dtype", "float4_e2m1fn_x2"), ("per_token_scale_dtype", "float8_e8m0fnu")):
         assert call.args[name] == C[const] and isinstance(call.args[name], int)
+    assert call.args["x_dtype"] is None      # x is a native float8_e4m3fn tensor (graph mode rejects x_dtype)
     assert call.args["output_dtype"] is torch.bfloat16 and call.args["scale"] is None
     assert (call.args["group_type"], call.args["group_list_type"], call.args["split_item"]) == (0, 0, 3)
     # with the documented semantics the MXFP8 activations represent q(x) exactly: same result as composite
@@ -425,31 +444,63 @@ def test_dispatch_supports_and_empty(a2):
     assert a2.rec.calls == [] and out[1].tolist() == [0] * 5
 
 
-@pytest.mark.parametrize("weighted", [True, False])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_combine_calls_token_unpermute_with_the_gather_index(a2, weighted, dtype):
+def combine_case(t=9, h=24, k=3, dtype=torch.bfloat16, weighted=False):
     g = gen(4)
-    t, h, k = 9, 24, 3
     src = torch.randperm(t * k, generator=g).to(torch.int32)
     y = torch.randn(t * k, h, generator=g).to(dtype)
-    w = torch.rand(t, k, generator=g) if weighted else None
-    out = a2.fused("moe_combine").fn(y, src, w, None if weighted else k)
-    (call,) = a2.rec.named("npu_moe_token_unpermute")
-    assert call.args["permuted_tokens"] == desc(torch.float32, (t * k, h))
-    assert call.args["sorted_indices"] == desc(torch.int32, (t * k,))
-    assert call.args["probs"] == desc(torch.float32, (t, k))
-    assert out.dtype == dtype and out.shape == (t, h)
-    check("combine", "moe_combine", dict(y_sorted=y, src=src, weights=w, topk=None if weighted else k), out)
+    return y, src, (torch.rand(t, k, generator=g) if weighted else None), (None if weighted else k)
 
 
-def test_combine_supports(monkeypatch):
-    a2 = load(monkeypatch, A2)
-    sup = a2.fused("moe_combine").supports
-    y = torch.zeros(513, 4)
-    assert "512" in sup(dict(y_sorted=y, src=None, weights=None, topk=513))
-    assert "float64" in sup(dict(y_sorted=y.double(), src=None, weights=None, topk=1))
-    c950 = load(monkeypatch, C950)
-    assert c950.fused("moe_combine").supports(dict(y_sorted=y, src=None, weights=None, topk=513)) is None
+@pytest.mark.parametrize("soc", [A2, A3])
+def test_combine_calls_token_unpermute_in_bf16_with_the_gather_index(monkeypatch, soc):
+    env = load(monkeypatch, soc)
+    y, src, w, k = combine_case()
+    assert env.fused("moe_combine").supports(dict(y_sorted=y, src=src, weights=w, topk=k)) is None
+    out = env.fused("moe_combine").fn(y, src, w, k)
+    (call,) = env.rec.named("npu_moe_token_unpermute")
+    assert call.args["permuted_tokens"] == desc(torch.bfloat16, (27, 24))      # documented: bfloat16 only
+    assert call.args["sorted_indices"] == desc(torch.int32, (27,))
+    assert call.args["probs"] == desc(torch.bfloat16, (9, 3))                   # ones: exact in bfloat16
+    assert out.dtype == torch.bfloat16 and out.shape == (9, 24)
+    check("combine", "moe_combine", dict(y_sorted=y, src=src, weights=w, topk=k), out)
+
+
+@pytest.mark.parametrize("soc,dtype,weighted,expect", [
+    (A2, torch.float32, False, "bfloat16 only"),
+    (A3, torch.float16, False, "bfloat16 only"),
+    (A2, torch.bfloat16, True, "float32 weights"),
+    (C950, torch.bfloat16, False, "A2 and A3 only"),
+])
+def test_combine_declines_what_the_op_cannot_take_exactly(monkeypatch, soc, dtype, weighted, expect):
+    """The op documents bf16 tokens / probs on A2 / A3: fp32 rows, fp32 route weights and the 950 run the
+    composite combine (the stand-in raises as CANN would if the call were made)."""
+    env = load(monkeypatch, soc)
+    y, src, w, k = combine_case(dtype=dtype, weighted=weighted)
+    args = dict(y_sorted=y, src=src, weights=w, topk=k)
+    reason = env.fused("moe_combine").supports(args)
+    assert reason and expect in reason, reason
+    out = env.fused("moe_combine").fn(y, src, w, k)                # re-checks and falls back
+    assert env.rec.named("npu_moe_token_unpermute") == []
+    assert torch.equal(out, env.torch("moe_combine").fn(y, src, w, k))
+    check("combine", "moe_combine", args, out)
+
+
+def test_stand_in_unpermute_rejects_what_the_documentation_rejects(a2):
+    y, src, _, _ = combine_case(dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        a2.fake.npu_moe_token_unpermute(y, src, probs=torch.ones(9, 3))
+
+
+def test_combine_supports_topk_limit(a2):
+    y = torch.zeros(513, 4, dtype=torch.bfloat16)
+    assert "512" in a2.fused("moe_combine").supports(dict(y_sorted=y, src=None, weights=None, topk=513))
+
+
+def test_unpermute_chips_match_the_docstring(release):
+    from dsv4rt.backends.ascend.fake_schemas import load_facts
+    from dsv4rt.backends.ascend.moe import UNPERMUTE_CHIPS
+
+    assert load_facts(release).doc_chips["npu_moe_token_unpermute"] == UNPERMUTE_CHIPS
 
 
 # ------------------------------------------------------------------------------------------ indexer_topk
@@ -662,3 +713,86 @@ def test_windowed_index_verify_catches_a_wrong_declaration():
     _, _, idx, _, _ = decode_case()
     assert not WindowedIndex.decode(idx, 8, 0, [8, 8]).verify()
     assert not WindowedIndex.decode(idx, 8, 1, [4, 8]).verify()
+
+
+# ------------------------------------------------------------------------------ real-release schema facts
+
+def test_facts_hold_every_op_the_backend_calls_and_the_real_dtype_constants(release):
+    from dsv4rt.backends.ascend._npu import OPS
+    from dsv4rt.backends.ascend.fake_schemas import load_facts
+
+    facts = load_facts(release)
+    assert facts.wheel.startswith(f"torch_npu-{facts.version}-")
+    assert set(OPS) <= facts.ops()
+    assert {k: facts.dtypes[k] for k in C} == C == {
+        "float4_e2m1fn_x2": 296, "float4_e1m2fn_x2": 297, "float8_e8m0fnu": 293, "float8_e4m3fn": 292,
+        "float8_e5m2": 291, "hifloat8": 290, "int4": 285}
+
+
+def test_schema_binding_rejects_drift(a2):
+    """The bound ops enforce the release's signatures: keyword-only arguments, names, types."""
+    x = torch.zeros(4, 4, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="positional"):
+        a2.fake.npu_format_cast(x, 29, torch.float8_e4m3fn)               # customize_dtype is keyword-only
+    with pytest.raises(RuntimeError, match="Unknown keyword"):
+        a2.fake.npu_format_cast(x, 29, customise_dtype=1)
+    with pytest.raises(RuntimeError):
+        a2.fake.npu_lightning_indexer(x, x, x, sparse_count="16")          # int argument given a str
+    with pytest.raises(RuntimeError, match="Unknown keyword"):
+        a2.fake.npu_grouped_matmul([x], [x], group_list_types=0)
+
+
+def test_gmm_dtype_table_matches_the_meta_registration(release):
+    from dsv4rt.backends.ascend.fake_schemas import load_facts
+    from dsv4rt.backends.ascend.gemm import GMM_DTYPE_ARGS
+
+    assert {k: tuple(v) for k, v in load_facts(release).gmm_meta.items()} == GMM_DTYPE_ARGS
+
+
+def test_gmm_graph_mode_rejects_x_dtype_e4m3(c950):
+    """What the 950 call passed before: x_dtype=float8_e4m3fn, which graph capture (meta) rejects."""
+    from dsv4rt.backends.ascend.gemm import gmm_dtype_reason
+
+    x = torch.zeros(4, 64, dtype=torch.float8_e4m3fn)
+    w = torch.zeros(1, 32, 8, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="x_dtype"):
+        c950.fake.npu_grouped_matmul([x], [w], group_list=torch.tensor([4]), split_item=3, group_type=0,
+                                     x_dtype=C["float8_e4m3fn"], weight_dtype=C["float4_e2m1fn_x2"])
+    reason = gmm_dtype_reason(c950.fake, {"x_dtype": "float8_e4m3fn"})
+    assert reason and "graph-mode" in reason
+    assert gmm_dtype_reason(c950.fake, {"weight_dtype": "float4_e2m1fn_x2"}) is None
+
+
+@pytest.mark.parametrize("soc,wdtype,qdtype", [(A2, torch.float16, torch.bfloat16), (C950, torch.float16,
+                                                                                       torch.bfloat16)])
+def test_indexer_weights_must_be_in_the_query_dtype(monkeypatch, soc, wdtype, qdtype):
+    env = load(monkeypatch, soc)
+    args = dict(indexer_args(h=8, dtype=qdtype), weights=torch.rand(3, 1, 8).to(wdtype))
+    reason = env.fused("indexer_topk").supports(args)
+    assert reason and "query's dtype" in reason, reason
+    ok = dict(args, weights=args["weights"].to(qdtype))
+    assert env.fused("indexer_topk").supports(ok) is None
+    idx = env.fused("indexer_topk").fn(*ok.values())
+    (call,) = env.rec.named("npu_lightning_indexer")
+    assert call.args["weights"] == desc(qdtype, (3, 1, 8))
+    check("topk", "indexer_topk", ok, idx)
+
+
+# --------------------------------------------------------------------- V4.1 modes: declined with reasons
+
+def test_v41_composite_only_ops_have_no_fused_variant(a2):
+    """indexer_scores, kv_compress, moe_route and the Engram ops run on ascend/torch only (no torch_npu op
+    computes them; reasons in the module docs); offers() says so too."""
+    offers = a2.backend.offers()
+    for op in ("indexer_scores", "kv_compress", "moe_route", "engram_hash", "engram_lookup"):
+        assert (op, "fused") not in a2.impls and (op, "torch") in a2.impls
+        assert offers[op] == ("torch",)
+
+
+def test_v41_mxfp4_indexer_keys_declined(a2):
+    from dsv4rt.formats import quant_mxfp4
+
+    args = indexer_args(h=32)
+    kq, ks = quant_mxfp4(args["k"].float())
+    reason = a2.fused("indexer_topk").supports(dict(args, k=kq, k_scale=ks))
+    assert reason and "MXFP4" in reason, reason
