@@ -1,4 +1,5 @@
-"""The Ascend backend: torch_npu fused variants (``ascend/fused``) on top of the composite ``ascend/torch``.
+"""The Ascend backend: torch_npu fused variants (``ascend/fused``) and the Triton kernels through triton-ascend
+(``ascend/triton``, ``triton_npu.py``) on top of the composite ``ascend/torch``.
 
 ``probe()`` never imports torch_npu (``import torch_npu`` needs the CANN libraries on the loader path and
 fails, or initialises the NPU runtime, otherwise; docs/ascend.md section 0). It checks that torch_npu is
@@ -26,6 +27,8 @@ indexer_topk        npu_lightning_indexer                                 decode
 indexer_scores      composite only (npu_lightning_indexer returns top-k
                     indices / values, never the whole score matrix)
 sparse_attention    npu_fused_infer_attention_score (window) + LSE merge   a WindowedIndex (attention.py)
+every op            ascend/triton: backends/cuda/kernels via triton-ascend triton-ascend installed (else each
+                    (priority between fused and torch)                    call declines with the reason)
 kv_compress,        composite only (moe_route: npu_moe_gating_top_k has
 moe_route,          no sqrt-softplus score and one bias for all tokens;
 engram_hash,        engram: no torch_npu op gathers FP8 rows with E8M0
@@ -62,6 +65,8 @@ _FUSED_OPS = ("fp4_grouped_gemm", "fp4_gemm", "fp8_gemm", "moe_dispatch", "moe_c
               "sparse_attention")
 _ALL_OPS = _FUSED_OPS + ("kv_compress", "moe_route", "engram_hash", "engram_lookup", "select_candidate_blocks",
                          "indexer_scores")
+_TRITON_OPS = _ALL_OPS
+"""Ops the Triton families of backends/cuda register (ascend/triton); a test compares with triton_npu.triton_ops()."""
 _LAZY = {"prepare_weights": "weights", "PreparedWeight": "weights", "WindowedIndex": "attention"}
 
 
@@ -148,8 +153,10 @@ class AscendBackend(Backend):
                            "imported, and its SoC and fused ops probed, on first use", caps)
 
     def offers(self) -> Mapping[str, tuple[str, ...]]:
-        """Every op has ``torch``; the ops with a torch_npu call also ``fused`` (when the feature exists)."""
-        return {op: ("fused", "torch") if op in _FUSED_OPS else ("torch",) for op in _ALL_OPS}
+        """Every op has ``torch``; the ops with a torch_npu call also ``fused`` (when the feature exists); the
+        ops of the Triton kernels ``triton`` (declining where triton-ascend is not installed)."""
+        return {op: (("fused",) if op in _FUSED_OPS else ()) + (("triton",) if op in _TRITON_OPS else ()) + ("torch",)
+                for op in _ALL_OPS}
 
     def prepare_inputs(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         """Conformance and bench hand the GEMMs released weights; convert them once with
@@ -187,6 +194,9 @@ class AscendBackend(Backend):
         for family in FAMILIES:
             importlib.import_module(f"{__name__}.{family}").register(
                 registrar, npu, features, FUSED_PRIORITY, self.device_type)
+        from .triton_npu import TRITON_PRIORITY, register as register_triton
+
+        register_triton(registrar, npu, features, TRITON_PRIORITY, self.device_type)
 
 
 def backend() -> AscendBackend:

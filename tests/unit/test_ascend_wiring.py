@@ -781,12 +781,12 @@ def test_indexer_weights_must_be_in_the_query_dtype(monkeypatch, soc, wdtype, qd
 # --------------------------------------------------------------------- V4.1 modes: declined with reasons
 
 def test_v41_composite_only_ops_have_no_fused_variant(a2):
-    """indexer_scores, kv_compress, moe_route and the Engram ops run on ascend/torch only (no torch_npu op
-    computes them; reasons in the module docs); offers() says so too."""
+    """indexer_scores, kv_compress, moe_route and the Engram ops have no torch_npu fused variant (no torch_npu
+    op computes them; reasons in the module docs): ascend/torch, and ascend/triton where triton-ascend runs."""
     offers = a2.backend.offers()
     for op in ("indexer_scores", "kv_compress", "moe_route", "engram_hash", "engram_lookup"):
         assert (op, "fused") not in a2.impls and (op, "torch") in a2.impls
-        assert offers[op] == ("torch",)
+        assert offers[op] == ("triton", "torch")
 
 
 def test_v41_mxfp4_indexer_keys_declined(a2):
