@@ -182,7 +182,8 @@ def test_ascend_runs_the_v41_modes_on_the_composite_path(monkeypatch):
     backend = AscendBackend()
     registrar = Registrar(backend, REGISTRY.specs)
     backend.load(registrar)
-    impls = [i for i in registrar.implementations if i.op == "kv_compress"]
+    # ascend/triton (the Triton kernels through triton-ascend, declining without it) is no torch_npu op
+    impls = [i for i in registrar.implementations if i.op == "kv_compress" and i.variant != "triton"]
     assert [i.variant for i in impls] == ["torch"] and impls[0].fn is composite.implementations()["kv_compress"]
     g = torch.Generator().manual_seed(5)
     kv, score = torch.randn(2, 6, 32, generator=g), torch.randn(2, 6, 32, generator=g)
