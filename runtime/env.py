@@ -50,6 +50,8 @@ VARIABLES: dict[str, Variable] = {
                  "rows of the batch, their number, the thread count or the rows per expert, so temperature-0 output "
                  "is the same alone or in any batch (see dsv4rt.invariant); 0: the fastest kernel for each shape. "
                  "dsv4rt run / serve --batch-invariant / --no-batch-invariant override it."),
+        Variable("DSV4RT_BUILD_JOBS", "", "Install time only (setup.py): parallel compile jobs for the C++ "
+                 "extension dsv4rt._C; default the number of CPUs, 1 compiles one file after another."),
         Variable("DSV4RT_API_KEY", "", "dsv4rt serve / loadtest: the bearer key every /v1 request must carry "
                  "when --api-key is not given (empty: no key).", secret=True),
     )
