@@ -10,6 +10,7 @@
 // 128-block's sums; with bs = 32 the four scales of a 128-block are folded into the bf16 weights (exact
 // while every E8M0 byte is in [10, 246]; float32 scales or bytes outside that range take the GEMV).
 #include <cmath>
+#include <cstring>
 
 #include "bf16_gemm.h"
 #include "common.h"
@@ -66,6 +67,74 @@ void fp8_gemv(const Fp8Problem& p) {
     parallel_for(p.n, [&](int64_t a, int64_t b) { fp8_rows(p, a, b); }, pick_threads(bytes, 256 << 10));
 }
 
+#if defined(DSV4RT_X86)
+// Row r of x (float32, or bf16 bits) as bf16 bits into o[0, k) (o is zero past k); returns the smallest biased
+// exponent of a nonzero value (255: none), or -1 if a float32 value is not a bf16 value
+int lane_pack_row(const void* x, bool is_bf16, int64_t r, int64_t k, uint16_t* o) {
+    uint32_t emin = 255;
+    if (is_bf16) {
+        const uint16_t* p = static_cast<const uint16_t*>(x) + r * k;
+        std::memcpy(o, p, static_cast<size_t>(k) * 2);
+        for (int64_t i = 0; i < k; ++i)
+            if (p[i] & 0x7FFFu) emin = std::min<uint32_t>(emin, (p[i] >> 7) & 0xFFu);
+        return static_cast<int>(emin);
+    }
+    const float* p = static_cast<const float*>(x) + r * k;
+    for (int64_t i = 0; i < k; ++i) {
+        const uint32_t u = f32_bits(p[i]);
+        if (u & 0xFFFFu) return -1;
+        if (u & 0x7FFF0000u) emin = std::min<uint32_t>(emin, (u >> 23) & 0xFFu);
+        o[i] = static_cast<uint16_t>(u >> 16);
+    }
+    return static_cast<int>(emin);
+}
+
+// The lane kernel (fp8_kernels.h) for the rows of x (float32 or bf16 bits) that are bf16 and keep every
+// product normal (w >= 2^-9: the rule of bf16gemm::products_normal); their outputs go to p.y. Returns the
+// other rows, untouched; with all_or_none, any such row makes it compute nothing and return every row.
+std::vector<int64_t> lane_gemm(const Fp8Problem& p, const void* x, bool x_bf16, bool all_or_none) {
+    const int64_t kp = (p.k + 63) / 64 * 64;
+    std::vector<uint16_t> xb(static_cast<size_t>(p.m * kp), 0);
+    std::vector<int64_t> good, bad;
+    for (int64_t r = 0; r < p.m; ++r) {
+        uint16_t* o = xb.data() + static_cast<int64_t>(good.size()) * kp;
+        const int e = lane_pack_row(x, x_bf16, r, p.k, o);
+        if (e >= 0 && e + (127 - 9) - 127 >= bf16gemm::kMinProductExp) {
+            good.push_back(r);
+            continue;
+        }
+        std::fill(o, o + kp, uint16_t{0});
+        if (all_or_none) {
+            std::vector<int64_t> all(static_cast<size_t>(p.m));
+            for (int64_t i = 0; i < p.m; ++i) all[static_cast<size_t>(i)] = i;
+            return all;
+        }
+        bad.push_back(r);
+    }
+    const int64_t ng = static_cast<int64_t>(good.size());
+    if (ng == 0) return bad;
+    std::vector<float> yg(bad.empty() ? 0 : static_cast<size_t>(ng * p.n));
+    float* y = bad.empty() ? p.y : yg.data();
+    const int64_t threads = pick_threads(static_cast<double>(p.n) * p.k * (1 + 0.25 * (std::min<int64_t>(ng, 8) - 1)),
+                                         256 << 10);
+    if (ng <= 8) {   // the GEMV: threads split N, one pass over the weight for all rows
+        parallel_for(p.n, [&](int64_t a, int64_t b) { fp8::lane_rows(p, xb.data(), kp, ng, y, p.n, a, b); }, threads);
+    } else {   // tasks of 64 rows x a weight tile of ~128 KiB (read from L2 by each group of 8 rows)
+        const int64_t mb = 64, nt = std::max<int64_t>(16, std::min<int64_t>(256, (128 << 10) / p.k)) / 8 * 8;
+        const int64_t ntiles = (p.n + nt - 1) / nt, mtiles = (ng + mb - 1) / mb;
+        parallel_tasks(ntiles * mtiles, [&](int64_t t) {
+            const int64_t r0 = (t / ntiles) * mb, n0 = (t % ntiles) * nt;
+            fp8::lane_rows(p, xb.data() + r0 * kp, kp, std::min(mb, ng - r0), y + r0 * p.n, p.n, n0,
+                           std::min(p.n, n0 + nt));
+        }, threads);
+    }
+    if (!bad.empty())
+        for (int64_t i = 0; i < ng; ++i)
+            std::memcpy(p.y + good[static_cast<size_t>(i)] * p.n, y + i * p.n, static_cast<size_t>(p.n) * sizeof(float));
+    return bad;
+}
+#endif
+
 // bf16 paths for bs = 32 fold the E8M0 scales into the weights: usable when every byte is in [10, 246]
 // (E4M3 magnitudes 2^-9 .. 448 times 2^(e - 127) stay normal bf16); returns the smallest folded biased
 // exponent (bf16gemm::products_normal's w_min_exp), or -1 where folding would not be exact
@@ -113,6 +182,28 @@ void fp8_gemm(py::handle x_, py::handle w_, py::handle s_, py::handle out_, bool
     if (bs == 32) p.wide = scales_wide(p.s8, p.s32, sn * sk);
     if (act_quant) xf.load_gemm(true, m, k, bs);   // without act_quant, x is loaded below if the bf16 path declines
 #if defined(DSV4RT_X86)
+    // the lane kernel: the GEMV sizes, and every M in the row-invariant mode (one summation order per output
+    // whatever M; the rows it cannot take, there, get the float32 GEMV)
+    if ((row_invariant || m <= gemv_max_m) && m > 0 && n > 0 && k > 0 && fp8::lane_available()) {
+        const std::vector<int64_t> bad = lane_gemm(p, act_quant ? xf.ptr : xf.data, !act_quant && xf.bf16,
+                                                   !row_invariant);
+        if (row_invariant && !bad.empty()) {
+            if (!act_quant) xf.load();
+            const int64_t nb = static_cast<int64_t>(bad.size());
+            std::vector<float> xr(static_cast<size_t>(nb * k)), yr(static_cast<size_t>(nb * n));
+            for (int64_t i = 0; i < nb; ++i)
+                std::memcpy(xr.data() + i * k, xf.ptr + bad[static_cast<size_t>(i)] * k, static_cast<size_t>(k) * sizeof(float));
+            Fp8Problem q = p;
+            q.x = xr.data(), q.y = yr.data(), q.m = nb;
+            fp8_gemv(q);
+            for (int64_t i = 0; i < nb; ++i)
+                std::memcpy(p.y + bad[static_cast<size_t>(i)] * n, yr.data() + i * n, static_cast<size_t>(n) * sizeof(float));
+        }
+        if (row_invariant || bad.empty()) {
+            y.finish();
+            return;
+        }
+    }
     // the smallest biased exponent of a nonzero (folded, for bs = 32) bf16 weight; -1: no bf16 path
     const bool bf16_wanted = (row_invariant || m > gemv_max_m) && m > 0 && n > 0 && k > 0 && bf16gemm::available();
     const int w_min_exp = !bf16_wanted ? -1 : bs == 128 ? 127 - 9 : fold32_min_exp(p.s8, sn * sk);

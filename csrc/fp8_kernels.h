@@ -32,5 +32,15 @@ void decode_tile_bf16(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint1
 bool decode_tile_bf16_t(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint32_t* wt, float* sc);
 #endif
 
+// The lane kernel (fp8_lane_avx512.cpp): vdpbf16ps with K in the vector lanes on exact bf16 rows of x; each
+// output's summation order is fixed (see that file), so a row's result never depends on the other rows.
+// True where it can run: AVX512-BF16 active (set_isa) and the CPU has AVX512-VBMI.
+bool lane_available();
+// y[r * ldy + n] for the `rows` rows of xb (bf16 bits [rows][kp], kp >= K rounded up to 32, zero past K) and
+// the weight rows n in [n0, n1) of a (a.x and a.y unused). The caller keeps every nonzero product x * w
+// normal (bf16gemm::products_normal's rule; weights >= 2^-9).
+void lane_rows(const Fp8Args& a, const uint16_t* xb, int64_t kp, int64_t rows, float* y, int64_t ldy,
+               int64_t n0, int64_t n1);
+
 }  // namespace fp8
 }  // namespace dsv4rt
