@@ -31,7 +31,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 mkdir -p "$DIR"
-if ! "$DIR/venv/bin/python" -m pip show triton-ascend 2>/dev/null | grep -qx "Version: $VERSION"; then
+INSTALLED=$("$DIR/venv/bin/python" -m pip show triton-ascend 2>/dev/null || true)
+if ! grep -qx "Version: $VERSION" <<<"$INSTALLED"; then
   echo "== creating $DIR/venv with triton-ascend $VERSION" >&2
   "$PY" -m venv "$DIR/venv"
   "$DIR/venv/bin/python" -m pip install -q "triton-ascend==$VERSION" pybind11   # its backend imports pybind11
