@@ -119,9 +119,19 @@ def lower(rec: dict, chip: str) -> dict:
         stderr = getattr(exc, "stderr", None)
         if stderr:
             stage, text = "ttadapter", stderr.decode(errors="replace") if isinstance(stderr, bytes) else str(stderr)
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        msg = next((ln for ln in lines if "error" in ln.lower()), lines[-1] if lines else type(exc).__name__)
-        return {"stage": stage, "error": f"{type(exc).__name__}: {msg[:240]}"}
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(("#", "///"))]
+        key = [ln for ln in lines if re.search(r"error: |Assertion|LLVM ERROR|UNREACHABLE|not supported|unexpected",
+                                               ln)]
+        msg = key[0] if key else (lines[-1] if lines else type(exc).__name__)
+        inner = list(re.finditer(r"(\w+Error)\(", text))       # a front-end error nested in CompilationError
+        assertion = re.search(r"Assertion `(.+?)' failed", text)
+        if inner and inner[-1].group(1) != "CompilationError":
+            tail = text[inner[-1].end():].rstrip().rstrip(")'\"").lstrip("'\"").replace("\\'", "'")
+            msg = f"{inner[-1].group(1)}: {tail}"
+        elif assertion:
+            fn = re.search(r"(llvm::\w+|mlir::\w+)\(", text)
+            msg = f"triton-adapter-opt crashed: assertion `{assertion.group(1)}' failed" + (f" in {fn.group(1)}" if fn else "")
+        return {"stage": stage, "error": f"{type(exc).__name__}: {msg[:240]}", "detail": text[-4000:]}
 
 
 def _job(args: tuple[dict, str]) -> tuple[str, str, dict]:

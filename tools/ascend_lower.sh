@@ -42,6 +42,9 @@ if [ -z "$LAUNCHES" ]; then
   echo "== recording the kernel launches of the interpreted conformance run (community Triton)" >&2
   (cd "$ROOT" && "$PROJECT_PY" tools/compile_check.py --capture "$LAUNCHES" ${OPS:+--ops "$OPS"})
 fi
+DIRTY=$(git -C "$ROOT" status --porcelain -- backends/cuda/kernels 2>/dev/null | wc -l)
+echo "kernels: backends/cuda/kernels at $(git -C "$ROOT" log -1 --format='%h %cs' -- backends/cuda/kernels 2>/dev/null)$( \
+  [ "$DIRTY" -gt 0 ] && echo ", with uncommitted changes in $DIRTY file(s)")"
 echo "== lowering with triton-ascend $VERSION" >&2
 cd "$DIR"
 TRITON_CACHE_DIR="$DIR/cache" "$DIR/venv/bin/python" "$ROOT/tools/ascend_lower.py" "$LAUNCHES" --chips "$CHIPS" \
