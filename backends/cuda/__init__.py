@@ -2,7 +2,8 @@
 
 ``probe()`` is cheap: ``torch.cuda.is_available()`` (a device count through the driver; it creates no
 CUDA context and leaves ``torch.cuda`` uninitialised) and ``importlib.util.find_spec("triton")``; Triton
-is not imported. The compute capability is reported only when ``torch.cuda`` is already initialised.
+is not imported. The compute capability, and per op what ``cuda/triton`` runs on it and why
+(``capability.op_report``), are reported only when ``torch.cuda`` is already initialised.
 
 Triton-interpreter mode (``DSV4RT_TRITON_INTERPRET=1``, for CI without a GPU): the backend reports
 ``interpreter: True`` and registers its implementations for *CPU* tensors, at priorities far below the
@@ -135,9 +136,18 @@ class CudaBackend(Backend):
                                 "and CUDA_VISIBLE_DEVICES)", caps)
         caps["device_count"] = torch.cuda.device_count()
         sm = _capability()
-        if sm is not None:
-            caps["sm"] = sm
         reason = f"{caps['device_count']} CUDA device(s)"
+        if sm is not None:
+            from .capability import op_report
+            from dsv4rt.registry import REGISTRY
+
+            caps["sm"] = sm
+            if triton and caps["runtime"] == "cuda":   # per op: what sm_XY runs, and why (dsv4rt info)
+                caps["triton_ops"] = op_report(sm, tuple(REGISTRY.specs))
+                reason += f", sm_{sm[0]}{sm[1]}"
+        elif triton:
+            caps["triton_ops"] = ("per op after CUDA is initialised (the probe does not initialise it); "
+                                  "op.explain(...) gives the reason for a call")
         if not triton:
             reason += "; Triton is not installed, so only the cuda/torch variants run (pip install triton)"
         return Probe(True, reason, caps)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from dsv4rt.backend import Registrar, new_output
 from ._launch import device_guard, kernels, next_pow2, on_interpreter
+from .capability import mma_refusal
 
 __all__ = ["register", "kv_compress", "sparse_attention", "plan", "AttentionPlan", "supports_attention",
            "supports_compress"]
@@ -186,15 +187,11 @@ def kv_compress(kv: Tensor, gate: Tensor | None, ape: Tensor | None, ratio: int,
 
 def supports_attention(a: Mapping[str, Any]) -> str | None:
     """None, or why cuda/triton cannot take this sparse_attention call (cuda/torch then runs it)."""
-    if a.get("kv_format") == "v41":   # packed bytes: decoded in the kernel for any float q
-        if a["q"].shape[3] > MAX_HEAD_DIM:
-            return f"cuda/triton keeps a head in one tile: head dim <= {MAX_HEAD_DIM} (got {a['q'].shape[3]})"
-        return None
-    if a["q"].dtype != a["kv"].dtype:
+    if a.get("kv_format") != "v41" and a["q"].dtype != a["kv"].dtype:   # v41: packed bytes, decoded in the kernel
         return f"cuda/triton needs q and kv of one dtype (got {a['q'].dtype} and {a['kv'].dtype})"
     if a["q"].shape[3] > MAX_HEAD_DIM:
         return f"cuda/triton keeps a head in one tile: head dim <= {MAX_HEAD_DIM} (got {a['q'].shape[3]})"
-    return None
+    return mma_refusal(a["q"])
 
 
 def supports_compress(a: Mapping[str, Any]) -> str | None:

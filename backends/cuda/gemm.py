@@ -21,7 +21,8 @@ Design (see :func:`plan`):
     upper bound of the (expert, row tile) schedule, min(R, cdiv(R, BLOCK_M) + E) tiles; each program finds its
     expert from ``offsets`` on the device (a prefix sum of per-expert tile counts, kernels._expert_tile) and
     exits when past the last tile. No host sync. Axis 1 is the K split.
-* ``fp8_gemm``: E4M3 bytes bitcast to float8e4nv and converted to the MMA dtype (exact for bf16/fp16/fp32);
+* ``fp8_gemm``: E4M3 bytes decoded to float32 with integer bit operations (``kernels/decode.py``: no FP8 type,
+  so sm_80 runs it) and converted to the MMA dtype (exact for bf16/fp16/fp32);
   block_size 128 (V4): BLOCK_N and BLOCK_K divide 128, so each K step's 128x128 scale (E8M0 or float32) is one
   scalar applied to the float32 partial product; block_size 32 (V4.1): BLOCK_K = 32 and each step's scales are
   a [BLOCK_N] vector (one per output column's 32-row block) applied to the partial product's columns. Edge
@@ -44,6 +45,7 @@ from torch import Tensor
 from dsv4rt.backend import new_output
 from dsv4rt.backends.cuda import interpreter_requested
 from ._launch import device_guard, kernels
+from .capability import mma_refusal
 
 __all__ = ["Plan", "plan", "fp4_gemm", "fp4_grouped_gemm", "fp8_gemm", "act_quant_fp8", "register",
            "supports_fp4", "supports_fp8"]
@@ -236,7 +238,7 @@ def fp8_gemm(x: Tensor, w: Tensor, w_scale: Tensor, act_quant: str | None = None
 
     w [N, K] float8_e4m3fn (any strides), w_scale [ceil(N/bs), ceil(K/bs)] E8M0 (bytes or float8_e8m0fnu)
     or float32; partial edge blocks are masked. MMA operands: bf16 (bf16 x or act_quant="fp8"), fp16 (fp16 x),
-    TF32 (fp32 x). Needs float8e4nv conversions (sm_89+; see supports_fp8). No host synchronisation.
+    TF32 (fp32 x). E4M3 decoded from the bits: any sm_80+ GPU. No host synchronisation.
     """
     m, k = x.shape
     n = w.shape[0]
@@ -275,21 +277,13 @@ def supports_fp4(args: Mapping[str, Any]) -> str | None:
         return None if x.device.type == "cpu" else f"Triton interpreter mode runs on CPU tensors, x is on {x.device}"
     if not x.is_cuda:
         return f"cuda/triton needs CUDA tensors, x is on {x.device}"
-    if torch.cuda.get_device_capability(x.device) < (8, 0):
-        return "cuda/triton GEMMs need bf16 / TF32 tensor cores (sm_80+)"
-    return None
+    return mma_refusal(x)
 
 
 def supports_fp8(args: Mapping[str, Any]) -> str | None:
-    """None, or why cuda/triton cannot run this fp8_gemm call (E4M3 conversions need sm_89+ on NVIDIA)."""
-    reason = supports_fp4(args)
-    if reason or interpreter_requested():
-        return reason
-    if getattr(torch.version, "hip", None):
-        return "fp8_gemm kernel uses Triton's float8e4nv (OCP E4M3), not available on this ROCm build"
-    if torch.cuda.get_device_capability(args["x"].device) < (8, 9):
-        return "Triton float8e4nv conversions need sm_89+ (Ada / Hopper)"
-    return None
+    """None, or why cuda/triton cannot run this fp8_gemm call. The E4M3 weights are decoded from their bits
+    (no FP8 type), so fp8_gemm runs wherever fp4_gemm does: sm_80+ (A100 / A800 included)."""
+    return supports_fp4(args)
 
 
 def register(registrar: Any, device_type: str, priority: int) -> None:

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from dsv4rt.backend import Registrar, new_output
 from ._launch import device_guard, kernels, next_pow2, on_interpreter
+from .capability import mma_refusal
 
 __all__ = ["register", "indexer_topk", "indexer_scores", "select_candidate_blocks", "supports", "supports_blocks", "MAX_HEADS",
            "MAX_HEAD_DIM", "MAX_BLOCK"]
@@ -95,8 +96,9 @@ def _logits(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, k_scale: Ten
     grid = (-(-n // t["BLOCK_N"]), -(-s // t["BLOCK_S"]), b)
     ks = weights if k_scale is None else k_scale.view(torch.uint8) if kfmt == 2 else k_scale
     ks_st = (0, 0, 0) if k_scale is None else tuple(k_scale.stride()) + (0,) * (3 - k_scale.dim())
+    kb = k.view(torch.uint8) if kfmt == 1 else k   # E4M3 keys as bytes: the kernel decodes the bits
     kernels("indexer").indexer_logits_kernel[grid](
-        q, k, ks, weights, visible, sc, s, h, n, d, *q.stride(), *k.stride(), *ks_st, *weights.stride(),
+        q, kb, ks, weights, visible, sc, s, h, n, d, *q.stride(), *kb.stride(), *ks_st, *weights.stride(),
         *visible.stride(), *sc.stride(), KFMT=kfmt, INTERP=interp, RND=rnd, MASK_VIS=mask_vis, **t)
 
 
@@ -131,9 +133,9 @@ def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: i
 
     Fused logits kernel into an fp32 [B, s, N] score buffer (``s`` = all queries, or chunks of queries
     keeping it under ``SCORE_ELEMS``), then a per-row radix select (no full sort).
-    Keys are bf16/fp16/fp32 like q, or float8_e4m3fn with ``k_scale`` [B, N] (converted to q's dtype for
-    the MMA, scaled on the fp32 accumulator before the ReLU). A 16-bit ``score_dtype`` (None = q's dtype)
-    rounds in the logits kernel, at the contract's three points.
+    Keys are bf16/fp16/fp32 like q, or float8_e4m3fn with ``k_scale`` [B, N] (decoded from the bits, on any
+    sm_80+ GPU, to q's dtype for the MMA, scaled on the fp32 accumulator before the ReLU). A 16-bit
+    ``score_dtype`` (None = q's dtype) rounds in the logits kernel, at the contract's three points.
     """
     sd = q.dtype if score_dtype is None else score_dtype
     rnd = {torch.bfloat16: 1, torch.float16: 2}.get(sd, 0)
@@ -202,10 +204,7 @@ def supports(a: Mapping[str, Any]) -> str | None:
         return f"cuda/triton: head dim <= {MAX_HEAD_DIM} (got {q.shape[3]})"
     if a.get("topk", 1) > MAX_TOPK:
         return f"cuda/triton: topk <= {MAX_TOPK} (got {a['topk']})"
-    if k.dtype == torch.float8_e4m3fn and k.device.type == "cuda" and \
-            torch.cuda.get_device_capability(k.device) < (8, 9):
-        return "cuda/triton FP8 keys need compute capability >= 8.9 (Ada / Hopper)"
-    return None
+    return mma_refusal(q)
 
 
 def supports_blocks(a: Mapping[str, Any]) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .decode import e4m3_to_f32, e8m0_to_f32
 from .rounding import round_to
 
 
@@ -46,8 +47,12 @@ def kv_compress_kernel(kv_ptr, gate_ptr, ape_ptr, pkv_ptr, pgate_ptr, out_ptr, N
         tl.store(o_ptr, tl.sum(v, axis=1), mask=o_ok)
         return
     g = tl.load(gate_ptr + b * s_gb + tok * s_gs + own_c * s_gc, mask=ok, other=0.0).to(tl.float32)
+    # rows shared by every entry (ape, the previous call's block) are loaded once as [1, R, C] with a mask of
+    # their own shape and broadcast by the arithmetic: a load whose mask is wider than its pointer is refused
+    # by Triton 3.2's front end (triton-ascend), and one load per program is less traffic anyway
+    rc_ok = (r3 < RATIO) & (c3 < D)
     if HAS_APE:
-        g += tl.load(ape_ptr + r3 * s_ar + own_c * s_ac, mask=ok, other=0.0)
+        g = g + tl.load(ape_ptr + r3 * s_ar + own_c * s_ac, mask=rc_ok, other=0.0).to(tl.float32)
     g = tl.where(ok, g, float("-inf"))
     m = tl.max(g, axis=1)
     if OVERLAP:
@@ -56,15 +61,16 @@ def kv_compress_kernel(kv_ptr, gate_ptr, ape_ptr, pkv_ptr, pgate_ptr, out_ptr, N
         pg = tl.load(gate_ptr + b * s_gb + tokp * s_gs + c3 * s_gc, mask=ok & (j3 > 0), other=0.0).to(tl.float32)
         pv = tl.load(kv_ptr + b * s_kb + tokp * s_ks + c3 * s_kc, mask=ok & (j3 > 0), other=0.0).to(tl.float32)
         if HAS_PREV:
-            pg0 = tl.load(pgate_ptr + b * s_pgb + r3 * s_pgs + c3 * s_pgc, mask=ok & first, other=0.0)
-            pv0 = tl.load(pkv_ptr + b * s_pkb + r3 * s_pks + c3 * s_pkc, mask=ok & first, other=0.0)
+            p0_ok = rc_ok & ((r3 * 0 + pid_j) == 0)   # only the program holding entry 0 reads prev_*
+            pg0 = tl.load(pgate_ptr + b * s_pgb + r3 * s_pgs + c3 * s_pgc, mask=p0_ok, other=0.0)
+            pv0 = tl.load(pkv_ptr + b * s_pkb + r3 * s_pks + c3 * s_pkc, mask=p0_ok, other=0.0)
             pg = tl.where(first, pg0.to(tl.float32), pg)
             pv = tl.where(first, pv0.to(tl.float32), pv)
             pok = ok
         else:
             pok = ok & (j3 > 0)
         if HAS_APE:
-            pg += tl.load(ape_ptr + r3 * s_ar + c3 * s_ac, mask=ok, other=0.0)
+            pg = pg + tl.load(ape_ptr + r3 * s_ar + c3 * s_ac, mask=rc_ok, other=0.0).to(tl.float32)
         pg = tl.where(pok, pg, float("-inf"))
         m = tl.maximum(m, tl.max(pg, axis=1))
     m = tl.where(m == float("-inf"), 0.0, m)  # only padded lanes; keeps exp() finite
@@ -77,26 +83,6 @@ def kv_compress_kernel(kv_ptr, gate_ptr, ape_ptr, pkv_ptr, pgate_ptr, out_ptr, N
         num += tl.sum(pp * pv, axis=1)
     # den = 0 (every logit -inf: an empty softmax) gives NaN as the contract says; padded lanes are not stored
     tl.store(o_ptr, num / den, mask=o_ok)
-
-
-@triton.jit
-def _e4m3(c):
-    """E4M3 (float8_e4m3fn) bytes -> float32 from the bits: bias 7, subnormals m * 2^-9, 0x7F / 0xFF NaN."""
-    c = c.to(tl.int32)
-    e = (c >> 3) & 15
-    mt = c & 7
-    normal = (((e + 120) << 23) | (mt << 20)).to(tl.float32, bitcast=True)
-    mag = tl.where(e == 0, mt.to(tl.float32) * 0.001953125, normal)
-    mag = tl.where((c & 0x7F) == 0x7F, float("nan"), mag)
-    return tl.where((c & 0x80) != 0, -mag, mag)
-
-
-@triton.jit
-def _e8m0(b):
-    """UE8M0 bytes -> float32 2^(b - 127) from the bits (b = 0: the subnormal 2^-127; 255: NaN)."""
-    b = b.to(tl.int32)
-    v = tl.where(b == 0, 0x00400000, b << 23).to(tl.float32, bitcast=True)
-    return tl.where(b == 255, float("nan"), v)
 
 
 @triton.jit
@@ -119,7 +105,7 @@ def _rows_v41(ids, valid, kv_ptr, kv_base, g_ptr, g_base, N, D, s_kn, s_kd, s_gn
     e = (nib >> 1) & 3
     mt = nib & 1
     as_e4m3 = tl.where(e == 0, mt * 0x30, ((e + 6) << 3) | (mt << 2)) | ((nib & 8) << 4)   # 0.5 = 0x30
-    return _e4m3(tl.where(g, as_e4m3, byte)) * tl.where(g, _e4m3(sb), _e8m0(sb))
+    return e4m3_to_f32(tl.where(g, as_e4m3, byte)) * tl.where(g, e4m3_to_f32(sb), e8m0_to_f32(sb))
 
 
 @triton.jit

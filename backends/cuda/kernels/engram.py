@@ -2,15 +2,15 @@
 
 Only ``@triton.jit`` code; the launchers are in ``backends/cuda/engram.py``. The hash runs in int64 (the
 contract keeps every product below 2^63, so no lane wraps); the lookup decodes E4M3 and E8M0 bytes in
-registers (``kernels.e4m3`` / ``kernels.gemm``) and reads only the requested table rows.
+registers (``kernels.decode``) and reads only the requested table rows.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .e4m3 import e4m3_to_f32
-from .gemm import _e8m0, _out
+from .decode import e4m3_to_f32, e8m0_to_f32
+from .gemm import _out
 
 
 @triton.jit
@@ -61,7 +61,7 @@ def engram_lookup_kernel(ids_ptr, w_ptr, s_ptr, out_ptr, R, NCOL, D,
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     ok = r_ok[:, None] & (offs_d[None, :] < D)
     bits = tl.load(w_ptr + row[:, None] * s_wr + offs_d[None, :] * s_wd, mask=ok, other=0)
-    v = tl.reshape(e4m3_to_f32(bits, INTERP), [BLOCK_R, G, 32]) * _e8m0(sc)[:, :, None]
+    v = tl.reshape(e4m3_to_f32(bits), [BLOCK_R, G, 32]) * e8m0_to_f32(sc)[:, :, None]
     v = tl.reshape(v, [BLOCK_R, BLOCK_D])
     tl.store(out_ptr + t[:, None] * s_ot + i[:, None] * s_on + offs_d[None, :] * s_od, _out(v, out_ptr, INTERP),
              mask=ok)

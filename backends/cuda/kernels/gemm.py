@@ -4,7 +4,8 @@ Launch logic (block sizes, grids, paths, dtype choices) lives in ``dsv4rt.backen
 docstring for the design. Conventions shared by every kernel here:
 
 * Packed E2M1 weights, E8M0 scales and E4M3 weights arrive as uint8 (the launcher views them), and are decoded
-  in registers with integer bit operations (no look-up tables, nothing dequantised is written to memory).
+  in registers with integer bit operations (``kernels.decode``: no FP8 type, no look-up tables, nothing
+  dequantised is written to memory), so every kernel compiles for sm_80 and later.
 * ``DOT`` is the operand dtype of the tensor-core product (``tl.bfloat16``, ``tl.float16`` or ``tl.float32``
   = TF32); accumulation is always float32. ``INTERP`` (constexpr) is set under the Triton interpreter, whose
   ``tl.dot`` multiplies the raw uint16 bits of bfloat16 operands: there the (exactly representable) bf16
@@ -15,24 +16,8 @@ docstring for the design. Conventions shared by every kernel here:
 import triton
 import triton.language as tl
 
-from .e4m3 import e4m3_to_f32
+from .decode import e2m1_to_f32, e4m3_to_f32, e8m0_to_f32
 from .rounding import round_to
-
-
-@triton.jit
-def _e2m1(c):
-    """E2M1 codes (int32 in 0..15, bit 3 = sign) -> float32 values 0, 0.5, 1, 1.5, 2, 3, 4, 6 (signed)."""
-    e = (c >> 1) & 3
-    m = c & 1
-    bits = tl.where(e == 0, m * 0x3F000000, ((e + 126) << 23) | (m << 22))
-    return (bits | ((c & 8) << 28)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _e8m0(s):
-    """E8M0 bytes (int32) -> float32 2^(s - 127); byte 0 is the subnormal 2^-127, byte 255 is NaN."""
-    bits = tl.where(s == 0, 0x00400000, s << 23)
-    return tl.where(s == 255, 0x7FC00000, bits).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -137,9 +122,9 @@ def fp4_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, off_ptr, M, N, K, E,
                 wmask = n_ok[:, None, None] & (kg < K // 32)[None, :, None]
                 smask = n_ok[:, None] & (kg < K // 32)[None, :]
             wb = tl.load(w_rows + kb[None, :, :] * swk, mask=wmask, other=0).to(tl.int32)  # [BN, G, 16]
-            sc = _e8m0(tl.load(s_rows + kg[None, :] * ssk, mask=smask, other=127).to(tl.int32))
-            lo = _e2m1(wb & 15) * sc[:, :, None]
-            hi = _e2m1(wb >> 4) * sc[:, :, None]
+            sc = e8m0_to_f32(tl.load(s_rows + kg[None, :] * ssk, mask=smask, other=127).to(tl.int32))
+            lo = e2m1_to_f32(wb & 15) * sc[:, :, None]
+            hi = e2m1_to_f32(wb >> 4) * sc[:, :, None]
             if EVEN_ODD:
                 kx = k0 + 2 * tl.arange(0, BLOCK_K // 2)
                 xmask = m_ok[:, None] & (kx < K)[None, :]
@@ -198,17 +183,17 @@ def fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K,
         else:
             xt = tl.load(x_rows + kk[None, :] * sxk, mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
             wb = tl.load(w_rows + kk[None, :] * swk, mask=n_ok[:, None] & (kk < K)[None, :], other=0)
-        w = e4m3_to_f32(wb, INTERP)
+        w = e4m3_to_f32(wb)
         part = _mma(xt, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT, INTERP)
         if SCALE_BLOCK == 128:
             if SCALE_E8M0:
-                sc = _e8m0(tl.load(s_row + (k0 // 128) * ssk).to(tl.int32))
+                sc = e8m0_to_f32(tl.load(s_row + (k0 // 128) * ssk).to(tl.int32))
             else:
                 sc = tl.load(s_row + (k0 // 128) * ssk).to(tl.float32)
             acc += part * sc
         else:
             if SCALE_E8M0:
-                sv = _e8m0(tl.load(s_cols + (k0 // SCALE_BLOCK) * ssk, mask=n_ok, other=127).to(tl.int32))
+                sv = e8m0_to_f32(tl.load(s_cols + (k0 // SCALE_BLOCK) * ssk, mask=n_ok, other=127).to(tl.int32))
             else:
                 sv = tl.load(s_cols + (k0 // SCALE_BLOCK) * ssk, mask=n_ok, other=1.0).to(tl.float32)
             acc += part * sv[None, :]
@@ -237,7 +222,7 @@ def act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, sxm, sxk, sqm, ssm,
     exact power-of-two multiply, and round-to-nearest-even onto the E4M3 grid uses the 2^23 trick on the
     scaled magnitude. A block holding Inf gets s = Inf, one holding NaN s = NaN, and q = x / s there (as
     formats does), so q * s is NaN over the block. FOLD: store q * s (exact in bf16) into q [M, K]; else
-    store q into q (float32 or float8) and s into s [M, ceil(K/BLOCK)] float32. Grid: (cdiv(M, BLOCK_R),
+    store q into q (float32) and s into s [M, ceil(K/BLOCK)] float32. Grid: (cdiv(M, BLOCK_R),
     ceil(K/BLOCK)).
     """
     rm = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)

@@ -11,25 +11,25 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .e4m3 import e4m3_to_f32
-from .gemm import _e2m1, _e8m0
+from .decode import e2m1_to_f32, e4m3_to_f32, e8m0_to_f32
 from .rounding import round_to
 
 
 @triton.jit
-def _key_tile(k_ptr, b, offs_n, n_ok, offs_d, d_ok, s_kb, s_kn, s_kd, KFMT: tl.constexpr, INTERP: tl.constexpr):
-    """Keys ``[BLOCK_N, BLOCK_D]``: as stored (KFMT 0: q's float dtype; 1: E4M3 bytes, the per-key scale applied
-    later), or (KFMT 2, MXFP4) the E2M1 values of the packed pairs (byte ``d // 2``, low nibble = even d) as
-    float32, decoded from the bits; the per-32 E8M0 scale is applied to the chunk's product."""
+def _key_tile(k_ptr, b, offs_n, n_ok, offs_d, d_ok, s_kb, s_kn, s_kd, KFMT: tl.constexpr):
+    """Keys ``[BLOCK_N, BLOCK_D]``: as stored (KFMT 0: q's float dtype), E4M3 bytes decoded to float32 (KFMT 1;
+    the per-key scale applied later), or (KFMT 2, MXFP4) the E2M1 values of the packed pairs (byte ``d // 2``,
+    low nibble = even d) as float32; the per-32 E8M0 scale is applied to the chunk's product."""
     if KFMT == 2:
         byte = tl.load(k_ptr + b * s_kb + offs_n[:, None] * s_kn + (offs_d // 2)[None, :] * s_kd,
                        mask=n_ok[:, None] & d_ok[None, :], other=0).to(tl.int32)
-        kt = _e2m1((byte >> ((offs_d & 1) * 4)[None, :]) & 15)
+        kt = e2m1_to_f32((byte >> ((offs_d & 1) * 4)[None, :]) & 15)
+    elif KFMT == 1:   # E4M3 bytes, decoded from the bits (no FP8 type: sm_80 and triton-ascend compile it)
+        kt = e4m3_to_f32(tl.load(k_ptr + b * s_kb + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
+                                 mask=n_ok[:, None] & d_ok[None, :], other=0))
     else:
         kt = tl.load(k_ptr + b * s_kb + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
                      mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if INTERP and KFMT == 1:   # E4M3 keys: the interpreter's own decode turns the NaN codes into +-480
-            kt = e4m3_to_f32(kt.to(tl.uint8, bitcast=True), INTERP)
     return kt
 
 
@@ -77,10 +77,10 @@ def indexer_logits_kernel(q_ptr, k_ptr, ks_ptr, w_ptr, vis_ptr, sc_ptr, S, H, N,
                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)
             if INTERP:
                 q = q.to(tl.float32)
-            kt = _key_tile(k_ptr, b, offs_n, n_ok, offs_d, d_ok, s_kb, s_kn, s_kd, KFMT, INTERP).to(q.dtype)
+            kt = _key_tile(k_ptr, b, offs_n, n_ok, offs_d, d_ok, s_kb, s_kn, s_kd, KFMT).to(q.dtype)
             if KFMT == 2:
                 e8 = tl.load(ks_ptr + b * s_ksb + offs_n * s_ksn + i * s_ksc, mask=n_ok, other=127).to(tl.int32)
-                acc += tl.dot(q, tl.trans(kt)) * _e8m0(e8)[None, :]
+                acc += tl.dot(q, tl.trans(kt)) * e8m0_to_f32(e8)[None, :]
             else:
                 acc += tl.dot(q, tl.trans(kt))
         if KFMT == 1:
@@ -125,7 +125,9 @@ def _hist_chunk(c0, hist, row_ptr, s_cn, vis, prefix, cand_row, s_mn, SHIFT: tl.
     u = _ordered_key(tl.load(row_ptr + offs * s_cn, mask=ok, other=0.0)) ^ (-2147483648)
     if not FIRST:
         ok = ok & ((u >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
-    return hist + tl.histogram((u >> SHIFT) & 255, 256, mask=ok)
+    # the lanes not counted go to bin 0 and are taken out again (no ``mask=``: Triton 3.2 / triton-ascend)
+    h = tl.histogram(tl.where(ok, (u >> SHIFT) & 255, 0), 256)
+    return hist + h - tl.where(tl.arange(0, 256) == 0, BLOCK_N - tl.sum(ok.to(tl.int32), axis=0), 0)
 
 
 @triton.jit

@@ -87,17 +87,27 @@ def _expert_of(ids_ptr, p, ok, K, s_it, s_ik):
 
 
 @triton.jit
+def _drop_sink(hist, bins, dead):
+    """``hist`` less the ``dead`` lanes that were counted in bin 0. Masked lanes are redirected to bin 0 and
+    taken out here instead of passing ``mask=`` to ``tl.histogram``, which older front ends (Triton 3.2,
+    triton-ascend) do not take; one scalar per call, nothing per lane."""
+    return hist - tl.where(bins == 0, dead, 0)
+
+
+@triton.jit
 def dispatch_count_kernel(ids_ptr, counts_ptr, R, K, E, s_it, s_ik,
                           BLOCK_R: tl.constexpr, SUB: tl.constexpr, BLOCK_E: tl.constexpr):
     """counts[blk, e]: pairs of block ``blk`` (BLOCK_R consecutive pairs) routed to expert e."""
     blk = tl.program_id(0)
     offs_e = tl.arange(0, BLOCK_E)
     cnt = tl.zeros([BLOCK_E], tl.int32)
+    dead = blk * 0
     for c in range(0, BLOCK_R, SUB):
         p = blk * BLOCK_R + c + tl.arange(0, SUB)
         ok = p < R
-        cnt += tl.histogram(_expert_of(ids_ptr, p, ok, K, s_it, s_ik), BLOCK_E, mask=ok)
-    tl.store(counts_ptr + blk * E + offs_e, cnt, mask=offs_e < E)
+        cnt += tl.histogram(_expert_of(ids_ptr, p, ok, K, s_it, s_ik), BLOCK_E)
+        dead += SUB - tl.sum(ok.to(tl.int32), axis=0)
+    tl.store(counts_ptr + blk * E + offs_e, _drop_sink(cnt, offs_e, dead), mask=offs_e < E)
 
 
 @triton.jit
@@ -146,7 +156,8 @@ def dispatch_scatter_kernel(ids_ptr, base_ptr, offsets_ptr, src_ptr, dst_ptr, R,
         tot = tl.zeros([BLOCK_E], tl.int32)
         for c in range(0, BLOCK_R, SUB):
             p = c + lane
-            tot += tl.histogram(_expert_of(ids_ptr, p, p < R, K, s_it, s_ik), BLOCK_E, mask=p < R)
+            tot += tl.histogram(_expert_of(ids_ptr, p, p < R, K, s_it, s_ik), BLOCK_E)   # lanes >= R in bin 0
+        tot = _drop_sink(tot, offs_e, tl.maximum(BLOCK_R - R, 0))
         run = tl.cumsum(tot, axis=0) - tot
         tl.store(offsets_ptr + offs_e, run, mask=e_ok)
         tl.store(offsets_ptr + E, tl.sum(tot, axis=0))
