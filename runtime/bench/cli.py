@@ -18,7 +18,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="draw the roofline with every case (needs matplotlib)")
     p.add_argument("--quick", action="store_true", help="small shapes and few repetitions: a smoke run whose "
-                   "case names carry the small shapes (not comparable with the README table)")
+                   "case names carry the small shapes (not comparable with the tables of docs/measured-cpu.md)")
     p.add_argument("--reps", type=int, default=30, help="timed repetitions per case (default 30)")
     p.add_argument("--no-reprobe", action="store_true", help="skip re-measuring the ceilings after the cases "
                    "(then only the probes' agreement and the documented figures decide whether the machine "

@@ -1,4 +1,4 @@
-"""Documented ceilings per machine class: the one place the bench keeps the figures that README.md and
+"""Documented ceilings per machine class: the one place the bench keeps the figures that docs/measured-cpu.md and
 docs/performance.md report for the machines we measure on.
 
 A run's measured ceiling far below its machine's documented figure means another process (or a throttled
@@ -33,7 +33,7 @@ REFERENCES: tuple[Reference, ...] = (
               {"device": "cpu", "cpu": "AMD EPYC", "family": "25", "model": "17", "threads": 2,
                "isa": "avx512_bf16"},
               {"read_tbs": 0.066, "bf16_tflops": 0.836, "fp32_tflops": 0.449},
-              "README.md Measured (native read ~66 GB/s, BF16 836-890 GFLOP/s, FP32 FMA 449-480 GFLOP/s)"),
+              "docs/measured-cpu.md (native read ~66 GB/s, BF16 836-890 GFLOP/s, FP32 FMA 449-480 GFLOP/s)"),
     Reference("NVIDIA H100 80GB HBM3", {"device": "NVIDIA H100 80GB HBM3"},
               {"read_tbs": 3.03, "bf16_tflops": 789.0}, "docs/performance.md section 1"),
     Reference("NVIDIA H200", {"device": "NVIDIA H200"}, {"bf16_tflops": 789.0},

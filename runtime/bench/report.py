@@ -1,4 +1,4 @@
-"""Bench output: a Markdown table (pasted into the README), JSON, and an optional roofline plot."""
+"""Bench output: a Markdown table (pasted into docs/measured-cpu.md), JSON, and an optional roofline plot."""
 from __future__ import annotations
 
 from .ceilings import fmt_ceiling, matrix_peak, roofline_keys
@@ -55,7 +55,7 @@ def format_report(report: BenchReport) -> str:
             (("fp32_tflops", "FP32 FMA"), ("sgemm_tflops", "torch sgemm")) if c.get(key) and name != peak_name),
         *_after(report),
         *([f"cache flush before every timed call: {c['flush']}"] if c.get("flush") else []),
-        *(["quick run: small shapes (the '(quick)' cases), not comparable with the README table"]
+        *(["quick run: small shapes (the '(quick)' cases), not comparable with the tables of docs/measured-cpu.md"]
           if report.quick else []),
         "",
         "| case | implementation | us | GB/s | GFLOP/s | roofline us | of roofline | vs baselines | target | met |",
