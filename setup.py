@@ -117,8 +117,8 @@ else:
 
         def build_extension(self, ext) -> None:
             jobs = build_jobs()
-            announce(f"compiling {len(ext.sources)} C++ files with {jobs} parallel jobs (DSV4RT_BUILD_JOBS; about "
-                     f"4 minutes on 2 cores), then linking")
+            announce(f"compiling {len(ext.sources)} C++ files with {jobs} parallel jobs (DSV4RT_BUILD_JOBS; "
+                     f"minutes on 2 cores), then linking")
             self.compiler.compile = parallel_compile(self.compiler, jobs)
             t0 = time.perf_counter()
             try:
