@@ -69,7 +69,7 @@ class Checkpoint:
         self.root = os.path.abspath(os.fspath(path))
         if not os.path.exists(self.root):
             raise CheckpointError(f"{self.root}: does not exist; --checkpoint takes the folder of a downloaded "
-                                  f"checkpoint (config.json and the *.safetensors files; docs/model.md)")
+                                  f"checkpoint (config.json and the *.safetensors files; README.md, 'Real weights')")
         if not os.path.isdir(self.root):
             raise CheckpointError(f"{self.root}: is a file, not a checkpoint directory; give the folder that holds "
                                   f"config.json and the *.safetensors files")
