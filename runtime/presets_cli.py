@@ -40,7 +40,7 @@ def check_preset(name: str, allowed: Sequence[str], prog: str) -> str:
     if name in RELEASED and name not in allowed:
         model, synthetic = RELEASED[name]
         raise PresetError(prog, f"--preset {name} is the released {model}, whose weights come only from its "
-                          f"checkpoint: download it and pass --checkpoint DIR (docs/model.md, 'Real weights'), or "
+                          f"checkpoint: download it and pass --checkpoint DIR (README.md, 'Real weights'), or "
                           f"use --preset {synthetic} for synthetic weights at its widths. `dsv4rt kv-cache --preset "
                           f"{name}` takes the config alone.")
     raise PresetError(prog, f"unknown preset {name!r}; this command takes {', '.join(allowed)}"
