@@ -15,7 +15,7 @@ and stops before ``npubin`` (``bishengir-compile``, part of CANN). A kernel "low
 for every recorded launch. This says the kernel source is accepted by triton-ascend's front end and
 adapter; it does not say the kernel compiles to an NPU binary, fits the on-chip buffers, or runs.
 
-    python tools/ascend_lower.py LAUNCHES.json [--chips a2a3,950] [--json OUT]
+    python tools/ascend_lower.py LAUNCHES.json [MORE.json ...] [--chips a2a3,950] [--json OUT]
 
 Needs no torch: the kernel modules import only triton and are loaded from their files.
 """
@@ -141,12 +141,19 @@ def _job(args: tuple[dict, str]) -> tuple[str, str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("launches", help="JSON written by tools/compile_check.py --capture")
+    ap.add_argument("launches", nargs="+", help="JSON files written by tools/compile_check.py --capture (merged)")
     ap.add_argument("--chips", default="a2a3,950", help="a2a3 and / or 950 (default both)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--json", metavar="OUT")
     a = ap.parse_args(argv)
-    recs = json.loads(Path(a.launches).read_text())
+    merged: dict[str, dict] = {}
+    for path in a.launches:                     # the same launch from GPU and interpreter plans counts once
+        for rec in json.loads(Path(path).read_text()):
+            rec = dict(rec, constexprs=dict(rec["constexprs"], **({"INTERP": False} if "INTERP" in rec["constexprs"]
+                                                                   else {})))
+            key = json.dumps({k: v for k, v in rec.items() if k != "plans"}, sort_keys=True, default=str)
+            merged.setdefault(key, rec)
+    recs = list(merged.values())
     chips = a.chips.split(",")
     results: dict[str, dict[str, list[dict]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     with cf.ProcessPoolExecutor(a.jobs) as pool:
