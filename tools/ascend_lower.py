@@ -139,12 +139,37 @@ def _job(args: tuple[dict, str]) -> tuple[str, str, dict]:
     return f"{rec['module'].rsplit('.', 1)[-1]}.{rec['kernel']}", chip, lower(rec, chip)
 
 
+def markdown(results: dict[str, dict[str, list[dict]]], chips: list[str], version: str) -> str:
+    """The per-kernel table of docs/ascend.md (section 10)."""
+    names = {"a2a3": "A2/A3", "950": "950"}
+    rows, full = [], 0
+    for name in sorted(results):
+        rs = [r for c in chips for r in results[name][c]]
+        full += all("error" not in r for r in rs)
+        cells = " | ".join(f"{sum('error' not in r for r in results[name][c])}/{len(results[name][c])}" for c in chips)
+        bad = next((r for r in rs if "error" in r), None)
+        if bad:
+            note = f"fails at `{bad['stage']}`: {bad['error'].split(': ', 1)[-1].replace('|', '/')}"
+        else:
+            ops = next((r["dialects"] for r in rs if r.get("dialects")), "")
+            note = "lowers" + (f" ({ops.replace(':', ' ')} ops)" if ops else "")
+        rows.append(f"| `{name}` | {cells} | {note} |")
+    n = sum(len(results[k][chips[0]]) for k in results)
+    head = " | ".join(names.get(c, c) for c in chips)
+    return "\n".join([
+        f"triton-ascend {version}: {n} distinct launches of {len(results)} kernels; **{full} of {len(results)} kernels "
+        f"lower for every launch** on {' and '.join(names.get(c, c) for c in chips)}. Cells: launches that reach "
+        f"linalg / HIVM MLIR, out of those recorded; the op counts are those of one launch.", "",
+        f"| kernel | {head} | result |", "|---|" + "---|" * len(chips) + "---|", *rows])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("launches", nargs="+", help="JSON files written by tools/compile_check.py --capture (merged)")
     ap.add_argument("--chips", default="a2a3,950", help="a2a3 and / or 950 (default both)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--json", metavar="OUT")
+    ap.add_argument("--markdown", metavar="OUT", help="also write the per-kernel table as markdown")
     a = ap.parse_args(argv)
     merged: dict[str, dict] = {}
     for path in a.launches:                     # the same launch from GPU and interpreter plans counts once
@@ -184,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{lowered} of {len(results)} kernels lower for every launch and chip family; {failed} launch failures")
     if a.json:
         Path(a.json).write_text(json.dumps({n: dict(v) for n, v in results.items()}, indent=1))
+    if a.markdown:
+        Path(a.markdown).write_text(markdown(results, chips, triton.__version__) + "\n")
     return 0 if failed == 0 else 1
 
 

@@ -56,4 +56,4 @@ echo "kernels: backends/cuda/kernels at $(git -C "$ROOT" log -1 --format='%h %cs
 echo "== lowering with triton-ascend $VERSION" >&2
 cd "$DIR"
 TRITON_CACHE_DIR="$DIR/cache" "$DIR/venv/bin/python" "$ROOT/tools/ascend_lower.py" $LAUNCHES --chips "$CHIPS" \
-  --jobs "$JOBS" --json "$DIR/lowered.json" 2> >(grep -v "Invalid bishengir path format" >&2)
+  --jobs "$JOBS" --json "$DIR/lowered.json" --markdown "$DIR/lowered.md" 2> >(grep -v "Invalid bishengir path format" >&2)
