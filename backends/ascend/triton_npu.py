@@ -13,8 +13,10 @@ fused ops win where they apply) and above ``ascend/torch``. Each call is decline
 ``triton`` is community Triton (CUDA / ROCm only), or torch_npu is not imported. Nothing here imports
 Triton: the check reads package metadata.
 
-Status (docs/ascend.md): ``tools/ascend_lower.sh`` lowers every kernel through triton-ascend's front end
-to MLIR on a machine without an NPU; no kernel has run on an NPU (the binary stage needs CANN).
+Status (docs/ascend.md, section 10): ``tools/ascend_lower.sh`` tries to lower every recorded kernel launch
+through triton-ascend's front end to MLIR on a machine without an NPU, and the table there says which
+kernels do. No kernel has run on an NPU (the binary stage needs CANN). The launchers currently plan
+non-CUDA tensors as the interpreter's (``backends/cuda/_launch.on_interpreter``).
 """
 from __future__ import annotations
 
