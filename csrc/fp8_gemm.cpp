@@ -68,6 +68,10 @@ void fp8_gemv(const Fp8Problem& p) {
 }
 
 #if defined(DSV4RT_X86)
+uint16_t* align64(uint16_t* p) {
+    return reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
+}
+
 // Row r of x (float32, or bf16 bits) as bf16 bits into o[0, k) (o is zero past k); returns the smallest biased
 // exponent of a nonzero value (255: none), or -1 if a float32 value is not a bf16 value
 int lane_pack_row(const void* x, bool is_bf16, int64_t r, int64_t k, uint16_t* o) {
@@ -94,10 +98,12 @@ int lane_pack_row(const void* x, bool is_bf16, int64_t r, int64_t k, uint16_t* o
 // other rows, untouched; with all_or_none, any such row makes it compute nothing and return every row.
 std::vector<int64_t> lane_gemm(const Fp8Problem& p, const void* x, bool x_bf16, bool all_or_none) {
     const int64_t kp = (p.k + 63) / 64 * 64;
-    std::vector<uint16_t> xb(static_cast<size_t>(p.m * kp), 0);
+    // rows of x on 64-byte boundaries (kp is a multiple of 64 values): no load of the kernels splits a cache line
+    std::vector<uint16_t> xbuf(static_cast<size_t>(p.m * kp + 32), 0);
+    uint16_t* const xb = align64(xbuf.data());
     std::vector<int64_t> good, bad;
     for (int64_t r = 0; r < p.m; ++r) {
-        uint16_t* o = xb.data() + static_cast<int64_t>(good.size()) * kp;
+        uint16_t* o = xb + static_cast<int64_t>(good.size()) * kp;
         const int e = lane_pack_row(x, x_bf16, r, p.k, o);
         if (e >= 0 && e + (127 - 9) - 127 >= bf16gemm::kMinProductExp) {
             good.push_back(r);
@@ -118,14 +124,21 @@ std::vector<int64_t> lane_gemm(const Fp8Problem& p, const void* x, bool x_bf16, 
     const int64_t threads = pick_threads(static_cast<double>(p.n) * p.k * (1 + 0.25 * (std::min<int64_t>(ng, 8) - 1)),
                                          256 << 10);
     if (ng <= 8) {   // the GEMV: threads split N, one pass over the weight for all rows
-        parallel_for(p.n, [&](int64_t a, int64_t b) { fp8::lane_rows(p, xb.data(), kp, ng, y, p.n, a, b); }, threads);
-    } else {   // tasks of 64 rows x a weight tile of ~128 KiB (read from L2 by each group of 8 rows)
-        const int64_t mb = 64, nt = std::max<int64_t>(16, std::min<int64_t>(256, (128 << 10) / p.k)) / 8 * 8;
+        parallel_for(p.n, [&](int64_t a, int64_t b) { fp8::lane_rows(p, xb, kp, ng, y, p.n, a, b); }, threads);
+    } else {   // tasks of a weight tile (decoded once, ~256 KiB of bf16 in L2) x 48 rows (L1-sized row groups)
+        const int64_t mb = 48, nt = std::max<int64_t>(6, std::min<int64_t>(96, (128 << 10) / kp)) / 3 * 3;
         const int64_t ntiles = (p.n + nt - 1) / nt, mtiles = (ng + mb - 1) / mb;
-        parallel_tasks(ntiles * mtiles, [&](int64_t t) {
-            const int64_t r0 = (t / ntiles) * mb, n0 = (t % ntiles) * nt;
-            fp8::lane_rows(p, xb.data() + r0 * kp, kp, std::min(mb, ng - r0), y + r0 * p.n, p.n, n0,
-                           std::min(p.n, n0 + nt));
+        parallel_tasks(ntiles, [&](int64_t t) {
+            const int64_t n0 = t * nt, n1 = std::min(p.n, n0 + nt);
+            thread_local std::vector<uint16_t> wd;
+            wd.resize(static_cast<size_t>(nt * kp + 32));
+            uint16_t* const wt = align64(wd.data());
+            fp8::lane_decode(p, n0, n1 - n0, kp, wt);
+            for (int64_t i = 0; i < mtiles; ++i) {
+                const int64_t r0 = i * mb;
+                fp8::lane_rows_decoded(p, wt, xb + r0 * kp, kp, std::min(mb, ng - r0), y + r0 * p.n,
+                                       p.n, n0, n1);
+            }
         }, threads);
     }
     if (!bad.empty())

@@ -41,6 +41,11 @@ bool lane_available();
 // normal (bf16gemm::products_normal's rule; weights >= 2^-9).
 void lane_rows(const Fp8Args& a, const uint16_t* xb, int64_t kp, int64_t rows, float* y, int64_t ldy,
                int64_t n0, int64_t n1);
+// Many rows: weight rows [n0, n0 + nt) decoded once into wd [nt][kp] (kp a multiple of 64), then
+// lane_rows_decoded gives lane_rows' bits from them (wd: the decoded rows n0 .. n1 - 1) in 3 x 3 register tiles.
+void lane_decode(const Fp8Args& a, int64_t n0, int64_t nt, int64_t kp, uint16_t* wd);
+void lane_rows_decoded(const Fp8Args& a, const uint16_t* wd, const uint16_t* xb, int64_t kp, int64_t rows,
+                       float* y, int64_t ldy, int64_t n0, int64_t n1);
 
 }  // namespace fp8
 }  // namespace dsv4rt

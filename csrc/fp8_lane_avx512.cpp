@@ -73,47 +73,120 @@ LANE float reduce16(__m512 v) {
     return _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)));
 }
 
-// R rows of x (bf16 [R][kp]) x C weight rows n .. n + C - 1: y[r * ldy + n + c]
+// The accumulators of R rows x C weight rows: every output's operations, in the order of the file comment
+template <int R, int C>
+struct Acc {
+    __m512 tot[R][C], acc[R][C];
+    LANE Acc() {
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < C; ++c) tot[r][c] = acc[r][c] = _mm512_setzero_ps();
+    }
+    // the 32-wide step at k: w[c] = weight row c's bf16 values k .. k + 31
+    LANE void step(const uint16_t* xb, int64_t kp, int64_t k, const __m512i* w) {
+        for (int r = 0; r < R; ++r) {
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + r * kp + k);
+            for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, (__m512bh)w[c]);
+        }
+    }
+    // after the last step of a K block: s[c] = weight row c's scale of that block
+    LANE void end_block(const float* s) {
+        for (int c = 0; c < C; ++c) {
+            const __m512 sv = _mm512_set1_ps(s[c]);
+            for (int r = 0; r < R; ++r) {
+                tot[r][c] = _mm512_fmadd_ps(acc[r][c], sv, tot[r][c]);
+                acc[r][c] = _mm512_setzero_ps();
+            }
+        }
+    }
+    // tot to and from memory (float32 vectors: exact), for a K range at a time
+    LANE void load_tot(const float* t) {
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < C; ++c) tot[r][c] = _mm512_loadu_ps(t + (r * C + c) * 16);
+    }
+    LANE void store_tot(float* t) const {
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < C; ++c) _mm512_storeu_ps(t + (r * C + c) * 16, tot[r][c]);
+    }
+    LANE void store(float* y, int64_t ldy, int64_t n) const {
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < C; ++c) y[r * ldy + n + c] = reduce16(tot[r][c]);
+    }
+};
+
+// true if the 32-wide step at k is the last of its K block
+LANE bool block_end(const Fp8Args& a, int64_t k) { return a.bs == 32 || ((k + 32) & 127) == 0 || k + 32 >= a.k; }
+
+// the scale rows of C weight rows (n .. n + C - 1): s(c, k) = the scale of the block holding k (no division
+// in the loops: bs is 32 or 128)
+template <int C>
+struct Scales {
+    const uint8_t* s8[C];
+    const float* s32[C];
+    int shift;
+    LANE Scales(const Fp8Args& a, int64_t n) : shift(a.bs == 32 ? 5 : 7) {
+        for (int c = 0; c < C; ++c) {
+            const int64_t row = ((n + c) >> shift) * a.sk;
+            s8[c] = a.s8 ? a.s8 + row : nullptr;
+            s32[c] = a.s32 ? a.s32 + row : nullptr;
+        }
+    }
+    LANE void at(int64_t k, float* s) const {
+        const int64_t j = k >> shift;
+        for (int c = 0; c < C; ++c) s[c] = s8[c] ? kE8M0[s8[c][j]] : s32[c][j];
+    }
+};
+
+// R rows of x (bf16 [R][kp]) x C weight rows n .. n + C - 1 decoded on the fly: y[r * ldy + n + c]
 template <int R, int C>
 LANE void tile(const Fp8Args& a, const Decoder& dec, const uint16_t* xb, int64_t kp, float* y, int64_t ldy,
                int64_t n) {
-    const int64_t bs = a.bs;
-    __m512 tot[R][C], acc[R][C];
-    for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) tot[r][c] = acc[r][c] = _mm512_setzero_ps();
+    Acc<R, C> t;
+    const Scales<C> sc(a, n);
+    float s[C];
     const uint8_t* wr[C];
-    int64_t srow[C];
-    for (int c = 0; c < C; ++c) wr[c] = a.w + (n + c) * a.k, srow[c] = ((n + c) / bs) * a.sk;
-    auto scale = [&](int c, int64_t k) { const int64_t si = srow[c] + k / bs; return a.s8 ? kE8M0[a.s8[si]] : a.s32[si]; };
+    for (int c = 0; c < C; ++c) wr[c] = a.w + (n + c) * a.k;
     for (int64_t k0 = 0; k0 < a.k; k0 += 64) {
         const int64_t left = a.k - k0;
         const __mmask64 mask = left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
-        __m512i w[C][2];
+        __m512i w[2][C];
         for (int c = 0; c < C; ++c) {
             _mm_prefetch(reinterpret_cast<const char*>(wr[c] + k0 + kPrefetch), _MM_HINT_T0);
-            dec.run(wr[c] + k0, mask, w[c][0], w[c][1]);
+            dec.run(wr[c] + k0, mask, w[0][c], w[1][c]);
         }
         for (int h = 0; h < 2; ++h) {
             const int64_t k = k0 + 32 * h;
             if (k >= a.k) break;
-            const bool end = bs == 32 || (k + 32) % 128 == 0 || k + 32 >= a.k;   // the last step of a K block
-            for (int r = 0; r < R; ++r) {
-                const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + r * kp + k);
-                for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, (__m512bh)w[c][h]);
-            }
-            if (end) {
-                for (int c = 0; c < C; ++c) {
-                    const __m512 s = _mm512_set1_ps(scale(c, k));
-                    for (int r = 0; r < R; ++r) {
-                        tot[r][c] = _mm512_fmadd_ps(acc[r][c], s, tot[r][c]);
-                        acc[r][c] = _mm512_setzero_ps();
-                    }
-                }
+            t.step(xb, kp, k, w[h]);
+            if (block_end(a, k)) {
+                sc.at(k, s);
+                t.end_block(s);
             }
         }
     }
-    for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) y[r * ldy + n + c] = reduce16(tot[r][c]);
+    t.store(y, ldy, n);
+}
+
+// the same outputs from weight rows already decoded (wd [C][kp] bf16: the rows n .. n + C - 1), over the K
+// range [k0, k1) (multiples of 128, or k1 = K): tot comes from and goes to t[R * C][16] (zero before the first
+// range); after the last, y
+template <int R, int C>
+LANE void tile_decoded(const Fp8Args& a, const uint16_t* wd, const uint16_t* xb, int64_t kp, int64_t k0, int64_t k1,
+                       float* t, float* y, int64_t ldy, int64_t n) {
+    Acc<R, C> acc;
+    if (k0 > 0) acc.load_tot(t);
+    const Scales<C> sc(a, n);
+    float s[C];
+    for (int64_t k = k0; k < k1; k += 32) {
+        __m512i w[C];
+        for (int c = 0; c < C; ++c) w[c] = _mm512_loadu_si512(wd + c * kp + k);
+        acc.step(xb, kp, k, w);
+        if (block_end(a, k)) {
+            sc.at(k, s);
+            acc.end_block(s);
+        }
+    }
+    if (k1 < a.k) acc.store_tot(t);
+    else acc.store(y, ldy, n);
 }
 
 // R rows against weight rows [n0, n1): C rows of the weight at a time while the tile's chains fit
@@ -153,6 +226,57 @@ LANE_FN void lane_rows(const Fp8Args& a, const uint16_t* xb, int64_t kp, int64_t
     }
 }
 
+LANE_FN void lane_decode(const Fp8Args& a, int64_t n0, int64_t nt, int64_t kp, uint16_t* wd) {
+    static const ByteTables tables;
+    const Decoder dec(tables);
+    for (int64_t r = 0; r < nt; ++r) {
+        const uint8_t* wr = a.w + (n0 + r) * a.k;
+        uint16_t* o = wd + r * kp;
+        for (int64_t k0 = 0; k0 < kp; k0 += 64) {
+            const int64_t left = std::max<int64_t>(0, a.k - k0);
+            const __mmask64 mask = left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
+            __m512i w0, w1;
+            dec.run(wr + k0, mask, w0, w1);
+            _mm512_storeu_si512(o + k0, w0);
+            _mm512_storeu_si512(o + k0 + 32, w1);
+        }
+    }
+}
+
+namespace {
+template <int R>
+LANE void rows_decoded_r(const Fp8Args& a, const uint16_t* wd, const uint16_t* x, int64_t kp, int64_t k0, int64_t k1,
+                         float* t, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+    constexpr int C = 3;
+    int64_t n = n0;
+    for (; n + C <= n1; n += C, t += R * C * 16)
+        tile_decoded<R, C>(a, wd + (n - n0) * kp, x, kp, k0, k1, t, y, ldy, n);
+    for (; n < n1; ++n, t += R * 16) tile_decoded<R, 1>(a, wd + (n - n0) * kp, x, kp, k0, k1, t, y, ldy, n);
+}
+}  // namespace
+
+LANE_FN void lane_rows_decoded(const Fp8Args& a, const uint16_t* wd, const uint16_t* xb, int64_t kp, int64_t rows,
+                               float* y, int64_t ldy, int64_t n0, int64_t n1) {
+    // 3 x 3 register tiles (9 chains: acc, tot, x and w fit the registers) over K ranges of kKr, so that a
+    // range of the tile's weight rows and of 3 rows of x stay in L1 while every row group passes over them
+    constexpr int R = 3;
+    constexpr int64_t kKr = 256;
+    thread_local std::vector<float> tots;
+    tots.resize(static_cast<size_t>(((rows + R - 1) / R) * R * (n1 - n0) * 16));
+    for (int64_t k0 = 0; k0 < a.k; k0 += kKr) {
+        const int64_t k1 = std::min(a.k, k0 + kKr);
+        for (int64_t r0 = 0; r0 < rows; r0 += R) {
+            const int64_t rr = std::min<int64_t>(R, rows - r0);
+            float* t = tots.data() + r0 * (n1 - n0) * 16;
+            const uint16_t* x = xb + r0 * kp;
+            float* yr = y + r0 * ldy;
+            if (rr == 3) rows_decoded_r<3>(a, wd, x, kp, k0, k1, t, yr, ldy, n0, n1);
+            else if (rr == 2) rows_decoded_r<2>(a, wd, x, kp, k0, k1, t, yr, ldy, n0, n1);
+            else rows_decoded_r<1>(a, wd, x, kp, k0, k1, t, yr, ldy, n0, n1);
+        }
+    }
+}
+
 }  // namespace fp8
 }  // namespace dsv4rt
 
@@ -162,6 +286,9 @@ namespace dsv4rt {
 namespace fp8 {
 bool lane_available() { return false; }
 void lane_rows(const Fp8Args&, const uint16_t*, int64_t, int64_t, float*, int64_t, int64_t, int64_t) {}
+void lane_decode(const Fp8Args&, int64_t, int64_t, int64_t, uint16_t*) {}
+void lane_rows_decoded(const Fp8Args&, const uint16_t*, const uint16_t*, int64_t, int64_t, float*, int64_t, int64_t,
+                       int64_t) {}
 }  // namespace fp8
 }  // namespace dsv4rt
 
