@@ -52,10 +52,10 @@ def _rows(n: int, k: int, seed: int, dtype: torch.dtype | str) -> torch.Tensor:
     return x.to(torch.bfloat16).float() if dtype == "bf16-values" else x.to(dtype)
 
 
-def _fp8_weight(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _fp8_weight(n: int, k: int, seed: int, bs: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(n, k, generator=g) * 0.05).to(torch.float8_e4m3fn)
-    s = torch.randint(118, 130, (-(-n // 128), -(-k // 128)), generator=g, dtype=torch.int32).to(torch.uint8)
+    s = torch.randint(118, 130, (-(-n // bs), -(-k // bs)), generator=g, dtype=torch.int32).to(torch.uint8)
     return w, s.view(torch.float8_e8m0fnu)
 
 
@@ -78,6 +78,25 @@ def test_fp8_gemm_row_does_not_depend_on_m(backend, isa, dtype, act_quant):
         for m in SIZES:
             assert torch.equal(ops.fp8_gemm(x[:m], w, s, act_quant, backend=backend), full[:m]), f"M={m}"
         assert torch.equal(ops.fp8_gemm(x[5:6], w, s, act_quant, backend=backend), full[5:6])
+
+
+@pytest.mark.parametrize("backend,isa", CASES, ids=IDS)
+@pytest.mark.parametrize("block_size", [128, 32])
+@pytest.mark.parametrize("k", [384, 1001])
+def test_fp8_gemm_row_does_not_depend_on_m_with_mixed_rows(backend, isa, block_size, k):
+    """Rows that leave the bf16 numerics (not bf16 values; products that would be subnormal) sit between rows
+    that keep them: every row's bits are those it gets alone, for both block sizes, K not a multiple of 32, and
+    M past the row tiles (1, 7 rows: the GEMV; 64: the tiled many-rows path of the native lane kernel)."""
+    w, s = _fp8_weight(200, k, seed=3, bs=block_size)
+    x = _rows(64, k, seed=4, dtype="bf16-values")
+    x[9, 11] = 1.0000001                                     # not a bf16 value
+    x[20] = (x[20] * 2.0**-110).to(torch.bfloat16).float()   # bf16, but x * 2^-9 would be subnormal
+    with _isa(backend, isa):
+        full = ops.fp8_gemm(x, w, s, None, block_size, backend=backend)
+        for m in SIZES:
+            assert torch.equal(ops.fp8_gemm(x[:m], w, s, None, block_size, backend=backend), full[:m]), f"M={m}"
+        for r in (9, 20, 63):
+            assert torch.equal(ops.fp8_gemm(x[r:r + 1], w, s, None, block_size, backend=backend), full[r:r + 1]), r
 
 
 @pytest.mark.parametrize("backend,isa", CASES, ids=IDS)

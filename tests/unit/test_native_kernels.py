@@ -258,7 +258,7 @@ def rand_fp8(n: int, k: int, seed: int, f32_scale: bool = False):
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 256, 512), (3, 200, 300), (8, 129, 128), (9, 64, 256), (40, 64, 520),
-                                   (16, 48, 128), (33, 130, 129), (70, 100, 384), (64, 7, 1001)])
+                                   (16, 48, 128), (33, 130, 129), (70, 100, 384), (64, 7, 1001), (2, 50, 1001)])
 @pytest.mark.parametrize("act_quant", [None, "fp8"])
 @pytest.mark.parametrize("f32_scale", [False, True])
 @pytest.mark.parametrize("path", ["gemv", "blocked", "invariant"])
@@ -270,7 +270,8 @@ def test_fp8_gemm(m, n, k, act_quant, f32_scale, path, monkeypatch):
         check(tol.gemm, "fp8_gemm", args, ops.fp8_gemm(**args, backend=NATIVE))
 
 
-@pytest.mark.parametrize("m,xdtype", [(3, torch.float32), (20, torch.bfloat16)])
+@pytest.mark.parametrize("m,xdtype", [(3, torch.float32), (20, torch.bfloat16), (1, torch.bfloat16),
+                                      (4, torch.bfloat16)])
 def test_fp8_gemm_nan_weight_bytes_and_subnormals(m, xdtype):
     """E4M3 NaN bytes (0x7F / 0xFF) make their columns NaN on every path (the AVX-512 decode has no NaN,
     those blocks take the table; the bf16 tile decode sets NaN); E4M3 subnormals decode exactly."""
