@@ -9,6 +9,10 @@
 // Prefill sizes take the blocked AVX512-BF16 GEMM: with bs = 128 the per-row block scale multiplies each
 // 128-block's sums; with bs = 32 the four scales of a 128-block are folded into the bf16 weights (exact
 // while every E8M0 byte is in [10, 246]; float32 scales or bytes outside that range take the GEMV).
+// Where the CPU also has AVX512-VBMI, the GEMV sizes with x exactly bf16 (act_quant's output, bf16 input)
+// take the lane kernel (fp8_lane_avx512.cpp: vdpbf16ps with K in the lanes, one summation order per output);
+// in the row-invariant mode it serves every M (a weight tile decoded once for many rows), and the rows it
+// cannot take (not bf16, or products that could be subnormal) get the float32 GEMV, each on its own.
 #include <cmath>
 #include <cstring>
 
@@ -263,9 +267,10 @@ void bind_fp8_gemm(py::module_& m) {
           "act_quant: x goes through act_quant='fp8' first (as dsv4rt.formats.act_quant_fp8(x, bs)). Small M reads\n"
           "each weight byte once for\n"
           "all rows; above gemv_max_m rows, where the CPU has AVX512-BF16 and x is exactly bf16, a blocked vdpbf16ps\n"
-          "GEMM. row_invariant: each row's result depends on that row alone, whatever M (the batch-invariant mode):\n"
-          "the blocked GEMM's numerics for every row that allows them (a kernel with the same bits for up to\n"
-          "gemv_max_m rows), the GEMV for the others.");
+          "GEMM; up to gemv_max_m rows, where the CPU also has AVX512-VBMI, the vdpbf16ps lane GEMV. row_invariant:\n"
+          "each row's result depends on that row alone, whatever M (the batch-invariant mode): with AVX512-BF16\n"
+          "and AVX512-VBMI the lane kernel's numerics for every row that allows them (any M), else the blocked\n"
+          "GEMM's (a kernel with the same bits for up to gemv_max_m rows); the float32 GEMV for the others.");
 }
 
 }  // namespace dsv4rt

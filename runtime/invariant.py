@@ -7,8 +7,10 @@ and torch's elementwise loops (the last < 64 elements of a call take scalar code
 differently) make the same prompt give different greedy text alone and in a batch. In this mode each row's
 output is computed with a reduction order and rounding that depend only on that row's inputs:
 
-* cpu/native: the FP8 / FP4 GEMMs give every row the blocked AVX512-BF16 numerics (a kernel with the same
-  bits serves few rows) or, per row, the GEMV; sparse_attention splits a row's entries by its own count;
+* cpu/native: the FP4 GEMMs give every row the blocked AVX512-BF16 numerics (a kernel with the same bits
+  serves few rows) or, per row, the GEMV; fp8_gemm gives every row the lane kernel's (vdpbf16ps with K in the
+  lanes, one summation order per output for any M; CPUs without AVX512-VBMI: the blocked numerics as FP4) or,
+  per row, the GEMV; sparse_attention splits a row's entries by its own count;
 * cpu/numpy and cpu/torch: the GEMMs multiply row by row (slow: a debugging path);
 * the model's torch glue multiplies through :func:`linear` (``dsv4rt._C.dense_gemm``, one summation order
   for every output) and evaluates the affected elementwise functions through :func:`pointwise`.

@@ -113,8 +113,9 @@ def fp8_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
     block_size, 128 V4 / 32 V4.1), scales applied per bs-block sum (block 32 on the blocked path: E8M0 scales
     folded into the bf16 weights where exact): small M reads the weight once for all rows (threads split N); above
     FP8_GEMV_MAX_M rows, on CPUs with AVX512-BF16 and x exactly bf16 (bf16 input or act_quant's output), a
-    blocked vdpbf16ps GEMM. act_quant runs in the kernel (bit-identical to dsv4rt.formats.act_quant_fp8). In the
-    batch-invariant mode every row that allows it gets the blocked path's numerics, whatever M."""
+    blocked vdpbf16ps GEMM; up to that, with AVX512-VBMI too, a vdpbf16ps GEMV with K in the lanes (the lane
+    kernel). act_quant runs in the kernel (bit-identical to dsv4rt.formats.act_quant_fp8). In the batch-invariant
+    mode every row that allows it gets the lane kernel's numerics (without VBMI: the blocked path's), whatever M."""
     out, acc = _out((x.shape[0], w.shape[0]), x.dtype)
     scale = _arr(w_scale) if w_scale.dtype == torch.float32 else _bytes(w_scale)
     inv = invariant.enabled()
