@@ -27,7 +27,7 @@ namespace fp8 {
 
 namespace {
 
-constexpr int64_t kPrefetch = 4096;   // weight bytes ahead per row stream (the C rows of a tile are C streams)
+constexpr int64_t kPrefetch = 8192;   // weight bytes ahead per row stream (the C rows of a tile are C streams)
 
 // the high and the low byte of the bf16 pattern of each E4M3 magnitude 0..127 (127: NaN)
 struct ByteTables {
