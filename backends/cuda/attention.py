@@ -71,10 +71,12 @@ def plan(args: Mapping[str, Any]) -> AttentionPlan:
         if wide and args["q"].element_size() == 4:
             block_k = 16                                   # fp32 tiles: keep the two kv stages in smem
         sms = _sm_count(args["q"].device)
-    if args.get("kv_format") == "v41" and block_d > 128:
+    if args.get("kv_format") == "v41" and block_d >= 128:
         # the in-kernel decode gathers every element through its own byte address: at D = 512 keep the tile
-        # at 16 rows over 8 warps (the GPU's wide-head warps, under the interpreter too) so nothing spills
-        block_k, warps = 16, 8
+        # at 16 rows over 8 warps (the GPU's wide-head warps, under the interpreter too), at D = 128 spread the
+        # 64 rows over 8 warps, so nothing spills (tools/compile_check.py: at 4 warps D = 128 spilled 60 B on
+        # sm_80 and 956 B on sm_90a)
+        block_k, warps = (16 if block_d > 128 else block_k), 8
     programs = b * s * -(-h // block_h)
     kblocks = -(-k // block_k)
     # At D = 512 one program fills an SM's registers, so split only when the grid would leave more than

@@ -11,7 +11,7 @@ Design (see :func:`plan`):
     on a GPU), even/odd-k products so the weight needs no interleave, and split-K (partials in float32, summed in
     a fixed order by a second tiny kernel) until the grid holds ~4 programs per SM: the weight streams at
     bandwidth.
-  - "large" path (prefill): tensor-core tiles 64/128 x 128 x 128, nibbles interleaved in registers.
+  - "large" path (prefill): tensor-core tiles 64 x 128 x 64 over 8 warps, nibbles interleaved in registers.
   - Operands: bf16 x -> bf16 MMA with the E8M0 scale folded into the bf16 weight (E2M1 x 2^k is exact in bf16);
     fp16 / fp32 x -> TF32 MMA on float32 values (exact for fp16 x; fp32 x gets the TF32 rounding the contract's
     tolerance allows). ``act_quant="fp8"``: a small kernel rounds x per 1x128 block exactly like
@@ -114,14 +114,17 @@ def plan(op: str, args: Mapping[str, Any], path: str | None = None) -> Plan:
     fp8 = op == "fp8_gemm"
     scale_block = args.get("block_size", 128) if fp8 else 128
     dot = "bf16" if args["act_quant"] == "fp8" else (_DOT8 if fp8 else _DOT)[x.dtype]
+    # GPU tiles: 8 warps, and K steps of 64 on the large path, keep the decoded weight tile, the partial
+    # product and the accumulator in registers. tools/compile_check.py (sm_80 / sm_90a): the 16x64 small
+    # tiles spilled 230-380 B per thread over 4 warps and none over 8; 64x128x128 over 4 warps spilled
+    # 2.7-4.5 KB and 128x128x128 over 8 warps 1-2 KB, 64x128x64 over 8 warps spills none (fp4) / 88 B (fp8,
+    # sm_90a). Speed on a GPU is not measured yet (docs/gpu-support.md).
     if path == "small":
-        bm, bn, bk, warps, stages = (16, 64, 128, 4, 1) if interp else (16, 64, 256 if dot == "bf16" else 128, 4, 3)
+        bm, bn, bk, warps, stages = (16, 64, 128, 4, 1) if interp else (16, 64, 256 if dot == "bf16" else 128, 8, 3)
     elif interp:
         bm, bn, bk, warps, stages = 32, 64, 64, 4, 1
-    elif per_group <= 64:
-        bm, bn, bk, warps, stages = 64, 128, 128 if dot != "tf32" else 64, 4, 4
     else:
-        bm, bn, bk, warps, stages = 128, 128, 128 if dot != "tf32" else 64, 8, 3
+        bm, bn, bk, warps, stages = 64, 128, 64, 8, 4
     bk = min(bk, scale_block) if fp8 else min(bk, max(32, _pow2(k)))  # fp8: BLOCK_K divides the scale block
     split, per = 1, _cdiv(k, bk)
     if path == "small":
