@@ -22,6 +22,7 @@ from ..invariant import active, linear
 from .cache import LayerCache
 from .compressor import Compressor
 from .config import CSA, HCA, SWA, ModelConfig
+from .cores import all_cores
 from .functional import fp8_sim_nope, head_rms_norm, rms_norm
 from .indexer import Indexer
 from .opcall import OpCaller
@@ -175,7 +176,9 @@ class Attention:
         t = o.shape[0]
         o = apply_rope(o, cos[:, None], sin[:, None], inverse=True).view(t, self.groups, -1)
         if active(o):   # batch-invariant: one fixed-order GEMM per group instead of torch's batched GEMM
-            z = torch.stack([linear(o[:, g], self.wo_a[g]) for g in range(self.groups)], dim=1).reshape(t, -1)
+            with all_cores():
+                z = [linear(o[:, g], self.wo_a[g]) for g in range(self.groups)]
+            z = torch.stack(z, dim=1).reshape(t, -1)
         else:
             z = torch.einsum("tgd,grd->tgr", o, self.wo_a).reshape(t, -1)
         if self.par is None:

@@ -5,8 +5,8 @@ The checkpoint stores ``head.weight`` in bf16. On the CPU with the native extens
 all of it) and the logits come from ``dsv4rt._C.dense_gemm`` with float32 activations: every bf16 weight
 is widened exactly, every product and sum is float32, so the logits equal the float32 head's up to the
 float32 summation order, and that order is fixed per output whatever the number of rows (so the
-batch-invariant mode holds). The kernel runs on the extension's own threads (every core), not on torch's
-one glue thread. Elsewhere (GPUs, no extension) the weight is widened to float32 once at load and the
+batch-invariant mode holds). The kernel runs on every core (:func:`dsv4rt.model.cores.native`), though the
+glue holds torch on one thread. Elsewhere (GPUs, no extension) the weight is widened to float32 once at load and the
 product is :func:`dsv4rt.invariant.linear`, as before.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..invariant import linear
+from .cores import native
 from .weights import Loader
 
 __all__ = ["OutputHead"]
@@ -51,7 +52,7 @@ class OutputHead:
             return linear(y32, w if w.dtype == torch.float32 else w.float())
         x2 = y32.reshape(-1, y32.shape[-1]).contiguous()
         out = torch.empty((x2.shape[0], w.shape[0]), dtype=torch.float32)
-        self._dense(x2.numpy(), self._w_np, out.numpy())
+        native(self._dense, x2.numpy(), self._w_np, out.numpy())
         return out.view(*y.shape[:-1], w.shape[0])
 
     @property

@@ -15,6 +15,7 @@ import torch
 from .. import env, invariant
 from ..errors import BackendSelectionError
 from .config import ModelConfig, preset
+from .cores import glue_on_one_thread
 from .generate import GenerationResult, generate
 from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from .transformer import Transformer
@@ -84,17 +85,11 @@ def _npu_available() -> bool:
 
 @contextlib.contextmanager
 def _cpu_threads(device: torch.device) -> Iterator[None]:
-    """On the CPU the heavy ops run in the NumPy/native backend's own threads; the torch glue around them is
-    small, and torch's OpenMP workers spinning next to BLAS threads slowed decode ~5x on 2 cores."""
-    if device.type != "cpu":
+    """On the CPU the torch glue runs on one thread (torch's OpenMP workers spinning next to the kernels'
+    threads slowed decode ~5x on 2 cores; the batch-invariant mode needs it) and the native kernels on every
+    core (:mod:`dsv4rt.model.cores`: torch and the kernels share one OpenMP thread count)."""
+    with glue_on_one_thread(device):
         yield
-        return
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def build_model(opts: RunOptions, device: torch.device, quiet: bool = False,
