@@ -116,10 +116,11 @@ else:
             super().build_extensions()
 
         def build_extension(self, ext) -> None:
-            jobs = build_jobs()
+            jobs = 1 if self.compiler.compiler_type == "msvc" else build_jobs()  # MSVC: its own compile()
             announce(f"compiling {len(ext.sources)} C++ files with {jobs} parallel jobs (DSV4RT_BUILD_JOBS; "
                      f"minutes on 2 cores), then linking")
-            self.compiler.compile = parallel_compile(self.compiler, jobs)
+            if self.compiler.compiler_type != "msvc":
+                self.compiler.compile = parallel_compile(self.compiler, jobs)
             t0 = time.perf_counter()
             try:
                 super().build_extension(ext)
