@@ -132,8 +132,7 @@ else:
                              "slower). `dsv4rt info` repeats why; rerun pip with -v to see the compiler output.", bar):
                     announce(line)
                 raise
-            announce(f"built the native CPU kernels in {time.perf_counter() - t0:.0f} s "
-                     f"({self.get_ext_fullpath(ext.name)})")
+            announce(f"built the native CPU kernels ({ext.name}) in {time.perf_counter() - t0:.0f} s")
 
     unix_flags = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-Wno-psabi"]
     ext_modules = [
