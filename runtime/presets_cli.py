@@ -33,15 +33,17 @@ class PresetError(Dsv4rtError):
         super().__init__(message)
 
 
-def check_preset(name: str, allowed: Sequence[str], prog: str) -> str:
-    """``name`` if ``allowed`` holds it, else a :class:`PresetError` saying what to use instead."""
+def check_preset(name: str, allowed: Sequence[str], prog: str, option: str = "--preset") -> str:
+    """``name`` if ``allowed`` holds it, else a :class:`PresetError` saying what to use instead (``option``:
+    the flag that took it, as the user typed it)."""
     if name in allowed:
         return name
     if name in RELEASED and name not in allowed:
         model, synthetic = RELEASED[name]
-        raise PresetError(prog, f"--preset {name} is the released {model}, whose weights come only from its "
-                          f"checkpoint: download it and pass --checkpoint DIR (README.md, 'Real weights'), or "
-                          f"use --preset {synthetic} for synthetic weights at its widths. `dsv4rt kv-cache --preset "
+        raise PresetError(prog, f"{option} {name} is the released {model}, whose weights come only from its "
+                          f"checkpoint: download it and give run / serve / loadtest --checkpoint DIR (README.md, 'Real "
+                          f"weights'), or "
+                          f"use {option} {synthetic} for synthetic weights at its widths. `dsv4rt kv-cache --preset "
                           f"{name}` takes the config alone.")
     raise PresetError(prog, f"unknown preset {name!r}; this command takes {', '.join(allowed)}"
                       + ("" if set(allowed) >= set(RELEASED) else
@@ -52,11 +54,14 @@ class PresetAction(argparse.Action):
     """``--preset`` checked by :func:`check_preset` against ``allowed`` (default: the synthetic presets)."""
 
     def __init__(self, option_strings: list[str], dest: str, allowed: Sequence[str] = SYNTHETIC,
-                 **kwargs: Any) -> None:
-        self.allowed = tuple(allowed)
+                 append: bool = False, **kwargs: Any) -> None:
+        self.allowed, self.append = tuple(allowed), append
         kwargs.setdefault("metavar", "NAME")
         super().__init__(option_strings, dest, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
-        setattr(namespace, self.dest, check_preset(str(values), self.allowed, parser.prog))
+        name = check_preset(str(values), self.allowed, parser.prog, option_string or "--preset")
+        if self.append:  # a repeatable flag (bench --model): collect the names
+            name = [*(getattr(namespace, self.dest, None) or []), name]
+        setattr(namespace, self.dest, name)

@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from ..presets_cli import PresetAction
+
 __all__ = ["add_bench"]
 
 
@@ -24,9 +26,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
                    "(then only the probes' agreement and the documented figures decide whether the machine "
                    "was too noisy for a verdict)")
     p.add_argument("--dispatch", action="store_true", help="only measure the registry's per-call overhead on CPU")
-    p.add_argument("--model", choices=("tiny", "flash-slice"), action="append",
-                   help="instead: whole-model CPU prefill / decode tokens/s, with fp8_gemm, kv_compress and "
-                        "moe_route on cpu/numpy and then chosen automatically (repeatable)")
+    p.add_argument("--model", action=PresetAction, allowed=("tiny", "flash-slice"), append=True,
+                   help="tiny or flash-slice, repeatable; instead of the kernels: whole-model CPU prefill / decode "
+                        "tokens/s, with fp8_gemm, kv_compress and moe_route on cpu/numpy and then chosen automatically")
     p.add_argument("--layers", type=int, default=2, help="--model flash-slice: layers (default 2)")
     p.add_argument("--prompt-len", type=int, default=128, help="--model: prompt tokens (default 128)")
     p.add_argument("--new-tokens", type=int, default=32, help="--model: generated tokens (default 32)")

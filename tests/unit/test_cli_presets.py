@@ -40,3 +40,13 @@ def test_a_missing_checkpoint_says_it_does_not_exist(tmp_path, capsys):
     assert main(["run", "--checkpoint", str(tmp_path / "file")]) == 2
     assert "is a file, not a checkpoint directory" in capsys.readouterr().err
 
+
+
+def test_bench_model_takes_the_same_names_and_repeats(capsys):
+    from dsv4rt.cli import build_parser
+
+    assert build_parser().parse_args(["bench", "--model", "tiny", "--model", "flash-slice"]).model == \
+        ["tiny", "flash-slice"]
+    assert main(["bench", "--model", "flash"]) == 2
+    err = capsys.readouterr().err
+    assert "--model flash is the released" in err and "--model flash-slice" in err and "usage:" not in err
