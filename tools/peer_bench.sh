@@ -80,9 +80,9 @@ done
 
 # ---- 4. interleaved rounds -----------------------------------------------------------------------------
 echo "date      $(date -u '+%Y-%m-%d %H:%M UTC')"
-echo "machine   $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores visible, $(free -g | awk '/Mem:/{print $2}') GiB"
-echo "llama.cpp $PKG (vendored llama.cpp $(sed -n 's/.*LLAMA_BUILD_COMMIT *"\?\([0-9a-f]*\).*/\1/p' \
-    "$SRC/build/common/build-info.cpp" 2>/dev/null | head -1)), $("$BENCH" --version 2>&1 | head -1)"
+echo "machine   $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores visible, $(free -g | awk '/Mem:/{print $2}') GiB," \
+     "$(grep -o -w 'avx512f\|avx512_bf16\|avx512_vnni\|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+echo "llama.cpp $PKG, llama-bench $("$BENCH" --version 2>&1 | head -1)"
 echo "dsv4rt    $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- . 2>/dev/null || echo ' (+ local changes)'), torch $("$PY" -c 'import torch; print(torch.__version__)')"
 echo "load      $(uptime)"
 "$PY" "$ROOT/tools/peer_bench.py" --llama-bench "$BENCH" --threads "$THREADS" --rounds "$ROUNDS" \
