@@ -145,7 +145,7 @@ class Parallel:
         """The head-split indexer (:func:`dsv4rt.distributed.tp.indexer_topk`); recorded in ``ops.used()``."""
         from .tp import indexer_topk
 
-        ops.calls[("indexer_topk", "tensor-parallel: torch partial scores + all_reduce + topk")] += 1
+        ops.calls[("indexer_topk", "tensor-parallel: partial indexer_scores + all_reduce + topk")] += 1
         return indexer_topk(q, k, weights, visible, topk, self.tp_group)
 
     # ---- V4.1 -----------------------------------------------------------------------------------------
