@@ -237,21 +237,15 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
     from .model.checkpoint import write_checkpoint
     from .model.config import preset
-    from .model.config_v41 import _flash41_slice
     from .model.progress import ProgressSource
-    from .model.runner import slice_ratios
+    from .model.runner import slice_config
     from .model.synthetic import SyntheticSource
 
     if os.path.exists(args.out):
         raise _UsageError(f"--out {args.out} exists; give a new directory")
     if (args.layers is not None or args.experts is not None) and "slice" not in args.preset:
         raise _UsageError("--layers / --experts shape the slice presets only")
-    cfg = preset(args.preset)
-    if args.layers is not None:
-        cfg = _flash41_slice(args.layers) if cfg.is_v41 else cfg.replace(
-            n_layers=args.layers, compress_ratios=slice_ratios(preset("flash").compress_ratios[:-1], args.layers) + (0,))
-    if args.experts is not None:
-        cfg = cfg.replace(n_routed_experts=args.experts, n_activated_experts=min(cfg.n_activated_experts, args.experts))
+    cfg = slice_config(args.preset, args.layers, args.experts) if "slice" in args.preset else preset(args.preset)
     # the slices draw FP8 / FP4 codes directly (as ``run`` does), so memory stays near one shard
     src = ProgressSource(SyntheticSource(cfg, args.seed, fast="slice" in args.preset), "drawing synthetic weights")
     extras = None

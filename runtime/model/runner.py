@@ -129,15 +129,7 @@ def build_model(opts: RunOptions, device: torch.device, quiet: bool = False,
                                                f"is noise)")
         return model, tok, origin
     if opts.preset in ("flash-slice", "flash41-slice"):
-        cfg = preset(opts.preset)
-        if opts.preset == "flash41-slice":
-            if opts.layers is not None:
-                cfg = _v41_slice(opts.layers)
-        elif opts.layers is not None and opts.layers != cfg.n_layers:
-            cfg = cfg.replace(n_layers=opts.layers, compress_ratios=slice_ratios(preset("flash").compress_ratios[:-1],
-                                                                                 opts.layers) + (0,))
-        if opts.experts:
-            cfg = cfg.replace(n_routed_experts=opts.experts, n_activated_experts=min(cfg.n_activated_experts, opts.experts))
+        cfg = slice_config(opts.preset, opts.layers, opts.experts)
         from .progress import ProgressSource
 
         tok = load_tokenizer(cfg, None, opts.tokenizer) if opts.tokenizer else ByteTokenizer(cfg.bos_token_id,
@@ -159,6 +151,21 @@ def _v41_slice(layers: int) -> ModelConfig:
         return _flash41_slice(layers)
     except ValueError as exc:
         raise BackendSelectionError(str(exc)) from None
+
+
+def slice_config(name: str, layers: int | None = None, experts: int | None = None) -> ModelConfig:
+    """A slice preset (``flash-slice`` / ``flash41-slice``) with ``layers`` layers and ``experts`` routed experts
+    (None: the preset's); a V4 slice keeps every layer kind and at most ``layers`` hash-routed layers."""
+    cfg = preset(name)
+    if name == "flash41-slice":
+        if layers is not None:
+            cfg = _v41_slice(layers)
+    elif layers is not None and layers != cfg.n_layers:
+        cfg = cfg.replace(n_layers=layers, n_hash_layers=min(cfg.n_hash_layers, layers),
+                          compress_ratios=slice_ratios(preset("flash").compress_ratios[:-1], layers) + (0,))
+    if experts:
+        cfg = cfg.replace(n_routed_experts=experts, n_activated_experts=min(cfg.n_activated_experts, experts))
+    return cfg
 
 
 def slice_ratios(schedule: tuple[int, ...], n: int) -> tuple[int, ...]:

@@ -156,3 +156,12 @@ def test_fp8_wo_a_as_the_release_may_store_it(ck, tmp_path):
     assert torch.equal(model.layers[0].attn.wo_a.reshape(want.shape), want)
     logits = model.forward(torch.randint(3, 259, (1, 20)), model.new_cache(1, 64))
     assert torch.isfinite(logits).all()
+
+
+def test_slice_config_one_rule_for_run_and_synth():
+    from dsv4rt.model.runner import slice_config
+
+    v4 = slice_config("flash-slice", 2, 8)      # a 2-layer V4 slice keeps at most 2 hash-routed layers
+    assert v4.n_layers == 2 and v4.n_hash_layers == 2 and v4.n_routed_experts == 8
+    v41 = slice_config("flash41-slice", 7, 4)
+    assert v41.is_v41 and v41.n_layers == 7 and set(v41.layer_kinds()) == {"swa", "csa2"}
