@@ -68,7 +68,10 @@ class Transformer:
     def new_cache(self, batch: int = 1, max_seq_len: int | None = None) -> KVCache:
         """An empty cache for ``batch`` sequences of up to ``max_seq_len`` tokens (default cfg.max_seq_len);
         the RoPE tables grow to cover it."""
-        cache = KVCache(self.cfg, batch, max_seq_len, self.dtype, self.device, mtp=bool(self.mtp))
+        return self._fit_rope(KVCache(self.cfg, batch, max_seq_len, self.dtype, self.device, mtp=bool(self.mtp)))
+
+    def _fit_rope(self, cache: Any) -> Any:
+        """``cache``, after growing the RoPE tables to its ``max_seq_len``."""
         if cache.max_seq_len > self.rope[SWA].cos.shape[0]:
             self.rope = rope_tables(self.cfg, self.device, cache.max_seq_len)
         return cache
@@ -115,8 +118,10 @@ class Transformer:
     def _logits(self, x: Tensor, b: int, s: int, hc, norm: Tensor, all_logits: bool) -> Tensor:
         y = rms_norm(hc_head(x, hc, self.cfg.hc_eps, self.cfg.norm_eps), norm, self.cfg.norm_eps)
         y = y.view(b, s, -1)
-        if not all_logits:
-            y = y[:, -1]
+        return self._head_logits(y if all_logits else y[:, -1])
+
+    def _head_logits(self, y: Tensor) -> Tensor:
+        """fp32 logits of the normed hidden states ``y`` (all vocabulary columns, gathered under TP)."""
         logits = self.head(y)
         return logits if self._tp is None else self._tp.gather_vocab(logits, self.cfg.vocab_size)
 

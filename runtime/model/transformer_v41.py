@@ -7,28 +7,30 @@
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .block_v41 import Block41
 from .cache_v41 import KVCache41
-from .config import SWA, ModelConfig
+from .config import ModelConfig
 from .engram import token_classes
 from .functional import rms_norm
 from .head import OutputHead
 from .indexer_v41 import Shared41
 from .mhc import hc_collapse
 from .opcall import OpCaller
-from .rope import RopeTable, rope_tables
+from .rope import rope_tables
+from .transformer import Transformer
 from .weights import Loader, WeightSource
 
 __all__ = ["Transformer41"]
 
 
-class Transformer41:
-    """See :class:`dsv4rt.model.transformer.Transformer` for the arguments (``convert_fp4`` is V4's)."""
+class Transformer41(Transformer):
+    """See :class:`dsv4rt.model.transformer.Transformer` for the arguments (``convert_fp4`` is V4's); the loading
+    order, RoPE tables, embedding and vocabulary head are the V4 model's."""
 
     def __init__(self, cfg: ModelConfig, source: WeightSource, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.bfloat16, mtp: bool = False, convert_fp4: bool = False,
@@ -57,20 +59,10 @@ class Transformer41:
         caller.fp8_block = self.cfg.fp8_block
         self._ops = caller
 
-    @staticmethod
-    def load_order(cfg: ModelConfig, mtp: bool = False) -> Iterable[str]:
-        from .schema import checkpoint_schema
-        return list(checkpoint_schema(cfg, mtp=mtp))
-
-    def new_cache(self, batch: int = 1, max_seq_len: int | None = None) -> KVCache41:
-        cache = KVCache41(self.cfg, batch, max_seq_len, self.dtype, self.device, mtp=bool(self.mtp),
-                          quant=self.ops.quant)
-        if cache.max_seq_len > self.rope[SWA].cos.shape[0]:
-            self.rope = rope_tables(self.cfg, self.device, cache.max_seq_len)
-        return cache
-
-    def _rope(self, layer: int) -> RopeTable:
-        return self.rope[SWA if self.cfg.kind(layer) == SWA else "compressed"]
+    def new_cache(self, batch: int = 1, max_seq_len: int | None = None) -> KVCache41:  # type: ignore[override]
+        """An empty V4.1 cache (packed formats unless the model runs without quantisation)."""
+        return self._fit_rope(KVCache41(self.cfg, batch, max_seq_len, self.dtype, self.device, mtp=bool(self.mtp),
+                                        quant=self.ops.quant))
 
     @torch.inference_mode()
     def forward(self, tokens: Tensor, cache: KVCache41, all_logits: bool = False,
@@ -98,7 +90,7 @@ class Transformer41:
             x, pre = blk(self.ops, x, b, ids, cache.layers[i], p0, self._rope(i), pre, shared)
         cache.pos = p0 + s
         y = rms_norm(hc_collapse(x, pre), self.norm, cfg.norm_eps).view(b, s, -1)
-        logits = self._head(y if all_logits else y[:, -1])
+        logits = self._head_logits(y if all_logits else y[:, -1])
         return (logits, x.view(b, s, cfg.hc_mult, cfg.dim)) if return_hidden else logits
 
     @torch.inference_mode()
@@ -107,9 +99,3 @@ class Transformer41:
         (a V4.1 step is per sequence; batched ragged kernels are V4's). Returns [n, V] fp32 logits."""
         return torch.cat([self.forward(t.view(1, -1).to(self.device), c) for t, c in zip(tokens, caches)])
 
-    def _embed(self, ids: Tensor) -> Tensor:
-        return self.embed[ids] if self._tp is None else self._tp.embed(self.embed, ids, self.cfg.vocab_size)
-
-    def _head(self, y: Tensor) -> Tensor:
-        logits = self.head(y)
-        return logits if self._tp is None else self._tp.gather_vocab(logits, self.cfg.vocab_size)
