@@ -134,6 +134,22 @@ else:
                 raise
             announce(f"built the native CPU kernels ({ext.name}) in {time.perf_counter() - t0:.0f} s")
 
+        def copy_file(self, infile, outfile, *args, **kwargs):
+            """Install the built library under a new inode (copy beside it, then rename): copying over the old
+            file in place would change the pages of every running process that has it mapped (a crash, not an
+            error). Processes keep their old library; new ones load the new."""
+            if not str(outfile).endswith((".so", ".pyd", ".dylib")) or getattr(self, "dry_run", False):
+                return super().copy_file(infile, outfile, *args, **kwargs)
+            target = os.path.join(outfile, os.path.basename(infile)) if os.path.isdir(outfile) else outfile
+            tmp = f"{target}.{os.getpid()}.tmp"
+            try:
+                result = super().copy_file(infile, tmp, *args, **kwargs)
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            return (target, result[1]) if isinstance(result, tuple) else result
+
     unix_flags = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-Wno-psabi"]
     ext_modules = [
         Pybind11Extension(
