@@ -113,12 +113,18 @@ def test_header_errors_name_the_tensor(tmp_path, tiny_ckpt, tensors, case, match
     ("fp8_scale_nan", "layers.3.attn.wo_b.scale", "non-finite scale"),
     ("fp32_inf", "layers.2.hc_attn_fn", "non-finite value"),
     ("bf16_nan", "layers.1.attn.kv_norm.weight", "non-finite value"),
+    ("bf16_neg_inf", "layers.1.attn.kv_norm.weight", "non-finite value"),
+    ("fp8_weight_nan", "layers.1.attn.wq_b.weight", "NaN FP8 code"),
     ("tid2eid", "layers.1.ffn.gate.tid2eid", "expert id outside"),
 ])
 def test_value_errors_name_the_tensor(tmp_path, tiny_ckpt, tensors, build, case, name, match):
     bad = tensors[name].clone()
     if case in ("e8m0_nan", "fp8_scale_nan"):
         bad.view(torch.uint8)[0, -1] = 255
+    elif case == "fp8_weight_nan":
+        bad.view(torch.uint8).view(-1)[-3] = 0xFF   # -NaN: sign bit set
+    elif case == "bf16_neg_inf":
+        bad.view(-1)[-1] = float("-inf")
     elif case == "tid2eid":
         bad[7, 1] = tiny_ckpt.cfg.n_routed_experts
     else:
@@ -235,3 +241,27 @@ def test_fp8_expert_checkpoint_is_detected(tmp_path, tiny_ckpt, tensors, build):
     model = build(ck, dtype=torch.float32)
     out = model.forward(torch.tensor([[0, 50, 60, 70]]), model.new_cache())
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype,bits,field,bad", [
+    (torch.float8_e4m3fn, torch.uint8, 0x7F, 0x7F), (torch.float8_e4m3fn, torch.uint8, 0x7F, 0xFF),
+    (torch.float8_e8m0fnu, torch.uint8, 0xFF, 0xFF), (torch.bfloat16, torch.int16, 0x7F80, -128),
+    (torch.float32, torch.int32, 0x7F800000, 0x7FC00000),
+])
+def test_value_scan_finds_a_bad_code_in_every_step(monkeypatch, dtype, bits, field, bad):
+    """The load-time scan walks the tensor a step at a time: a bad code in the first, a middle or the last
+    (partial) step is found, and a tensor of every other code passes."""
+    from dsv4rt.model import checkpoint as ckmod
+    monkeypatch.setattr(ckmod, "_SCAN", 64)
+    g = torch.Generator().manual_seed(7)
+    n = 64 * 5 + 17
+    raw = torch.randint(0, 256, (n * (torch.tensor([], dtype=bits).element_size()),), generator=g, dtype=torch.uint8)
+    t = raw.view(bits)
+    low = torch.tensor(field & -field, dtype=bits)
+    t = torch.where((t & field) == field, t ^ low, t)   # random codes, none with the whole field set
+    t = t.view(dtype).reshape(1, n)
+    assert not ckmod._all_ones_somewhere(t, bits, field)
+    for i in (0, 64 * 2 + 5, n - 1):
+        u = t.clone()
+        u.view(bits).view(-1)[i] = bad
+        assert ckmod._all_ones_somewhere(u, bits, field), i
