@@ -44,7 +44,7 @@ from torch import Tensor
 
 from dsv4rt.backend import new_output
 from dsv4rt.backends.cuda import interpreter_requested
-from ._launch import device_guard, kernels
+from ._launch import core_count, device_guard, dot_precision, kernels
 from .capability import mma_refusal
 
 __all__ = ["Plan", "plan", "fp4_gemm", "fp4_grouped_gemm", "fp8_gemm", "act_quant_fp8", "register",
@@ -80,15 +80,15 @@ def _pow2(v: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _sm_count(device: torch.device) -> int:
+    return core_count(device)
 
 
 def _split(k: int, bk: int, ctas: int, interp: bool, device: torch.device) -> tuple[int, int]:
     """(splits, K steps per split): split K (powers of two) until ~4 programs per SM (2 K steps per split at
     least); under the interpreter until 8 programs, so CI exercises the split-K reduction."""
     steps = max(1, _cdiv(k, bk))
-    target, min_steps = (8, 1) if interp else (4 * _sm_count(device.index or 0), 2)
+    target, min_steps = (8, 1) if interp else (4 * _sm_count(device), 2)
     split = 1
     while ctas * split * 2 <= target and _cdiv(steps, split * 2) >= min_steps and split < 64:
         split *= 2
@@ -132,12 +132,14 @@ def plan(op: str, args: Mapping[str, Any], path: str | None = None) -> Plan:
     return Plan(path, bm, bn, bk, split, per, warps, stages, dot)
 
 
-def _meta(k: int, p: Plan) -> dict[str, Any]:
+def _meta(k: int, p: Plan, x: Tensor) -> dict[str, Any]:
     """Launch meta-parameters shared by the GEMM kernels. EVEN_K: the splits tile K exactly, so the K masks
-    (which would break full-width vector loads) are compiled out."""
+    (which would break full-width vector loads) are compiled out. DOT_PREC: the float32 product's precision
+    on x's device (TF32 on NVIDIA, HF32 on Ascend)."""
     return {"BLOCK_M": p.block_m, "BLOCK_N": p.block_n, "BLOCK_K": p.block_k, "K_STEPS": p.k_steps,
             "EVEN_K": k == p.split_k * p.k_steps * p.block_k, "DOT": _tl_dtype(p.dot),
-            "INTERP": interpreter_requested(), "num_warps": p.num_warps, "num_stages": p.num_stages}
+            "DOT_PREC": dot_precision(x), "INTERP": interpreter_requested(), "num_warps": p.num_warps,
+            "num_stages": p.num_stages}
 
 
 def _tl_dtype(name: str) -> Any:
@@ -206,7 +208,7 @@ def _fp4(x: Tensor, w: Tensor, w_scale: Tensor, offsets: Tensor | None, act_quan
         kernels("gemm").fp4_gemm_kernel[grid](
             xk, wb, sb, y, offsets.contiguous() if grouped else wb, rows, n, k, e,   # the kernel reads offsets densely
             xk.stride(0), xk.stride(1), *wb.stride(), *sb.stride(), 0 if p.split_k == 1 else rows * n, n,
-            GROUPED=grouped, BLOCK_E=max(16, _pow2(e)), EVEN_ODD=p.path == "small", **_meta(k, p))
+            GROUPED=grouped, BLOCK_E=max(16, _pow2(e)), EVEN_ODD=p.path == "small", **_meta(k, p, x))
         return _finish(out, y, p)
 
 
@@ -260,7 +262,7 @@ def fp8_gemm(x: Tensor, w: Tensor, w_scale: Tensor, act_quant: str | None = None
         grid = (_cdiv(m, p.block_m) * _cdiv(n, p.block_n), p.split_k)
         kernels("gemm").fp8_gemm_kernel[grid](
             xk, wb, sb, y, m, n, k, xk.stride(0), xk.stride(1), *wb.stride(), *sb.stride(),
-            0 if p.split_k == 1 else m * n, n, SCALE_E8M0=e8m0, SCALE_BLOCK=block_size, **_meta(k, p))
+            0 if p.split_k == 1 else m * n, n, SCALE_E8M0=e8m0, SCALE_BLOCK=block_size, **_meta(k, p, x))
         return _finish(out, y, p)
 
 
@@ -278,6 +280,8 @@ def supports_fp4(args: Mapping[str, Any]) -> str | None:
         return _old_triton()
     if interpreter_requested():
         return None if x.device.type == "cpu" else f"Triton interpreter mode runs on CPU tensors, x is on {x.device}"
+    if x.device.type == "npu":
+        return None   # ascend/triton (triton-ascend): backends/ascend/triton_npu.py checked that it can run
     if not x.is_cuda:
         return f"cuda/triton needs CUDA tensors, x is on {x.device}"
     return mma_refusal(x)

@@ -90,17 +90,23 @@ def _rows_v41(ids, valid, kv_ptr, kv_base, g_ptr, g_base, N, D, s_kn, s_kd, s_gn
     """Decoded float32 [BLOCK_K, BLOCK_D] rows of the V4.1 packed cache: ids < N from the FP8 window rows
     (E4M3 codes, then a UE8M0 byte per 32), ids >= N from the FP4 global rows (E2M1 pairs, low nibble =
     even element, then an E4M3 byte per 16). One code-byte and one scale-byte gather per element (each
-    row's own addresses; repeated bytes come from L1), an E2M1 nibble turned into the E4M3 byte of the
-    same value, then one E4M3 decode times the scale: elementwise, so the compiler keeps one tile live.
+    row's own addresses, one masked load per kind; repeated bytes come from L1), an E2M1 nibble turned into
+    the E4M3 byte of the same value, then one E4M3 decode times the scale: elementwise, so the compiler keeps
+    one tile live.
     Skipped entries and padding lanes read 0."""
     offs_d = tl.arange(0, BLOCK_D)[None, :]
     g = (ids >= N)[:, None]
     ok = valid[:, None] & (offs_d < D)
     wrow = kv_ptr + kv_base + ids.to(tl.int64)[:, None] * s_kn
     grow = g_ptr + g_base + (ids - N).to(tl.int64)[:, None] * s_gn
-    byte = tl.load(tl.where(g, grow + (offs_d // 2) * s_gd, wrow + offs_d * s_kd), mask=ok, other=0).to(tl.int32)
-    sb = tl.load(tl.where(g, grow + (D // 2 + offs_d // 16) * s_gd, wrow + (D + offs_d // 32) * s_kd),
-                 mask=ok, other=0)
+    # two complementary masked gathers and a select on the values, not one gather through a select of
+    # pointers (triton-ascend's adapter cannot lower a load from tl.where(c, ptr_a, ptr_b))
+    gok = ok & g
+    wok = ok & (ids < N)[:, None]
+    byte = tl.where(g, tl.load(grow + (offs_d // 2) * s_gd, mask=gok, other=0),
+                    tl.load(wrow + offs_d * s_kd, mask=wok, other=0)).to(tl.int32)
+    sb = tl.where(g, tl.load(grow + (D // 2 + offs_d // 16) * s_gd, mask=gok, other=0),
+                  tl.load(wrow + (D + offs_d // 32) * s_kd, mask=wok, other=0))
     nib = tl.where((offs_d & 1) == 1, byte >> 4, byte & 15)
     e = (nib >> 1) & 3
     mt = nib & 1

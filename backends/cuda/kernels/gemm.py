@@ -7,7 +7,8 @@ docstring for the design. Conventions shared by every kernel here:
   in registers with integer bit operations (``kernels.decode``: no FP8 type, no look-up tables, nothing
   dequantised is written to memory), so every kernel compiles for sm_80 and later.
 * ``DOT`` is the operand dtype of the tensor-core product (``tl.bfloat16``, ``tl.float16`` or ``tl.float32``
-  = TF32); accumulation is always float32. ``INTERP`` (constexpr) is set under the Triton interpreter, whose
+  = TF32 on NVIDIA, HF32 on Ascend: ``DOT_PREC``, chosen by the launcher per target); accumulation is
+  always float32. ``INTERP`` (constexpr) is set under the Triton interpreter, whose
   ``tl.dot`` multiplies the raw uint16 bits of bfloat16 operands: there the (exactly representable) bf16
   operands are widened to fp32 just before the product, so every conversion of the GPU path still runs.
 * Grouped GEMMs use one launch: program axis 0 walks an upper bound of the (expert, row-tile) schedule, which
@@ -21,8 +22,9 @@ from .rounding import round_to
 
 
 @triton.jit
-def _mma(a, b, acc, DOT: tl.constexpr, INTERP: tl.constexpr):
-    """acc + a[M, K] @ b[K, N] with DOT operands and a float32 accumulator."""
+def _mma(a, b, acc, DOT: tl.constexpr, INTERP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc + a[M, K] @ b[K, N] with DOT operands and a float32 accumulator. DOT_PREC: input_precision of
+    the float32 product ("tf32" on NVIDIA and the interpreter, "hf32" on Ascend, which refuses "tf32")."""
     if INTERP and DOT == tl.bfloat16:
         # the interpreter cannot multiply bf16, and its fp32 -> bf16 cast flushes subnormals (a weight of
         # E8M0 byte 0 or 1 lost 5-25% of the product): round on the bits as the GPU's cast does and keep
@@ -35,7 +37,7 @@ def _mma(a, b, acc, DOT: tl.constexpr, INTERP: tl.constexpr):
         a = a.to(DOT)
         b = b.to(DOT)
     if DOT == tl.float32:
-        return tl.dot(a, b, acc, input_precision="tf32")
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)
     return tl.dot(a, b, acc)
 
 
@@ -78,7 +80,7 @@ def fp4_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, off_ptr, M, N, K, E,
                     sxm, sxk, swe, swn, swk, sse, ssn, ssk, sys, sym,
                     GROUPED: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_ODD: tl.constexpr,
-                    DOT: tl.constexpr, INTERP: tl.constexpr):
+                    DOT: tl.constexpr, INTERP: tl.constexpr, DOT_PREC: tl.constexpr):
     """y[rows, n] (+)= x[rows, k] * E2M1(w[e, n, k]) * 2^(s[e, n, k/32] - 127) over this program's K split.
 
     Grid: (row tiles * cdiv(N, BLOCK_N), splits), N-blocks fastest. Program (t, j, p) computes the rows of tile
@@ -130,8 +132,8 @@ def fp4_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, off_ptr, M, N, K, E,
                 xmask = m_ok[:, None] & (kx < K)[None, :]
                 xe = tl.load(x_rows + kx[None, :] * sxk, mask=xmask, other=0.0)
                 xo = tl.load(x_rows + (kx + 1)[None, :] * sxk, mask=xmask, other=0.0)
-                acc = _mma(xe, tl.trans(tl.reshape(lo, (BLOCK_N, BLOCK_K // 2))), acc, DOT, INTERP)
-                acc = _mma(xo, tl.trans(tl.reshape(hi, (BLOCK_N, BLOCK_K // 2))), acc, DOT, INTERP)
+                acc = _mma(xe, tl.trans(tl.reshape(lo, (BLOCK_N, BLOCK_K // 2))), acc, DOT, INTERP, DOT_PREC)
+                acc = _mma(xo, tl.trans(tl.reshape(hi, (BLOCK_N, BLOCK_K // 2))), acc, DOT, INTERP, DOT_PREC)
             else:
                 kk = k0 + tl.arange(0, BLOCK_K)
                 if EVEN_K:
@@ -139,7 +141,7 @@ def fp4_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, off_ptr, M, N, K, E,
                 else:
                     xt = tl.load(x_rows + kk[None, :] * sxk, mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
                 w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
-                acc = _mma(xt, tl.trans(w), acc, DOT, INTERP)
+                acc = _mma(xt, tl.trans(w), acc, DOT, INTERP, DOT_PREC)
         y = y_ptr + pid_k.to(tl.int64) * sys + rm.to(tl.int64)[:, None] * sym + rn[None, :]
         tl.store(y, _out(acc, y_ptr, INTERP), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -149,7 +151,7 @@ def fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K,
                     sxm, sxk, swn, swk, ssn, ssk, sys, sym,
                     SCALE_E8M0: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     K_STEPS: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr, INTERP: tl.constexpr,
-                    SCALE_BLOCK: tl.constexpr = 128):
+                    DOT_PREC: tl.constexpr, SCALE_BLOCK: tl.constexpr = 128):
     """y[m, n] (+)= sum_k x[m, k] * E4M3(w[n, k]) * s[n // SB, k // SB] over this program's K split (SB =
     SCALE_BLOCK: 128 for V4, 32 for V4.1).
 
@@ -184,7 +186,7 @@ def fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K,
             xt = tl.load(x_rows + kk[None, :] * sxk, mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
             wb = tl.load(w_rows + kk[None, :] * swk, mask=n_ok[:, None] & (kk < K)[None, :], other=0)
         w = e4m3_to_f32(wb)
-        part = _mma(xt, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT, INTERP)
+        part = _mma(xt, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT, INTERP, DOT_PREC)
         if SCALE_BLOCK == 128:
             if SCALE_E8M0:
                 sc = e8m0_to_f32(tl.load(s_row + (k0 // 128) * ssk).to(tl.int32))
