@@ -36,6 +36,15 @@ KERNELS = Path(__file__).resolve().parents[1] / "backends" / "cuda" / "kernels"
 _PKG = "dsv4rt_kernels_npu"
 _LAST: dict[str, str] = {}
 CHIPS = {"a2a3": {"compile_on_910_95": False}, "950": {"compile_on_910_95": True}}
+NPU_BUILD = {"INTERP": False, "DOT_PREC": "hf32"}
+"""Constexprs an NPU launch sets, replacing the recorded (interpreter / NVIDIA) values where a kernel has them:
+the device build, not the interpreter variant, and Ascend's float32 dot precision (the launchers' choice for
+NPU tensors: backends/cuda/_launch.on_interpreter and dot_precision)."""
+
+
+def npu_build(consts: dict) -> dict:
+    """A recorded launch's constexprs as an NPU launch sets them (:data:`NPU_BUILD`)."""
+    return dict(consts, **{k: v for k, v in NPU_BUILD.items() if k in consts})
 
 
 class _Stop(Exception):
@@ -99,9 +108,8 @@ def lower(rec: dict, chip: str) -> dict:
     stage = "import"
     try:
         fn = _kernel(rec["module"], rec["kernel"])
-        consts = {k: tl.dtype(v["tl.dtype"]) if isinstance(v, dict) else v for k, v in rec["constexprs"].items()}
-        if "INTERP" in consts:
-            consts["INTERP"] = False          # the device build of the kernel, not its interpreter variant
+        consts = {k: tl.dtype(v["tl.dtype"]) if isinstance(v, dict) else v
+                  for k, v in npu_build(rec["constexprs"]).items()}
         stage = "ttir"
         triton.compile(ASTSource(fn, rec["signature"], consts), target=GPUTarget("npu", "Ascend910B3", 0),
                        options=dict(CHIPS[chip]))
@@ -174,8 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     merged: dict[str, dict] = {}
     for path in a.launches:                     # the same launch from GPU and interpreter plans counts once
         for rec in json.loads(Path(path).read_text()):
-            rec = dict(rec, constexprs=dict(rec["constexprs"], **({"INTERP": False} if "INTERP" in rec["constexprs"]
-                                                                   else {})))
+            rec = dict(rec, constexprs=npu_build(rec["constexprs"]))
             key = json.dumps({k: v for k, v in rec.items() if k != "plans"}, sort_keys=True, default=str)
             merged.setdefault(key, rec)
     recs = list(merged.values())

@@ -9,7 +9,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-__all__ = ["next_pow2", "device_guard", "on_interpreter", "kernels"]
+__all__ = ["next_pow2", "device_guard", "on_interpreter", "dot_precision", "core_count", "kernels"]
 
 
 def next_pow2(n: int) -> int:
@@ -23,8 +23,25 @@ def device_guard(t: Tensor) -> contextlib.AbstractContextManager:
 
 
 def on_interpreter(t: Tensor) -> bool:
-    """True when the kernels run under the Triton interpreter (CPU tensors): interpreter block sizes."""
-    return t.device.type != "cuda"
+    """True when the kernels run under the Triton interpreter: interpreter block sizes and ``INTERP``.
+
+    The interpreter is the only Triton that takes CPU tensors, so a CPU tensor means the interpreter. GPU
+    tensors and NPU tensors (``ascend/triton``, compiled by triton-ascend) get the device build and tiles."""
+    return t.device.type == "cpu"
+
+
+def dot_precision(t: Tensor) -> str:
+    """``input_precision`` of the float32 ``tl.dot`` for a launch on t's device: "hf32" on Ascend NPUs
+    (triton-ascend refuses "tf32" and "tf32x3"), "tf32" on NVIDIA GPUs and under the interpreter."""
+    return "hf32" if t.device.type == "npu" else "tf32"
+
+
+def core_count(device: torch.device) -> int:
+    """Programs a device runs at once, for grid sizing: multiprocessors of a CUDA GPU, cube (AI) cores of
+    an Ascend NPU (``torch.npu.get_device_properties(...).cube_core_num``, torch_npu)."""
+    if device.type == "npu":
+        return int(torch.npu.get_device_properties(device).cube_core_num)   # type: ignore[attr-defined]
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @functools.cache

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from dsv4rt.backend import Registrar, new_output
-from ._launch import device_guard, kernels, next_pow2, on_interpreter
+from ._launch import core_count, device_guard, kernels, next_pow2, on_interpreter
 from .capability import mma_refusal
 
 __all__ = ["register", "kv_compress", "sparse_attention", "plan", "AttentionPlan", "supports_attention",
@@ -37,8 +37,9 @@ INTERP_VIRTUAL_SMS = 16
 
 @functools.cache
 def _sm_count(device: torch.device) -> int:
-    """Multiprocessor count of ``device`` (the current GPU when it has no index; cached, no sync)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    """Multiprocessor count of ``device`` (the current GPU when it has no index; an NPU's cube cores; cached,
+    no sync)."""
+    return core_count(device)
 
 
 @dataclass(frozen=True)
