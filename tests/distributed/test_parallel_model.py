@@ -21,7 +21,7 @@ import re
 import pytest
 import torch
 
-from _dist_util import spawn
+from _dist_util import fp32_and_bf16_models, spawn, teacher_forced_logits
 
 PREFILL, DECODE = 100, 4
 LAYOUTS = {2: [(1, 2, "tiny"), (2, 1, "tiny"), (2, 2, "tiny")],
@@ -34,24 +34,7 @@ def _tokens():
 
 def _logits(model):
     """[1, PREFILL + DECODE, V]: all prefill positions, then each decode step's."""
-    import dsv4rt
-
-    toks = _tokens()
-    with dsv4rt.use_backend("cpu"):
-        cache = model.new_cache(1, max_seq_len=256)
-        out = [model.forward(toks[:, :PREFILL], cache, all_logits=True)]
-        for i in range(PREFILL, PREFILL + DECODE):
-            out.append(model.forward(toks[:, i:i + 1], cache, all_logits=True))
-    return torch.cat(out, dim=1)
-
-
-def _models(path, par=None):
-    from dsv4rt.model.checkpoint import Checkpoint
-    from dsv4rt.model.transformer import Transformer
-
-    ck = Checkpoint(path)
-    yield "fp32", Transformer(ck.cfg, ck, dtype=torch.float32, quant=False, par=par)
-    yield "bf16", Transformer(ck.cfg, ck, par=par)
+    return teacher_forced_logits(model, _tokens(), PREFILL, "cpu")
 
 
 def worker(rank: int, world: int, paths: dict, out_dir: str) -> None:
@@ -81,7 +64,7 @@ def worker(rank: int, world: int, paths: dict, out_dir: str) -> None:
         par = Parallel.create(Checkpoint(paths[ck_name]).cfg, tp, ep)
         stats.update(no_tokens=0, no_rows=0, calls=0)
         result = {"reads": {}, "logits": {}}
-        for mode, model in _models(paths[ck_name], par):
+        for mode, model in fp32_and_bf16_models(paths[ck_name], par):
             result["reads"][mode] = reads[:]
             reads.clear()
             result["logits"][mode] = _logits(model)
@@ -106,7 +89,7 @@ def checkpoints(tmp_path_factory, tiny_dir):
 @pytest.fixture(scope="module")
 def references(checkpoints):
     torch.set_num_threads(1)
-    return {name: {mode: _logits(m) for mode, m in _models(path)} for name, path in checkpoints.items()}
+    return {name: {mode: _logits(m) for mode, m in fp32_and_bf16_models(path)} for name, path in checkpoints.items()}
 
 
 @pytest.fixture(scope="module", params=[2, 4])

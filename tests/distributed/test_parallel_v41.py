@@ -21,7 +21,7 @@ import re
 import pytest
 import torch
 
-from _dist_util import spawn
+from _dist_util import fp32_and_bf16_models, spawn, teacher_forced_logits
 
 PREFILL, DECODE = 150, 3
 LAYOUTS = [(1, 2), (2, 1), (2, 2)]
@@ -31,24 +31,8 @@ BACKEND = {"fp32": "cpu/torch", "bf16": "cpu/torch"}
 
 
 def _logits(model, mode, chunk=PREFILL):
-    import dsv4rt
-
     toks = torch.randint(3, 259, (1, PREFILL + DECODE), generator=torch.Generator().manual_seed(7))
-    with dsv4rt.use_backend(BACKEND[mode]):
-        cache = model.new_cache(1, max_seq_len=256)
-        out = [model.forward(toks[:, i:i + chunk], cache, all_logits=True) for i in range(0, PREFILL, chunk)]
-        for i in range(PREFILL, PREFILL + DECODE):
-            out.append(model.forward(toks[:, i:i + 1], cache, all_logits=True))
-    return torch.cat(out, dim=1)
-
-
-def _models(path, par=None):
-    from dsv4rt.model.checkpoint import Checkpoint
-    from dsv4rt.model.transformer import Transformer
-
-    ck = Checkpoint(path)
-    yield "fp32", Transformer(ck.cfg, ck, dtype=torch.float32, quant=False, par=par)
-    yield "bf16", Transformer(ck.cfg, ck, par=par)
+    return teacher_forced_logits(model, toks, PREFILL, BACKEND[mode], chunk)
 
 
 def worker(rank: int, world: int, path: str, out_dir: str) -> None:
@@ -58,7 +42,7 @@ def worker(rank: int, world: int, path: str, out_dir: str) -> None:
     for tp, ep in LAYOUTS:
         par = Parallel.create(Checkpoint(path).cfg, tp, ep)
         res = {}
-        for mode, model in _models(path, par):
+        for mode, model in fp32_and_bf16_models(path, par):
             res[mode] = _logits(model, mode)
             res[mode + "-ops"] = model.ops.used()
         torch.save(res, os.path.join(out_dir, f"tp{tp}-ep{ep}-rank{rank}.pt"))
@@ -74,7 +58,7 @@ def v41_dir(tmp_path_factory):
 def test_v41_logits_match_single_process(v41_dir, tmp_path):
     torch.set_num_threads(1)
     ref, floor = {}, None
-    for mode, m in _models(v41_dir):
+    for mode, m in fp32_and_bf16_models(v41_dir):
         ref[mode] = _logits(m, mode)
         if mode == "bf16":   # the model's own bf16 spread: the same tokens evaluated in another order (chunks)
             other = _logits(m, mode, chunk=50)
