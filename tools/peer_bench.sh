@@ -12,10 +12,13 @@
 #    weights become Q8_0, the FP4 experts are repacked to MXFP4, bf16 stays bf16).
 # 4. tools/peer_bench.py: ROUNDS interleaved rounds of llama-bench (pp PROMPT, tg GEN) and
 #    `dsv4rt run --checkpoint` on the same weights at THREADS threads; a table with versions and load.
+# 5. tools/peer_kernels.sh: the kernel table (ggml MXFP4 / Q8_0 matmul vs dsv4rt fp4_gemm / fp8_gemm, same
+#    shapes, THREADS threads, interleaved) on the same llama.cpp build; PEER_KERNELS=0 skips it.
 #
 # Settings (environment): PEER_WORK (default /tmp/dsv4rt-peer), PEER_THREADS (2), PEER_ROUNDS (3),
 # PEER_PRESETS ("tiny flash-slice"), PEER_LAYERS (3) and PEER_EXPERTS (64) for flash-slice, PEER_PROMPT (128),
-# PEER_GEN (32), PEER_LLAMA_CPP_PYTHON (a version to pin, default the newest), PEER_JOBS (build jobs, nproc).
+# PEER_GEN (32), PEER_LLAMA_CPP_PYTHON (a version to pin, default the newest), PEER_JOBS (build jobs, nproc),
+# PEER_KERNELS (1; 0 skips step 5; its own settings are in tools/peer_kernels.sh).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -88,3 +91,9 @@ echo "load      $(uptime)"
 "$PY" "$ROOT/tools/peer_bench.py" --llama-bench "$BENCH" --threads "$THREADS" --rounds "$ROUNDS" \
     --prompt "$PROMPT" --gen "$GEN" "${MODELS[@]}"
 echo "load      $(uptime)"
+
+# ---- 5. the kernel table -------------------------------------------------------------------------------
+if [ "${PEER_KERNELS:-1}" != 0 ]; then
+    echo
+    PEER_WORK="$WORK" PEER_THREADS="$THREADS" PYTHON="$PY" bash "$ROOT/tools/peer_kernels.sh"
+fi
