@@ -39,7 +39,9 @@ class Transformer:
     def __new__(cls, cfg: ModelConfig, *args: Any, **kwargs: Any) -> Any:
         if cfg.is_v41 and cls is Transformer:   # the V4.1 model: the same interface, its own layers
             from .transformer_v41 import Transformer41
-            return Transformer41(cfg, *args, **kwargs)
+            # an instance only: Python then runs Transformer41.__init__ once (constructing it here as well
+            # would load every weight twice, the returned object being a Transformer)
+            return super().__new__(Transformer41)
         return super().__new__(cls)
 
     def __init__(self, cfg: ModelConfig, source: WeightSource, device: str | torch.device = "cpu",
