@@ -5,7 +5,9 @@ cannot be installed together) compiles ``@triton.jit`` kernels for the NPU: its 
 through ``triton-adapter-opt`` to linalg / HIVM MLIR, and CANN's ``bishengir-compile`` makes the binary
 (docs/ascend.md, section 7). The launchers are the CUDA backend's (``backends/cuda/<family>.py``): they
 take device-agnostic tensors, import their kernel module on the first launch, and size blocks from
-shapes; on non-CUDA tensors they use the interpreter's block sizes and launch on the current device.
+shapes. On NPU tensors they plan the device build (``INTERP`` off, the GPU tiles, grids sized by the cube
+cores), multiply float32 operands with ``input_precision="hf32"`` (triton-ascend refuses "tf32") and
+launch on the current device (``backends/cuda/_launch``: on_interpreter, dot_precision, core_count).
 
 The variant is registered for every op the Triton families cover, below ``ascend/fused`` (torch_npu's
 fused ops win where they apply) and above ``ascend/torch``. Each call is declined, with the reason, when
@@ -15,8 +17,7 @@ Triton: the check reads package metadata.
 
 Status (docs/ascend.md, section 10): ``tools/ascend_lower.sh`` tries to lower every recorded kernel launch
 through triton-ascend's front end to MLIR on a machine without an NPU, and the table there says which
-kernels do. No kernel has run on an NPU (the binary stage needs CANN). The launchers currently plan
-non-CUDA tensors as the interpreter's (``backends/cuda/_launch.on_interpreter``).
+kernels do. No kernel has run on an NPU (the binary stage needs CANN), so the GPU tiles are untuned there.
 """
 from __future__ import annotations
 

@@ -23,3 +23,16 @@ def test_markdown_counts_launches_per_chip_and_names_the_first_failure():
     assert md[2] == "| kernel | A2/A3 | 950 | result |"
     assert md[4] == "| `gemm.k` | 1/2 | 2/2 | fails at `ttir`: AssertionError: input_precision / tf32 |"
     assert md[5] == "| `moe.m` | 1/1 | 1/1 | lowers (hivm 2 linalg 5 ops) |"
+
+
+def test_launches_are_lowered_with_the_constexprs_an_npu_launch_sets():
+    class OnNpu:   # what dot_precision / on_interpreter read of a tensor
+        device = type("Device", (), {"type": "npu"})()
+
+    from dsv4rt.backends.cuda import _launch
+
+    mod = tool()
+    assert mod.NPU_BUILD == {"INTERP": _launch.on_interpreter(OnNpu()), "DOT_PREC": _launch.dot_precision(OnNpu())}
+    recorded = {"DOT": {"tl.dtype": "fp32"}, "DOT_PREC": "tf32", "INTERP": True, "BLOCK_K": 64}
+    assert mod.npu_build(recorded) == dict(recorded, DOT_PREC="hf32", INTERP=False)
+    assert mod.npu_build({"BLOCK": 8}) == {"BLOCK": 8}   # kernels without them get none added

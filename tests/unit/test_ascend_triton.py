@@ -7,6 +7,7 @@ supports(). No kernel runs on an NPU here (none is available; the binary stage n
 """
 from __future__ import annotations
 
+import collections
 import importlib
 import sys
 from types import SimpleNamespace
@@ -86,3 +87,70 @@ def test_with_triton_ascend_the_launchers_own_supports_decides(monkeypatch):
 def test_unavailable_without_torch_npu(monkeypatch):
     monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
     assert "torch_npu is not imported" in triton_npu.unavailable()
+
+
+# --- the launchers on NPU tensors: the device build, its tiles and Ascend's dot precision ---------------------
+
+_Device = collections.namedtuple("_Device", "type index")   # hashable, like torch.device (cached per device)
+NPU = _Device("npu", 0)
+
+
+class _OnNpu(torch.Tensor):
+    """A CPU tensor reporting an Ascend device: torch_npu (and so a real "npu" tensor) is not installed here,
+    and the launchers' planning reads only the device and the shapes."""
+
+    @property
+    def device(self):  # type: ignore[override]
+        return NPU
+
+
+def on_npu(t: torch.Tensor) -> torch.Tensor:
+    return torch.Tensor._make_subclass(_OnNpu, t)
+
+
+@pytest.fixture
+def npu_cores(monkeypatch):
+    """torch.npu as torch_npu provides it, for the core count (cube cores) the launchers size grids with."""
+    props = SimpleNamespace(cube_core_num=24, vector_core_num=48)
+    monkeypatch.setattr(torch, "npu", SimpleNamespace(get_device_properties=lambda d: props), raising=False)
+    monkeypatch.delenv("DSV4RT_TRITON_INTERPRET", raising=False)
+    return props.cube_core_num
+
+
+def test_npu_tensors_are_launched_as_a_device_not_under_the_interpreter(npu_cores):
+    from dsv4rt.backends.cuda import _launch, attention, engram, indexer, moe
+
+    x = torch.zeros(2, 8)
+    for mod in (_launch, attention, engram, indexer, moe):
+        assert mod.on_interpreter(x) is True and mod.on_interpreter(on_npu(x)) is False, mod.__name__
+    assert _launch.dot_precision(on_npu(x)) == "hf32" and _launch.dot_precision(x) == "tf32"
+    assert _launch.core_count(NPU) == npu_cores
+
+
+def test_sparse_attention_on_npu_gets_the_device_plan(npu_cores, monkeypatch):
+    from dsv4rt.backends.cuda import attention
+
+    for d, kv_format in ((512, None), (512, "v41"), (64, None)):
+        q = torch.zeros(1, 1, 16, d, dtype=torch.bfloat16)
+        args = {"q": q, "idx": torch.zeros(1, 1, 512, dtype=torch.int32), "kv_format": kv_format}
+        interp = attention.plan(args)
+        npu = attention.plan(dict(args, q=on_npu(q)))
+        with monkeypatch.context() as m:   # the plan a device with npu_cores multiprocessors gets
+            m.setattr(attention, "on_interpreter", lambda t: False)
+            m.setattr(attention, "_sm_count", lambda dev: npu_cores)
+            device = attention.plan(args)
+        assert npu == device != interp, (d, kv_format, npu, interp)
+
+
+def test_gemm_on_npu_gets_device_tiles_and_hf32(npu_cores):
+    from dsv4rt.backends.cuda import gemm
+
+    w = torch.zeros(256, 512, dtype=torch.uint8)
+    for rows in (4, 64):   # the weight-streaming split-K path and the tiled path
+        x = torch.zeros(rows, 512)
+        p = gemm.plan("fp8_gemm", {"x": on_npu(x), "w": w, "act_quant": None})
+        assert p.dot == "tf32" and p.num_stages > 1, p          # fp32 operands; device stages (interpreter: 1)
+        meta = gemm._meta(512, p, on_npu(x))
+        assert meta["DOT_PREC"] == "hf32" and meta["INTERP"] is False
+        assert gemm._meta(512, p, x)["DOT_PREC"] == "tf32"     # NVIDIA and the interpreter: unchanged
+        assert gemm.supports_fp8({"x": on_npu(x)}) is None      # triton_npu's gate decides, not "needs CUDA"
