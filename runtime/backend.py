@@ -48,9 +48,20 @@ class Backend:
     def prepare_inputs(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         """Turn an op's released-format inputs (already on this backend's device) into the form its fast
         variants take, e.g. weights converted once into a fused op's layout. Conformance and bench call it
-        so that they exercise those variants; model code calls the backend's own preparation functions.
+        so that they exercise those variants; the model hands its weights to :meth:`prepare_weight`.
         Default: the inputs unchanged."""
         return args
+
+    def prepare_weight(self, op: str, w: Any, w_scale: Any, block_size: int = 128) -> Any:
+        """Convert one GEMM weight once, at load, into what this backend's fast variants take.
+
+        ``op`` is ``fp8_gemm``, ``fp4_gemm`` or ``fp4_grouped_gemm``; ``w`` / ``w_scale`` are the released
+        tensors, already on this backend's device; ``block_size`` is the FP8 scale block (128 V4, 32 V4.1).
+        The model (``dsv4rt.prepare.weight_preparer``) passes the result as ``w`` on every call of ``op``
+        with this very ``w_scale`` object, so the result must still pass the op contract as ``w`` and give
+        every other implementation the released values (e.g. a tensor subclass sharing ``w``'s storage).
+        Default: ``w`` itself, no copy; a backend that keeps the default is never asked (no load cost)."""
+        return w
 
     def offers(self) -> Mapping[str, tuple[str, ...]]:
         """Variants this backend registers per op where everything it needs is present (op -> variants).

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import logging
 import os
 import sys
 from typing import Any, Mapping
@@ -46,6 +47,8 @@ from typing import Any, Mapping
 from dsv4rt.backend import Backend, Probe, Registrar
 
 from ._npu import soc_family
+
+log = logging.getLogger("dsv4rt")
 
 __all__ = ["AscendBackend", "backend", "COMPOSITE_PRIORITY", "FUSED_PRIORITY", "FAMILIES", "cann_home",
            "soc_family", "prepare_weights", "PreparedWeight", "WindowedIndex"]
@@ -67,6 +70,8 @@ _ALL_OPS = _FUSED_OPS + ("kv_compress", "moe_route", "engram_hash", "engram_look
                          "indexer_scores")
 _TRITON_OPS = _ALL_OPS
 """Ops the Triton families of backends/cuda register (ascend/triton); a test compares with triton_npu.triton_ops()."""
+_GEMM_OPS = ("fp4_gemm", "fp4_grouped_gemm", "fp8_gemm")
+"""The ops whose weights :meth:`AscendBackend.prepare_weight` converts."""
 _LAZY = {"prepare_weights": "weights", "PreparedWeight": "weights", "WindowedIndex": "attention"}
 
 
@@ -159,19 +164,27 @@ class AscendBackend(Backend):
                 for op in _ALL_OPS}
 
     def prepare_inputs(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        """Conformance and bench hand the GEMMs released weights; convert them once with
-        :func:`prepare_weights` (the chip's exact default layout) so the fused variants run. Other ops, and
-        weights whose only layouts round, are left as they are (the fused variants then refuse them with
-        their reason and the composite path is checked instead)."""
-        if op not in ("fp4_gemm", "fp4_grouped_gemm", "fp8_gemm"):
+        """Conformance and bench hand the GEMMs released weights; convert them once through
+        :meth:`prepare_weight` so the fused variants run. Other ops are left as they are."""
+        if op not in _GEMM_OPS:
             return args
+        return dict(args, w=self.prepare_weight(op, args["w"], args["w_scale"], args.get("block_size", 128)))
+
+    def prepare_weight(self, op: str, w: Any, w_scale: Any, block_size: int = 128) -> Any:
+        """The model's load-time hook (``dsv4rt.prepare``): a GEMM weight on the NPU becomes a
+        :class:`PreparedWeight` in the chip's exact default layout (:func:`prepare_weights`), which the fused
+        GEMMs take and every other variant reads as the released tensor. Weights whose only layouts round
+        (FP8 with float32 scales) stay as they are, with the reason logged: the fused variants then refuse them
+        and the composite path runs."""
+        if op not in _GEMM_OPS:
+            return w
         from .weights import prepare_weights
 
         try:
-            block = {"block_size": args.get("block_size", 128)} if op == "fp8_gemm" else {}
-            return dict(args, w=prepare_weights(args["w"], args["w_scale"], **block))
-        except ValueError:
-            return args
+            return prepare_weights(w, w_scale, **({"block_size": block_size} if op == "fp8_gemm" else {}))
+        except ValueError as exc:
+            log.info("dsv4rt: ascend keeps a released %s weight %s: %s", op, tuple(w.shape), exc)
+            return w
 
     def load(self, registrar: Registrar) -> None:
         """Import torch_npu (asked for explicitly: it registers 'npu', torch.npu and the custom ops), probe its

@@ -17,6 +17,10 @@ passes it in place of ``w`` (and the same ``w_scale`` as before)::
     w13 = prepare_weights(w13, s13)                       # once, after moving w13/s13 to the NPU
     y = dsv4rt.ops.fp4_grouped_gemm(x, w13, s13, offsets, "fp8")
 
+The model does this through the backend-neutral load-time hook: its loader hands every GEMM weight on the
+NPU to ``AscendBackend.prepare_weight`` (``dsv4rt.prepare``), which calls :func:`prepare_weights` with
+the chip's default layout; conformance and bench go through ``prepare_inputs``, which does the same.
+
 The contract check in ``runtime/ops`` passes unchanged (it sees the released tensor), the composite
 ``ascend/torch`` fallback computes from the released bytes exactly as before, and the fused variant uses
 ``w.prep``. Its ``supports()`` refuses, with a reason naming :func:`prepare_weights`, a raw weight on every

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ..errors import CheckpointError
 from ..formats import dequant_fp8_block, fp4_to_fp8_tiles
+from ..prepare import Preparer, weight_preparer
 from .opcall import OpCaller
 
 __all__ = ["WeightSource", "Loader", "Fp8Linear", "Experts"]
@@ -24,14 +25,17 @@ class Fp8Linear:
     """One FP8 E4M3 projection with block x block scales (128 for V4, 32 for V4.1), or several stacked along
     the output rows when every part but the last has a multiple of ``block`` rows (so the scale tiles stay
     aligned); ``__call__``
-    returns the parts' outputs (``y`` for one part)."""
+    returns the parts' outputs (``y`` for one part). ``prep`` (the device backend's weight hook, see
+    :mod:`dsv4rt.prepare`) converts each weight that fp8_gemm receives, once; None keeps the tensors."""
 
-    def __init__(self, parts: list[tuple[Tensor, Tensor]], block: int = 128) -> None:
+    def __init__(self, parts: list[tuple[Tensor, Tensor]], block: int = 128, prep: Preparer | None = None) -> None:
         self.sizes = [w.shape[0] for w, _ in parts]
         if len(parts) > 1 and all(n % block == 0 for n in self.sizes[:-1]):
             self.groups = [(torch.cat([w for w, _ in parts]), torch.cat([s for _, s in parts]), self.sizes)]
         else:
             self.groups = [(w, s, [w.shape[0]]) for w, s in parts]
+        if prep is not None:
+            self.groups = [(prep(w, s, block), s, sizes) for w, s, sizes in self.groups]
 
     def __call__(self, ops: OpCaller, x: Tensor) -> Any:
         outs: list[Tensor] = []
@@ -85,12 +89,23 @@ class Loader:
 
     ``par`` (a :class:`dsv4rt.distributed.Parallel`, or None for one process) makes the ``tp_dim`` arguments
     effective: the tensor is split along that dim across the tensor-parallel group and only this rank's part
-    is read (``source.get_slice`` when the source has it, so a checkpoint's other parts are never touched)."""
+    is read (``source.get_slice`` when the source has it, so a checkpoint's other parts are never touched).
+
+    Every GEMM weight (the FP8 linears, the stacked FP4 experts) goes once through the weight hook of the
+    backend that runs ``device`` (:func:`dsv4rt.prepare.weight_preparer`, chosen at the first weight of each
+    op); where that backend keeps the default, no call is made and the tensors read are the model's."""
 
     def __init__(self, source: WeightSource, device: torch.device, dtype: torch.dtype, convert_fp4: bool = False,
                  par: Any = None, block: int = 128):
         self.source, self.device, self.dtype, self.convert_fp4 = source, device, dtype, convert_fp4
         self.par, self.block = par, block
+        self._preps: dict[str, Preparer | None] = {}
+
+    def preparer(self, op: str) -> Preparer | None:
+        """The device backend's weight hook for ``op`` (None: keep the released tensors), looked up once."""
+        if op not in self._preps:
+            self._preps[op] = weight_preparer(op, self.device.type)
+        return self._preps[op]
 
     def _part(self, name: str, dim: int | None) -> tuple[int, int] | None:
         """This rank's ``[start, stop)`` of dim ``dim`` of ``name`` (None: the whole tensor)."""
@@ -141,7 +156,7 @@ class Loader:
                 self._own(f"{base}.scale", tp_dim=tp_dim, part=(a // blk, -(-b // blk))))
 
     def fp8(self, *bases: str, tp_dim: int | None = None) -> Fp8Linear:
-        return Fp8Linear([self._fp8_pair(b, tp_dim) for b in bases], self.block)
+        return Fp8Linear([self._fp8_pair(b, tp_dim) for b in bases], self.block, self.preparer("fp8_gemm"))
 
     def fp8_dequant(self, base: str, tp_dim: int | None = None) -> Tensor:
         """An FP8 weight dequantised to the activation dtype (``wo_a``, as the reference's convert.py)."""
@@ -162,9 +177,10 @@ class Loader:
             return Experts("fp8", inter, fp8_13=[self.fp8(f"{prefix}.{e}.w1", f"{prefix}.{e}.w3") for e in ids],
                            fp8_2=[self.fp8(f"{prefix}.{e}.w2") for e in ids])
         if self.convert_fp4:
+            prep = self.preparer("fp8_gemm")
             return Experts("fp8", inter, fp8_13=[Fp8Linear([self._to_fp8(f"{prefix}.{e}.w1"),
-                                                            self._to_fp8(f"{prefix}.{e}.w3")]) for e in ids],
-                           fp8_2=[Fp8Linear([self._to_fp8(f"{prefix}.{e}.w2")]) for e in ids])
+                                                            self._to_fp8(f"{prefix}.{e}.w3")], prep=prep) for e in ids],
+                           fp8_2=[Fp8Linear([self._to_fp8(f"{prefix}.{e}.w2")], prep=prep) for e in ids])
         w13 = s13 = w2 = s2 = None
         for i, e in enumerate(ids):
             w1, s1 = self.source.get(f"{prefix}.{e}.w1.weight"), self.source.get(f"{prefix}.{e}.w1.scale")
@@ -181,6 +197,9 @@ class Loader:
             s13[i, inter:].copy_(s3)
             w2[i].copy_(wd)
             s2[i].copy_(sd)
+        prep = self.preparer("fp4_grouped_gemm")
+        if prep is not None:
+            w13, w2 = prep(w13, s13, self.block), prep(w2, s2, self.block)
         return Experts("fp4", inter, w13=w13, s13=s13, w2=w2, s2=s2)
 
     def _to_fp8(self, base: str) -> tuple[Tensor, Tensor]:
