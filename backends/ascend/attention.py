@@ -21,10 +21,12 @@ kernel). It is neither allowed nor forbidden; the fused variant relies on it, so
 must compare it with the composite variant (docs/ascend.md, "Only on hardware").
 
 How the window is known: the contract's ``idx`` does not say which columns form the window, and finding
-out would need a device->host sync. So the caller declares it by passing a :class:`WindowedIndex` (the
-same int32 tensor, with a :class:`Window` attached; the contract check and the composite path see a plain
-idx). A plain idx is refused by ``supports()`` and the composite variant runs. The declaration is trusted,
-not checked (that would sync); :meth:`WindowedIndex.verify` checks it, for tests and debugging.
+out would need a device->host sync. So the caller declares it by passing a
+:class:`dsv4rt.ops.attention.WindowedIndex` (backend-neutral: the same int32 tensor with a ``Window``
+attached; the contract check and every other variant see a plain idx). The model declares it for lockstep
+prefill from position 0 and one-token decode (runtime/model/attention.py ``_attend``). A plain idx is
+refused by ``supports()`` and the composite variant runs. The declaration is trusted, not checked (that
+would sync); ``WindowedIndex.verify`` checks it, for tests and debugging.
 
 kv_compress has no fused variant: ``ascend/torch`` (the composite code) runs every mode, V4's and V4.1's
 (ratio 2 without ape, ratio 1 without gate). No torch_npu op fits the per-channel softmax pooling
@@ -35,11 +37,12 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
+
+from dsv4rt.ops.attention import Window, WindowedIndex
 
 from ._npu import Features
 
@@ -52,64 +55,10 @@ MAX_HEADS_PER_CALL = 64
 MAX_HEADS, MAX_D, MAX_KV_DECODE = 256, 512, 262144
 
 
-@dataclass(frozen=True)
-class Window:
-    """The leading ``width`` idx columns of every query hold exactly these kv rows, each once, -1 elsewhere:
-
-    - prefill (``valid is None``, queries 0..S-1 from position 0): query s holds rows
-      ``first_row + max(0, s - width + 1) .. first_row + s`` (the model's prefill: ``first_row = W``);
-    - decode (``valid[b]`` per sequence, S = 1): rows ``first_row .. first_row + valid[b] - 1`` (the ring
-      buffer: ``first_row = 0``, ``valid[b] = min(pos_b + 1, W)``).
-    """
-
-    width: int
-    first_row: int
-    valid: tuple[int, ...] | None = None
-
-
-class WindowedIndex(Tensor):
-    """An idx tensor (int32 [B, S, K]) with its :class:`Window` in ``.window``; behaves as the plain tensor."""
-
-    window: Window
-    __torch_function__ = torch._C._disabled_torch_function_impl
-
-    @staticmethod
-    def prefill(idx: Tensor, width: int, first_row: int) -> "WindowedIndex":
-        return WindowedIndex._wrap(idx, Window(int(width), int(first_row), None))
-
-    @staticmethod
-    def decode(idx: Tensor, width: int, first_row: int, valid: Sequence[int]) -> "WindowedIndex":
-        return WindowedIndex._wrap(idx, Window(int(width), int(first_row), tuple(int(v) for v in valid)))
-
-    @staticmethod
-    def _wrap(idx: Tensor, window: Window) -> "WindowedIndex":
-        out = Tensor._make_subclass(WindowedIndex, idx, False)
-        out.window = window
-        return out
-
-    def expected(self) -> Tensor:
-        """The window columns the declaration describes ([B, S, width], sorted ascending, -1 first)."""
-        w, b, s = self.window, self.shape[0], self.shape[1]
-        c = torch.arange(w.width, device=self.device)
-        if w.valid is None:
-            pos = torch.arange(s, device=self.device)[:, None] - (w.width - 1) + c[None, :]
-            rows = torch.where(pos < 0, -1, w.first_row + pos).expand(b, s, w.width)
-        else:
-            n = torch.tensor(w.valid, device=self.device)[:, None]
-            rows = torch.where(c[None, :] >= w.width - n, w.first_row + c[None, :] - (w.width - n), -1)
-            rows = rows[:, None, :].expand(b, s, w.width)
-        return rows.to(torch.int32)
-
-    def verify(self) -> bool:
-        """True when the leading columns really are the declared window (reads the data: syncs)."""
-        got = self.as_subclass(Tensor)[..., :self.window.width].sort(dim=-1).values
-        return bool(torch.equal(got, self.expected()))
-
-
 def window_reason(a: Mapping[str, Any]) -> str | None:
     idx, q, kv = a["idx"], a["q"], a["kv"]
     if not isinstance(idx, WindowedIndex):
-        return ("idx declares no window (pass a dsv4rt.backends.ascend.attention.WindowedIndex): FIA needs the "
+        return ("idx declares no window (pass a dsv4rt.ops.attention.WindowedIndex): FIA needs the "
                 "window as a band or prefix of kv rows, which a plain idx cannot show without a host sync")
     w, (b, s), n = idx.window, q.shape[:2], kv.shape[1]
     if not 1 <= w.width <= idx.shape[2]:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..invariant import active, linear
+from ..ops.attention import WindowedIndex
 from .cache import LayerCache
 from .compressor import Compressor
 from .config import CSA, HCA, SWA, ModelConfig
@@ -30,7 +31,7 @@ from .ragged import RaggedLayer, pool_rows
 from .rope import RopeTable, apply_rope
 from .weights import Loader
 
-__all__ = ["Attention", "window_indices"]
+__all__ = ["Attention", "window_indices", "declare_window"]
 
 
 def window_indices(positions: Tensor, p0: int, window: int, decode: bool) -> Tensor:
@@ -40,6 +41,17 @@ def window_indices(positions: Tensor, p0: int, window: int, decode: bool) -> Ten
     ring = torch.remainder(q, window)
     idx = ring if decode else torch.where(q < p0, ring, window + q - p0)
     return torch.where(q < 0, torch.full_like(q, -1), idx).to(torch.int32)
+
+
+def declare_window(idx: Tensor, p0: int, s: int, window: int) -> Tensor:
+    """``idx`` [B, S, K] of a lockstep call whose leading ``window`` columns are :func:`window_indices`, declared
+    as such (:class:`dsv4rt.ops.attention.WindowedIndex`, which backends without a use for it read as the
+    plain idx) where the window is rows a backend can take without reading idx: one-token decode (the ring
+    buffer's first ``min(p0 + 1, W)`` rows) and a chunk from position 0 (a causal band over its own rows at
+    ``W ..``). A chunk from ``p0 > 0`` takes its earlier window rows from the ring: left undeclared."""
+    if s == 1:
+        return WindowedIndex.decode(idx, window, 0, [min(p0 + 1, window)] * idx.shape[0])
+    return WindowedIndex.prefill(idx, window, window) if p0 == 0 else idx
 
 
 class Attention:
@@ -119,7 +131,7 @@ class Attention:
             visible = torch.div(positions + 1, self.ratio, rounding_mode="floor")
             comp = torch.where(t[None, :] < visible[:, None], t[None, :] + offset, -1).to(torch.int32)
             idx.append(comp.unsqueeze(0).expand(b, s, n_comp))
-        idx_t = torch.cat(idx, dim=-1).contiguous()
+        idx_t = declare_window(torch.cat(idx, dim=-1).contiguous(), p0, s, w)
         if decode:
             lc.kv[:, p0 % w] = kv[:, 0]
             src = lc.kv

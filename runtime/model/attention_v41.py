@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..formats import pack_kv_fp4, pack_kv_fp8
-from .attention import Attention, window_indices
+from .attention import Attention, declare_window, window_indices
 from .cache_v41 import LayerCache41
 from .compressor_v41 import Compressor41
 from .config import SWA, ModelConfig
@@ -104,7 +104,7 @@ class Attention41(Attention):
         idx = [window_indices(positions, p0, w, decode).unsqueeze(0).expand(b, s, w)]
         if top is not None:
             idx.append(torch.where(top >= 0, top + src.shape[1], top))
-        idx_t = torch.cat(idx, dim=-1).contiguous()
+        idx_t = declare_window(torch.cat(idx, dim=-1).contiguous(), p0, s, w)
         if lc.quant:
             glob = lc.glob[:, :_bucket(n_comp, lc.glob.shape[1])] if top is not None else None
             o = ops.sparse_attention_v41(q.contiguous(), src.contiguous(), idx_t, self.sink, self.scale, glob)

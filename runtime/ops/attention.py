@@ -1,7 +1,8 @@
 """Compressed attention family: kv_compress, sparse_attention (docs/deepseek-v4.md sections 3 and 4)."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -77,6 +78,71 @@ def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, sc
       scale byte makes its group NaN); ``p_dtype=None`` then means q's dtype (the bf16 buffer the
       release dequantises into). q: float32 / bfloat16 / float16 as above; the output takes q's dtype.
     """
+
+
+# ---- the window declaration of sparse_attention's idx ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    """A ``sparse_attention`` caller's declaration about its ``idx``: the leading ``width`` columns of every
+    query hold exactly these kv rows, each once, -1 elsewhere (in any order):
+
+    - prefill (``valid is None``, queries 0..S-1 from position 0): query s holds rows
+      ``first_row + max(0, s - width + 1) .. first_row + s`` (the model's prefill: ``first_row = W``);
+    - decode (``valid[b]`` per sequence, S = 1): rows ``first_row .. first_row + valid[b] - 1`` (the ring
+      buffer: ``first_row = 0``, ``valid[b] = min(pos_b + 1, W)``).
+    """
+
+    width: int
+    first_row: int
+    valid: tuple[int, ...] | None = None
+
+
+class WindowedIndex(Tensor):
+    """An idx tensor (int32 [B, S, K]) with its :class:`Window` in ``.window``; behaves as the plain tensor.
+
+    Backend-neutral and optional: the contract and every implementation that ignores it see the plain idx
+    (same storage, results unchanged). An implementation that can take the window as a contiguous band of
+    kv rows without reading idx (Ascend FIA: a device->host sync otherwise) checks ``isinstance(idx,
+    WindowedIndex)`` in its ``supports()``. The declaration is trusted; :meth:`verify` checks it (syncs).
+    Ops on it return plain tensors, so a sliced or copied idx declares nothing."""
+
+    window: Window
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def prefill(idx: Tensor, width: int, first_row: int) -> "WindowedIndex":
+        return WindowedIndex._wrap(idx, Window(int(width), int(first_row), None))
+
+    @staticmethod
+    def decode(idx: Tensor, width: int, first_row: int, valid: Sequence[int]) -> "WindowedIndex":
+        return WindowedIndex._wrap(idx, Window(int(width), int(first_row), tuple(int(v) for v in valid)))
+
+    @staticmethod
+    def _wrap(idx: Tensor, window: Window) -> "WindowedIndex":
+        out = Tensor._make_subclass(WindowedIndex, idx, False)
+        out.window = window
+        return out
+
+    def expected(self) -> Tensor:
+        """The window columns the declaration describes ([B, S, width], sorted ascending, -1 first)."""
+        w, b, s = self.window, self.shape[0], self.shape[1]
+        c = torch.arange(w.width, device=self.device)
+        if w.valid is None:
+            pos = torch.arange(s, device=self.device)[:, None] - (w.width - 1) + c[None, :]
+            rows = torch.where(pos < 0, -1, w.first_row + pos).expand(b, s, w.width)
+        else:
+            n = torch.tensor(w.valid, device=self.device)[:, None]
+            rows = torch.where(c[None, :] >= w.width - n, w.first_row + c[None, :] - (w.width - n), -1)
+            rows = rows[:, None, :].expand(b, s, w.width)
+        return rows.to(torch.int32)
+
+    def verify(self) -> bool:
+        """True when the leading columns really are the declared window (reads the data: syncs)."""
+        got = self.as_subclass(Tensor)[..., :self.window.width].sort(dim=-1).values
+        return bool(torch.equal(got, self.expected()))
+
 
 
 def _check_compress(a: Mapping[str, Any]) -> None:
