@@ -9,8 +9,9 @@
 #    project's environment.
 # 2. Records the kernel launches of the cuda backend's conformance run under the Triton interpreter, with the
 #    project's Python and community Triton (tools/compile_check.py --capture), unless --launches is given.
-#    --plans (default all): the launches the launchers plan for a GPU and those they plan under the
-#    interpreter, which are also what they plan for NPU tensors today (backends/cuda/_launch.on_interpreter).
+#    --plans (default all): the launches the launchers plan for a GPU (what they plan for NPU tensors too:
+#    backends/cuda/_launch.on_interpreter) and those they plan under the interpreter. Each launch is lowered
+#    with the constexprs an NPU launch sets (tools/ascend_lower.py NPU_BUILD: INTERP off, DOT_PREC "hf32").
 # 3. Runs tools/ascend_lower.py in the triton-ascend environment: Triton front end -> TTIR ->
 #    triton-adapter-opt -> linalg / HIVM MLIR for the A2/A3 and the 950 pipelines, one row per kernel.
 #
