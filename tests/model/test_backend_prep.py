@@ -119,6 +119,22 @@ def test_hook_sees_every_gemm_weight_once_and_its_result_is_used(fresh_registry,
     assert {blk for *_, blk in rec.seen} == {ck.cfg.fp8_block}
 
 
+def test_the_asked_backend_follows_the_selection_rules(fresh_registry):
+    rec = _Recording()
+    REGISTRY.add_backend(rec)
+    assert preparing_backend("fp8_gemm", "cpu") is rec                  # automatic: the device's preparer
+    assert preparing_backend("fp8_gemm", "cuda") is None                # the cuda backends keep the default
+    with dsv4rt.use_backend("cpu"):                                     # explicit: cpu keeps the default
+        assert preparing_backend("fp8_gemm", "cpu") is None
+    with dsv4rt.use_backend({"fp4_grouped_gemm": "cpu/numpy"}):         # per op
+        assert preparing_backend("fp4_grouped_gemm", "cpu") is None
+        assert preparing_backend("fp8_gemm", "cpu") is rec
+    for order, expect in (("cpu,prep_recorder", None), ("prep_recorder,cpu", rec)):
+        fresh_registry.setenv("DSV4RT_BACKEND", order)
+        dsv4rt.refresh()
+        assert preparing_backend("fp8_gemm", "cpu") is expect, order
+
+
 def test_window_declaration_leaves_cpu_results_bit_identical(tiny_ckpt, monkeypatch):
     import dsv4rt.model.attention as attention
 
