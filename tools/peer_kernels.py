@@ -122,14 +122,16 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(a.threads)
     import torch
     torch.set_num_threads(a.threads)   # torch and dsv4rt._C share one OpenMP runtime: the kernels' threads
-    from dsv4rt import invariant
+    from dsv4rt import _C, invariant  # noqa: F401  (an extension that does not load fails here, before any run)
     ms = [int(v) for v in a.ms.split(",")]
     modes = (True, False)
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     print(f"date      {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    print(f"machine   {cpu}, {os.cpu_count()} cores visible, {platform.machine()}")
+    flags = sorted({f for ln in open("/proc/cpuinfo") if ln.startswith("flags") for f in ln.split()
+                    if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512vbmi", "amx_tile")})
+    print(f"machine   {cpu}, {os.cpu_count()} cores visible, {platform.machine()}, {' '.join(flags)}")
     print(f"versions  llama.cpp {a.llama_cpp}, dsv4rt {git}, torch {torch.__version__}; "
           f"DSV4RT_BATCH_INVARIANT default mode: {'on' if invariant.enabled() else 'off'}")
     print(f"threads {a.threads}, {a.rounds} interleaved rounds, warm-up {a.warmup}, median of {a.reps} calls")
@@ -155,7 +157,8 @@ def main() -> None:
                             ratio.setdefault((label, mode, m, i), []).append(g[m][i] / t[(mode, m)][i])
                         if cold:
                             ratio.setdefault((label, mode, "cold", i), []).append(cold["g"][i] / cold[mode][i])
-                gbs = (f"{g[1][2] / g[1][0] / 1e3:.1f} / {d.bytes / t[(True, 1)][0] / 1e3:.1f}" if 1 in g else "-")
+                gbs = (f"{g[1][2] / g[1][0] / 1e3:.1f} / {d.bytes / t[(True, 1)][0] / 1e3:.1f} / "
+                       f"{d.bytes / t[(False, 1)][0] / 1e3:.1f}" if 1 in g else "-")
                 rows.append(f"| {label} | {n}x{k} | {r + 1} | {load} | "
                             + " | ".join(f"{g[m][0]:.0f} / {t[(True, m)][0]:.0f} / {t[(False, m)][0]:.0f}" for m in ms)
                             + (f" | {cold['g'][0]:.0f} / {cold[True][0]:.0f} / {cold[False][0]:.0f}" if cold else "")
@@ -166,7 +169,8 @@ def main() -> None:
           + ", ".join(f"{k} {v}" for k, v in bufts.items()))
     cols = [f"M={m}" for m in ms] + (["M=1 cold"] if a.cold_mb else [])
     keys: list[object] = list(ms) + (["cold"] if a.cold_mb else [])
-    print("\nus per call, ggml / dsv4rt batch-invariant / dsv4rt plain (medians); GB/s at M=1 (hot), ggml / dsv4rt:")
+    print("\nus per call, ggml / dsv4rt batch-invariant / dsv4rt plain (medians); "
+          "GB/s of weight bytes at M=1 (hot), same order:")
     print("| kind | N x K | round | load | " + " | ".join(cols) + " | GB/s M=1 |")
     print("|---" * (len(cols) + 5) + "|")
     print("\n".join(rows))
