@@ -17,6 +17,7 @@ void bind_act_quant(py::module_& m);
 void bind_peak(py::module_& m);
 void bind_engram(py::module_& m);
 void bind_dense_gemm(py::module_& m);
+void bind_mhc(py::module_& m);
 }  // namespace dsv4rt
 
 PYBIND11_MODULE(_C, m) {
@@ -79,4 +80,5 @@ PYBIND11_MODULE(_C, m) {
     bind_peak(m);
     bind_engram(m);
     bind_dense_gemm(m);
+    bind_mhc(m);
 }
