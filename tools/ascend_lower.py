@@ -36,10 +36,10 @@ KERNELS = Path(__file__).resolve().parents[1] / "backends" / "cuda" / "kernels"
 _PKG = "dsv4rt_kernels_npu"
 _LAST: dict[str, str] = {}
 CHIPS = {"a2a3": {"compile_on_910_95": False}, "950": {"compile_on_910_95": True}}
-NPU_BUILD = {"INTERP": False, "DOT_PREC": "hf32"}
+NPU_BUILD = {"INTERP": False, "DOT_PREC": "hf32", "MASKED_GATHER": True}
 """Constexprs an NPU launch sets, replacing the recorded (interpreter / NVIDIA) values where a kernel has them:
-the device build, not the interpreter variant, and Ascend's float32 dot precision (the launchers' choice for
-NPU tensors: backends/cuda/_launch.on_interpreter and dot_precision)."""
+the device build, not the interpreter variant, Ascend's float32 dot precision and the V4.1 rows' masked
+gather (the launchers' choices for NPU tensors: backends/cuda/_launch on_interpreter, dot_precision, on_ascend)."""
 
 
 def npu_build(consts: dict) -> dict:

@@ -9,7 +9,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-__all__ = ["next_pow2", "device_guard", "on_interpreter", "dot_precision", "core_count", "kernels"]
+__all__ = ["next_pow2", "device_guard", "on_interpreter", "on_ascend", "dot_precision", "core_count", "kernels"]
 
 
 def next_pow2(n: int) -> int:
@@ -30,10 +30,15 @@ def on_interpreter(t: Tensor) -> bool:
     return t.device.type == "cpu"
 
 
+def on_ascend(t: Tensor) -> bool:
+    """True for Ascend NPU tensors (``ascend/triton``): the kernels take their triton-ascend spellings."""
+    return t.device.type == "npu"
+
+
 def dot_precision(t: Tensor) -> str:
     """``input_precision`` of the float32 ``tl.dot`` for a launch on t's device: "hf32" on Ascend NPUs
     (triton-ascend refuses "tf32" and "tf32x3"), "tf32" on NVIDIA GPUs and under the interpreter."""
-    return "hf32" if t.device.type == "npu" else "tf32"
+    return "hf32" if on_ascend(t) else "tf32"
 
 
 def core_count(device: torch.device) -> int:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from dsv4rt.backend import Registrar, new_output
-from ._launch import core_count, device_guard, kernels, next_pow2, on_interpreter
+from ._launch import core_count, device_guard, kernels, next_pow2, on_ascend, on_interpreter
 from .capability import mma_refusal
 
 __all__ = ["register", "kv_compress", "sparse_attention", "plan", "AttentionPlan", "supports_attention",
@@ -138,7 +138,7 @@ def sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor | None, sc
             *q.stride(), *kv.stride(), *idx.stride(), *o.stride(), *lse_st, *g_st,
             SPLIT=p.path == "decode", BLOCK_K=p.block_k, INTERP=interp,
             P_MODE=p_mode, P_MMA=not interp and pd == row_dtype and pd != torch.float32,
-            KV41=v41, ROWS_BF16=rows_bf16,
+            KV41=v41, ROWS_BF16=rows_bf16, MASKED_GATHER=on_ascend(q),
             num_warps=p.num_warps, num_stages=p.num_stages, **common)
         if p.path == "decode":
             kern.sparse_attn_combine_kernel[grid[:2]](

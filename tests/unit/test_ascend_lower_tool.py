@@ -32,7 +32,9 @@ def test_launches_are_lowered_with_the_constexprs_an_npu_launch_sets():
     from dsv4rt.backends.cuda import _launch
 
     mod = tool()
-    assert mod.NPU_BUILD == {"INTERP": _launch.on_interpreter(OnNpu()), "DOT_PREC": _launch.dot_precision(OnNpu())}
+    assert mod.NPU_BUILD == {"INTERP": _launch.on_interpreter(OnNpu()), "DOT_PREC": _launch.dot_precision(OnNpu()),
+                             "MASKED_GATHER": _launch.on_ascend(OnNpu())}
     recorded = {"DOT": {"tl.dtype": "fp32"}, "DOT_PREC": "tf32", "INTERP": True, "BLOCK_K": 64}
     assert mod.npu_build(recorded) == dict(recorded, DOT_PREC="hf32", INTERP=False)
+    assert mod.npu_build({"KV41": True, "MASKED_GATHER": False})["MASKED_GATHER"] is True
     assert mod.npu_build({"BLOCK": 8}) == {"BLOCK": 8}   # kernels without them get none added

@@ -86,27 +86,34 @@ def kv_compress_kernel(kv_ptr, gate_ptr, ape_ptr, pkv_ptr, pgate_ptr, out_ptr, N
 
 
 @triton.jit
-def _rows_v41(ids, valid, kv_ptr, kv_base, g_ptr, g_base, N, D, s_kn, s_kd, s_gn, s_gd, BLOCK_D: tl.constexpr):
+def _rows_v41(ids, valid, kv_ptr, kv_base, g_ptr, g_base, N, D, s_kn, s_kd, s_gn, s_gd, BLOCK_D: tl.constexpr,
+              MASKED_GATHER: tl.constexpr):
     """Decoded float32 [BLOCK_K, BLOCK_D] rows of the V4.1 packed cache: ids < N from the FP8 window rows
     (E4M3 codes, then a UE8M0 byte per 32), ids >= N from the FP4 global rows (E2M1 pairs, low nibble =
     even element, then an E4M3 byte per 16). One code-byte and one scale-byte gather per element (each
-    row's own addresses, one masked load per kind; repeated bytes come from L1), an E2M1 nibble turned into
-    the E4M3 byte of the same value, then one E4M3 decode times the scale: elementwise, so the compiler keeps
-    one tile live.
-    Skipped entries and padding lanes read 0."""
+    row's own addresses; repeated bytes come from L1), an E2M1 nibble turned into the E4M3 byte of the
+    same value, then one E4M3 decode times the scale: elementwise, so the compiler keeps one tile live.
+    Skipped entries and padding lanes read 0. The gather: one load through a select of the two row pointers
+    (NVIDIA, the interpreter), or with MASKED_GATHER (Ascend: triton-ascend's adapter cannot lower a load from
+    ``tl.where(c, ptr_a, ptr_b)``) one masked load per kind and a select of the values; the same bytes either
+    way (the pointer select keeps sm_90a free of spills, where the two loads spilled up to 128 B)."""
     offs_d = tl.arange(0, BLOCK_D)[None, :]
     g = (ids >= N)[:, None]
     ok = valid[:, None] & (offs_d < D)
     wrow = kv_ptr + kv_base + ids.to(tl.int64)[:, None] * s_kn
     grow = g_ptr + g_base + (ids - N).to(tl.int64)[:, None] * s_gn
-    # two complementary masked gathers and a select on the values, not one gather through a select of
-    # pointers (triton-ascend's adapter cannot lower a load from tl.where(c, ptr_a, ptr_b))
-    gok = ok & g
-    wok = ok & (ids < N)[:, None]
-    byte = tl.where(g, tl.load(grow + (offs_d // 2) * s_gd, mask=gok, other=0),
-                    tl.load(wrow + offs_d * s_kd, mask=wok, other=0)).to(tl.int32)
-    sb = tl.where(g, tl.load(grow + (D // 2 + offs_d // 16) * s_gd, mask=gok, other=0),
-                  tl.load(wrow + (D + offs_d // 32) * s_kd, mask=wok, other=0))
+    if MASKED_GATHER:
+        gok = ok & g
+        wok = ok & (ids < N)[:, None]
+        byte = tl.where(g, tl.load(grow + (offs_d // 2) * s_gd, mask=gok, other=0),
+                        tl.load(wrow + offs_d * s_kd, mask=wok, other=0)).to(tl.int32)
+        sb = tl.where(g, tl.load(grow + (D // 2 + offs_d // 16) * s_gd, mask=gok, other=0),
+                      tl.load(wrow + (D + offs_d // 32) * s_kd, mask=wok, other=0))
+    else:
+        byte = tl.load(tl.where(g, grow + (offs_d // 2) * s_gd, wrow + offs_d * s_kd), mask=ok,
+                       other=0).to(tl.int32)
+        sb = tl.load(tl.where(g, grow + (D // 2 + offs_d // 16) * s_gd, wrow + (D + offs_d // 32) * s_kd),
+                     mask=ok, other=0)
     nib = tl.where((offs_d & 1) == 1, byte >> 4, byte & 15)
     e = (nib >> 1) & 3
     mt = nib & 1
@@ -118,7 +125,8 @@ def _rows_v41(ids, valid, kv_ptr, kv_base, g_ptr, g_base, N, D, s_kn, s_kd, s_gn
 def _attend_block(k0, k_hi, q, m, l, acc, kv_ptr, idx_ptr, row_idx, kv_base, D, scale, s_kn, s_kd, s_ik,
                   g_ptr, g_base, N, s_gn, s_gd,
                   BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr,
-                  P_MODE: tl.constexpr, P_MMA: tl.constexpr, KV41: tl.constexpr, ROWS_BF16: tl.constexpr):
+                  P_MODE: tl.constexpr, P_MMA: tl.constexpr, KV41: tl.constexpr, ROWS_BF16: tl.constexpr,
+                  MASKED_GATHER: tl.constexpr):
     """One online-softmax step over entries ``[k0, min(k0 + BLOCK_K, k_hi))``: gathers the kv rows once
     ([BLOCK_K, D]) and feeds them to every head of the block through two MMAs.
 
@@ -131,7 +139,8 @@ def _attend_block(k0, k_hi, q, m, l, acc, kv_ptr, idx_ptr, row_idx, kv_base, D, 
     ids = tl.load(idx_ptr + row_idx + offs_k * s_ik, mask=offs_k < k_hi, other=-1)
     valid = ids >= 0
     if KV41:
-        rows = _rows_v41(ids, valid, kv_ptr, kv_base, g_ptr, g_base, N, D, s_kn, s_kd, s_gn, s_gd, BLOCK_D)
+        rows = _rows_v41(ids, valid, kv_ptr, kv_base, g_ptr, g_base, N, D, s_kn, s_kd, s_gn, s_gd, BLOCK_D,
+                         MASKED_GATHER)
         if ROWS_BF16:
             rows = rows.to(tl.bfloat16)
     else:
@@ -158,7 +167,8 @@ def _attend_block(k0, k_hi, q, m, l, acc, kv_ptr, idx_ptr, row_idx, kv_base, D, 
 def _attend(q_ptr, kv_ptr, idx_ptr, row_q, row_idx, kv_base, k_lo, k_hi, H, D, scale,
             s_qh, s_qd, s_kn, s_kd, s_ik, g_ptr, g_base, N, s_gn, s_gd,
             BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr,
-            P_MODE: tl.constexpr, P_MMA: tl.constexpr, KV41: tl.constexpr, ROWS_BF16: tl.constexpr):
+            P_MODE: tl.constexpr, P_MMA: tl.constexpr, KV41: tl.constexpr, ROWS_BF16: tl.constexpr,
+            MASKED_GATHER: tl.constexpr):
     """Online softmax of one head block over entries ``[k_lo, k_hi)`` of one query row.
 
     Returns (m, l, acc): running max (-inf where nothing valid), sum of exp(logit - m) and the
@@ -179,13 +189,13 @@ def _attend(q_ptr, kv_ptr, idx_ptr, row_q, row_idx, kv_base, k_lo, k_hi, H, D, s
         while k0 < k_hi:
             m, l, acc = _attend_block(k0, k_hi, q, m, l, acc, kv_ptr, idx_ptr, row_idx, kv_base, D, scale,
                                       s_kn, s_kd, s_ik, g_ptr, g_base, N, s_gn, s_gd,
-                                      BLOCK_K, BLOCK_D, INTERP, P_MODE, P_MMA, KV41, ROWS_BF16)
+                                      BLOCK_K, BLOCK_D, INTERP, P_MODE, P_MMA, KV41, ROWS_BF16, MASKED_GATHER)
             k0 += BLOCK_K
     else:
         for k0 in range(k_lo, k_hi, BLOCK_K):
             m, l, acc = _attend_block(k0, k_hi, q, m, l, acc, kv_ptr, idx_ptr, row_idx, kv_base, D, scale,
                                       s_kn, s_kd, s_ik, g_ptr, g_base, N, s_gn, s_gd,
-                                      BLOCK_K, BLOCK_D, INTERP, P_MODE, P_MMA, KV41, ROWS_BF16)
+                                      BLOCK_K, BLOCK_D, INTERP, P_MODE, P_MMA, KV41, ROWS_BF16, MASKED_GATHER)
     return m, l, acc
 
 
@@ -222,11 +232,13 @@ def sparse_attn_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, o_ptr, lse_ptr, ws_ptr,
                        SPLIT: tl.constexpr, HAS_SINK: tl.constexpr, HAS_LSE: tl.constexpr,
                        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                        INTERP: tl.constexpr, P_MODE: tl.constexpr, P_MMA: tl.constexpr,
-                       KV41: tl.constexpr = False, ROWS_BF16: tl.constexpr = False):
+                       KV41: tl.constexpr = False, ROWS_BF16: tl.constexpr = False,
+                       MASKED_GATHER: tl.constexpr = False):
     """Grid (B*S, head blocks, splits). SPLIT=False (prefill): all K entries, writes o and lse.
     SPLIT=True (decode): entries ``[split*k_per_split, ...)`` only; writes the unnormalised partial
     output to ``ws[row, h, split, :]`` and (m, l) to ``wsml[row, h, split, 0:2]`` for the combine kernel.
-    KV41: ``kv`` holds the packed FP8 window rows (N of them) and ``g`` the packed FP4 global rows."""
+    KV41: ``kv`` holds the packed FP8 window rows (N of them) and ``g`` the packed FP4 global rows;
+    MASKED_GATHER: how their bytes are gathered (:func:`_rows_v41`; set on Ascend)."""
     row = tl.program_id(0)
     b = (row // S).to(tl.int64)
     s = (row % S).to(tl.int64)
@@ -235,7 +247,7 @@ def sparse_attn_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, o_ptr, lse_ptr, ws_ptr,
     k_hi = tl.minimum(K, k_lo + k_per_split)
     m, l, acc = _attend(q_ptr, kv_ptr, idx_ptr, b * s_qb + s * s_qs, b * s_ib + s * s_is, b * s_kb, k_lo, k_hi,
                         H, D, scale, s_qh, s_qd, s_kn, s_kd, s_ik, g_ptr, b * s_gb, N, s_gn, s_gd,
-                        BLOCK_H, BLOCK_K, BLOCK_D, INTERP, P_MODE, P_MMA, KV41, ROWS_BF16)
+                        BLOCK_H, BLOCK_K, BLOCK_D, INTERP, P_MODE, P_MMA, KV41, ROWS_BF16, MASKED_GATHER)
     if SPLIT:
         nsplit = tl.num_programs(2)
         offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
