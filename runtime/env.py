@@ -58,6 +58,7 @@ VARIABLES: dict[str, Variable] = {
 }
 
 _cache: dict[str, str] = {}
+_flags: dict[str, bool] = {}
 
 
 def get(name: str) -> str:
@@ -75,13 +76,19 @@ def get(name: str) -> str:
 
 
 def flag(name: str) -> bool:
-    """True when the variable is set to 1/true/yes/on."""
-    return get(name).lower() in ("1", "true", "yes", "on")
+    """True when the variable is set to 1/true/yes/on (cached with the value: hot paths read it per call)."""
+    try:
+        return _flags[name]
+    except KeyError:
+        pass
+    on = _flags[name] = get(name).lower() in ("1", "true", "yes", "on")
+    return on
 
 
 def refresh() -> None:
     """Forget cached values so the next read sees the current environment."""
     _cache.clear()
+    _flags.clear()
 
 
 @contextlib.contextmanager
@@ -93,11 +100,13 @@ def override(name: str, value: str) -> Iterator[None]:
     get(name)
     saved = _cache[name]
     _cache[name] = value
+    _flags.pop(name, None)
     bump_generation()
     try:
         yield
     finally:
         _cache[name] = saved
+        _flags.pop(name, None)
         bump_generation()
 
 

@@ -23,6 +23,7 @@ elementwise loops by size across threads.
 from __future__ import annotations
 
 import contextlib
+import functools
 from contextvars import ContextVar
 from typing import Callable, Iterator
 
@@ -59,6 +60,7 @@ def active(t: Tensor) -> bool:
     return t.device.type == "cpu" and enabled()
 
 
+@functools.lru_cache(maxsize=1)
 def _native() -> Callable[..., None] | None:
     try:
         from . import _C
