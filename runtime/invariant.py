@@ -79,20 +79,28 @@ def linear(x: Tensor, w: Tensor) -> Tensor:
     if x.shape[-1] != w.shape[-1] or w.dim() != 2:
         raise ValueError(f"invariant.linear: expected x [..., K] and w [N, K], got x {tuple(x.shape)} and "
                          f"w {tuple(w.shape)}")
-    if not active(x):
+    if x.device.type != "cpu" or not enabled():
         return x @ w.T
     x2 = x.reshape(-1, x.shape[-1])
     dense = _native()
-    if dense is None or x.dtype not in (torch.float32, torch.bfloat16):
+    if dense is None or x.dtype not in _DENSE_DTYPES:
         y = rowwise_mm(x2, w)
     else:
         y = torch.empty((x2.shape[0], w.shape[0]), dtype=x.dtype)
         dense(_np(x2), _np(w), _np(y))
-    return y.view(*x.shape[:-1], w.shape[0])
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], w.shape[0])
+
+
+_DENSE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _np(t: Tensor):
-    t = t.detach().contiguous()
+    """t as a C-contiguous NumPy array (bf16 as its 16-bit patterns); a view when t is contiguous (called
+    three times per :func:`linear`, so nothing is done that the tensor does not need)."""
+    if t.requires_grad:
+        t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
     return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
