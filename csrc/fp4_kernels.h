@@ -18,6 +18,23 @@ constexpr int64_t kKB = 128;         // blocked path: tile depth (K)
 // 16 KB 33-43 (FP8 and FP4, V4-Flash shapes).
 constexpr int64_t kPrefetch = 8192;
 
+// The bf16 lane kernel for few rows (fp4_lane_avx512.cpp): x as bf16 rows [rows][kp] (kp: K rounded up to
+// 128, zero past K) against weight rows [n0, n1) into y[r * ldy + n]. A weight row with a scale byte outside
+// [e_lo, 252] is not written but appended to `bad` (once), for the float32 GEMV.
+struct LaneArgs {
+    const uint16_t* xb;
+    int64_t rows, kp;
+    const uint8_t* w;   // [n][k / 2]
+    const uint8_t* s;   // [n][k / 32]
+    int64_t k;
+    int e_lo;
+    float* y;
+    int64_t ldy;
+};
+// True where the CPU has AVX512-BF16 and AVX512-VBMI and set_isa allows AVX512-BF16.
+bool lane_available();
+void lane_rows(const LaneArgs& a, int64_t n0, int64_t n1, std::vector<int64_t>& bad);
+
 // x rows permuted to a kernel's lane order: pairs (generic: per 32-block, the 16 even k then the 16 odd k)
 void permute_x_pairs(const float* x, int64_t k, float* out);
 

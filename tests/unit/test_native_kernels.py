@@ -132,6 +132,49 @@ def test_fp4_grouped_gemm(act_quant, path, monkeypatch):
         check(tol.gemm, "fp4_grouped_gemm", args, ops.fp4_grouped_gemm(**args, backend=NATIVE))
 
 
+@pytest.mark.parametrize("m", range(2, 9))
+@pytest.mark.parametrize("n,k", [(37, 416), (5, 160), (70, 32)])
+@pytest.mark.parametrize("act_quant", [None, "fp8"])
+def test_fp4_gemm_few_rows(m, n, k, act_quant, monkeypatch):
+    """Few rows on the GEMV side (with AVX512-BF16 + VBMI: the bf16 lane kernel), odd N, K % 128 tails, and
+    weight rows whose scale bytes (0, 1, 253, 254) leave the lane kernel's exact range for the float32 GEMV."""
+    x = (torch.randn(m, k, generator=gen(m * 11 + k)) * 2.0**-12).to(torch.bfloat16)   # 2^126 w: no overflow
+    w, s = rand_fp4(n=n, k=k, seed=n * 3 + k)
+    s[1::4, -1] = torch.tensor([0, 1, 253, 254], dtype=torch.uint8).repeat(n)[:s[1::4].shape[0]]
+    args = {"x": x, "w": w, "w_scale": s, "act_quant": act_quant}
+    with gemm_path("gemv", monkeypatch, "GEMV_MAX_M", 8):
+        check(tol.gemm, "fp4_gemm", args, ops.fp4_gemm(**args, backend=NATIVE))
+        offsets = torch.tensor([0, 1, 1, m], dtype=torch.int32)
+        w3, s3 = torch.stack([w, w.flip(0), w.roll(1, 0)]), torch.stack([s, s.flip(0), s.roll(1, 0)])
+        gargs = {"x": x, "w": w3, "w_scale": s3, "offsets": offsets, "act_quant": act_quant}
+        check(tol.gemm, "fp4_grouped_gemm", gargs, ops.fp4_grouped_gemm(**gargs, backend=NATIVE))
+
+
+def _has_cpu_flag(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and flag in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def test_fp4_lane_rows_do_not_depend_on_m(isa, monkeypatch):
+    """The bf16 lane kernel (2 or more rows) sums every output in one order whatever the number of rows: a
+    row's bits at M = 2..8 are those it gets among 8 rows, in any order (in-range scales, bf16 x; the float32
+    GEMV makes no such promise)."""
+    if isa != "avx512_bf16" or not _has_cpu_flag("avx512vbmi"):
+        pytest.skip(f"the lane kernel needs AVX512-BF16 and AVX512-VBMI (this run: {isa}, VBMI "
+                    f"{_has_cpu_flag('avx512vbmi')})")
+    k, n = 544, 45
+    x = (torch.randn(8, k, generator=gen(12)) * 2).to(torch.bfloat16)
+    w, s = rand_fp4(n=n, k=k, seed=13)
+    with gemm_path("gemv", monkeypatch, "GEMV_MAX_M", 8):
+        full = ops.fp4_gemm(x, w, s, None, backend=NATIVE)
+        assert torch.equal(ops.fp4_gemm(x.flip(0), w, s, None, backend=NATIVE), full.flip(0))
+        for m in range(2, 8):
+            assert torch.equal(ops.fp4_gemm(x[8 - m:], w, s, None, backend=NATIVE), full[8 - m:]), f"M = {m}"
+
+
 def test_gemv_matches_blocked_path_closely(monkeypatch):
     """The two GEMM paths agree to float32 rounding (same products, different summation order)."""
     x = torch.randn(8, 1024, generator=gen(7))
