@@ -50,6 +50,10 @@ VARIABLES: dict[str, Variable] = {
                  "rows of the batch, their number, the thread count or the rows per expert, so temperature-0 output "
                  "is the same alone or in any batch (see dsv4rt.invariant); 0: the fastest kernel for each shape. "
                  "dsv4rt run / serve --batch-invariant / --no-batch-invariant override it."),
+        Variable("DSV4RT_ASCEND_BF16_EXPERTS", "0", "Ascend A2/A3 (no FP4 matmul): 1 converts every MXFP4 expert "
+                 "weight to a BF16 copy at load so the fused grouped matmul runs (exact, but 5x the experts' "
+                 "released bytes: ~516 GiB for V4-Flash); 0 (default) keeps the released bytes and runs the experts "
+                 "through the composite path, which dequantises per call. The 950 takes MXFP4 natively either way."),
         Variable("DSV4RT_BUILD_JOBS", "", "Install time only (setup.py): parallel compile jobs for the C++ "
                  "extension dsv4rt._C; default the number of CPUs, 1 compiles one file after another."),
         Variable("DSV4RT_API_KEY", "", "dsv4rt serve / loadtest: the bearer key every /v1 request must carry "

@@ -174,13 +174,18 @@ class AscendBackend(Backend):
         """The model's load-time hook (``dsv4rt.prepare``): a GEMM weight on the NPU becomes a
         :class:`PreparedWeight` in the chip's exact default layout (:func:`prepare_weights`), which the fused
         GEMMs take and every other variant reads as the released tensor. Weights whose only layouts round
-        (FP8 with float32 scales) stay as they are, with the reason logged: the fused variants then refuse them
-        and the composite path runs."""
+        (FP8 with float32 scales), and MXFP4 experts on A2/A3 unless DSV4RT_ASCEND_BF16_EXPERTS=1 (their BF16
+        copy is 4x the released bytes), stay as they are, with the reason logged: the fused variants then
+        refuse them and the composite path runs."""
         if op not in _GEMM_OPS:
             return w
-        from .weights import prepare_weights
+        from .weights import bf16_experts_declined, prepare_weights
 
         try:
+            declined = bf16_experts_declined(op, w, w_scale)
+            if declined:
+                log.info("dsv4rt: ascend keeps a released %s weight %s: %s", op, tuple(w.shape), declined)
+                return w
             return prepare_weights(w, w_scale, **({"block_size": block_size} if op == "fp8_gemm" else {}))
         except ValueError as exc:
             log.info("dsv4rt: ascend keeps a released %s weight %s: %s", op, tuple(w.shape), exc)

@@ -81,6 +81,21 @@ def default_layout(kind: str, soc: str) -> str:
     return "950-mxfp4-nz" if (kind == "mxfp4-grouped" and soc == "950") else "bf16-nd"
 
 
+def bf16_experts_declined(op: str, w: Tensor, w_scale: Tensor, soc: str | None = None) -> str:
+    """Why the model's load hook leaves an MXFP4 weight released (empty: prepare it). On a chip without FP4
+    matmul (A2/A3) the default layout is a BF16 copy, 4x the packed bytes on top of them (V4-Flash: ~516 GiB
+    of experts); that is opt-in (DSV4RT_ASCEND_BF16_EXPERTS=1), else the composite path dequantises per call."""
+    from dsv4rt import env
+
+    if op not in ("fp4_gemm", "fp4_grouped_gemm") or env.flag("DSV4RT_ASCEND_BF16_EXPERTS"):
+        return ""
+    kind = _kind(w, w_scale)
+    if not default_layout(kind, soc or _detect_soc()).startswith("bf16"):
+        return ""
+    return ("its BF16 copy would take 4x the released bytes on this chip (no FP4 matmul); set "
+            "DSV4RT_ASCEND_BF16_EXPERTS=1 to convert the experts at load, else they dequantise per call")
+
+
 def scale_key(t: Tensor) -> tuple:
     """Identity of a scale tensor for the ``w_scale`` check (no data read, no sync)."""
     return (t.device, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)

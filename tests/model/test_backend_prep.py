@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import dsv4rt
+from dsv4rt import env
 from dsv4rt.backend import Backend, Probe
 from dsv4rt.model.transformer import Transformer
 from dsv4rt.ops.attention import WindowedIndex
@@ -210,7 +211,7 @@ def test_fake_npu_run_selects_the_fused_variants(fake_npu, tmp_path_factory, cap
     fake = fake_npu(soc)
     ck = Checkpoint(tiny_checkpoint(root=str(tmp_path_factory.mktemp("prep")), name=preset))
     caplog.set_level(logging.INFO, logger="dsv4rt")
-    with dsv4rt.use_backend("ascend"):
+    with dsv4rt.use_backend("ascend"), env.override("DSV4RT_ASCEND_BF16_EXPERTS", "1"):
         model = Transformer(ck.cfg, ck, quant=quant)
         toks = _toks(12)
         cache = model.new_cache(2, 64)
@@ -240,3 +241,30 @@ def test_fake_npu_run_selects_the_fused_variants(fake_npu, tmp_path_factory, cap
         raw = dsv4rt.ops.fp8_gemm.explain(x, w.as_subclass(torch.Tensor), s, *extra)
     assert raw.impl.name == "ascend/torch"
     assert any(n == "ascend/fused" and "prepare_weights" in r for n, r in raw.rejected)
+
+
+@pytest.mark.parametrize("soc,experts_fused", [(A2, False), (C950, True)], ids=["A2", "950"])
+def test_fake_npu_experts_stay_released_on_a2a3_by_default(fake_npu, tmp_path_factory, caplog, soc, experts_fused):
+    """Without DSV4RT_ASCEND_BF16_EXPERTS an A2/A3 keeps the MXFP4 experts as released (a BF16 copy would
+    be 4x their bytes) and runs them composite, saying why; the FP8 linears are still prepared. A 950 takes
+    MXFP4 natively and prepares them either way."""
+    from dsv4rt.backends.ascend.weights import PreparedWeight
+    from dsv4rt.model.checkpoint import Checkpoint
+    from dsv4rt.model.synthetic import tiny_checkpoint
+
+    fake_npu(soc)
+    ck = Checkpoint(tiny_checkpoint(root=str(tmp_path_factory.mktemp("prep")), name="tiny"))
+    caplog.set_level(logging.INFO, logger="dsv4rt")
+    with dsv4rt.use_backend("ascend"), env.override("DSV4RT_ASCEND_BF16_EXPERTS", "0"):
+        model = Transformer(ck.cfg, ck)
+        toks = _toks(6)
+        model.forward(toks[:, :6], model.new_cache(2, 64))
+    weights = _gemm_weights(model)
+    experts = [w for op, w, _ in weights if op == "fp4_grouped_gemm"]
+    dense = [w for op, w, _ in weights if op == "fp8_gemm"]
+    assert experts and dense and all(isinstance(w, PreparedWeight) for w in dense)
+    assert all(isinstance(w, PreparedWeight) == experts_fused for w in experts)
+    used = model.ops.used()
+    assert used["fp4_grouped_gemm"].keys() == {"ascend/fused" if experts_fused else "ascend/torch"}
+    said = [r.getMessage() for r in caplog.records if "DSV4RT_ASCEND_BF16_EXPERTS" in r.getMessage()]
+    assert bool(said) != experts_fused
