@@ -18,8 +18,14 @@ def next_pow2(n: int) -> int:
 
 
 def device_guard(t: Tensor) -> contextlib.AbstractContextManager:
-    """Makes t's GPU current for the launch (no-op for the interpreter's CPU tensors)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    """Makes t's GPU (or Ascend NPU: ``torch.npu.device`` of torch_npu) current for the launch, so a kernel
+    launches on the device that holds its tensors, not the current one (no-op for the interpreter's CPU
+    tensors)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    if t.device.type == "npu":
+        return torch.npu.device(t.device)   # type: ignore[attr-defined]
+    return contextlib.nullcontext()
 
 
 def on_interpreter(t: Tensor) -> bool:

@@ -8,6 +8,7 @@ supports(). No kernel runs on an NPU here (none is available; the binary stage n
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib
 import os
 import subprocess
@@ -114,7 +115,18 @@ def on_npu(t: torch.Tensor) -> torch.Tensor:
 def npu_cores(monkeypatch):
     """torch.npu as torch_npu provides it, for the core count (cube cores) the launchers size grids with."""
     props = SimpleNamespace(cube_core_num=24, vector_core_num=48)
-    monkeypatch.setattr(torch, "npu", SimpleNamespace(get_device_properties=lambda d: props), raising=False)
+    current = []
+
+    @contextlib.contextmanager
+    def device(d):   # torch_npu's torch.npu.device: the device current within the block
+        current.append(d)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    monkeypatch.setattr(torch, "npu", SimpleNamespace(get_device_properties=lambda d: props, device=device,
+                                                      current=current), raising=False)
     monkeypatch.delenv("DSV4RT_TRITON_INTERPRET", raising=False)
     return props.cube_core_num
 
@@ -127,6 +139,10 @@ def test_npu_tensors_are_launched_as_a_device_not_under_the_interpreter(npu_core
         assert mod.on_interpreter(x) is True and mod.on_interpreter(on_npu(x)) is False, mod.__name__
     assert _launch.dot_precision(on_npu(x)) == "hf32" and _launch.dot_precision(x) == "tf32"
     assert _launch.core_count(NPU) == npu_cores
+    other = on_npu(x)
+    with _launch.device_guard(other):   # a launch makes its tensors' NPU current (not the first NPU's)
+        assert torch.npu.current == [NPU]
+    assert torch.npu.current == []
 
 
 def test_sparse_attention_on_npu_gets_the_device_plan(npu_cores, monkeypatch):
