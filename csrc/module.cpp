@@ -18,6 +18,7 @@ void bind_peak(py::module_& m);
 void bind_engram(py::module_& m);
 void bind_dense_gemm(py::module_& m);
 void bind_mhc(py::module_& m);
+void bind_glue_quant(py::module_& m);
 }  // namespace dsv4rt
 
 PYBIND11_MODULE(_C, m) {
@@ -81,4 +82,5 @@ PYBIND11_MODULE(_C, m) {
     bind_engram(m);
     bind_dense_gemm(m);
     bind_mhc(m);
+    bind_glue_quant(m);
 }

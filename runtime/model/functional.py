@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable
+
+import numpy as np
 
 import torch
 from torch import Tensor
@@ -80,9 +83,35 @@ def hadamard(x: Tensor) -> Tensor:
 
 def fp8_sim_nope(x: Tensor, rope_dim: int) -> Tensor:
     """FP8 E4M3 fake-quant of the leading (nope) dims in blocks of 64 with power-of-two scales; the
-    trailing ``rope_dim`` dims stay as they are (spec 3.1 step 3, the FP8 behaviour of section 10.2)."""
+    trailing ``rope_dim`` dims stay as they are (spec 3.1 step 3, the FP8 behaviour of section 10.2). On the
+    CPU one native call (``_C.fp8_sim_prefix``, the GEMMs' act_quant kernel) gives the same bits as the
+    :func:`~dsv4rt.formats.fp8_fake_quant` steps."""
     nope = x.shape[-1] - rope_dim
+    kernel = _native("fp8_sim_prefix")
+    if kernel is not None and x.device.type == "cpu" and x.dtype in _NATIVE_DTYPES and x.dim() >= 1:
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        out = torch.empty_like(x2)
+        kernel(_bits(x2), _bits(out), nope, 64)
+        return out.view(x.shape)
     return torch.cat([fp8_fake_quant(x[..., :nope].contiguous(), 64), x[..., nope:]], dim=-1)
+
+
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def _native(name: str) -> Callable[..., None] | None:
+    """``dsv4rt._C.<name>``, or None when the extension is not built (or older than the kernel)."""
+    try:
+        from .. import _C
+    except ImportError:
+        return None
+    return getattr(_C, name, None)
+
+
+def _bits(t: Tensor) -> np.ndarray:
+    """A contiguous float32 / bf16 CPU tensor as a NumPy array (bf16 as its 16-bit patterns), no copy."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def fp4_sim(x: Tensor) -> Tensor:

@@ -2,17 +2,14 @@
 output head's ``hc_head``. Tokens are flattened: the residual state is ``X [T, hc, dim]``."""
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..invariant import active, linear, pointwise
-
-_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+from .functional import _NATIVE_DTYPES, _bits, _native
 
 __all__ = ["HcParams", "hc_mixes", "sinkhorn_split", "hc_split", "hc_collapse", "hc_pre", "hc_post", "hc_head"]
 
@@ -80,21 +77,6 @@ def _normalise_numpy(a: np.ndarray, iters: int, eps: float) -> None:
     for _ in range(iters - 1):
         a /= a.sum(-1, keepdims=True) + e
         a /= a.sum(-2, keepdims=True) + e
-
-
-@functools.lru_cache(maxsize=None)
-def _native(name: str) -> Callable[..., None] | None:
-    """``dsv4rt._C.<name>``, or None when the extension is not built (or older than the kernel)."""
-    try:
-        from .. import _C
-    except ImportError:
-        return None
-    return getattr(_C, name, None)
-
-
-def _bits(t: Tensor) -> np.ndarray:
-    """A contiguous float32 / bf16 CPU tensor as a NumPy array (bf16 as its 16-bit patterns), no copy."""
-    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def hc_split(x: Tensor, p: HcParams, hc: int, iters: int, eps: float, norm_eps: float) -> tuple[Tensor, Tensor, Tensor]:
