@@ -3,11 +3,12 @@
 // K in the vector lanes. One pass streams the weight at the rate of a GEMV, and each extra row of x costs one
 // instruction per 32 weights (the float32 GEMV: decode, scale multiply and two FMAs per row).
 //
-// Decode of one 32-block (16 bytes, low nibble = even k) into 32 bf16 values in k order, four instructions:
-// vpermb copies byte i / 2 of the block into both bytes of word i, vpsrlvw shifts the odd words right by 4 (so
-// the word's low nibble is code i), vpermw looks the 16-entry bf16 table up (it reads 5 index bits: the table
-// repeats), and a masked vpaddw adds (e - 127) to the exponent of the nonzero values. E2M1 values times
-// 2^(e - 127) are normal bf16 values for 2 <= e <= 252, so the decode is exact there.
+// Decode of a 64-byte chunk (four 32-blocks, low nibble = even k): one vpermb arranges the bytes so that
+// each qword holds the two bytes of every block that its four output words need; per block, vpmultishiftqb
+// moves code i to the low bits of word i, and vpermw looks it up (it reads 5 index bits: the table repeats)
+// in the 16-entry bf16 table with (e - 127) added to the exponents of its nonzero entries (a broadcast and a
+// masked vpaddw on the table, not on the data). E2M1 values times 2^(e - 127) are normal bf16 values for
+// 2 <= e <= 252, so the decode is exact there.
 //
 // Numerics of one output y[r, n] (identical for every row count, tile shape and thread count): lane l of
 // each 32-wide step at k (k = 0, 32, ...) sums the pair k + 2l, k + 2l + 1 into its float32 chain by
@@ -33,25 +34,40 @@ alignas(64) const uint16_t kTbl[32] = {0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0
                                        0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
                                        0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0};
 
+// nonzero entries of kTbl (the scale is added to their exponents)
+constexpr __mmask32 kNonzero = 0xFEFEFEFE;
+
 struct Decoder {
-    __m512i idx[4], shift, tbl, mag;
+    __m512i arrange, ctrl[4], bcast[4], tbl;
     LANE Decoder() {
-        alignas(64) uint8_t b[4][64];
-        alignas(64) uint16_t sh[32];
+        // vpermb: qword q gathers bytes 2q, 2q + 1 of each of the four 32-blocks of a 64-byte chunk (byte
+        // 8q + 2j + t = chunk byte 16j + 2q + t); then vpmultishiftqb with ctrl[j] puts code i of block j at
+        // bit 0 of word i (its nibble starts at bit 16j + 4(i % 4) of qword i / 4)
+        alignas(64) uint8_t p[64], c[4][64];
+        alignas(64) uint16_t bc[4][32];
+        for (int q = 0; q < 8; ++q)
+            for (int j = 0; j < 4; ++j)
+                for (int t = 0; t < 2; ++t) p[8 * q + 2 * j + t] = static_cast<uint8_t>(16 * j + 2 * q + t);
         for (int j = 0; j < 4; ++j)
-            for (int i = 0; i < 32; ++i) b[j][2 * i] = b[j][2 * i + 1] = static_cast<uint8_t>(16 * j + i / 2);
-        for (int i = 0; i < 32; ++i) sh[i] = (i & 1) ? 4 : 0;
-        for (int j = 0; j < 4; ++j) idx[j] = _mm512_load_si512(b[j]);
-        shift = _mm512_load_si512(sh);
+            for (int i = 0; i < 32; ++i) {
+                c[j][2 * i] = c[j][2 * i + 1] = static_cast<uint8_t>(16 * j + 4 * (i % 4));
+                bc[j][i] = static_cast<uint16_t>(j);
+            }
+        arrange = _mm512_load_si512(p);
+        for (int j = 0; j < 4; ++j) ctrl[j] = _mm512_load_si512(c[j]), bcast[j] = _mm512_load_si512(bc[j]);
         tbl = _mm512_load_si512(kTbl);
-        mag = _mm512_set1_epi16(0x7FFF);
     }
-    // block j (0..3) of the 64 bytes v, scale byte e -> its 32 values as bf16
-    LANE __m512i block(__m512i v, int j, int e) const {
-        const __m512i t = _mm512_srlv_epi16(_mm512_permutexvar_epi8(idx[j], v), shift);
-        const __m512i b = _mm512_permutexvar_epi16(t, tbl);
-        return _mm512_mask_add_epi16(b, _mm512_test_epi16_mask(b, mag), b,
-                                     _mm512_set1_epi16(static_cast<int16_t>((e - 127) * 128)));
+    // the 64 bytes of a chunk arranged for block()
+    LANE __m512i prepare(__m512i v) const { return _mm512_permutexvar_epi8(arrange, v); }
+    // the exponent adds (e - 127) * 128 of the chunk's four scale bytes (words 0..3)
+    LANE __m512i adds(uint32_t e4) const {
+        const __m128i e = _mm_cvtepu8_epi16(_mm_cvtsi32_si128(static_cast<int>(e4)));
+        return _mm512_castsi128_si512(_mm_slli_epi16(_mm_sub_epi16(e, _mm_set1_epi16(127)), 7));
+    }
+    // block j (0..3) of the prepared chunk pv with its scale folded in: 32 bf16 values in k order
+    LANE __m512i block(__m512i pv, __m512i add, int j) const {
+        const __m512i st = _mm512_mask_add_epi16(tbl, kNonzero, tbl, _mm512_permutexvar_epi16(bcast[j], add));
+        return _mm512_permutexvar_epi16(_mm512_multishift_epi64_epi8(ctrl[j], pv), st);
     }
 };
 
@@ -73,29 +89,31 @@ LANE void tile(const Decoder& dec, const LaneArgs& a, int64_t n, bool* bad) {
     const int64_t kb = a.k / 2, ks = a.k / 32;
     const uint8_t* wr[C];
     const uint8_t* sr[C];
-    unsigned out[C];   // nonzero: a scale byte out of range
-    const unsigned span = static_cast<unsigned>(252 - a.e_lo);
+    unsigned lo[C], hi[C];   // smallest and largest scale byte of each weight row
     for (int c = 0; c < C; ++c) {
         wr[c] = a.w + (n + c) * kb;
         sr[c] = a.s + (n + c) * ks;
-        out[c] = 0;
+        lo[c] = 255, hi[c] = 0;
     }
     for (int64_t k0 = 0; k0 < a.k; k0 += 128) {
         const int nblk = static_cast<int>(std::min<int64_t>(4, (a.k - k0) / 32));
         const __mmask64 mask = nblk == 4 ? ~__mmask64{0} : (__mmask64{1} << (16 * nblk)) - 1;
-        __m512i v[C];
-        int e[C][4];
+        __m512i v[C], add[C];
         for (int c = 0; c < C; ++c) {
             _mm_prefetch(reinterpret_cast<const char*>(wr[c] + k0 / 2 + kPrefetch), _MM_HINT_T0);
-            v[c] = _mm512_maskz_loadu_epi8(mask, wr[c] + k0 / 2);
+            v[c] = dec.prepare(_mm512_maskz_loadu_epi8(mask, wr[c] + k0 / 2));
+            uint32_t e4 = 0x7F7F7F7Fu;   // blocks past K: scale byte 127 (their codes and x are zero)
+            if (nblk == 4) std::memcpy(&e4, sr[c] + k0 / 32, 4);
+            else std::memcpy(&e4, sr[c] + k0 / 32, static_cast<size_t>(nblk));   // little endian: the low bytes
             for (int j = 0; j < 4; ++j) {
-                e[c][j] = j < nblk ? sr[c][k0 / 32 + j] : 127;
-                out[c] |= static_cast<unsigned>(e[c][j] - a.e_lo) > span;
+                const unsigned e = (e4 >> (8 * j)) & 0xFF;
+                lo[c] = std::min(lo[c], e), hi[c] = std::max(hi[c], e);
             }
+            add[c] = dec.adds(e4);
         }
         for (int j = 0; j < nblk; ++j) {
             __m512i w[C];
-            for (int c = 0; c < C; ++c) w[c] = dec.block(v[c], j, e[c][j]);
+            for (int c = 0; c < C; ++c) w[c] = dec.block(v[c], add[c], j);
             for (int r = 0; r < R; ++r) {
                 const __m512bh xv = (__m512bh)_mm512_loadu_si512(a.xb + r * a.kp + k0 + 32 * j);
                 for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, (__m512bh)w[c]);
@@ -103,7 +121,7 @@ LANE void tile(const Decoder& dec, const LaneArgs& a, int64_t n, bool* bad) {
         }
     }
     for (int c = 0; c < C; ++c) {
-        bad[c] = out[c] != 0;
+        bad[c] = static_cast<int>(lo[c]) < a.e_lo || hi[c] > 252;
         if (bad[c]) continue;
         for (int r = 0; r < R; ++r) a.y[r * a.ldy + n + c] = reduce16(acc[r][c]);
     }
