@@ -11,8 +11,10 @@
 // while every E8M0 byte is in [10, 246]; float32 scales or bytes outside that range take the GEMV).
 // Where the CPU also has AVX512-VBMI, the GEMV sizes with x exactly bf16 (act_quant's output, bf16 input)
 // take the lane kernel (fp8_lane_avx512.cpp: vdpbf16ps with K in the lanes, one summation order per output);
-// in the row-invariant mode it serves every M (a weight tile decoded once for many rows), and the rows it
-// cannot take (not bf16, or products that could be subnormal) get the float32 GEMV, each on its own.
+// in the row-invariant mode it serves every M (a weight tile decoded once for many rows, E8M0 scales folded
+// into it where that gives the same bits: fold_exact), and the rows it cannot take (not bf16, or products
+// that could be subnormal) get the float32 GEMV, each on its own.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -77,24 +79,43 @@ uint16_t* align64(uint16_t* p) {
 }
 
 // Row r of x (float32, or bf16 bits) as bf16 bits into o[0, k) (o is zero past k); returns the smallest biased
-// exponent of a nonzero value (255: none), or -1 if a float32 value is not a bf16 value
-int lane_pack_row(const void* x, bool is_bf16, int64_t r, int64_t k, uint16_t* o) {
-    uint32_t emin = 255;
+// exponent of a nonzero value (255: none), or -1 if a float32 value is not a bf16 value; emax: the largest
+// biased exponent (0: none)
+int lane_pack_row(const void* x, bool is_bf16, int64_t r, int64_t k, uint16_t* o, int& emax) {
+    uint32_t emin = 255, hi = 0;
     if (is_bf16) {
         const uint16_t* p = static_cast<const uint16_t*>(x) + r * k;
         std::memcpy(o, p, static_cast<size_t>(k) * 2);
         for (int64_t i = 0; i < k; ++i)
-            if (p[i] & 0x7FFFu) emin = std::min<uint32_t>(emin, (p[i] >> 7) & 0xFFu);
+            if (p[i] & 0x7FFFu) {
+                const uint32_t e = (p[i] >> 7) & 0xFFu;
+                emin = std::min(emin, e), hi = std::max(hi, e);
+            }
+        emax = static_cast<int>(hi);
         return static_cast<int>(emin);
     }
     const float* p = static_cast<const float*>(x) + r * k;
     for (int64_t i = 0; i < k; ++i) {
         const uint32_t u = f32_bits(p[i]);
         if (u & 0xFFFFu) return -1;
-        if (u & 0x7FFF0000u) emin = std::min<uint32_t>(emin, (u >> 23) & 0xFFu);
+        if (u & 0x7FFF0000u) {
+            const uint32_t e = (u >> 23) & 0xFFu;
+            emin = std::min(emin, e), hi = std::max(hi, e);
+        }
         o[i] = static_cast<uint16_t>(u >> 16);
     }
+    emax = static_cast<int>(hi);
     return static_cast<int>(emin);
+}
+
+// Whether the scale-folded tiles (fp8::lane_decode's fold) give a row the lane kernel's bits. With x's biased
+// exponents in [emin, emax] and the folded weights' in [bmin - 9, bmax - 127 + 135], every product is a
+// multiple of u = 2^(emin + bmin - 9 - 268): u >= 2^-126 keeps every nonzero partial sum normal (nothing
+// is flushed, scaling by a power of two commutes with each rounding), and a block's chain (<= 128 products,
+// each < 2^(emax - 126 + 9 + b - 127)) stays below 2^127 scaled and unscaled (no overflow). Then the folded
+// chain is exactly chain * scale, and tot + chain * scale is fma(chain, scale, tot).
+bool fold_exact(int emin, int emax, int bmin, int bmax) {
+    return emin + bmin - 9 >= 142 && emax + std::max(bmax, 127) <= 364;
 }
 
 // The lane kernel (fp8_kernels.h) for the rows of x (float32 or bf16 bits) that are bf16 and keep every
@@ -106,11 +127,14 @@ std::vector<int64_t> lane_gemm(const Fp8Problem& p, const void* x, bool x_bf16, 
     std::vector<uint16_t> xbuf(static_cast<size_t>(p.m * kp + 32), 0);
     uint16_t* const xb = align64(xbuf.data());
     std::vector<int64_t> good, bad;
+    std::vector<int> lo, hi;   // the good rows' exponent ranges
     for (int64_t r = 0; r < p.m; ++r) {
         uint16_t* o = xb + static_cast<int64_t>(good.size()) * kp;
-        const int e = lane_pack_row(x, x_bf16, r, p.k, o);
+        int emax = 0;
+        const int e = lane_pack_row(x, x_bf16, r, p.k, o, emax);
         if (e >= 0 && e + (127 - 9) - 127 >= bf16gemm::kMinProductExp) {
             good.push_back(r);
+            lo.push_back(e), hi.push_back(emax);
             continue;
         }
         std::fill(o, o + kp, uint16_t{0});
@@ -129,21 +153,59 @@ std::vector<int64_t> lane_gemm(const Fp8Problem& p, const void* x, bool x_bf16, 
                                          256 << 10);
     if (ng <= 8) {   // the GEMV: threads split N, one pass over the weight for all rows
         parallel_for(p.n, [&](int64_t a, int64_t b) { fp8::lane_rows(p, xb, kp, ng, y, p.n, a, b); }, threads);
-    } else {   // tasks of a weight tile (decoded once, ~256 KiB of bf16 in L2) x 48 rows (L1-sized row groups)
+    } else {
+        // rows whose bits the scale-folded tiles give (fold_exact) first: nf of them
+        int bmin = 255, bmax = 0;
+        const int64_t ns = ((p.n + p.bs - 1) / p.bs) * p.sk;
+        for (int64_t i = 0; p.s8 && i < ns; ++i) bmin = std::min<int>(bmin, p.s8[i]), bmax = std::max<int>(bmax, p.s8[i]);
+        const bool fold_w = p.s8 && bmin >= 10 && bmax <= 246;
+        std::vector<int64_t> order;
+        for (int pass = 0; pass < 2; ++pass)
+            for (int64_t i = 0; i < ng; ++i)
+                if ((fold_w && fold_exact(lo[static_cast<size_t>(i)], hi[static_cast<size_t>(i)], bmin, bmax)) == (pass == 0))
+                    order.push_back(i);
+        int64_t nf = 0;
+        for (int64_t i = 0; i < ng; ++i)
+            nf += fold_w && fold_exact(lo[static_cast<size_t>(i)], hi[static_cast<size_t>(i)], bmin, bmax);
+        const bool moved = !std::is_sorted(order.begin(), order.end());
+        std::vector<uint16_t> xmoved;
+        std::vector<float> ymoved;
+        const uint16_t* xs = xb;
+        float* ys = y;
+        if (moved) {
+            xmoved.resize(static_cast<size_t>(ng * kp + 32));
+            uint16_t* xm = align64(xmoved.data());
+            for (int64_t i = 0; i < ng; ++i)
+                std::memcpy(xm + i * kp, xb + order[static_cast<size_t>(i)] * kp, static_cast<size_t>(kp) * 2);
+            ymoved.resize(static_cast<size_t>(ng * p.n));
+            xs = xm, ys = ymoved.data();
+        }
+        // tasks of a weight tile (decoded once, ~256 KiB of bf16 in L2) x 48 rows (L1-sized row groups)
         const int64_t mb = 48, nt = std::max<int64_t>(6, std::min<int64_t>(96, (128 << 10) / kp)) / 3 * 3;
-        const int64_t ntiles = (p.n + nt - 1) / nt, mtiles = (ng + mb - 1) / mb;
+        const int64_t ntiles = (p.n + nt - 1) / nt;
         parallel_tasks(ntiles, [&](int64_t t) {
             const int64_t n0 = t * nt, n1 = std::min(p.n, n0 + nt);
             thread_local std::vector<uint16_t> wd;
             wd.resize(static_cast<size_t>(nt * kp + 32));
             uint16_t* const wt = align64(wd.data());
-            fp8::lane_decode(p, n0, n1 - n0, kp, wt);
-            for (int64_t i = 0; i < mtiles; ++i) {
-                const int64_t r0 = i * mb;
-                fp8::lane_rows_decoded(p, wt, xb + r0 * kp, kp, std::min(mb, ng - r0), y + r0 * p.n,
-                                       p.n, n0, n1);
+            auto run = [&](int64_t r0, int64_t r1, bool folded) {
+                for (int64_t r = r0; r < r1; r += mb)
+                    fp8::lane_rows_decoded(p, wt, xs + r * kp, kp, std::min(mb, r1 - r), ys + r * p.n, p.n, n0, n1,
+                                           folded);
+            };
+            int64_t done = 0;
+            if (nf > 0 && fp8::lane_decode(p, n0, n1 - n0, kp, wt, true)) {
+                run(0, nf, true);
+                done = nf;
+            }
+            if (done < ng) {
+                fp8::lane_decode(p, n0, n1 - n0, kp, wt, false);
+                run(done, ng, false);
             }
         }, threads);
+        if (moved)
+            for (int64_t i = 0; i < ng; ++i)
+                std::memcpy(y + order[static_cast<size_t>(i)] * p.n, ys + i * p.n, static_cast<size_t>(p.n) * sizeof(float));
     }
     if (!bad.empty())
         for (int64_t i = 0; i < ng; ++i)
@@ -271,6 +333,8 @@ void bind_fp8_gemm(py::module_& m) {
           "each row's result depends on that row alone, whatever M (the batch-invariant mode): with AVX512-BF16\n"
           "and AVX512-VBMI the lane kernel's numerics for every row that allows them (any M), else the blocked\n"
           "GEMM's (a kernel with the same bits for up to gemv_max_m rows); the float32 GEMV for the others.");
+    m.def("fp8_lane_available", &fp8::lane_available,
+          "True where fp8_gemm's lane kernel runs (AVX512-BF16 active and AVX512-VBMI): its GEMV sizes reach higher M.");
 }
 
 }  // namespace dsv4rt

@@ -42,10 +42,13 @@ bool lane_available();
 void lane_rows(const Fp8Args& a, const uint16_t* xb, int64_t kp, int64_t rows, float* y, int64_t ldy,
                int64_t n0, int64_t n1);
 // Many rows: weight rows [n0, n0 + nt) decoded once into wd [nt][kp] (kp a multiple of 64), then
-// lane_rows_decoded gives lane_rows' bits from them (wd: the decoded rows n0 .. n1 - 1) in 3 x 3 register tiles.
-void lane_decode(const Fp8Args& a, int64_t n0, int64_t nt, int64_t kp, uint16_t* wd);
+// lane_rows_decoded gives lane_rows' bits from them (wd: the decoded rows n0 .. n1 - 1) in register tiles.
+// fold (E8M0 scales only): each nonzero value times its block scale (exponent + byte - 127), so a K block's
+// chain sum comes out already scaled and is added, not multiplied in (fold_exact: when that gives the same
+// bits); false, with wd incomplete, where a NaN byte stops the fold (decode again without it).
+bool lane_decode(const Fp8Args& a, int64_t n0, int64_t nt, int64_t kp, uint16_t* wd, bool fold);
 void lane_rows_decoded(const Fp8Args& a, const uint16_t* wd, const uint16_t* xb, int64_t kp, int64_t rows,
-                       float* y, int64_t ldy, int64_t n0, int64_t n1);
+                       float* y, int64_t ldy, int64_t n0, int64_t n1, bool folded);
 
 }  // namespace fp8
 }  // namespace dsv4rt
