@@ -28,7 +28,12 @@ __all__ = ["fp4_gemm", "fp4_grouped_gemm", "fp8_gemm", "indexer_topk", "indexer_
            "moe_dispatch", "moe_combine", "SUPPORTS", "GEMV_MAX_M", "FP8_GEMV_MAX_M", "FEW_MAX_M"]
 
 GEMV_MAX_M = 8          # rows of x up to which the GEMM streams the weight once (GEMV path)
-FP8_GEMV_MAX_M = 5      # fp8_gemm: above this the blocked AVX512-BF16 path is faster (measured crossover 5-6)
+# fp8_gemm: rows up to which the GEMV path runs, by the kernel that path has on this CPU. With the lane kernel
+# (AVX512-BF16 + AVX512-VBMI) it beats the blocked AVX512-BF16 GEMM up to 12 rows (CPU time per call, 4096 x 4096,
+# 2048 x 4096, 4096 x 2048, block 128 and 32, 2 threads: 1.3-4x at M = 2-8, 1.05-1.4x at M = 10-12, blocked ahead
+# at 16 on two of the four shapes; 2-core EPYC, 2026-12-06); with the float32 GEMV the crossover is 5-6 rows.
+_FP8_LANE = bool(getattr(_C, "fp8_lane_available", lambda: False)())
+FP8_GEMV_MAX_M = 12 if _FP8_LANE else 5
 FEW_MAX_M = 8           # batch-invariant mode: rows (per expert) up to which the few-rows kernel with the blocked
                         # path's bits is faster than the blocked path itself (measured: faster up to 8, slower at 16)
 MAX_K = 1 << 28         # the tile decode addresses a 16-row tile with 32-bit byte offsets
