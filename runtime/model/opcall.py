@@ -46,7 +46,8 @@ class OpCaller:
 
     def call(self, name: str, *args: Any) -> Any:
         key = (name, context_frames(), generation(),
-               tuple([(a.shape, a.dtype, a.device, a.is_contiguous()) if isinstance(a, Tensor) else a for a in args]))
+               tuple([(type(a), a.shape, a.dtype, a.device, a.is_contiguous()) if isinstance(a, Tensor) else a
+                      for a in args]))
         hit = self._bound.get(key)
         if hit is None:
             hit = self._bind(name, args)

@@ -268,3 +268,19 @@ def test_fake_npu_experts_stay_released_on_a2a3_by_default(fake_npu, tmp_path_fa
     assert used["fp4_grouped_gemm"].keys() == {"ascend/fused" if experts_fused else "ascend/torch"}
     said = [r.getMessage() for r in caplog.records if "DSV4RT_ASCEND_BF16_EXPERTS" in r.getMessage()]
     assert bool(said) != experts_fused
+
+
+def test_op_caller_binds_a_declared_index_apart_from_a_plain_one(monkeypatch):
+    """The model's bound-call cache tells a WindowedIndex (or PreparedWeight) from a plain tensor of the same
+    shape: a backend's supports() may accept one and refuse the other, so each gets its own selection."""
+    from dsv4rt.model.opcall import OpCaller
+
+    binds = []
+    monkeypatch.setattr(OpCaller, "_bind", lambda self, name, args: binds.append(type(args[0])) or (lambda *a: None,
+                                                                                                   "stub"))
+    oc = OpCaller()
+    idx = torch.arange(12, dtype=torch.int32).reshape(1, 3, 4)
+    oc.call("sparse_attention", idx)
+    oc.call("sparse_attention", WindowedIndex.decode(idx, 2, 0, [2, 2, 2]))
+    oc.call("sparse_attention", idx)
+    assert binds == [torch.Tensor, WindowedIndex]
