@@ -87,18 +87,21 @@ class Transformer:
         """tokens [B, S] (positions ``cache.pos ..``) -> logits [B, V] of the last position, or [B, S, V]
         with ``all_logits``; with ``return_hidden`` also the final streams [B, S, hc, dim]. Advances the cache."""
         cfg = self.cfg
-        b, s = tokens.shape
-        if b != cache.batch:
-            raise ValueError(f"forward: batch {b} but the cache holds {cache.batch} sequences")
-        cache.check_room(s)
-        p0 = cache.pos
-        ids = tokens.reshape(-1).to(self.device)
+        b, s, p0, ids = self._begin(tokens, cache)
         x = self._embed(ids).unsqueeze(1).repeat(1, cfg.hc_mult, 1)  # [T, hc, dim]
         for i, blk in enumerate(self.layers):
             x = blk(self.ops, x, b, ids, cache.layers[i], p0, self._rope(i))
         cache.pos = p0 + s
         logits = self._logits(x, b, s, self.hc_head, self.norm, all_logits)
         return (logits, x.view(b, s, cfg.hc_mult, cfg.dim)) if return_hidden else logits
+
+    def _begin(self, tokens: Tensor, cache: KVCache) -> tuple[int, int, int, Tensor]:
+        """The checks and values every forward starts with: (B, S, the first position, flat token ids)."""
+        b, s = tokens.shape
+        if b != cache.batch:
+            raise ValueError(f"forward: batch {b} but the cache holds {cache.batch} sequences")
+        cache.check_room(s)
+        return b, s, cache.pos, tokens.reshape(-1).to(self.device)
 
     @torch.inference_mode()
     def forward_ragged(self, tokens: list[Tensor], caches: list[KVCache]) -> Tensor:

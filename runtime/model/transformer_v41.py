@@ -70,14 +70,9 @@ class Transformer41(Transformer):
         """tokens [B, S] (positions ``cache.pos ..``) -> fp32 logits [B, V] of the last position, or [B, S, V]
         with ``all_logits``; with ``return_hidden`` also the final streams [B, S, hc, dim]. Advances the cache."""
         cfg = self.cfg
-        b, s = tokens.shape
-        if b != cache.batch:
-            raise ValueError(f"forward: batch {b} but the cache holds {cache.batch} sequences")
         if not isinstance(cache, KVCache41):
             raise TypeError("forward: a V4.1 model needs its own cache (model.new_cache())")
-        cache.check_room(s)
-        p0 = cache.pos
-        ids = tokens.reshape(-1).to(self.device)
+        b, s, p0, ids = self._begin(tokens, cache)
         if self.classes is not None:
             cache.engram_hist[:, p0:p0 + s] = self.classes[ids].view(b, s).to(torch.int32)
         x = self._embed(ids).unsqueeze(1).repeat(1, cfg.hc_mult, 1)  # [T, hc, dim]
