@@ -199,6 +199,15 @@ bool x_to_bf16(const float* x, int64_t m, int64_t k, int64_t kp, std::vector<uin
 
 constexpr int64_t kAllGemv = std::numeric_limits<int64_t>::max();
 
+// The GEMV with every row of x as an expert of its own (one parallel call): the GEMV sums one row
+// differently from several, and the lane kernel's choice of weight rows depends on all its rows
+void gemv_alone(const std::vector<Fp4Expert>& experts) {
+    std::vector<Fp4Expert> one;
+    for (const Fp4Expert& e : experts)
+        for (int64_t r = 0; r < e.m; ++r) one.push_back({e.x + r * e.k, e.w, e.s, e.y + r * e.ldy, 1, e.n, e.k, e.ldy});
+    fp4_gemm_run(one, kAllGemv);
+}
+
 // fp4_gemm_run's row_invariant mode (see fp4_gemm.h)
 void run_invariant(const std::vector<Fp4Expert>& experts, int64_t few_max) {
     std::vector<Fp4Expert> gemv;
@@ -214,15 +223,15 @@ void run_invariant(const std::vector<Fp4Expert>& experts, int64_t few_max) {
             bf16gemm::run_rows({e.x, false, e.m, e.k, e.n, lo - 1, decode_tile_bf16, decode_tile_bf16_t, &e, e.y, e.ldy},
                                few_max,
                                [&e](const float* x, int64_t rows, float* y) {
-                                   fp4_gemm_run({{x, e.w, e.s, y, rows, e.n, e.k, e.n}}, kAllGemv);
+                                   gemv_alone({{x, e.w, e.s, y, rows, e.n, e.k, e.n}});
                                });
         }
-        if (!gemv.empty()) fp4_gemm_run(gemv, kAllGemv);
+        if (!gemv.empty()) gemv_alone(gemv);
         return;
     }
 #endif
     (void)few_max;
-    fp4_gemm_run(experts, kAllGemv);
+    gemv_alone(experts);
 }
 
 }  // namespace

@@ -175,6 +175,25 @@ def test_fp4_lane_rows_do_not_depend_on_m(isa, monkeypatch):
             assert torch.equal(ops.fp4_gemm(x[8 - m:], w, s, None, backend=NATIVE), full[8 - m:]), f"M = {m}"
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_fp4_invariant_rows_off_the_bf16_path(grouped):
+    """Batch-invariant mode, rows that leave the bf16 numerics (float32 x that is not bf16, and a row of tiny
+    values): a row's bits are those it gets alone, at every M up to past the few-rows limit."""
+    k, n = 416, 37
+    x = torch.randn(12, k, generator=gen(14))
+    x[3] = x[3].to(torch.bfloat16).float() * 2.0**-110
+    w, s = rand_fp4(n=n, k=k, seed=15)
+    def run(rows: torch.Tensor) -> torch.Tensor:
+        if not grouped:
+            return ops.fp4_gemm(rows, w, s, None, backend=NATIVE)
+        off = torch.tensor([0, rows.shape[0]], dtype=torch.int32)
+        return ops.fp4_grouped_gemm(rows, w[None], s[None], off, None, backend=NATIVE)
+    with invariant.mode(True):
+        alone = torch.cat([run(x[i:i + 1]) for i in range(12)])
+        for m in (2, 3, 8, 12):
+            assert torch.equal(run(x[:m]), alone[:m]), f"M = {m}"
+
+
 def test_gemv_matches_blocked_path_closely(monkeypatch):
     """The two GEMM paths agree to float32 rounding (same products, different summation order)."""
     x = torch.randn(8, 1024, generator=gen(7))
