@@ -19,6 +19,7 @@ void bind_engram(py::module_& m);
 void bind_dense_gemm(py::module_& m);
 void bind_mhc(py::module_& m);
 void bind_glue_quant(py::module_& m);
+void bind_dense_packed(py::module_& m);
 }  // namespace dsv4rt
 
 PYBIND11_MODULE(_C, m) {
@@ -83,4 +84,5 @@ PYBIND11_MODULE(_C, m) {
     bind_dense_gemm(m);
     bind_mhc(m);
     bind_glue_quant(m);
+    bind_dense_packed(m);
 }
