@@ -133,6 +133,11 @@ class Loader:
         out = t.to(self.device, dtype or t.dtype).contiguous()
         return out.clone() if out.data_ptr() == t.data_ptr() else out
 
+    def stored(self, name: str, tp_dim: int | None = None) -> Tensor:
+        """The tensor (or this rank's part) as the source holds it, on the CPU and possibly a view of a
+        checkpoint's memory map: for a caller that copies it into a layout of its own at once."""
+        return self._read(name, tp_dim, self._part(name, tp_dim))
+
     def raw(self, name: str, tp_dim: int | None = None) -> Tensor:
         return self._own(name, tp_dim=tp_dim)
 

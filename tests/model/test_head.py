@@ -43,7 +43,9 @@ def test_logits_match_float64(inv: bool, rows: int, vocab: int, dim: int) -> Non
 def test_bf16_weight_and_row_invariance() -> None:
     pytest.importorskip("dsv4rt._C", reason="the native extension is not built: the head widens to float32")
     head = _head(515, 256, seed=3)
-    assert head.weight.dtype == torch.bfloat16 and head.nbytes == 515 * 256 * 2
+    w = (torch.randn(515, 256, generator=torch.Generator().manual_seed(3)) * 0.05).bfloat16()
+    assert head.weight.dtype == torch.bfloat16 and torch.equal(head.weight, w)   # the packed layout unpacks exactly
+    assert head.nbytes == 520 * 256 * 2   # 8-row groups: 515 rows padded to 520
     y = torch.randn(9, 256, generator=torch.Generator().manual_seed(5))
     with invariant.mode(True):
         batch = head(y)
@@ -56,3 +58,38 @@ def test_wrong_width_is_refused() -> None:
     head = _head(64, 128, seed=1)
     with pytest.raises(ValueError, match="output head"):
         head(torch.randn(2, 96))
+
+
+@pytest.mark.parametrize("rows,n,k", [(1, 8, 16), (1, 129, 100), (3, 37, 4100), (6, 1000, 512), (4, 5, 7)])
+def test_packed_head_gives_dense_gemm_bits(rows: int, n: int, k: int) -> None:
+    """dense_gemm_packed on dense_pack(w) equals dense_gemm on w bit for bit (odd N and K tails, any rows), and
+    every row equals that row alone; the output is poisoned before the call."""
+    C = pytest.importorskip("dsv4rt._C", reason="the native extension is not built")
+    g = torch.Generator().manual_seed(n * 31 + k)
+    w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
+    x = torch.randn(rows, k, generator=g) * torch.logspace(-3, 3, k)[torch.randperm(k, generator=g)]
+    wb = w.view(torch.int16).numpy()
+    ref = torch.full((rows, n), float("nan"))
+    C.dense_gemm(x.numpy(), wb, ref.numpy())
+    packed = C.dense_pack(wb)
+    assert packed.shape == (-(-n // 8), -(-k // 16), 8, 16)
+    got = torch.full((rows, n), float("nan"))
+    C.dense_gemm_packed(x.numpy(), packed, n, got.numpy())
+    assert torch.equal(got, ref)
+    for r in range(rows):
+        one = torch.full((1, n), float("nan"))
+        C.dense_gemm_packed(x[r:r + 1].contiguous().numpy(), packed, n, one.numpy())
+        assert torch.equal(one[0], ref[r])
+    exact = x.double() @ w.double().T
+    assert bool(((got.double() - exact).abs() <= 4 * k * 2 ** -24 * (x.double().abs() @ w.double().abs().T)).all())
+
+
+def test_packed_head_refuses_a_wrong_layout() -> None:
+    C = pytest.importorskip("dsv4rt._C", reason="the native extension is not built")
+    w = torch.randn(20, 48).bfloat16().view(torch.int16).numpy()
+    packed = C.dense_pack(w)
+    out = torch.empty(1, 20).numpy()
+    with pytest.raises(ValueError, match="w_packed"):
+        C.dense_gemm_packed(torch.randn(1, 32).numpy(), packed, 20, out)   # K 32 is not the packed 48
+    with pytest.raises(ValueError, match="w_packed"):
+        C.dense_gemm_packed(torch.randn(1, 48).numpy(), packed, 40, torch.empty(1, 40).numpy())
