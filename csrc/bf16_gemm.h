@@ -69,6 +69,11 @@ void gemm(const PackedX& x, int64_t n, DecodeFn decode, const void* ctx, float* 
 void gemm_few(const uint16_t* xb, int64_t m, int64_t kblocks, int64_t n, DecodeFn decode, DecodeTFn decode_t,
               const void* ctx, float* y, int64_t ldy);
 
+// A weight format's own kernel for gemm_few's work (same arguments, the same bits), or false where it does not
+// take the call (too many rows, a CPU without what it needs): gemm_few runs then
+using FewFn = bool (*)(const void* ctx, const uint16_t* xb, int64_t m, int64_t kblocks, int64_t n, float* y,
+                       int64_t ldy);
+
 // One call of the row-invariant driver: x [m, k] (float32, or bf16 bits when is_bf16) times the weight that
 // `decode` reads, into y[r * ldy + c]. w_min_exp: the smallest biased exponent of a nonzero weight value.
 struct RowProblem {
@@ -81,6 +86,7 @@ struct RowProblem {
     const void* ctx;
     float* y;
     int64_t ldy;
+    FewFn few = nullptr;   // or null
 };
 
 // Computes rows of x given as float32 [rows][k] into y [rows][n]; its numerics for a row must depend only on

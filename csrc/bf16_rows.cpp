@@ -190,7 +190,8 @@ void run_rows(const RowProblem& p, int64_t few_max, const RowFallback& fallback)
             gemm(px, p.n, p.decode, p.ctx, yp, ldy);
         } else {
             const std::vector<uint16_t> xb = rows_bf16(p.x, p.is_bf16, p.k, kblocks, good);
-            gemm_few(xb.data(), ng, kblocks, p.n, p.decode, p.decode_t, p.ctx, yp, ldy);
+            if (!p.few || !p.few(p.ctx, xb.data(), ng, kblocks, p.n, yp, ldy))
+                gemm_few(xb.data(), ng, kblocks, p.n, p.decode, p.decode_t, p.ctx, yp, ldy);
         }
         if (!all)
             for (int64_t i = 0; i < ng; ++i)

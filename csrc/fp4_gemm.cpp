@@ -220,7 +220,8 @@ void run_invariant(const std::vector<Fp4Expert>& experts, int64_t few_max) {
                 gemv.push_back(e);
                 continue;
             }
-            bf16gemm::run_rows({e.x, false, e.m, e.k, e.n, lo - 1, decode_tile_bf16, decode_tile_bf16_t, &e, e.y, e.ldy},
+            bf16gemm::run_rows({e.x, false, e.m, e.k, e.n, lo - 1, decode_tile_bf16, decode_tile_bf16_t, &e, e.y, e.ldy,
+                                few_rows_bf16},
                                few_max,
                                [&e](const float* x, int64_t rows, float* y) {
                                    gemv_alone({{x, e.w, e.s, y, rows, e.n, e.k, e.n}});

@@ -1,0 +1,194 @@
+// The MXFP4 GEMM of the batch-invariant mode for 1..kFewRows rows of x: bf16_gemm.h gemm()'s bits (the
+// blocked AVX512-BF16 path's numerics, which every row count of that mode gives), computed with the output
+// columns in the vector lanes and the weight decoded straight into the registers that vdpbf16ps reads.
+//
+// gemm() sums, per output and per 128-wide K block, one vdpbf16ps chain over the block's 64 bf16 pairs in
+// order (the E8M0 scale folded into the bf16 weight), then c = fma(chain, 1, c) over the blocks in order.
+// bf16_rows.cpp gemm_few runs that chain with lane = column on a tile decoded to bf16 pairs, stored
+// transposed, and read back: at one row most of its instructions were the decode's shifts and blends and the
+// stores and loads of the decoded pairs. Here, per 16 columns and K block:
+//  * the 16 rows' 64 bytes are loaded and transposed as dwords (a dword = 8 codes = 4 pairs), kept in L1;
+//  * pair p = 4q + i of the 16 columns is one vpmultishiftqb on dword q (byte i's low nibble to the low word,
+//    its high nibble to the high word: a byte holds exactly one pair), one vpermw on the E2M1 bf16 table and
+//    the exponent add of the column's scale on the nonzero values (the same table and add as gemm()'s decode,
+//    so the same weight bits), then one vdpbf16ps per row of x (its pair broadcast);
+//  * up to 3 column groups run side by side, so each row has 3 independent chains in flight.
+// Pairs past K in the last block are skipped: gemm()'s chain adds x * 0 = +0 there, which leaves a float32
+// sum unchanged (the chain starts at +0 and vdpbf16ps never leaves a subnormal in it).
+#include "fp4_kernels.h"
+
+#if defined(DSV4RT_X86)
+#include <immintrin.h>
+
+#include "transpose16.h"
+
+namespace dsv4rt {
+namespace fp4 {
+
+#define FEW __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx512vbmi"), always_inline)) inline
+#define FEW_FN __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx512vbmi")))
+
+namespace {
+
+constexpr int64_t kKb = 128;      // bf16_gemm.h kKb: the K block of gemm()'s chains
+constexpr int64_t kPairs = kKb / 2;
+constexpr int kGroups = 3;        // 16-column groups per task (48 columns, gemm()'s kNt)
+constexpr int64_t kCols = 16 * kGroups;
+
+// bf16 patterns of the 16 E2M1 values (codes 8-15 negative) twice, as fp4_gemm_avx512.cpp's bf16 decode
+alignas(64) const uint16_t kTbl[32] = {0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
+                                       0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0,
+                                       0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
+                                       0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0};
+
+// vpmultishiftqb control for byte i of each dword: word 0 <- bits 8i.., word 1 <- bits 8i + 4.. (vpermw reads
+// the low 5 bits of a word; the table repeats, so the bit above the nibble does not matter)
+FEW __m512i pair_ctrl(int i) {
+    const uint64_t b = 8u * static_cast<uint64_t>(i);
+    return _mm512_set1_epi64(static_cast<long long>(b | (b + 4) << 16 | (b + 32) << 32 | (b + 36) << 48));
+}
+
+// One 16-column group of one K block, ready for the dot: the bytes transposed (t[q] lane j = dword q of
+// column j) and per 32-block the exponent add (e - 127) * 128 in both words of each lane.
+struct Group {
+    __m512i t[kKb / 8];
+    __m512i add[kKb / 32];
+};
+
+// A task's view of one 16-column group: the columns' rows of bytes (lanes past the last column repeat it)
+// and their scale bytes of 16 K blocks at a time, transposed (sv[b] lane j = the 4 scale bytes of column j
+// in block kb0 + b)
+struct Cols {
+    const uint8_t* w[16];
+    const uint8_t* s[16];
+    __m512i sv[16];
+};
+
+FEW void cols_init(const Fp4Expert& ex, int64_t c0, int64_t cols, Cols& c) {
+    for (int j = 0; j < 16; ++j) {
+        const int64_t col = c0 + std::min<int64_t>(j, cols - 1);
+        c.w[j] = ex.w + col * (ex.k / 2);
+        c.s[j] = ex.s + col * (ex.k / 32);
+    }
+}
+
+// the scale bytes of blocks [kb0, kb0 + 16) (zero past K)
+FEW void cols_scales(const Fp4Expert& ex, int64_t kb0, Cols& c) {
+    const int64_t left = ex.k / 32 - 4 * kb0;
+    const __mmask64 mask = left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
+    for (int j = 0; j < 16; ++j) c.sv[j] = _mm512_maskz_loadu_epi8(mask, c.s[j] + 4 * kb0);
+    transpose16(c.sv);
+}
+
+// K block kb (kw values) of the group
+FEW void load_group(const Cols& c, int64_t kb, int64_t kw, Group& g) {
+    const int64_t off = kb * (kKb / 2);
+    if (kw >= kKb) {
+        for (int j = 0; j < 16; ++j) {
+            _mm_prefetch(reinterpret_cast<const char*>(c.w[j] + off + 8 * kKb), _MM_HINT_T0);   // 16 blocks ahead
+            g.t[j] = _mm512_loadu_si512(c.w[j] + off);
+        }
+    } else {
+        const __mmask64 bytes = (__mmask64(1) << (kw / 2)) - 1;
+        for (int j = 0; j < 16; ++j) g.t[j] = _mm512_maskz_loadu_epi8(bytes, c.w[j] + off);
+    }
+    transpose16(g.t);
+    // per 32-block b: scale byte b of each dword to both words, then (e - 127) << 7 (blocks past kw get an
+    // add that no pair reads)
+    const __m512i sv = c.sv[kb % 16], e127 = _mm512_set1_epi16(127);
+    for (int b = 0; b < kKb / 32; ++b) {
+        const __m512i sel = _mm512_set1_epi32(static_cast<int>(0x80008000u | static_cast<uint32_t>(b) << 16 |
+                                                                static_cast<uint32_t>(b)));
+        const __m512i lane_base = _mm512_set_epi32(12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0);
+        const __m512i idx = _mm512_add_epi8(sel, _mm512_or_si512(lane_base, _mm512_slli_epi32(lane_base, 16)));
+        const __m512i e = _mm512_shuffle_epi8(sv, idx);
+        g.add[b] = _mm512_slli_epi16(_mm512_sub_epi16(e, e127), 7);
+    }
+}
+
+// R rows of x (pairs xp[r * pstride + p]) times G groups over the first `pairs` pairs of a block: c[r][g] =
+// fma(chain, 1, c[r][g])
+template <int R, int G>
+FEW void dot(const uint32_t* xp, int64_t pstride, const Group* grp, int64_t pairs, __m512* c) {
+    const __m512i tbl = _mm512_load_si512(kTbl), mag = _mm512_set1_epi16(0x7FFF);
+    const __m512i ctrl[4] = {pair_ctrl(0), pair_ctrl(1), pair_ctrl(2), pair_ctrl(3)};
+    __m512 acc[R][G];
+    for (int r = 0; r < R; ++r)
+        for (int g = 0; g < G; ++g) acc[r][g] = _mm512_setzero_ps();
+    for (int64_t q = 0; q < pairs / 4; ++q) {
+        for (int i = 0; i < 4; ++i) {
+            const int64_t p = 4 * q + i;
+            __m512bh xb[R];
+            for (int r = 0; r < R; ++r) xb[r] = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[r * pstride + p]));
+            for (int g = 0; g < G; ++g) {
+                const __m512i b = _mm512_permutexvar_epi16(_mm512_multishift_epi64_epi8(ctrl[i], grp[g].t[q]), tbl);
+                const __m512i w = _mm512_mask_add_epi16(b, _mm512_test_epi16_mask(b, mag), b, grp[g].add[q / 4]);
+                for (int r = 0; r < R; ++r) acc[r][g] = _mm512_dpbf16_ps(acc[r][g], xb[r], (__m512bh)w);
+            }
+        }
+    }
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int r = 0; r < R; ++r)
+        for (int g = 0; g < G; ++g) c[r * G + g] = _mm512_fmadd_ps(acc[r][g], one, c[r * G + g]);
+}
+
+// one task: columns [n0, n0 + nt) (nt <= kCols) for R rows (x from row r0)
+template <int R, int G>
+FEW void task(const Fp4Expert& ex, const uint32_t* x32, int64_t pstride, int64_t kblocks, int64_t n0, int64_t nt,
+              float* y, int64_t ldy) {
+    Group grp[G];
+    Cols cols[G];
+    for (int g = 0; g < G; ++g) cols_init(ex, n0 + 16 * g, std::min<int64_t>(16, nt - 16 * g), cols[g]);
+    __m512 c[R * G];
+    for (int i = 0; i < R * G; ++i) c[i] = _mm512_setzero_ps();
+    for (int64_t kb = 0; kb < kblocks; ++kb) {
+        const int64_t kw = std::min(kKb, ex.k - kb * kKb);
+        if (kb % 16 == 0)
+            for (int g = 0; g < G; ++g) cols_scales(ex, kb, cols[g]);
+        for (int g = 0; g < G; ++g) load_group(cols[g], kb, kw, grp[g]);
+        dot<R, G>(x32 + kb * kPairs, pstride, grp, kw / 2, c);
+    }
+    for (int g = 0; g < G; ++g) {
+        const int64_t cols = std::min<int64_t>(16, nt - 16 * g);
+        const __mmask16 mask = static_cast<__mmask16>(cols >= 16 ? 0xFFFF : (1u << cols) - 1);
+        for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * ldy + n0 + 16 * g, mask, c[r * G + g]);
+    }
+}
+
+using TaskFn = void (*)(const Fp4Expert&, const uint32_t*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
+
+template <int R>
+TaskFn task_for(int64_t groups) {
+    return groups == 1 ? task<R, 1> : groups == 2 ? task<R, 2> : task<R, 3>;
+}
+
+TaskFn pick(int64_t rows, int64_t groups) {
+    switch (rows) {
+        case 1: return task_for<1>(groups);
+        case 2: return task_for<2>(groups);
+        case 3: return task_for<3>(groups);
+        default: return task_for<4>(groups);
+    }
+}
+
+}  // namespace
+
+FEW_FN bool few_rows_bf16(const void* ctx, const uint16_t* xb, int64_t m, int64_t kblocks, int64_t n, float* y,
+                          int64_t ldy) {
+    const Fp4Expert& ex = *static_cast<const Fp4Expert*>(ctx);
+    if (m > kFewRows || !lane_available()) return false;
+    if (m <= 0 || n <= 0) return true;
+    const uint32_t* x32 = reinterpret_cast<const uint32_t*>(xb);
+    const int64_t pstride = kblocks * kPairs, tiles = (n + kCols - 1) / kCols;
+    // one thread per ~256 K weight values, as gemm_few
+    parallel_tasks(tiles, [&](int64_t t) {
+        const int64_t n0 = t * kCols, nt = std::min(kCols, n - n0);
+        pick(m, (nt + 15) / 16)(ex, x32, pstride, kblocks, n0, nt, y, ldy);
+    }, pick_threads(static_cast<double>(n) * kblocks * kKb, 256 << 10));
+    return true;
+}
+
+}  // namespace fp4
+}  // namespace dsv4rt
+
+#endif
