@@ -8,10 +8,12 @@
 // transposed, and read back: at one row most of its instructions were the decode's shifts and blends and the
 // stores and loads of the decoded pairs. Here, per 16 columns and K block:
 //  * the 16 rows' 64 bytes are loaded and transposed as dwords (a dword = 8 codes = 4 pairs), kept in L1;
+//    their scale bytes are transposed the same way once per 16 K blocks (a dword = one block's 4 scales);
 //  * pair p = 4q + i of the 16 columns is one vpmultishiftqb on dword q (byte i's low nibble to the low word,
-//    its high nibble to the high word: a byte holds exactly one pair), one vpermw on the E2M1 bf16 table and
-//    the exponent add of the column's scale on the nonzero values (the same table and add as gemm()'s decode,
-//    so the same weight bits), then one vdpbf16ps per row of x (its pair broadcast);
+//    its high nibble to the high word: a byte holds exactly one pair), one vpermw on a bf16 table of the E2M1
+//    values and one saturating subtract that puts the column's scale into the exponent and keeps zero codes
+//    zero (kTbl below): gemm()'s weight values (-0 as +0, which changes no sum). Then one vdpbf16ps per row of x (its pair
+//    broadcast); 3 vector instructions of decode per 32 weights, shared by the rows;
 //  * up to 3 column groups run side by side, so each row has 3 independent chains in flight.
 // Pairs past K in the last block are skipped: gemm()'s chain adds x * 0 = +0 there, which leaves a float32
 // sum unchanged (the chain starts at +0 and vdpbf16ps never leaves a subnormal in it).
@@ -35,11 +37,18 @@ constexpr int64_t kPairs = kKb / 2;
 constexpr int kGroups = 3;        // 16-column groups per task (48 columns, gemm()'s kNt)
 constexpr int64_t kCols = 16 * kGroups;
 
-// bf16 patterns of the 16 E2M1 values (codes 8-15 negative) twice, as fp4_gemm_avx512.cpp's bf16 decode
-alignas(64) const uint16_t kTbl[32] = {0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
-                                       0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0,
-                                       0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
-                                       0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0};
+// The E2M1 code -> bf16 table of the scaled decode: entry = sign | (magnitude + kBias) for the nonzero codes, 0
+// for +0 and -0. One unsigned saturating subtract of kBias - (e - 127) * 128 then gives the value times
+// 2^(e - 127) for a nonzero code (no borrow: E2M1 x 2^(e - 127) is a normal bf16 for 2 <= e <= 252) and 0
+// for a zero code (it saturates). -0 decodes to +0, where gemm()'s decode keeps -0: x * -0 and x * +0 leave a
+// nonzero chain alike; a chain of zeros ends +0 or -0, and either adds to c (+0 or nonzero) into the same c.
+constexpr uint16_t kBias = 125 * 128;
+constexpr uint16_t enc(uint16_t v) { return v & 0x7FFF ? static_cast<uint16_t>((v & 0x8000) | ((v & 0x7FFF) + kBias)) : 0; }
+alignas(64) const uint16_t kTbl[32] = {
+    enc(0x0000), enc(0x3F00), enc(0x3F80), enc(0x3FC0), enc(0x4000), enc(0x4040), enc(0x4080), enc(0x40C0),
+    enc(0x8000), enc(0xBF00), enc(0xBF80), enc(0xBFC0), enc(0xC000), enc(0xC040), enc(0xC080), enc(0xC0C0),
+    enc(0x0000), enc(0x3F00), enc(0x3F80), enc(0x3FC0), enc(0x4000), enc(0x4040), enc(0x4080), enc(0x40C0),
+    enc(0x8000), enc(0xBF00), enc(0xBF80), enc(0xBFC0), enc(0xC000), enc(0xC040), enc(0xC080), enc(0xC0C0)};
 
 // vpmultishiftqb control for byte i of each dword: word 0 <- bits 8i.., word 1 <- bits 8i + 4.. (vpermw reads
 // the low 5 bits of a word; the table repeats, so the bit above the nibble does not matter)
@@ -49,10 +58,10 @@ FEW __m512i pair_ctrl(int i) {
 }
 
 // One 16-column group of one K block, ready for the dot: the bytes transposed (t[q] lane j = dword q of
-// column j) and per 32-block the exponent add (e - 127) * 128 in both words of each lane.
+// column j) and per 32-block kBias - (e - 127) * 128 in both words of each lane.
 struct Group {
     __m512i t[kKb / 8];
-    __m512i add[kKb / 32];
+    __m512i sub[kKb / 32];
 };
 
 // A task's view of one 16-column group: the columns' rows of bytes (lanes past the last column repeat it)
@@ -93,16 +102,16 @@ FEW void load_group(const Cols& c, int64_t kb, int64_t kw, Group& g) {
         for (int j = 0; j < 16; ++j) g.t[j] = _mm512_maskz_loadu_epi8(bytes, c.w[j] + off);
     }
     transpose16(g.t);
-    // per 32-block b: scale byte b of each dword to both words, then (e - 127) << 7 (blocks past kw get an
-    // add that no pair reads)
-    const __m512i sv = c.sv[kb % 16], e127 = _mm512_set1_epi16(127);
+    // per 32-block b: scale byte b of each dword to both words, then kBias + 127 * 128 - (e << 7) (blocks past
+    // kw get a value that no pair reads)
+    const __m512i sv = c.sv[kb % 16], top = _mm512_set1_epi16(static_cast<int16_t>(kBias + 127 * 128));
     for (int b = 0; b < kKb / 32; ++b) {
         const __m512i sel = _mm512_set1_epi32(static_cast<int>(0x80008000u | static_cast<uint32_t>(b) << 16 |
                                                                 static_cast<uint32_t>(b)));
         const __m512i lane_base = _mm512_set_epi32(12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0);
         const __m512i idx = _mm512_add_epi8(sel, _mm512_or_si512(lane_base, _mm512_slli_epi32(lane_base, 16)));
         const __m512i e = _mm512_shuffle_epi8(sv, idx);
-        g.add[b] = _mm512_slli_epi16(_mm512_sub_epi16(e, e127), 7);
+        g.sub[b] = _mm512_sub_epi16(top, _mm512_slli_epi16(e, 7));
     }
 }
 
@@ -110,7 +119,7 @@ FEW void load_group(const Cols& c, int64_t kb, int64_t kw, Group& g) {
 // fma(chain, 1, c[r][g])
 template <int R, int G>
 FEW void dot(const uint32_t* xp, int64_t pstride, const Group* grp, int64_t pairs, __m512* c) {
-    const __m512i tbl = _mm512_load_si512(kTbl), mag = _mm512_set1_epi16(0x7FFF);
+    const __m512i tbl = _mm512_load_si512(kTbl);
     const __m512i ctrl[4] = {pair_ctrl(0), pair_ctrl(1), pair_ctrl(2), pair_ctrl(3)};
     __m512 acc[R][G];
     for (int r = 0; r < R; ++r)
@@ -121,8 +130,8 @@ FEW void dot(const uint32_t* xp, int64_t pstride, const Group* grp, int64_t pair
             __m512bh xb[R];
             for (int r = 0; r < R; ++r) xb[r] = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[r * pstride + p]));
             for (int g = 0; g < G; ++g) {
-                const __m512i b = _mm512_permutexvar_epi16(_mm512_multishift_epi64_epi8(ctrl[i], grp[g].t[q]), tbl);
-                const __m512i w = _mm512_mask_add_epi16(b, _mm512_test_epi16_mask(b, mag), b, grp[g].add[q / 4]);
+                const __m512i w = _mm512_subs_epu16(
+                    _mm512_permutexvar_epi16(_mm512_multishift_epi64_epi8(ctrl[i], grp[g].t[q]), tbl), grp[g].sub[q / 4]);
                 for (int r = 0; r < R; ++r) acc[r][g] = _mm512_dpbf16_ps(acc[r][g], xb[r], (__m512bh)w);
             }
         }

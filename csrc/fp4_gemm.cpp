@@ -10,7 +10,8 @@
 //    bf16 inputs) take the bf16 lane kernel instead (fp4_lane_avx512.cpp: codes decoded to bf16 with the
 //    scale in the exponent, vdpbf16ps with K in the lanes, one summation order per output for every M);
 //    weight rows with a scale byte it cannot fold exactly go back to the float32 GEMV. Plain mode only: the
-//    batch-invariant mode keeps the blocked bf16 numerics (run_invariant).
+//    batch-invariant mode keeps the blocked bf16 numerics (run_invariant; 1-4 rows of an expert through
+//    fp4_few_avx512.cpp, which gives those bits with the columns in the vector lanes).
 //  * blocked (larger M): a tile of 32 rows x 128 k is dequantised (scale applied) into a 16 KiB L1 scratch
 //    in k-major order, then an 8 x 32 register-blocked FMA micro-kernel reuses it for every row of x.
 //    Where the CPU has AVX512-BF16, x is exactly bf16 and the scales keep E2M1 x scale a normal bf16, the

@@ -53,8 +53,9 @@ void decode_tile_bf16(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint1
 // bf16_gemm.h DecodeTFn: the same values transposed (16 rows gathered a dword at a time), full K blocks only
 bool decode_tile_bf16_t(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint32_t* wt, float* sc);
 // bf16_gemm.h FewFn (fp4_few_avx512.cpp): gemm()'s bits for up to kFewRows rows, the weight decoded in registers
-// (AVX512-BF16 and VBMI; false where it does not run). At 5-8 rows gemm_few, which decodes a tile once for all
-// rows, was faster (measured on the 2-core EPYC, 2026-12-06, 2 threads: 1.3-1.6 vs 1.3-1.4 ms at 8 rows)
+// (AVX512-BF16 and VBMI; false where it does not run). At 8 rows gemm_few, which decodes a tile once for all rows,
+// was as fast or faster (this kernel 4 rows at a time; 2-core EPYC, 2026-12-06, 2 threads, 4096 x 4096:
+// 1.5-1.7 vs 1.4-1.5 ms)
 constexpr int64_t kFewRows = 4;
 bool few_rows_bf16(const void* ctx, const uint16_t* xb, int64_t m, int64_t kblocks, int64_t n, float* y, int64_t ldy);
 // (smallest, largest) scale byte of the expert
