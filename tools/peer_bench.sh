@@ -17,7 +17,7 @@
 #
 # Settings (environment): PEER_WORK (default /tmp/dsv4rt-peer), PEER_THREADS (2), PEER_ROUNDS (3),
 # PEER_PRESETS ("tiny flash-slice"), PEER_LAYERS (3) and PEER_EXPERTS (64) for flash-slice, PEER_PROMPT (128),
-# PEER_GEN (32), PEER_LLAMA_CPP_PYTHON (a version to pin, default the newest), PEER_JOBS (build jobs, nproc),
+# PEER_GEN (32), DSV4RT_BATCH_INVARIANT (dsv4rt's mode, default 1), PEER_LLAMA_CPP_PYTHON (a version to pin, default the newest), PEER_JOBS (build jobs, nproc),
 # PEER_KERNELS (1; 0 skips step 5; its own settings are in tools/peer_kernels.sh).
 set -euo pipefail
 
@@ -87,6 +87,7 @@ echo "machine   $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores visible,
      "$(grep -o -w 'avx512f\|avx512_bf16\|avx512_vnni\|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 echo "llama.cpp $PKG, llama-bench $("$BENCH" --version 2>&1 | head -1)"
 echo "dsv4rt    $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- . 2>/dev/null || echo ' (+ local changes)'), torch $("$PY" -c 'import torch; print(torch.__version__)')"
+echo "mode      DSV4RT_BATCH_INVARIANT=${DSV4RT_BATCH_INVARIANT:-1} (1, the default: batch-invariant; 0: the fastest kernel per shape)"
 echo "load      $(uptime)"
 "$PY" "$ROOT/tools/peer_bench.py" --llama-bench "$BENCH" --threads "$THREADS" --rounds "$ROUNDS" \
     --prompt "$PROMPT" --gen "$GEN" "${MODELS[@]}"
