@@ -21,17 +21,10 @@ from torch import Tensor
 
 from ..invariant import linear
 from .cores import native
+from .functional import _bits, _native
 from .weights import Loader
 
 __all__ = ["OutputHead"]
-
-
-def _native() -> Any:
-    try:
-        from .. import _C
-    except ImportError:
-        return None
-    return _C if hasattr(_C, "dense_gemm_packed") else None
 
 
 class OutputHead:
@@ -39,15 +32,14 @@ class OutputHead:
     [..., V] (this rank's vocabulary part under tensor parallelism)."""
 
     def __init__(self, ld: Loader, name: str, tp_dim: int | None = 0) -> None:
-        self._C = _native() if ld.device.type == "cpu" else None
-        self._packed: Any = None
-        if self._C is not None:
+        self._packed: Any = None   # dense_pack's layout of a bf16 weight (CPU, extension built), else None
+        pack = _native("dense_pack") if ld.device.type == "cpu" else None
+        if pack is not None:
             w = ld.stored(name, tp_dim=tp_dim)   # packed straight from the checkpoint: the one copy
             if w.dtype == torch.bfloat16:
                 self._shape = tuple(w.shape)
-                self._packed = self._C.dense_pack(w.contiguous().view(torch.int16).numpy())
+                self._packed = pack(_bits(w.contiguous()))
                 return
-            self._C = None
         w = ld.f32(name, tp_dim=tp_dim)
         self._shape = tuple(w.shape)
         self._w32 = w if w.dtype == torch.float32 else w.float()
@@ -70,7 +62,7 @@ class OutputHead:
             return linear(y32, self.weight.float())
         x2 = y32.reshape(-1, k).contiguous()
         out = torch.empty((x2.shape[0], n), dtype=torch.float32)
-        native(self._C.dense_gemm_packed, x2.numpy(), self._packed, n, out.numpy())
+        native(_native("dense_gemm_packed"), x2.numpy(), self._packed, n, out.numpy())
         return out.view(*y.shape[:-1], n)
 
     @property
