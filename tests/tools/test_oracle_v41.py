@@ -12,8 +12,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
-import oracle_v41 as O  # noqa: E402
+import oracle_v41 as O
 
 OFFICIAL = os.environ.get("DSV4RT_V41_OFFICIAL")
 needs_official = pytest.mark.skipif(

@@ -6,13 +6,11 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
-import oracle_v41_kernels as K  # noqa: E402
+import oracle_v41_kernels as K
 
 OFFICIAL = os.environ.get("DSV4RT_V41_OFFICIAL")
 

@@ -1,24 +1,14 @@
 """tools/ascend_lower.py runs in a triton-ascend environment; its table and merge logic need no Triton."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def tool():
-    spec = importlib.util.spec_from_file_location("ascend_lower", ROOT / "tools" / "ascend_lower.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+import ascend_lower  # tools/ascend_lower.py (tests/tools/conftest.py puts tools/ on sys.path)
 
 
 def test_markdown_counts_launches_per_chip_and_names_the_first_failure():
     ok = {"stage": "ttadapter", "dialects": "hivm:2 linalg:5"}
     bad = {"stage": "ttir", "error": "CompilationError: AssertionError: input_precision | tf32"}
     results = {"gemm.k": {"a2a3": [ok, bad], "950": [ok, ok]}, "moe.m": {"a2a3": [ok], "950": [ok]}}
-    md = tool().markdown(results, ["a2a3", "950"], "3.2.0").splitlines()
+    md = ascend_lower.markdown(results, ["a2a3", "950"], "3.2.0").splitlines()
     assert "**1 of 2 kernels lower for every launch**" in md[0] and "3 distinct launches" in md[0]
     assert md[2] == "| kernel | A2/A3 | 950 | result |"
     assert md[4] == "| `gemm.k` | 1/2 | 2/2 | fails at `ttir`: AssertionError: input_precision / tf32 |"
@@ -31,7 +21,7 @@ def test_launches_are_lowered_with_the_constexprs_an_npu_launch_sets():
 
     from dsv4rt.backends.cuda import _launch
 
-    mod = tool()
+    mod = ascend_lower
     assert mod.NPU_BUILD == {"INTERP": _launch.on_interpreter(OnNpu()), "DOT_PREC": _launch.dot_precision(OnNpu()),
                              "MASKED_GATHER": _launch.on_ascend(OnNpu())}
     recorded = {"DOT": {"tl.dtype": "fp32"}, "DOT_PREC": "tf32", "INTERP": True, "BLOCK_K": 64}

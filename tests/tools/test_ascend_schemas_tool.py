@@ -3,21 +3,12 @@ backends/ascend/fake_schemas.load_facts reads them back. A synthetic wheel check
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import zipfile
-from pathlib import Path
 
 from dsv4rt.backends.ascend.fake_schemas import load_facts
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def tool():
-    spec = importlib.util.spec_from_file_location("ascend_schemas", ROOT / "tools" / "ascend_schemas.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+import ascend_schemas  # tools/ascend_schemas.py (tests/tools/conftest.py puts tools/ on sys.path)
 
 
 META = '''
@@ -53,7 +44,7 @@ def test_round_trip(tmp_path):
         z.writestr("torch_npu/_op_plugin_docs.py", DOCS)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        tool().main(str(wheel))
+        ascend_schemas.main(str(wheel))
     facts_file = tmp_path / "torch_npu-9.9.9.txt"
     facts_file.write_text(out.getvalue())
     facts = load_facts(facts_file)
