@@ -20,6 +20,7 @@ void bind_dense_gemm(py::module_& m);
 void bind_mhc(py::module_& m);
 void bind_glue_quant(py::module_& m);
 void bind_dense_packed(py::module_& m);
+void bind_glue_rope(py::module_& m);
 }  // namespace dsv4rt
 
 PYBIND11_MODULE(_C, m) {
@@ -85,4 +86,5 @@ PYBIND11_MODULE(_C, m) {
     bind_mhc(m);
     bind_glue_quant(m);
     bind_dense_packed(m);
+    bind_glue_rope(m);
 }
