@@ -21,6 +21,7 @@ void bind_mhc(py::module_& m);
 void bind_glue_quant(py::module_& m);
 void bind_dense_packed(py::module_& m);
 void bind_glue_rope(py::module_& m);
+void bind_glue_mxsim(py::module_& m);
 }  // namespace dsv4rt
 
 PYBIND11_MODULE(_C, m) {
@@ -87,4 +88,5 @@ PYBIND11_MODULE(_C, m) {
     bind_glue_quant(m);
     bind_dense_packed(m);
     bind_glue_rope(m);
+    bind_glue_mxsim(m);
 }
