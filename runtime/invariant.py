@@ -27,12 +27,13 @@ import functools
 from contextvars import ContextVar
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from . import env
 
-__all__ = ["enabled", "mode", "active", "linear", "rowwise_mm", "pointwise"]
+__all__ = ["enabled", "mode", "active", "linear", "grouped_linear", "rowwise_mm", "pointwise"]
 
 _MODE: ContextVar[bool | None] = ContextVar("dsv4rt_batch_invariant", default=None)
 _PAD = 64   # torch's vectorised loops take 2 vectors per step: 64 bf16 / 32 float32 elements on AVX-512
@@ -92,6 +93,27 @@ def linear(x: Tensor, w: Tensor) -> Tensor:
 
 
 _DENSE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def grouped_linear(x: Tensor, w: Tensor) -> Tensor:
+    """``z [T, G * R]`` with ``z[:, g*R:(g+1)*R] = linear(x[:, g], w[g])`` for x [T, G, K] and w [G, R, K] of
+    one dtype (the grouped low-rank output projection): :func:`linear` group by group, the same bits, with
+    the per-call checks and array views done once for all groups (one native call per group, written into
+    one buffer). Only for the mode on the CPU; elsewhere (and without the native kernel) the groups go
+    through :func:`linear` and are stacked."""
+    if x.dim() != 3 or w.dim() != 3 or x.shape[1] != w.shape[0] or x.shape[2] != w.shape[2] or x.dtype != w.dtype:
+        raise ValueError(f"invariant.grouped_linear: expected x [T, G, K] and w [G, R, K] of one dtype, got x "
+                         f"{tuple(x.shape)} {x.dtype} and w {tuple(w.shape)} {w.dtype}")
+    t, g = x.shape[:2]
+    dense = _native()
+    if x.device.type != "cpu" or not enabled() or dense is None or x.dtype not in _DENSE_DTYPES:
+        return torch.stack([linear(x[:, i], w[i]) for i in range(g)], dim=1).reshape(t, -1)
+    z = torch.empty((g, t, w.shape[1]), dtype=x.dtype)
+    xa, wa, za = _np(x), _np(w), _np(z)
+    for i in range(g):
+        xi = xa[:, i]
+        dense(xi if t == 1 else np.ascontiguousarray(xi), wa[i], za[i])
+    return z.transpose(0, 1).reshape(t, -1)
 
 
 def _np(t: Tensor):

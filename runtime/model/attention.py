@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..invariant import active, linear
+from ..invariant import active, grouped_linear
 from ..ops.attention import WindowedIndex
 from .cache import LayerCache
 from .compressor import Compressor
@@ -81,7 +81,7 @@ class Attention:
         """x [B, S, dim] (after attn_norm) at positions p0..p0+S-1 -> [B, S, dim]; updates ``lc``."""
         b, s, dim = x.shape
         positions = torch.arange(p0, p0 + s, device=x.device)
-        cos, sin = rope.at(positions.repeat(b))
+        cos, sin = rope.span(p0, s, b)
         q, qr, kv = self._project(ops, x.reshape(b * s, dim), cos, sin)
         n_comp = self.compressor.update(ops, x, lc.comp, lc.kv, self.window, p0, rope) if self.compressor else 0
         top = self.indexer(ops, x, qr.view(b, s, -1), lc, p0, rope, positions) if self.kind == CSA else None
@@ -189,8 +189,7 @@ class Attention:
         o = apply_rope(o, cos[:, None], sin[:, None], inverse=True).view(t, self.groups, -1)
         if active(o):   # batch-invariant: one fixed-order GEMM per group instead of torch's batched GEMM
             with all_cores():
-                z = [linear(o[:, g], self.wo_a[g]) for g in range(self.groups)]
-            z = torch.stack(z, dim=1).reshape(t, -1)
+                z = grouped_linear(o, self.wo_a)
         else:
             z = torch.einsum("tgd,grd->tgr", o, self.wo_a).reshape(t, -1)
         if self.par is None:

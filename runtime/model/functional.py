@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..formats import fp4_fake_quant, fp8_fake_quant
+from ..formats import _INV6, fp4_fake_quant, fp8_fake_quant
 from ..invariant import linear
 
 __all__ = ["rms_norm", "head_rms_norm", "hadamard", "fp8_sim_nope", "fp4_sim", "hadamard_matrix", "PRECISIONS",
@@ -115,5 +115,14 @@ def _bits(t: Tensor) -> np.ndarray:
 
 
 def fp4_sim(x: Tensor) -> Tensor:
-    """MXFP4 fake-quant in blocks of 32 along the last dim (the indexer's q and k, spec 2.2)."""
+    """MXFP4 fake-quant in blocks of 32 along the last dim (the indexer's q and k, spec 2.2). On the CPU one
+    native call (``_C.mx_sim``) gives the same bits as the :func:`~dsv4rt.formats.fp4_fake_quant` steps."""
+    kernel = _native("mx_sim")
+    if (kernel is not None and x.device.type == "cpu" and x.dtype in _NATIVE_DTYPES and x.dim() >= 1
+            and x.shape[-1] % 32 == 0 and x.numel()):
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        out = torch.empty_like(x2)
+        kernel(_bits(x2), _bits(out), 32, _INV6)
+        return out.view(x.shape)
     return fp4_fake_quant(x.contiguous(), 32)
+

@@ -38,7 +38,7 @@ class Indexer:
                  positions: Tensor) -> Tensor:
         """idx [B, S, topk] int32: compressed-entry indices (no offset) or -1, for queries at ``positions``."""
         b, s, _ = x.shape
-        q = self._queries(ops, qr.reshape(b * s, -1), rope.at(positions.repeat(b))).view(b, s, self.n_heads, -1)
+        q = self._queries(ops, qr.reshape(b * s, -1), rope.span(p0, s, b)).view(b, s, self.n_heads, -1)
         n = self.compressor.update(ops, x, lc.index_comp, lc.index_keys, 0, p0, rope)
         w = self._weights(ops, x)
         visible = self._visible(positions).unsqueeze(0).expand(b, s).contiguous()

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .config import SWA, ModelConfig
+from .functional import _NATIVE_DTYPES, _bits, _native
 
 __all__ = ["RopeTable", "rope_tables", "apply_rope"]
 
@@ -38,9 +39,23 @@ class RopeTable:
         self.rope_dim = rope_dim
         self.cos = torch.cos(angles).to(device)
         self.sin = torch.sin(angles).to(device)
+        self._span_key: tuple[int, int, int] | None = None
+        self._span: tuple[Tensor, Tensor] = (self.cos[:0], self.sin[:0])
 
     def at(self, positions: Tensor | slice) -> tuple[Tensor, Tensor]:
         return self.cos[positions], self.sin[positions]
+
+    def span(self, p0: int, s: int, batch: int) -> tuple[Tensor, Tensor]:
+        """``at(positions.repeat(batch))`` for positions ``p0 .. p0+s-1``: the rows of a lockstep step, taken
+        once per step and shared by its layers (the last step's rows are kept; callers never write them)."""
+        key = (p0, s, batch)
+        if self._span_key != key:
+            if p0 < 0 or p0 + s > self.cos.shape[0]:
+                raise IndexError(f"RoPE table: positions {p0}..{p0 + s - 1} beyond its {self.cos.shape[0]} rows")
+            cos, sin = self.cos[p0:p0 + s], self.sin[p0:p0 + s]
+            self._span = (cos, sin) if batch == 1 else (cos.repeat(batch, 1), sin.repeat(batch, 1))
+            self._span_key = key
+        return self._span
 
 
 def rope_tables(cfg: ModelConfig, device: str | torch.device, max_seq_len: int | None = None) -> dict[str, RopeTable]:
@@ -54,7 +69,15 @@ def rope_tables(cfg: ModelConfig, device: str | torch.device, max_seq_len: int |
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
     """Rotate the trailing ``2 * cos.shape[-1]`` dims of x by interleaved pairs; ``cos``/``sin`` broadcast
     against ``x[..., :rd/2]`` (e.g. ``[S, 1, rd/2]`` for ``x [B, S, H, D]``). ``inverse`` rotates by the
-    negative angle (the output de-rotation). Float32 math, x's dtype out, a new tensor."""
+    negative angle (the output de-rotation). Float32 math, x's dtype out, a new tensor. On the CPU, where each
+    cos row serves consecutive rows of x, one native call (``_C.rope_rows``) gives the same bits."""
+    rep = _native_rep(x, cos, sin)
+    if rep:
+        d = x.shape[-1]
+        out = torch.empty(x.shape, dtype=x.dtype)
+        _native("rope_rows")(_bits(x.contiguous().view(-1, d)), cos.contiguous().view(-1, cos.shape[-1]).numpy(),
+                             sin.contiguous().view(-1, sin.shape[-1]).numpy(), _bits(out.view(-1, d)), rep, inverse)
+        return out
     rd = 2 * cos.shape[-1]
     xr = x[..., -rd:].float().unflatten(-1, (-1, 2))
     x0, x1 = xr[..., 0], xr[..., 1]
@@ -62,3 +85,25 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Te
         sin = -sin
     y = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).to(x.dtype)
     return torch.cat([x[..., :-rd], y], dim=-1)
+
+
+def _native_rep(x: Tensor, cos: Tensor, sin: Tensor) -> int:
+    """x rows per cos row when ``_C.rope_rows`` can serve the call (CPU, float32 / bf16 x, float32 tables,
+    each cos row broadcast over consecutive rows of x), else 0."""
+    if (x.device.type != "cpu" or x.dtype not in _NATIVE_DTYPES or cos.dtype != torch.float32
+            or sin.dtype != torch.float32 or cos.device.type != "cpu" or sin.shape != cos.shape
+            or x.dim() < 1 or 2 * cos.shape[-1] > x.shape[-1] or _native("rope_rows") is None):
+        return 0
+    lead, cl = x.shape[:-1], cos.shape[:-1]
+    if len(cl) > len(lead):
+        return 0
+    cl = (1,) * (len(lead) - len(cl)) + tuple(cl)
+    k = len(cl)
+    while k and cl[k - 1] == 1:
+        k -= 1
+    if tuple(cl[:k]) != tuple(lead[:k]):
+        return 0
+    rep = 1
+    for n in lead[k:]:
+        rep *= n
+    return rep if x.numel() else 0
