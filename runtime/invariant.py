@@ -144,5 +144,11 @@ def pointwise(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     flat = x.contiguous().view(-1)
     n = flat.numel()
     if n % _PAD:
-        flat = torch.cat([flat, flat.new_zeros(_PAD - n % _PAD)])
+        flat = torch.cat([flat, _zeros(flat.dtype, flat.device)[:_PAD - n % _PAD]])
     return fn(flat)[:n].view(x.shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """_PAD zeros of one dtype and device, the padding :func:`pointwise` concatenates (never written)."""
+    return torch.zeros(_PAD, dtype=dtype, device=device)

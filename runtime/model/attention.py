@@ -31,7 +31,7 @@ from .ragged import RaggedLayer, pool_rows
 from .rope import RopeTable, apply_rope
 from .weights import Loader
 
-__all__ = ["Attention", "window_indices", "declare_window"]
+__all__ = ["Attention", "window_indices", "decode_window", "declare_window"]
 
 
 def window_indices(positions: Tensor, p0: int, window: int, decode: bool) -> Tensor:
@@ -41,6 +41,23 @@ def window_indices(positions: Tensor, p0: int, window: int, decode: bool) -> Ten
     ring = torch.remainder(q, window)
     idx = ring if decode else torch.where(q < p0, ring, window + q - p0)
     return torch.where(q < 0, torch.full_like(q, -1), idx).to(torch.int32)
+
+
+_DECODE_WINDOWS: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
+
+
+def decode_window(p0: int, window: int, device: torch.device) -> Tensor:
+    """``window_indices(arange(p0, p0 + 1), p0, window, decode=True)`` ([1, W] int32) as a slice of two tables
+    kept per window and device (``[-1] * (W - 1) + [0 .. W-1]`` and ``[0 .. W-1] * 2``) instead of ~8 torch
+    steps per layer of a decode step. A read-only view: callers copy it (``torch.cat``) before any write."""
+    key = (window, torch.device(device))
+    tables = _DECODE_WINDOWS.get(key)
+    if tables is None:
+        ramp = torch.arange(window, dtype=torch.int32, device=device)
+        tables = _DECODE_WINDOWS[key] = (torch.cat([torch.full((window - 1,), -1, dtype=torch.int32, device=device),
+                                                    ramp]), torch.cat([ramp, ramp]))
+    start, table = (p0, tables[0]) if p0 < window - 1 else ((p0 + 1) % window, tables[1])
+    return table[start:start + window].unsqueeze(0)
 
 
 def declare_window(idx: Tensor, p0: int, s: int, window: int) -> Tensor:
@@ -123,9 +140,14 @@ class Attention:
         decode = s == 1
         positions = torch.arange(p0, p0 + s, device=q.device)
         offset = w if decode else w + s
-        idx = [window_indices(positions, p0, w, decode).unsqueeze(0).expand(b, s, w)]
+        win = decode_window(p0, w, q.device) if decode else window_indices(positions, p0, w, decode)
+        idx = [win.unsqueeze(0).expand(b, s, w)]
         if top is not None:
             idx.append(torch.where(top >= 0, top + offset, top))
+        elif self.kind == HCA and n_comp and decode:   # entries t < (p0 + 1) // ratio visible
+            comp = torch.arange(offset, offset + n_comp, dtype=torch.int32, device=q.device)
+            comp[(p0 + 1) // self.ratio:] = -1
+            idx.append(comp.expand(b, s, n_comp))
         elif self.kind == HCA and n_comp:
             t = torch.arange(n_comp, device=q.device)
             visible = torch.div(positions + 1, self.ratio, rounding_mode="floor")

@@ -62,6 +62,10 @@ class Compressor:
         r, c, s = self.ratio, self.channels, kvg.shape[1]
         kv, gate = kvg[..., :c], kvg[..., c:]
         r0 = p0 % r
+        if r0 + s < r:      # no block completes (most decode steps): the rows only join the state
+            st.kv[:, r0:r0 + s] = kv
+            st.gate[:, r0:r0 + s] = gate
+            return (p0 + s) // r
         if r0:
             kv = torch.cat([st.kv[:, :r0], kv], dim=1)
             gate = torch.cat([st.gate[:, :r0], gate], dim=1)

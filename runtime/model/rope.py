@@ -90,18 +90,20 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Te
 def _native_rep(x: Tensor, cos: Tensor, sin: Tensor) -> int:
     """x rows per cos row when ``_C.rope_rows`` can serve the call (CPU, float32 / bf16 x, float32 tables,
     each cos row broadcast over consecutive rows of x), else 0."""
-    if (x.device.type != "cpu" or x.dtype not in _NATIVE_DTYPES or cos.dtype != torch.float32
-            or sin.dtype != torch.float32 or cos.device.type != "cpu" or sin.shape != cos.shape
-            or x.dim() < 1 or 2 * cos.shape[-1] > x.shape[-1] or _native("rope_rows") is None):
+    xs, cs = x.shape, cos.shape
+    if (x.dtype not in _NATIVE_DTYPES or cos.dtype != torch.float32 or sin.dtype != torch.float32
+            or sin.shape != cs or x.device.type != "cpu" or cos.device.type != "cpu" or not xs
+            or 2 * cs[-1] > xs[-1] or _native("rope_rows") is None):
         return 0
-    lead, cl = x.shape[:-1], cos.shape[:-1]
-    if len(cl) > len(lead):
+    lead, cl = xs[:-1], cs[:-1]
+    k = len(lead) - len(cl)
+    if k < 0:
         return 0
-    cl = (1,) * (len(lead) - len(cl)) + tuple(cl)
+    cl = (1,) * k + cl
     k = len(cl)
     while k and cl[k - 1] == 1:
         k -= 1
-    if tuple(cl[:k]) != tuple(lead[:k]):
+    if cl[:k] != lead[:k]:
         return 0
     rep = 1
     for n in lead[k:]:

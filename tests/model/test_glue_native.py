@@ -122,3 +122,13 @@ def test_grouped_linear_is_linear_per_group(dtype: torch.dtype, t: int, on: bool
     assert got.shape == (t, 160) and torch.equal(got, want)
     with pytest.raises(ValueError, match="grouped_linear"):
         invariant.grouped_linear(x, w[:3])
+
+
+@pytest.mark.parametrize("window", [1, 4, 7])
+def test_decode_window_is_window_indices(window: int) -> None:
+    from dsv4rt.model.attention import decode_window, window_indices
+
+    for p0 in range(3 * window + 2):
+        want = window_indices(torch.tensor([p0]), p0, window, decode=True)
+        got = decode_window(p0, window, torch.device("cpu"))
+        assert got.dtype == torch.int32 and torch.equal(got, want), p0
