@@ -12,8 +12,9 @@
 //  * pair p = 4q + i of the 16 columns is one vpmultishiftqb on dword q (byte i's low nibble to the low word,
 //    its high nibble to the high word: a byte holds exactly one pair), one vpermw on a bf16 table of the E2M1
 //    values and one saturating subtract that puts the column's scale into the exponent and keeps zero codes
-//    zero (kTbl below): gemm()'s weight values (-0 as +0, which changes no sum). Then one vdpbf16ps per row of x (its pair
-//    broadcast); 3 vector instructions of decode per 32 weights, shared by the rows;
+//    zero (kScaledTbl, fp4_scaled.h): gemm()'s weight values (-0 as +0, which changes no sum). Then one
+//    vdpbf16ps per row of x (its pair broadcast); 3 vector instructions of decode per 32 weights, shared by
+//    the rows (fp4_packed_avx512.cpp needs 1-2 on weights packed at load);
 //  * up to 3 column groups run side by side, so each row has 3 independent chains in flight.
 // Pairs past K in the last block are skipped: gemm()'s chain adds x * 0 = +0 there, which leaves a float32
 // sum unchanged (the chain starts at +0 and vdpbf16ps never leaves a subnormal in it).
@@ -22,6 +23,7 @@
 #if defined(DSV4RT_X86)
 #include <immintrin.h>
 
+#include "fp4_scaled.h"
 #include "transpose16.h"
 
 namespace dsv4rt {
@@ -36,19 +38,6 @@ constexpr int64_t kKb = 128;      // bf16_gemm.h kKb: the K block of gemm()'s ch
 constexpr int64_t kPairs = kKb / 2;
 constexpr int kGroups = 3;        // 16-column groups per task (48 columns, gemm()'s kNt)
 constexpr int64_t kCols = 16 * kGroups;
-
-// The E2M1 code -> bf16 table of the scaled decode: entry = sign | (magnitude + kBias) for the nonzero codes, 0
-// for +0 and -0. One unsigned saturating subtract of kBias - (e - 127) * 128 then gives the value times
-// 2^(e - 127) for a nonzero code (no borrow: E2M1 x 2^(e - 127) is a normal bf16 for 2 <= e <= 252) and 0
-// for a zero code (it saturates). -0 decodes to +0, where gemm()'s decode keeps -0: x * -0 and x * +0 leave a
-// nonzero chain alike; a chain of zeros ends +0 or -0, and either adds to c (+0 or nonzero) into the same c.
-constexpr uint16_t kBias = 125 * 128;
-constexpr uint16_t enc(uint16_t v) { return v & 0x7FFF ? static_cast<uint16_t>((v & 0x8000) | ((v & 0x7FFF) + kBias)) : 0; }
-alignas(64) const uint16_t kTbl[32] = {
-    enc(0x0000), enc(0x3F00), enc(0x3F80), enc(0x3FC0), enc(0x4000), enc(0x4040), enc(0x4080), enc(0x40C0),
-    enc(0x8000), enc(0xBF00), enc(0xBF80), enc(0xBFC0), enc(0xC000), enc(0xC040), enc(0xC080), enc(0xC0C0),
-    enc(0x0000), enc(0x3F00), enc(0x3F80), enc(0x3FC0), enc(0x4000), enc(0x4040), enc(0x4080), enc(0x40C0),
-    enc(0x8000), enc(0xBF00), enc(0xBF80), enc(0xBFC0), enc(0xC000), enc(0xC040), enc(0xC080), enc(0xC0C0)};
 
 // vpmultishiftqb control for byte i of each dword: word 0 <- bits 8i.., word 1 <- bits 8i + 4.. (vpermw reads
 // the low 5 bits of a word; the table repeats, so the bit above the nibble does not matter)
@@ -101,24 +90,14 @@ FEW void load_group(const Cols& c, int64_t kb, int64_t kw, Group& g) {
         for (int j = 0; j < 16; ++j) g.t[j] = _mm512_maskz_loadu_epi8(bytes, c.w[j] + off);
     }
     transpose16(g.t);
-    // per 32-block b: scale byte b of each dword to both words, then kBias + 127 * 128 - (e << 7) (blocks past
-    // kw get a value that no pair reads)
-    const __m512i sv = c.sv[kb % 16], top = _mm512_set1_epi16(static_cast<int16_t>(kBias + 127 * 128));
-    for (int b = 0; b < kKb / 32; ++b) {
-        const __m512i sel = _mm512_set1_epi32(static_cast<int>(0x80008000u | static_cast<uint32_t>(b) << 16 |
-                                                                static_cast<uint32_t>(b)));
-        const __m512i lane_base = _mm512_set_epi32(12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0);
-        const __m512i idx = _mm512_add_epi8(sel, _mm512_or_si512(lane_base, _mm512_slli_epi32(lane_base, 16)));
-        const __m512i e = _mm512_shuffle_epi8(sv, idx);
-        g.sub[b] = _mm512_sub_epi16(top, _mm512_slli_epi16(e, 7));
-    }
+    scaled_subs(c.sv[kb % 16], g.sub);   // blocks past kw get a value that no pair reads
 }
 
 // R rows of x (pairs xp[r * pstride + p]) times G groups over the first `pairs` pairs of a block: c[r][g] =
 // fma(chain, 1, c[r][g])
 template <int R, int G>
 FEW void dot(const uint32_t* xp, int64_t pstride, const Group* grp, int64_t pairs, __m512* c) {
-    const __m512i tbl = _mm512_load_si512(kTbl);
+    const __m512i tbl = _mm512_load_si512(kScaledTbl);
     const __m512i ctrl[4] = {pair_ctrl(0), pair_ctrl(1), pair_ctrl(2), pair_ctrl(3)};
     __m512 acc[R][G];
     for (int r = 0; r < R; ++r)

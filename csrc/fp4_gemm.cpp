@@ -239,6 +239,13 @@ void run_invariant(const std::vector<Fp4Expert>& experts, int64_t few_max) {
 }  // namespace
 
 void fp4_gemm_run(const std::vector<Fp4Expert>& experts, int64_t gemv_max_m, bool row_invariant) {
+    if (std::any_of(experts.begin(), experts.end(), [](const Fp4Expert& e) { return e.packed; })) {
+        std::vector<Fp4Expert> packed, rest;
+        for (const Fp4Expert& e : experts) (e.packed ? packed : rest).push_back(e);
+        fp4_gemm_run_packed(packed, gemv_max_m);
+        if (!rest.empty()) fp4_gemm_run(rest, gemv_max_m, row_invariant);
+        return;
+    }
     if (row_invariant) return run_invariant(experts, gemv_max_m);
     const bool avx512 = active_isa() >= Isa::avx512;
     std::vector<const Fp4Expert*> gemv, blocked;

@@ -60,6 +60,11 @@ constexpr int64_t kFewRows = 4;
 bool few_rows_bf16(const void* ctx, const uint16_t* xb, int64_t m, int64_t kblocks, int64_t n, float* y, int64_t ldy);
 // (smallest, largest) scale byte of the expert
 std::pair<int, int> scale_range(const Fp4Expert& ex);
+// The same three for an expert in the packed layout (fp4_packed_avx512.cpp; ex.n % 16 == 0, ex.k % 128 == 0),
+// bit for bit the values and sums of the ones above
+void decode_packed(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint16_t* wd, float* sc);
+bool decode_packed_t(const void* ctx, int64_t n0, int64_t nt, int64_t kb, uint32_t* wt, float* sc);
+bool few_rows_packed(const void* ctx, const uint16_t* xb, int64_t m, int64_t kblocks, int64_t n, float* y, int64_t ldy);
 #endif
 
 }  // namespace fp4

@@ -22,14 +22,16 @@ void bind_glue_quant(py::module_& m);
 void bind_dense_packed(py::module_& m);
 void bind_glue_rope(py::module_& m);
 void bind_glue_mxsim(py::module_& m);
+void bind_glue_bf16_packed(py::module_& m);
 }  // namespace dsv4rt
 
 PYBIND11_MODULE(_C, m) {
     using namespace dsv4rt;
     m.doc() = "dsv4rt native CPU kernels (NumPy buffers in, GIL released while they run)";
-    m.attr("ABI_VERSION") = 6;   // 2: sparse_attention p_round, indexer_topk score_bf16; 3: fp8_gemm;
+    m.attr("ABI_VERSION") = 7;   // 2: sparse_attention p_round, indexer_topk score_bf16; 3: fp8_gemm;
                                  // 4: kv_compress, moe_route; 5: act_quant in the GEMMs, avx512_bf16, peak_gflops;
-                                 // 6: row_invariant in the GEMMs and sparse_attention, dense_gemm
+                                 // 6: row_invariant in the GEMMs and sparse_attention, dense_gemm;
+                                 // 7: the packed MXFP4 layout (fp4_pack, packed= in the FP4 GEMMs)
     m.def("compiled_with", []() {
         py::dict info;
         info["cxx_standard"] = __cplusplus;
@@ -89,4 +91,5 @@ PYBIND11_MODULE(_C, m) {
     bind_dense_packed(m);
     bind_glue_rope(m);
     bind_glue_mxsim(m);
+    bind_glue_bf16_packed(m);
 }

@@ -38,6 +38,9 @@ class Backend:
     device_type: str = ""
     api_version: int = API_VERSION
     description: str = ""
+    prepared_variants: tuple[str, ...] | None = None
+    """The variants :meth:`prepare_weight` prepares for (None: all of them): an explicit choice of another
+    variant of this backend keeps the released weights (``dsv4rt.prepare``)."""
 
     def probe(self) -> Probe:
         raise NotImplementedError(f"backend {self.name!r} does not define probe()")

@@ -1,10 +1,11 @@
 """Handing a model's GEMM weights, once at load, to the backend that will run them (``Backend.prepare_weight``).
 
 A backend whose fast GEMMs need the released weights in another layout (the Ascend fused GEMMs: a BF16 or
-FRACTAL_NZ copy) overrides :meth:`dsv4rt.backend.Backend.prepare_weight`; the model's loader calls
-:func:`weight_preparer` once per op and passes every FP8 / FP4 weight through what it returns. Backends
-that keep the default (cpu, cuda, composite) are never asked: on their devices :func:`weight_preparer`
-returns None without probing anything, and the loader keeps the very tensors it read (no copy, no call).
+FRACTAL_NZ copy; cpu/native: MXFP4 experts permuted in place, backends/cpu/packed.py) overrides
+:meth:`dsv4rt.backend.Backend.prepare_weight`; the model's loader calls :func:`weight_preparer` once per op
+and passes every FP8 / FP4 weight through what it returns. Backends that keep the default (cuda,
+composite) are never asked: on their devices :func:`weight_preparer` returns None without probing
+anything, and the loader keeps the very tensors it read (no copy, no call).
 
 Which backend is asked follows the selection rules (design.md section 4) without a call's tensors: an
 explicit choice for the op active at load (``use_backend`` around the model's construction,
@@ -41,9 +42,11 @@ def preparing_backend(op: str, device_type: str) -> Backend | None:
     backends = REGISTRY.backends()
     explicit = explicit_choice(op, None, context_frames())
     if explicit is not None:
-        name = parse_choice(explicit[0], explicit[1])[0]
+        name, variant = parse_choice(explicit[0], explicit[1])[:2]
         b = backends.get(name)
         ok = b is not None and prepares_weights(b) and REGISTRY.probe(name).available
+        if ok and variant is not None and b.prepared_variants is not None:
+            ok = variant in b.prepared_variants      # e.g. cpu/numpy chosen: cpu/native's layout would only cost
         return b if ok else None
     prefs = _preference()
     for name in (prefs if prefs is not None else list(backends)):

@@ -9,16 +9,19 @@ Tensors arrive as torch CPU tensors and are viewed as NumPy without a copy where
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import logging
+from typing import Any, Iterator
 
 from dsv4rt.backend import Backend, Probe, Registrar
 
 __all__ = ["CpuBackend", "backend", "native_status", "native_isa", "native_isa_cap"]
 
+log = logging.getLogger("dsv4rt")
+
 NATIVE_PRIORITY = 20
 NUMPY_PRIORITY = 10
 COMPOSITE_PRIORITY = 5
-NATIVE_ABI = 6
+NATIVE_ABI = 7
 NATIVE_OPS = ("fp4_gemm", "fp4_grouped_gemm", "fp8_gemm", "indexer_topk", "indexer_scores", "select_candidate_blocks",
               "kv_compress", "sparse_attention", "moe_route", "moe_dispatch", "moe_combine",
               "engram_hash", "engram_lookup")
@@ -67,6 +70,7 @@ class CpuBackend(Backend):
     device_type = "cpu"
     description = ("C++ kernels (dsv4rt._C) for the hot ops and NumPy implementations of every op (float32 "
                    "accumulation), plus the composite torch variants")
+    prepared_variants = ("native",)   # the packed MXFP4 layout is for cpu/native's kernels
 
     def probe(self) -> Probe:
         """Available wherever NumPy imports; reports the NumPy version and whether the native kernels
@@ -84,6 +88,30 @@ class CpuBackend(Backend):
         from dsv4rt.registry import REGISTRY
 
         return {op: (("native",) if op in NATIVE_OPS else ()) + ("numpy", "torch") for op in REGISTRY.specs}
+
+    def prepare_weight(self, op: str, w: Any, w_scale: Any, block_size: int = 128) -> Any:
+        """The model's load-time hook (``dsv4rt.prepare``): an MXFP4 weight (``fp4_gemm``, ``fp4_grouped_gemm``)
+        is packed in place for ``cpu/native``'s kernels and returned as a
+        :class:`~dsv4rt.backends.cpu.packed.PackedMXFP4`, which every other variant reads as the released
+        tensor (``backends/cpu/packed.py``); where it cannot be (another op, the CPU, the shape, the scales,
+        DSV4RT_CPU_PACK_FP4=0) ``w`` itself, the reason logged at debug level."""
+        from .packed import pack_mxfp4, packable
+
+        why = packable(op, w, w_scale)
+        if why is not None:
+            log.debug("dsv4rt: cpu keeps a released %s weight %s: %s", op, tuple(w.shape), why)
+            return w
+        return pack_mxfp4(w)
+
+    def prepare_inputs(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Conformance and bench hand the GEMMs released weights: an MXFP4 weight that
+        :meth:`prepare_weight` would pack is packed (a copy: the caller's tensor is left as it is), so the
+        variants run on what the model runs on."""
+        from .packed import packable
+
+        if op not in ("fp4_gemm", "fp4_grouped_gemm") or packable(op, args["w"], args["w_scale"]) is not None:
+            return args
+        return dict(args, w=self.prepare_weight(op, args["w"].clone(), args["w_scale"]))
 
     def load(self, registrar: Registrar) -> None:
         """Register the ``native`` variants (priority 20) when dsv4rt._C loads, the ``numpy`` variant of all

@@ -20,6 +20,7 @@ from dsv4rt.backend import new_output
 from dsv4rt.ops.indexer import score_dtype_of
 
 from ._np import bits_view, f32
+from .packed import PackedMXFP4, packed_bytes
 from .native_engram import SUPPORTS as _ENGRAM_SUPPORTS
 from .native_engram import engram_hash, engram_lookup  # noqa: F401  (the backend looks ops up here by name)
 
@@ -53,6 +54,13 @@ def _arr(t: torch.Tensor, view: torch.dtype | None = None) -> np.ndarray:
 def _bytes(t: torch.Tensor) -> np.ndarray:
     """A 1-byte tensor (uint8 / int8 / float4_e2m1fn_x2 / float8) as contiguous uint8."""
     return _arr(t, torch.uint8)
+
+
+def _fp4_w(w: torch.Tensor) -> tuple[np.ndarray, dict[str, bool]]:
+    """An MXFP4 weight's bytes and the kernel's ``packed`` keyword (a :class:`PackedMXFP4` as it lies)."""
+    if isinstance(w, PackedMXFP4):
+        return packed_bytes(w), {"packed": True}
+    return _bytes(w), {}
 
 
 def _act(x: torch.Tensor) -> np.ndarray:
@@ -96,8 +104,9 @@ def fp4_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
     batch-invariant mode each row's numerics from that row alone); act_quant per 1 x act_block_size."""
     out, acc = _out((x.shape[0], w.shape[0]), x.dtype)
     inv = invariant.enabled()
-    _C.fp4_gemm(_act(x), _bytes(w), _bytes(w_scale), acc, FEW_MAX_M if inv else GEMV_MAX_M, act_quant == "fp8", inv,
-                **_v41_kw("act_block_size", act_block_size))
+    wb, packed = _fp4_w(w)
+    _C.fp4_gemm(_act(x), wb, _bytes(w_scale), acc, FEW_MAX_M if inv else GEMV_MAX_M, act_quant == "fp8", inv,
+                **_v41_kw("act_block_size", act_block_size), **packed)
     return _finish(out, acc)
 
 
@@ -107,8 +116,9 @@ def fp4_grouped_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, of
     batch-invariant mode a row's numerics never depend on how many rows its expert gets)."""
     out, acc = _out((x.shape[0], w.shape[1]), x.dtype)
     inv = invariant.enabled()
-    _C.fp4_grouped_gemm(_act(x), _bytes(w), _bytes(w_scale), _arr(offsets), acc, FEW_MAX_M if inv else GEMV_MAX_M,
-                        act_quant == "fp8", inv, **_v41_kw("act_block_size", act_block_size))
+    wb, packed = _fp4_w(w)
+    _C.fp4_grouped_gemm(_act(x), wb, _bytes(w_scale), _arr(offsets), acc, FEW_MAX_M if inv else GEMV_MAX_M,
+                        act_quant == "fp8", inv, **_v41_kw("act_block_size", act_block_size), **packed)
     return _finish(out, acc)
 
 

@@ -1,8 +1,8 @@
 """The model hands its GEMM weights (``Backend.prepare_weight``, via ``dsv4rt.prepare``) and its attention
 windows (``dsv4rt.ops.attention.WindowedIndex``) to the backends, backend-neutrally.
 
-On CPU nothing changes: no backend there prepares weights, so the loader makes no call and keeps the tensors
-it read, and the window declaration leaves every result bit-identical. With the recording torch_npu
+On CPU the cpu backend packs MXFP4 experts in place for cpu/native (where its kernels run; other weights
+stay the tensors read), and the window declaration leaves every result bit-identical. With the recording torch_npu
 stand-in (``backends/ascend/fake_torch_npu.py``) and the Ascend backend registered for CPU tensors, a tiny
 model run selects the ``ascend/fused`` GEMMs and attention instead of the composite fallback. That is a
 WIRING check: nothing here ran on an NPU.
@@ -84,23 +84,49 @@ class _Recording(Backend):
         return w
 
 
-def test_cpu_backends_keep_the_released_weights(fresh_registry):
-    assert all(preparing_backend(op, "cpu") is None and weight_preparer(op, "cpu") is None for op in GEMMS)
+def test_on_cpu_only_the_cpu_backend_prepares_and_only_mxfp4(fresh_registry):
+    cpu = REGISTRY.backends()["cpu"]
+    assert all(preparing_backend(op, "cpu") is cpu for op in GEMMS)
     w, s = torch.zeros(4, 8, dtype=torch.uint8), torch.zeros(4, 1, dtype=torch.uint8)
+    assert cpu.prepare_weight("fp8_gemm", w, s) is w
+    assert cpu.prepare_weight("fp4_gemm", w, s) is w                  # N % 16 != 0: cannot be packed
     for name, b in REGISTRY.backends().items():
-        if b.device_type in ("cpu", "cuda"):
+        if b.device_type == "cuda":
             assert b.prepare_weight("fp4_gemm", w, s) is w, name
+    with dsv4rt.use_backend("cpu/numpy"):                               # the layout is for cpu/native only
+        assert preparing_backend("fp4_grouped_gemm", "cpu") is None
 
 
-def test_cpu_model_load_makes_no_hook_call(fresh_registry, tiny_ckpt, monkeypatch):
-    def refuse(self, op, w, w_scale, block_size=128):
-        raise AssertionError(f"{self.name}.prepare_weight called on CPU for {op}")
+def test_cpu_model_load_packs_only_the_mxfp4_experts(fresh_registry, tiny_ckpt):
+    from dsv4rt.backends.cpu.packed import PackedMXFP4
 
-    monkeypatch.setattr(Backend, "prepare_weight", refuse)   # the default itself: a call would raise
+    try:
+        from dsv4rt import _C
+        fast = _C.fp4_packed_fast()
+    except ImportError:
+        fast = False
     model = Transformer(tiny_ckpt.cfg, tiny_ckpt)
     weights = _gemm_weights(model)
     assert {op for op, _, _ in weights} == {"fp8_gemm", "fp4_grouped_gemm"}
-    assert all(type(w) is torch.Tensor for _, w, _ in weights)
+    assert all(type(w) is torch.Tensor for op, w, _ in weights if op == "fp8_gemm")
+    want = PackedMXFP4 if fast else torch.Tensor
+    assert all(type(w) is want for op, w, _ in weights if op == "fp4_grouped_gemm")
+
+
+def test_packed_experts_leave_cpu_results_bit_identical(fresh_registry, tiny_ckpt, monkeypatch):
+    toks = _toks(12)
+
+    def run():
+        model = Transformer(tiny_ckpt.cfg, tiny_ckpt)
+        cache = model.new_cache(2, 64)
+        out = [model.forward(toks[:, :8], cache)]
+        out += [model.forward(toks[:, i:i + 1], cache) for i in range(8, 12)]
+        return torch.stack(out)
+
+    packed = run()
+    monkeypatch.setenv("DSV4RT_CPU_PACK_FP4", "0")
+    env.refresh()
+    assert torch.equal(packed, run())
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-v41"])
@@ -123,14 +149,15 @@ def test_hook_sees_every_gemm_weight_once_and_its_result_is_used(fresh_registry,
 def test_the_asked_backend_follows_the_selection_rules(fresh_registry):
     rec = _Recording()
     REGISTRY.add_backend(rec)
-    assert preparing_backend("fp8_gemm", "cpu") is rec                  # automatic: the device's preparer
+    cpu = REGISTRY.backends()["cpu"]
+    assert preparing_backend("fp8_gemm", "cpu") is cpu                  # automatic: the device's first preparer
     assert preparing_backend("fp8_gemm", "cuda") is None                # the cuda backends keep the default
-    with dsv4rt.use_backend("cpu"):                                     # explicit: cpu keeps the default
-        assert preparing_backend("fp8_gemm", "cpu") is None
-    with dsv4rt.use_backend({"fp4_grouped_gemm": "cpu/numpy"}):         # per op
-        assert preparing_backend("fp4_grouped_gemm", "cpu") is None
+    with dsv4rt.use_backend("prep_recorder"):                           # explicit
         assert preparing_backend("fp8_gemm", "cpu") is rec
-    for order, expect in (("cpu,prep_recorder", None), ("prep_recorder,cpu", rec)):
+    with dsv4rt.use_backend({"fp4_grouped_gemm": "cpu/numpy", "fp8_gemm": "prep_recorder"}):   # per op
+        assert preparing_backend("fp4_grouped_gemm", "cpu") is None     # a variant cpu does not prepare for
+        assert preparing_backend("fp8_gemm", "cpu") is rec
+    for order, expect in (("cpu,prep_recorder", cpu), ("prep_recorder,cpu", rec)):
         fresh_registry.setenv("DSV4RT_BACKEND", order)
         dsv4rt.refresh()
         assert preparing_backend("fp8_gemm", "cpu") is expect, order
