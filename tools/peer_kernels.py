@@ -3,7 +3,8 @@
 ``python tools/peer_kernels.py --ggml BIN --threads 2 --rounds 3 --reps 20 [--cold-mb 96] [--ms 1,8,64,512]``
 
 Rows: FP4 (ggml MXFP4 in the layout llama.cpp's CPU backend gives it, f32 activations quantised to Q8_0
-inside the call, vs ``dsv4rt._C.fp4_gemm`` on packed E2M1 + E8M0 with the model's activation path: bf16
+inside the call, vs ``dsv4rt._C.fp4_gemm`` on E2M1 + E8M0 as the model loads them (permuted in place into the CPU kernels' packed
+layout where the CPU backend does that, backends/cpu/packed.py) with the model's activation path: bf16
 activations, act_quant fp8 per 1 x 128 inside the call, bf16 output) and FP8 vs Q8_0 (ggml Q8_0 vs
 ``dsv4rt._C.fp8_gemm``, E4M3 with 128 x 128 E8M0 scales, act_quant fp8), each on the shapes N x K 4096 x 4096,
 2048 x 4096, 4096 x 2048; columns M rows of activations. dsv4rt runs in its default batch-invariant mode
@@ -65,6 +66,12 @@ class Dsv4rt:
         self.wf = rng.standard_normal((n, k), dtype=np.float32)
         if kind == "mxfp4":
             self.w, self.s = formats.quant_mxfp4(self.wf)
+            # as the model loads them: packed in place for the native kernels where the CPU backend would pack
+            from dsv4rt import _C, env
+            self.packed = bool(_C.fp4_packed_fast() and _C.fp4_packable(n, k) and env.get("DSV4RT_CPU_PACK_FP4") != "0")
+            if self.packed:
+                self.w = np.ascontiguousarray(self.w)
+                _C.fp4_pack(self.w.reshape(-1), k)
         else:
             self.w, self.s = formats.quant_fp8_block(self.wf, 128)
         self.kind, self.n, self.k, self.rng = kind, n, k, rng
@@ -81,7 +88,7 @@ class Dsv4rt:
         out = np.empty((m, self.n), np.int16)
         if self.kind == "mxfp4":
             gemv = native.FEW_MAX_M if invariant else native.GEMV_MAX_M
-            call = lambda: _C.fp4_gemm(xb, self.w, self.s, out, gemv, True, invariant)  # noqa: E731
+            call = lambda: _C.fp4_gemm(xb, self.w, self.s, out, gemv, True, invariant, packed=self.packed)  # noqa: E731
         else:
             gemv = native.FEW_MAX_M if invariant else native.FP8_GEMV_MAX_M
             call = lambda: _C.fp8_gemm(xb, self.w, self.s, out, True, gemv, invariant)  # noqa: E731
@@ -135,6 +142,9 @@ def main() -> None:
     print(f"versions  llama.cpp {a.llama_cpp}, dsv4rt {git}, torch {torch.__version__}; "
           f"DSV4RT_BATCH_INVARIANT default mode: {'on' if invariant.enabled() else 'off'}")
     print(f"threads {a.threads}, {a.rounds} interleaved rounds, warm-up {a.warmup}, median of {a.reps} calls")
+    from dsv4rt import env
+    packs = bool(getattr(_C, "fp4_packed_fast", lambda: False)()) and env.get("DSV4RT_CPU_PACK_FP4") != "0"
+    print(f"dsv4rt FP4 weights: {'packed in place as the model loads them' if packs else 'the released layout'}")
     print(f"load      {_uptime()} (before)")
     # ratio[(kind label, mode, M, 0 median / 1 min)] -> list over shapes and rounds
     ratio: dict[tuple[str, bool, object, int], list[float]] = {}
