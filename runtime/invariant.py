@@ -33,7 +33,7 @@ from torch import Tensor
 
 from . import env
 
-__all__ = ["enabled", "mode", "active", "linear", "grouped_linear", "rowwise_mm", "pointwise"]
+__all__ = ["enabled", "mode", "active", "linear", "grouped_linear", "pack_grouped", "rowwise_mm", "pointwise"]
 
 _MODE: ContextVar[bool | None] = ContextVar("dsv4rt_batch_invariant", default=None)
 _PAD = 64   # torch's vectorised loops take 2 vectors per step: 64 bf16 / 32 float32 elements on AVX-512
@@ -95,12 +95,34 @@ def linear(x: Tensor, w: Tensor) -> Tensor:
 _DENSE_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def grouped_linear(x: Tensor, w: Tensor) -> Tensor:
+@functools.lru_cache(maxsize=None)
+def _kernel(name: str) -> Callable[..., object] | None:
+    """``dsv4rt._C.<name>``, or None when the extension is not built (or older than the kernel)."""
+    try:
+        from . import _C
+    except ImportError:
+        return None
+    return getattr(_C, name, None)
+
+
+def pack_grouped(w: Tensor) -> tuple:
+    """The per-group ``_C.dense_bf16_pack`` layouts of a bf16 CPU weight w [G, R, K] that
+    :func:`grouped_linear` streams in address order (same bits as ``dense_gemm``); () where they do not
+    apply (another dtype or device, no such kernel). A copy of w: the caller keeps it with w."""
+    pack = _kernel("dense_bf16_pack")
+    if pack is None or w.device.type != "cpu" or w.dtype != torch.bfloat16 or w.dim() != 3:
+        return ()
+    wa = _np(w)
+    return tuple(pack(wa[i]) for i in range(w.shape[0]))
+
+
+def grouped_linear(x: Tensor, w: Tensor, packed: tuple = ()) -> Tensor:
     """``z [T, G * R]`` with ``z[:, g*R:(g+1)*R] = linear(x[:, g], w[g])`` for x [T, G, K] and w [G, R, K] of
     one dtype (the grouped low-rank output projection): :func:`linear` group by group, the same bits, with
     the per-call checks and array views done once for all groups (one native call per group, written into
     one buffer). Only for the mode on the CPU; elsewhere (and without the native kernel) the groups go
-    through :func:`linear` and are stacked."""
+    through :func:`linear` and are stacked. ``packed``: :func:`pack_grouped` of w (bf16), read in address order
+    with the same bits where the CPU has AVX512-BF16 (``_C.dense_bf16_packed`` declines elsewhere)."""
     if x.dim() != 3 or w.dim() != 3 or x.shape[1] != w.shape[0] or x.shape[2] != w.shape[2] or x.dtype != w.dtype:
         raise ValueError(f"invariant.grouped_linear: expected x [T, G, K] and w [G, R, K] of one dtype, got x "
                          f"{tuple(x.shape)} {x.dtype} and w {tuple(w.shape)} {w.dtype}")
@@ -110,9 +132,12 @@ def grouped_linear(x: Tensor, w: Tensor) -> Tensor:
         return torch.stack([linear(x[:, i], w[i]) for i in range(g)], dim=1).reshape(t, -1)
     z = torch.empty((g, t, w.shape[1]), dtype=x.dtype)
     xa, wa, za = _np(x), _np(w), _np(z)
+    fast = _kernel("dense_bf16_packed") if len(packed) == g and x.dtype == torch.bfloat16 else None
+    n = w.shape[1]
     for i in range(g):
-        xi = xa[:, i]
-        dense(xi if t == 1 else np.ascontiguousarray(xi), wa[i], za[i])
+        xi = xa[:, i] if t == 1 else np.ascontiguousarray(xa[:, i])
+        if fast is None or not fast(xi, packed[i], n, za[i]):
+            dense(xi, wa[i], za[i])
     return z.transpose(0, 1).reshape(t, -1)
 
 

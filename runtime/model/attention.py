@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..invariant import active, grouped_linear
+from ..invariant import active, grouped_linear, pack_grouped
 from ..ops.attention import WindowedIndex
 from .cache import LayerCache
 from .compressor import Compressor
@@ -210,8 +210,11 @@ class Attention:
         t = o.shape[0]
         o = apply_rope(o, cos[:, None], sin[:, None], inverse=True).view(t, self.groups, -1)
         if active(o):   # batch-invariant: one fixed-order GEMM per group instead of torch's batched GEMM
+            packed = getattr(self, "_wo_a_packed", None)
+            if packed is None:      # built on the first batch-invariant call (a copy of wo_a, read in order)
+                packed = self._wo_a_packed = pack_grouped(self.wo_a)
             with all_cores():
-                z = grouped_linear(o, self.wo_a)
+                z = grouped_linear(o, self.wo_a, packed)
         else:
             z = torch.einsum("tgd,grd->tgr", o, self.wo_a).reshape(t, -1)
         if self.par is None:

@@ -132,3 +132,28 @@ def test_decode_window_is_window_indices(window: int) -> None:
         want = window_indices(torch.tensor([p0]), p0, window, decode=True)
         got = decode_window(p0, window, torch.device("cpu"))
         assert got.dtype == torch.int32 and torch.equal(got, want), p0
+
+
+@pytest.mark.parametrize("t", [1, 2, 5])
+@pytest.mark.parametrize("k,r", [(96, 40), (256, 64), (77, 13)])
+def test_grouped_linear_on_packed_weights_has_dense_gemms_bits(t: int, k: int, r: int) -> None:
+    g = torch.Generator().manual_seed(k + r + t)
+    x = (torch.randn(t, 3, k, generator=g) * torch.exp(torch.randn(t, 3, 1, generator=g) * 3)).to(torch.bfloat16)
+    w = torch.randn(3, r, k, generator=g).to(torch.bfloat16)
+    packed = invariant.pack_grouped(w)
+    assert len(packed) == 3
+    with invariant.mode(True):
+        got = invariant.grouped_linear(x, w, packed)
+        want = torch.stack([invariant.linear(x[:, i], w[i]) for i in range(3)], dim=1).reshape(t, -1)
+    assert torch.equal(got, want)
+    assert invariant.pack_grouped(w.float()) == ()
+
+
+def test_dense_bf16_packed_checks_its_arguments() -> None:
+    w = np.zeros((10, 40), np.int16)
+    p = _C.dense_bf16_pack(w)
+    assert p.shape == (2, 2, 8, 32)
+    with pytest.raises(ValueError, match=r"dense_bf16_packed.*w_packed"):
+        _C.dense_bf16_packed(np.zeros((1, 70), np.int16), p, 10, np.zeros((1, 10), np.int16))
+    with pytest.raises(ValueError, match=r"dense_bf16_packed.*out"):
+        _C.dense_bf16_packed(np.zeros((1, 40), np.int16), p, 10, np.zeros((1, 9), np.int16))
