@@ -23,6 +23,7 @@ void bind_dense_packed(py::module_& m);
 void bind_glue_rope(py::module_& m);
 void bind_glue_mxsim(py::module_& m);
 void bind_glue_bf16_packed(py::module_& m);
+void bind_dense_fp8_packed(py::module_& m);
 }  // namespace dsv4rt
 
 PYBIND11_MODULE(_C, m) {
@@ -92,4 +93,5 @@ PYBIND11_MODULE(_C, m) {
     bind_glue_rope(m);
     bind_glue_mxsim(m);
     bind_glue_bf16_packed(m);
+    bind_dense_fp8_packed(m);
 }
