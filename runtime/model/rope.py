@@ -39,23 +39,24 @@ class RopeTable:
         self.rope_dim = rope_dim
         self.cos = torch.cos(angles).to(device)
         self.sin = torch.sin(angles).to(device)
-        self._span_key: tuple[int, int, int] | None = None
-        self._span: tuple[Tensor, Tensor] = (self.cos[:0], self.sin[:0])
+        self._span: tuple = (None, None, None)     # (key, cos, sin) of the last span()
 
     def at(self, positions: Tensor | slice) -> tuple[Tensor, Tensor]:
         return self.cos[positions], self.sin[positions]
 
     def span(self, p0: int, s: int, batch: int) -> tuple[Tensor, Tensor]:
         """``at(positions.repeat(batch))`` for positions ``p0 .. p0+s-1``: the rows of a lockstep step, taken
-        once per step and shared by its layers (the last step's rows are kept; callers never write them)."""
-        key = (p0, s, batch)
-        if self._span_key != key:
+        once per step and shared by its layers (the last step's rows are kept, as one tuple swapped whole;
+        callers never write them)."""
+        memo = self._span
+        if memo[0] != (p0, s, batch):
             if p0 < 0 or p0 + s > self.cos.shape[0]:
                 raise IndexError(f"RoPE table: positions {p0}..{p0 + s - 1} beyond its {self.cos.shape[0]} rows")
             cos, sin = self.cos[p0:p0 + s], self.sin[p0:p0 + s]
-            self._span = (cos, sin) if batch == 1 else (cos.repeat(batch, 1), sin.repeat(batch, 1))
-            self._span_key = key
-        return self._span
+            if batch != 1:
+                cos, sin = cos.repeat(batch, 1), sin.repeat(batch, 1)
+            memo = self._span = ((p0, s, batch), cos, sin)
+        return memo[1], memo[2]
 
 
 def rope_tables(cfg: ModelConfig, device: str | torch.device, max_seq_len: int | None = None) -> dict[str, RopeTable]:
