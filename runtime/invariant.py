@@ -34,7 +34,7 @@ from torch import Tensor
 
 from . import env
 
-__all__ = ["enabled", "mode", "active", "linear", "grouped_linear", "pack_grouped", "rowwise_mm", "pointwise"]
+__all__ = ["enabled", "mode", "active", "linear", "grouped_linear", "pack_dense", "pack_grouped", "rowwise_mm", "pointwise"]
 
 _MODE: ContextVar[bool | None] = ContextVar("dsv4rt_batch_invariant", default=None)
 _PAD = 64   # torch's vectorised loops take 2 vectors per step: 64 bf16 / 32 float32 elements on AVX-512
@@ -71,11 +71,12 @@ def _native() -> Callable[..., None] | None:
     return getattr(_C, "dense_gemm", None)
 
 
-def linear(x: Tensor, w: Tensor) -> Tensor:
+def linear(x: Tensor, w: Tensor, packed: object = None) -> Tensor:
     """``x @ w.T`` for x [..., K] and w [N, K] of one dtype: float32 accumulation, x's dtype out.
 
     In the mode on the CPU every output is summed in one fixed order whatever the number of rows (the
-    native ``dense_gemm`` for float32 / bf16, else :func:`rowwise_mm`); otherwise torch's matmul."""
+    native ``dense_gemm`` for float32 / bf16, else :func:`rowwise_mm`); otherwise torch's matmul. ``packed``
+    (:func:`pack_dense` of w) lets a float32 x read w's bf16 values in address order, with the same bits."""
     if x.dtype != w.dtype:
         raise TypeError(f"invariant.linear: x is {x.dtype} but w is {w.dtype}; expected one dtype")
     if x.shape[-1] != w.shape[-1] or w.dim() != 2:
@@ -89,7 +90,11 @@ def linear(x: Tensor, w: Tensor) -> Tensor:
         y = rowwise_mm(x2, w)
     else:
         y = torch.empty((x2.shape[0], w.shape[0]), dtype=x.dtype)
-        dense(_np(x2), _np(w), _np(y))
+        streamed = _kernel("dense_gemm_packed") if packed is not None and x.dtype == torch.float32 else None
+        if streamed is not None:
+            streamed(_np(x2), packed, w.shape[0], _np(y))
+        else:
+            dense(_np(x2), _np(w), _np(y))
     return y if x.dim() == 2 else y.view(*x.shape[:-1], w.shape[0])
 
 
@@ -104,6 +109,20 @@ def _kernel(name: str) -> Callable[..., object] | None:
     except ImportError:
         return None
     return getattr(_C, name, None)
+
+
+def pack_dense(w: Tensor) -> object:
+    """``_C.dense_pack`` of a CPU weight w [N, K] whose values are all bf16 (bf16, or float32 holding bf16
+    values: the checkpoint's bf16 weights widened at load): :func:`linear`'s ``packed``, half the bytes of a
+    float32 w, read in address order; ``dense_gemm_packed`` gives ``dense_gemm``'s bits for float32 x (bf16
+    weights are widened exactly). None where that does not apply. A copy: the caller keeps it with w."""
+    pack = _kernel("dense_pack")
+    if pack is None or w.device.type != "cpu" or w.dim() != 2 or w.dtype not in _DENSE_DTYPES:
+        return None
+    wb = w.to(torch.bfloat16)
+    if w.dtype == torch.float32 and not torch.equal(wb.float(), w):
+        return None
+    return pack(_np(wb))
 
 
 def pack_grouped(w: Tensor) -> tuple:

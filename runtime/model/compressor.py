@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..invariant import linear
+from ..invariant import active, linear, pack_dense
 from .cache import CompressorState
+from .cores import all_cores
 from .functional import fp4_sim, fp8_sim_nope, hadamard, rms_norm
 from .opcall import OpCaller
 from .ragged import RaggedLayer
@@ -45,8 +46,20 @@ class Compressor:
         return self.update_kvg(ops, self.project(x.reshape(b * s, -1)).view(b, s, -1), st, out, out_offset, p0, rope)
 
     def project(self, x: Tensor) -> Tensor:
-        """Rows ``x [T, dim]`` -> fp32 ``[wkv(x) | wgate(x)]`` [T, 2C] (one matmul for a whole step)."""
-        return linear(x.float(), self.w_kvg)
+        """Rows ``x [T, dim]`` -> fp32 ``[wkv(x) | wgate(x)]`` [T, 2C] (one matmul for a whole step). In the
+        batch-invariant mode on the CPU the weight's bf16 values are read packed (built on the first call; the
+        same bits, half the bytes of the fp32 copy) on every core."""
+        xf = x.float()
+        if not active(xf):
+            return linear(xf, self.w_kvg)
+        packed = getattr(self, "_packed", None)
+        if packed is None:
+            made = pack_dense(self.w_kvg)
+            packed = self._packed = False if made is None else made
+        if packed is False:
+            return linear(xf, self.w_kvg)
+        with all_cores():       # a native kernel: its sums never depend on the threads
+            return linear(xf, self.w_kvg, packed)
 
     def update_ragged(self, ops: OpCaller, x: Tensor, rb: RaggedLayer, states: list[CompressorState],
                       outs: list[Tensor], out_offset: int, rope: RopeTable) -> list[int]:

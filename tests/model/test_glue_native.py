@@ -157,3 +157,16 @@ def test_dense_bf16_packed_checks_its_arguments() -> None:
         _C.dense_bf16_packed(np.zeros((1, 70), np.int16), p, 10, np.zeros((1, 10), np.int16))
     with pytest.raises(ValueError, match=r"dense_bf16_packed.*out"):
         _C.dense_bf16_packed(np.zeros((1, 40), np.int16), p, 10, np.zeros((1, 9), np.int16))
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_linear_on_a_packed_bf16_valued_weight_has_dense_gemms_bits(t: int) -> None:
+    g = torch.Generator().manual_seed(40 + t)
+    x = torch.randn(t, 200, generator=g) * 3
+    w = torch.randn(70, 200, generator=g).to(torch.bfloat16).float()     # float32 holding bf16 values
+    packed = invariant.pack_dense(w)
+    assert packed is not None
+    with invariant.mode(True):
+        assert torch.equal(invariant.linear(x, w, packed), invariant.linear(x, w))
+    w[3, 5] += 1e-3                                                      # no longer bf16 values: not packed
+    assert invariant.pack_dense(w) is None
