@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..invariant import active, linear, pack_dense
 from .cache import CompressorState
-from .cores import all_cores
+from .cores import native
 from .functional import fp4_sim, fp8_sim_nope, hadamard, rms_norm
 from .opcall import OpCaller
 from .ragged import RaggedLayer
@@ -58,8 +58,7 @@ class Compressor:
             packed = self._packed = False if made is None else made
         if packed is False:
             return linear(xf, self.w_kvg)
-        with all_cores():       # a native kernel: its sums never depend on the threads
-            return linear(xf, self.w_kvg, packed)
+        return native(linear, xf, self.w_kvg, packed)      # every core: its sums never depend on the threads
 
     def update_ragged(self, ops: OpCaller, x: Tensor, rb: RaggedLayer, states: list[CompressorState],
                       outs: list[Tensor], out_offset: int, rope: RopeTable) -> list[int]:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..invariant import active, linear, pointwise
-from .cores import all_cores
+from .cores import native
 from .functional import _NATIVE_DTYPES, _bits, _native
 
 __all__ = ["HcParams", "hc_mixes", "sinkhorn_split", "hc_split", "hc_collapse", "hc_pre", "hc_post", "hc_head"]
@@ -37,8 +37,7 @@ def hc_mixes(x: Tensor, p: HcParams, norm_eps: float) -> tuple[Tensor, Tensor]:
     xf = x.flatten(1).float()
     r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
     if active(xf) and _native("dense_gemm") is not None:   # the native kernel (fn: 6 MiB at V4-Flash widths)
-        with all_cores():                                    # on every core; its sums never depend on threads
-            return xf, linear(xf, p.fn) * r
+        return xf, native(linear, xf, p.fn) * r              # on every core; its sums never depend on threads
     return xf, linear(xf, p.fn) * r
 
 
