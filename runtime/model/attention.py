@@ -18,12 +18,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..invariant import active, grouped_linear, pack_grouped
+from ..invariant import active
 from ..ops.attention import WindowedIndex
 from .cache import LayerCache
 from .compressor import Compressor
 from .config import CSA, HCA, SWA, ModelConfig
-from .cores import all_cores
 from .functional import fp8_sim_nope, head_rms_norm, rms_norm
 from .indexer import Indexer
 from .opcall import OpCaller
@@ -86,7 +85,7 @@ class Attention:
         self.q_norm = ld.f32(f"{prefix}.q_norm.weight")
         self.kv_norm = ld.f32(f"{prefix}.kv_norm.weight")
         self.wq_b = ld.fp8(f"{prefix}.wq_b", tp_dim=0)
-        self.wo_a = ld.fp8_dequant(f"{prefix}.wo_a", tp_dim=0).view(self.groups, cfg.o_lora_rank, -1)
+        self.wo_a = ld.grouped_fp8(f"{prefix}.wo_a", self.groups)
         self.wo_b = ld.fp8(f"{prefix}.wo_b", tp_dim=1)
         self.sink = ld.f32(f"{prefix}.attn_sink", tp_dim=0)
         self.scale = self.head_dim ** -0.5
@@ -206,17 +205,10 @@ class Attention:
         return ops.sparse_attention(q[rows].unsqueeze(0).contiguous(), flat, idx_t, self.sink, self.scale)[0]
 
     def _output(self, ops: OpCaller, o: Tensor, cos: Tensor, sin: Tensor, dtype: torch.dtype) -> Tensor:
-        """o [T, H, D] -> inverse RoPE, grouped low-rank ``wo_a`` (BF16 einsum, as the reference), ``wo_b``."""
+        """o [T, H, D] -> inverse RoPE, grouped low-rank ``wo_a`` (bf16, as the reference; grouped.py), ``wo_b``."""
         t = o.shape[0]
         o = apply_rope(o, cos[:, None], sin[:, None], inverse=True).view(t, self.groups, -1)
-        if active(o):   # batch-invariant: one fixed-order GEMM per group instead of torch's batched GEMM
-            packed = getattr(self, "_wo_a_packed", None)
-            if packed is None:      # built on the first batch-invariant call (a copy of wo_a, read in order)
-                packed = self._wo_a_packed = pack_grouped(self.wo_a)
-            with all_cores():
-                z = grouped_linear(o, self.wo_a, packed)
-        else:
-            z = torch.einsum("tgd,grd->tgr", o, self.wo_a).reshape(t, -1)
+        z = self.wo_a(o)
         if self.par is None:
             return self.wo_b(ops, z)
         # this rank's wo_b columns give a partial sum: fp32 out (same FP8 blocks of z), summed over the group

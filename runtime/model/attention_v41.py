@@ -22,6 +22,7 @@ from .cache_v41 import LayerCache41
 from .compressor_v41 import Compressor41
 from .config import SWA, ModelConfig
 from .functional import rms_norm
+from .grouped import GroupedProjection
 from .indexer_v41 import Indexer41, Shared41, _bucket
 from .opcall import OpCaller
 from .rope import RopeTable, apply_rope
@@ -45,8 +46,8 @@ class Attention41(Attention):
         self.kv_norm = ld.f32(f"{prefix}.kv_norm.weight")
         self.wq_b = ld.fp8(f"{prefix}.wq_b", tp_dim=0)
         fp8_wo_a = f"{prefix}.wo_a.scale" in (getattr(ld.source, "schema", None) or {})
-        wo_a = ld.fp8_dequant(f"{prefix}.wo_a", tp_dim=0) if fp8_wo_a else ld.act(f"{prefix}.wo_a.weight", tp_dim=0)
-        self.wo_a = wo_a.view(self.groups, cfg.o_lora_rank, -1)
+        self.wo_a = (ld.grouped_fp8(f"{prefix}.wo_a", self.groups) if fp8_wo_a else
+                     GroupedProjection.from_weight(ld.act(f"{prefix}.wo_a.weight", tp_dim=0), self.groups))
         self.wo_b = ld.fp8(f"{prefix}.wo_b", tp_dim=1)
         self.sink = ld.f32(f"{prefix}.attn_sink", tp_dim=0)
         self.scale = self.head_dim ** -0.5

@@ -12,6 +12,7 @@ from torch import Tensor
 from ..errors import CheckpointError
 from ..formats import dequant_fp8_block, fp4_to_fp8_tiles
 from ..prepare import Preparer, weight_preparer
+from .grouped import GroupedProjection
 from .opcall import OpCaller
 
 __all__ = ["WeightSource", "Loader", "Fp8Linear", "Experts"]
@@ -162,6 +163,12 @@ class Loader:
 
     def fp8(self, *bases: str, tp_dim: int | None = None) -> Fp8Linear:
         return Fp8Linear([self._fp8_pair(b, tp_dim) for b in bases], self.block, self.preparer("fp8_gemm"))
+
+    def grouped_fp8(self, base: str, groups: int, tp_dim: int | None = 0) -> GroupedProjection:
+        """A grouped FP8 projection (``wo_a``, this rank's ``groups``), kept FP8 for the CPU's native kernel
+        where that gives the bf16 dequantisation's bits, else dequantised (``runtime/model/grouped.py``)."""
+        w, s = self._fp8_pair(base, tp_dim)
+        return GroupedProjection.from_fp8(w, s, self.block, groups, self.dtype)
 
     def fp8_dequant(self, base: str, tp_dim: int | None = None) -> Tensor:
         """An FP8 weight dequantised to the activation dtype (``wo_a``, as the reference's convert.py)."""

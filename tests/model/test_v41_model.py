@@ -153,7 +153,7 @@ def test_fp8_wo_a_as_the_release_may_store_it(ck, tmp_path):
     model = Transformer(ck8.cfg, ck8, dtype=torch.float32)
     w8, s8 = ck8.get("layers.0.attn.wo_a.weight"), ck8.get("layers.0.attn.wo_a.scale")
     want = dequant_fp8_block(w8, s8, 32, torch.float32)
-    assert torch.equal(model.layers[0].attn.wo_a.reshape(want.shape), want)
+    assert torch.equal(model.layers[0].attn.wo_a.weight.reshape(want.shape), want)
     logits = model.forward(torch.randint(3, 259, (1, 20)), model.new_cache(1, 64))
     assert torch.isfinite(logits).all()
 
