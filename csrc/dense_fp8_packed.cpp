@@ -11,9 +11,11 @@
 // E4M3 tables of fp8_lane_avx512.cpp's decode, the offset added to the exponent of the nonzero values: the
 // dequantised bf16 value, -0 kept) and sums it exactly as dense_gemm's AVX512-BF16 path does: one vdpbf16ps
 // chain over k in steps of 32 from zero (x zero past K), then the hsum tree (l + 8, + 4, + 2, + 1), rounded to
-// bf16. So dense_fp8_packed(x, dense_fp8_pack(w, s)) == dense_gemm(x, bf16(dequant(w, s))), bit for bit.
+// bf16 (more than 4 rows: each 8-column group decoded once into glue_bf16_packed.cpp's bf16 layout and summed
+// by its code). So dense_fp8_packed(x, dense_fp8_pack(w, s)) == dense_gemm(x, bf16(dequant(w, s))), bit for bit.
 // Needs AVX512-BF16 and AVX512-VBMI; elsewhere it declines (returns False) and the caller keeps bf16.
 #include "common.h"
+#include "dense_bf16_group.h"
 
 #if defined(DSV4RT_X86)
 #include <immintrin.h>
@@ -106,9 +108,24 @@ void groups_fp8(const uint16_t* x, const uint8_t* w, const int16_t* d, float* y,
                 int64_t steps, int64_t g0, int64_t g1) {
     static const Tables tables;
     const Decode dec(tables);
+    thread_local std::vector<uint16_t> buf;
     for (int64_t g = g0; g < g1; ++g) {
         const uint8_t* wg = w + g * steps * kCols * kStep;
         const int16_t* dg = d + g * steps;
+        if (m > 4) {   // more rows than one register tile: the group decoded once, then read as bf16 by every tile
+            buf.resize(static_cast<size_t>(steps * kCols * kStep));
+            for (int64_t s = 0; s < steps; ++s) {
+                const __m512i dv = _mm512_set1_epi16(dg[s]);
+                for (int c = 0; c < kCols; c += 2) {
+                    __m512i w0, w1;
+                    dec.run(wg + (s * kCols + c) * kStep, dv, w0, w1);
+                    _mm512_storeu_si512(buf.data() + (s * kCols + c) * kStep, w0);
+                    _mm512_storeu_si512(buf.data() + (s * kCols + c + 1) * kStep, w1);
+                }
+            }
+            dense_bf16_group(x, buf.data(), y, m, n, k, steps, g * kCols);
+            continue;
+        }
         int64_t r = 0;
         for (; r + 4 <= m; r += 4) group_rows<4>(dec, x, wg, dg, y, r, n, k, steps, g * kCols);
         for (; r < m; ++r) group_rows<1>(dec, x, wg, dg, y, r, n, k, steps, g * kCols);

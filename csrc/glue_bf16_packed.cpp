@@ -12,6 +12,7 @@
 // Only on CPUs whose active ISA includes AVX512-BF16 (where dense_gemm takes that path); elsewhere it
 // declines (returns False) and the caller runs dense_gemm.
 #include "common.h"
+#include "dense_bf16_group.h"
 
 #if defined(DSV4RT_X86)
 #include <immintrin.h>
@@ -56,14 +57,19 @@ __attribute__((always_inline)) inline void group_rows(const uint16_t* x, const u
         for (int c = 0; c < kCols && n0 + c < n; ++c) y[(m0 + r) * n + n0 + c] = hsum_tree(acc[r][c]);
 }
 
+}  // namespace
+
+void dense_bf16_group(const uint16_t* x, const uint16_t* wg, float* y, int64_t m, int64_t n, int64_t k, int64_t steps,
+                      int64_t n0) {
+    int64_t r = 0;
+    for (; r + 4 <= m; r += 4) group_rows<4>(x, wg, y, r, n, k, steps, n0);
+    for (; r < m; ++r) group_rows<1>(x, wg, y, r, n, k, steps, n0);
+}
+
+namespace {
 void groups_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t m, int64_t n, int64_t k, int64_t steps,
                  int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-        const uint16_t* wg = w + g * steps * kCols * kStep;
-        int64_t r = 0;
-        for (; r + 4 <= m; r += 4) group_rows<4>(x, wg, y, r, n, k, steps, g * kCols);
-        for (; r < m; ++r) group_rows<1>(x, wg, y, r, n, k, steps, g * kCols);
-    }
+    for (int64_t g = g0; g < g1; ++g) dense_bf16_group(x, w + g * steps * kCols * kStep, y, m, n, k, steps, g * kCols);
 }
 #pragma GCC pop_options
 #endif
