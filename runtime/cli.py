@@ -137,6 +137,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="release (default): round where the released code computes in bf16 (per-head q norm, "
                    "attention P before P.V, indexer scores); fp32: keep those in fp32")
     p.add_argument("--prefill-chunk", type=int, metavar="N", help="prefill in chunks of N tokens")
+    p.add_argument("--warmup", action="store_true", help="benchmarks: run the prompts once (prefill and one "
+                   "generated token, untimed) before the timed run, as llama-bench does, so the timings leave out "
+                   "first-call costs (page faults, thread start-up, caches)")
     add_batch_invariant(p)
     p.add_argument("--layers", type=int, metavar="N", help="layers of --preset flash-slice (default 4; the first "
                    "layers of each kind, so a short slice still runs the indexer and compressors)")

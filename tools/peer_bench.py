@@ -2,9 +2,11 @@
 
 ``python tools/peer_bench.py --llama-bench BIN --threads 2 --rounds 3 --prompt 128 --gen 32 NAME=CKPT_DIR:GGUF ...``
 
-Each round runs, per model, llama-bench (one repetition of pp PROMPT and tg GEN) and then ``dsv4rt run
---checkpoint CKPT_DIR --prompt-len PROMPT --max-new-tokens GEN`` (greedy; its prefill and decode tokens/s),
-both at THREADS threads (llama-bench ``-t``; dsv4rt's native kernels through OMP_NUM_THREADS), so a change
+Each round runs, per model, llama-bench (one repetition of pp PROMPT and tg GEN, each after its warm-up run:
+the prompt once, one generated token) and then ``dsv4rt run --checkpoint CKPT_DIR --prompt-len PROMPT
+--max-new-tokens GEN --warmup`` (greedy; the same warm-up, then its prefill and decode tokens/s; its decode
+steps attend to the PROMPT tokens before them, llama-bench's tg starts from an empty context), both at
+THREADS threads (llama-bench ``-t``; dsv4rt's native kernels through OMP_NUM_THREADS), so a change
 of machine load hits both sides alike. Prints one row per round and the load (``uptime``) before each,
 then the range per model and the ratios dsv4rt / llama.cpp. Timings are reported, never judged.
 """
@@ -40,7 +42,7 @@ def dsv4rt(ckpt: str, threads: int, prompt: int, gen: int) -> tuple[float, float
     """(prefill tok/s, decode tok/s) of one ``dsv4rt run``."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     p = subprocess.run([sys.executable, "-m", "dsv4rt", "run", "--checkpoint", ckpt, "--prompt-len", str(prompt),
-                        "--max-new-tokens", str(gen)], capture_output=True, text=True, env=env)
+                        "--max-new-tokens", str(gen), "--warmup"], capture_output=True, text=True, env=env)
     if p.returncode:
         raise SystemExit(f"dsv4rt run failed ({p.returncode}):\n{p.stderr[-3000:]}")
     got = {}

@@ -40,6 +40,7 @@ class RunOptions:
     dtype: str = "bf16"
     precision: str = "release"     # the bf16 precision points of the release, or "fp32" (see OpCaller)
     prefill_chunk: int | None = None
+    warmup: bool = False          # one untimed prefill + 1 token before the timed run (--warmup)
     layers: int | None = None     # --preset flash-slice only (default 4)
     experts: int | None = None
     convert_fp8: bool = False
@@ -237,6 +238,8 @@ def _run(opts: RunOptions, out: TextIO, distributed: bool) -> int:
         load_s = time.perf_counter() - t0
         prompts = _prompts(opts, tok, model.cfg)
         with contextlib.nullcontext() if choice is None else _use(choice):
+            if opts.warmup:
+                generate(model, prompts, 1, opts.temperature, opts.seed, prefill_chunk=opts.prefill_chunk)
             res = generate(model, prompts, opts.max_new_tokens, opts.temperature, opts.seed,
                            prefill_chunk=opts.prefill_chunk)
         label = opts.backend + (" (Triton interpreter)" if choice == "cuda" and device.type == "cpu" else "")
@@ -330,7 +333,7 @@ def options_from_args(args: Any) -> RunOptions:
     return RunOptions(checkpoint=args.checkpoint, preset=args.preset, backend=args.backend, prompt=args.prompt,
                       prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       seed=args.seed, check=args.check, dtype=args.dtype, precision=args.precision,
-                      prefill_chunk=args.prefill_chunk,
+                      prefill_chunk=args.prefill_chunk, warmup=args.warmup,
                       layers=args.layers, experts=args.experts, convert_fp8=args.convert_fp8,
                       progress=not args.quiet, tp=args.tp, ep=args.ep, tokenizer=args.tokenizer,
                       batch_invariant=args.batch_invariant)

@@ -55,3 +55,22 @@ def test_several_prompts_run_as_one_batch(capsys):
     out = capsys.readouterr().out
     assert "prompt 1 'Hi' (3 tokens)" in out and "prompt 2 'a longer prompt' (16 tokens)" in out
     assert "text 2" in out
+
+
+def test_warmup_runs_the_prompts_once_untimed_before_the_timed_run(monkeypatch, capsys):
+    import dsv4rt.model.runner as runner
+
+    calls = []
+    real = runner.generate
+
+    def spy(model, prompts, max_new_tokens, *a, **k):
+        calls.append(max_new_tokens)
+        return real(model, prompts, max_new_tokens, *a, **k)
+
+    monkeypatch.setattr(runner, "generate", spy)
+    assert main(["run", "--prompt-len", "8", "--max-new-tokens", "3", "--warmup", "--quiet"]) == 0
+    assert calls == [1, 3]                          # prefill + one token untimed, then the timed run
+    calls.clear()
+    assert main(["run", "--prompt-len", "8", "--max-new-tokens", "3", "--quiet"]) == 0
+    assert calls == [3]
+    assert "decode   2 tokens" in capsys.readouterr().out
