@@ -34,7 +34,8 @@ from torch import Tensor
 
 from . import env
 
-__all__ = ["enabled", "mode", "active", "linear", "grouped_linear", "pack_dense", "pack_grouped", "rowwise_mm", "pointwise"]
+__all__ = ["enabled", "mode", "active", "linear", "grouped_linear", "pack_dense", "unpack_dense", "DenseWeight",
+           "pack_grouped", "rowwise_mm", "pointwise"]
 
 _MODE: ContextVar[bool | None] = ContextVar("dsv4rt_batch_invariant", default=None)
 _PAD = 64   # torch's vectorised loops take 2 vectors per step: 64 bf16 / 32 float32 elements on AVX-512
@@ -123,6 +124,56 @@ def pack_dense(w: Tensor) -> object:
     if w.dtype == torch.float32 and not torch.equal(wb.float(), w):
         return None
     return pack(_np(wb))
+
+
+def unpack_dense(packed: np.ndarray, n: int, k: int) -> Tensor:
+    """The bf16 [n, k] weight that :func:`pack_dense` packed into ``packed`` (a new tensor)."""
+    p = torch.from_numpy(packed).view(torch.bfloat16)
+    return p.permute(0, 2, 1, 3).reshape(p.shape[0] * p.shape[2], p.shape[1] * p.shape[3])[:n, :k].contiguous()
+
+
+class DenseWeight:
+    """A float32 [N, K] weight holding bf16 values (checkpoint bf16 widened at load), for float32 x, kept in
+    one form. Built in the mode on the CPU (with ``dense_pack`` / ``dense_gemm_packed`` and bf16 values), only
+    :func:`pack_dense`'s layout is kept (half the bytes of the float32 copy, packed once here rather than on a
+    first call); otherwise the float32 tensor. Called in the other mode (the mode is per call), the float32
+    values are unpacked from the packed form once and kept from then on (an exact copy: the same bits
+    as before, paid only by the model that mixes the modes)."""
+
+    def __init__(self, w: Tensor) -> None:
+        if w.dim() != 2 or w.dtype != torch.float32:
+            raise ValueError(f"invariant.DenseWeight: expected a float32 [N, K] weight, got {w.dtype} "
+                             f"{tuple(w.shape)}")
+        self.shape: tuple[int, int] = (int(w.shape[0]), int(w.shape[1]))
+        self.device = w.device
+        fast = active(w) and _kernel("dense_gemm_packed") is not None
+        self.packed = pack_dense(w) if fast else None
+        self._plain: Tensor | None = None if self.packed is not None else w
+
+    def plain(self) -> Tensor:
+        """The float32 [N, K] weight (unpacked once when only the packed form was kept)."""
+        if self._plain is None:
+            self._plain = unpack_dense(self.packed, *self.shape).float()
+        return self._plain
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (the packed form and / or the float32 tensor)."""
+        held = 0 if self.packed is None else int(self.packed.nbytes)
+        return held + (0 if self._plain is None else self._plain.numel() * 4)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """:func:`linear` of float32 ``x [..., K]``: the packed weight streamed in the mode on the CPU
+        (``dense_gemm``'s bits), else :func:`linear` on the float32 weight."""
+        n, k = self.shape
+        if self.packed is None or x.dtype != torch.float32 or not active(x):
+            return linear(x, self.plain())
+        if x.shape[-1] != k:
+            raise ValueError(f"invariant.DenseWeight: expected x [..., {k}], got x {tuple(x.shape)}")
+        x2 = x.reshape(-1, k)
+        y = torch.empty((x2.shape[0], n), dtype=torch.float32)
+        _kernel("dense_gemm_packed")(_np(x2), self.packed, n, _np(y))
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
 
 
 def pack_grouped(w: Tensor) -> tuple:

@@ -13,16 +13,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..invariant import active, linear, pack_dense
+from ..invariant import DenseWeight, active
 from .cache import CompressorState
 from .cores import native
-from .functional import fp4_sim, fp8_sim_nope, hadamard, rms_norm
+from .functional import _native, fp4_sim, fp8_sim_nope, hadamard, rms_norm
 from .opcall import OpCaller
 from .ragged import RaggedLayer
 from .rope import RopeTable, apply_rope
 from .weights import Loader
 
-__all__ = ["Compressor"]
+__all__ = ["Compressor", "project_fp32"]
+
+
+def project_fp32(w: DenseWeight, xf: Tensor) -> Tensor:
+    """``w(xf)`` for float32 rows ``xf [T, K]``; in the batch-invariant mode on the CPU with the native
+    kernel on every core (its sums never depend on the threads)."""
+    if active(xf) and (w.packed is not None or _native("dense_gemm") is not None):
+        return native(w, xf)
+    return w(xf)
 
 
 class Compressor:
@@ -32,8 +40,9 @@ class Compressor:
                  rotate: bool) -> None:
         self.ratio, self.head_dim, self.rope_dim, self.eps, self.rotate = ratio, head_dim, rope_dim, eps, rotate
         self.overlap = ratio == 4
-        # wkv and wgate run in fp32 (the reference upcasts them); one matmul for both
-        self.w_kvg = torch.cat([ld.f32(f"{prefix}.wkv.weight"), ld.f32(f"{prefix}.wgate.weight")])
+        # wkv and wgate run in fp32 (the reference upcasts them); one matmul for both, the weight kept in one
+        # form: packed bf16 when built for the batch-invariant mode on the CPU, else float32 (see DenseWeight)
+        self.w_kvg = DenseWeight(torch.cat([ld.f32(f"{prefix}.wkv.weight"), ld.f32(f"{prefix}.wgate.weight")]))
         self.channels = self.w_kvg.shape[0] // 2
         self.ape = ld.f32(f"{prefix}.ape")
         self.norm = ld.f32(f"{prefix}.norm.weight")
@@ -47,18 +56,9 @@ class Compressor:
 
     def project(self, x: Tensor) -> Tensor:
         """Rows ``x [T, dim]`` -> fp32 ``[wkv(x) | wgate(x)]`` [T, 2C] (one matmul for a whole step). In the
-        batch-invariant mode on the CPU the weight's bf16 values are read packed (built on the first call; the
-        same bits, half the bytes of the fp32 copy) on every core."""
-        xf = x.float()
-        if not active(xf):
-            return linear(xf, self.w_kvg)
-        packed = getattr(self, "_packed", None)
-        if packed is None:
-            made = pack_dense(self.w_kvg)
-            packed = self._packed = False if made is None else made
-        if packed is False:
-            return linear(xf, self.w_kvg)
-        return native(linear, xf, self.w_kvg, packed)      # every core: its sums never depend on the threads
+        batch-invariant mode on the CPU the weight's bf16 values are read packed (the same bits, half the bytes
+        of a float32 copy) on every core."""
+        return project_fp32(self.w_kvg, x.float())
 
     def update_ragged(self, ops: OpCaller, x: Tensor, rb: RaggedLayer, states: list[CompressorState],
                       outs: list[Tensor], out_offset: int, rope: RopeTable) -> list[int]:

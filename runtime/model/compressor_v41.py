@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..invariant import linear
+from ..invariant import DenseWeight, linear
 from .cache import CompressorState
+from .compressor import project_fp32
 from .functional import rms_norm
 from .opcall import OpCaller
 from .weights import Loader
@@ -29,8 +30,11 @@ class Compressor41:
 
     def __init__(self, ld: Loader, prefix: str, ratio: int, eps: float) -> None:
         self.ratio, self.eps = ratio, eps
-        if ratio > 1:   # one fp32 matmul for both projections, as the release computes them in fp32
-            self.w = torch.cat([ld.f32(f"{prefix}.wkv.weight"), ld.f32(f"{prefix}.wgate.weight")])
+        self.w: Tensor | None = None            # ratio 1: the bf16 wkv
+        self.w_kvg: DenseWeight | None = None   # ratio > 1: wkv | wgate in fp32
+        if ratio > 1:   # one fp32 matmul for both projections, as the release computes them in fp32; the weight
+            # kept in one form: packed bf16 when built for the batch-invariant mode on the CPU (see DenseWeight)
+            self.w_kvg = DenseWeight(torch.cat([ld.f32(f"{prefix}.wkv.weight"), ld.f32(f"{prefix}.wgate.weight")]))
         else:
             self.w = ld.act(f"{prefix}.wkv.weight")
         self.norm = ld.f32(f"{prefix}.norm.weight")
@@ -44,8 +48,8 @@ class Compressor41:
             kv = linear(x.reshape(b * s, -1), self.w).view(b, s, -1)
             e = ops.kv_compress(kv, None, None, 1, False, None, None)
             return rms_norm(e.to(x.dtype), self.norm, self.eps), p0
-        c = self.w.shape[0] // 2
-        kvg = linear(x.reshape(b * s, -1).float(), self.w).view(b, s, -1)
+        c = self.w_kvg.shape[0] // 2
+        kvg = project_fp32(self.w_kvg, x.reshape(b * s, -1).float()).view(b, s, -1)
         kv, gate = kvg[..., :c], kvg[..., c:]
         r0 = p0 % r
         if r0:
