@@ -111,16 +111,9 @@ bool dense_bf16_packed(py::handle x_, py::handle wp_, int64_t n, py::handle out_
     const uint16_t* wpp = static_cast<const uint16_t*>(wp.data());
     uint16_t* op = static_cast<uint16_t*>(out.mutable_data());
     py::gil_scoped_release nogil;
-    if (m == 0 || n == 0) return true;
-    std::vector<float> y(static_cast<size_t>(m * n));
-    if (k == 0) {
-        std::fill(y.begin(), y.end(), 0.0f);
-    } else {
-        const double work = 2.0 * m * n * k + 2.0 * n * k;
-        parallel_for(groups, [&](int64_t g0, int64_t g1) { groups_bf16(xp, wpp, y.data(), m, n, k, steps, g0, g1); },
-                     pick_threads(work, 1 << 20));
-    }
-    f32_to_bf16_array(y.data(), op, m * n);
+    groups_to_bf16(m, n, k, groups, op, [&](float* y, int64_t g0, int64_t g1) {
+        groups_bf16(xp, wpp, y, m, n, k, steps, g0, g1);
+    });
     return true;
 #else
     return false;
