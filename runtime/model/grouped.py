@@ -62,7 +62,8 @@ class GroupedProjection:
         if c is not None:
             wb, sb = w.contiguous().view(torch.uint8).numpy(), s.contiguous().view(torch.uint8).numpy()
             rb = rank // block
-            tiles = [c.dense_fp8_pack(wb[g * rank:(g + 1) * rank], sb[g * rb:(g + 1) * rb], block) for g in range(groups)]
+            tiles = [c.dense_fp8_pack(wb[g * rank:(g + 1) * rank], sb[g * rb:(g + 1) * rb], block)
+                     for g in range(groups)]
             if all(t is not None for t in tiles):
                 return cls(groups, rank, fp8=tiles)
         full = dequant_fp8_block(w, s, block, torch.float32).to(dtype)
