@@ -133,22 +133,21 @@ def unpack_dense(packed: np.ndarray, n: int, k: int) -> Tensor:
 
 
 class DenseWeight:
-    """A float32 [N, K] weight holding bf16 values (checkpoint bf16 widened at load), for float32 x, kept in
-    one form. Built in the mode on the CPU (with ``dense_pack`` / ``dense_gemm_packed`` and bf16 values), only
-    :func:`pack_dense`'s layout is kept (half the bytes of the float32 copy, packed once here rather than on a
-    first call); otherwise the float32 tensor. Called in the other mode (the mode is per call), the float32
+    """A [N, K] weight used in float32 (for float32 x), given as bf16 (the checkpoint's, packed as it is: no
+    float32 temporaries at load) or as float32, kept in one form. Built in the mode on the CPU (with
+    ``dense_pack`` / ``dense_gemm_packed`` and bf16 values), only :func:`pack_dense`'s layout is kept (half the
+    bytes of the float32 copy, packed once here rather than on a first call); otherwise the float32 tensor. Called in the other mode (the mode is per call), the float32
     values are unpacked from the packed form once and kept from then on (an exact copy: the same bits
     as before, paid only by the model that mixes the modes)."""
 
     def __init__(self, w: Tensor) -> None:
-        if w.dim() != 2 or w.dtype != torch.float32:
-            raise ValueError(f"invariant.DenseWeight: expected a float32 [N, K] weight, got {w.dtype} "
+        if w.dim() != 2 or w.dtype not in _DENSE_DTYPES:
+            raise ValueError(f"invariant.DenseWeight: expected a float32 or bf16 [N, K] weight, got {w.dtype} "
                              f"{tuple(w.shape)}")
         self.shape: tuple[int, int] = (int(w.shape[0]), int(w.shape[1]))
-        self.device = w.device
         fast = active(w) and _kernel("dense_gemm_packed") is not None
         self.packed = pack_dense(w) if fast else None
-        self._plain: Tensor | None = None if self.packed is not None else w
+        self._plain: Tensor | None = None if self.packed is not None else w.float()
 
     def plain(self) -> Tensor:
         """The float32 [N, K] weight (unpacked once when only the packed form was kept)."""

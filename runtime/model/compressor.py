@@ -22,7 +22,16 @@ from .ragged import RaggedLayer
 from .rope import RopeTable, apply_rope
 from .weights import Loader
 
-__all__ = ["Compressor", "project_fp32"]
+__all__ = ["Compressor", "cat_kvg", "project_fp32"]
+
+
+def cat_kvg(ld: Loader, prefix: str) -> Tensor:
+    """``[wkv; wgate]`` of ``<prefix>``: bf16 when the source holds both as bf16 (what DenseWeight packs or
+    widens, without a float32 temporary at load), else float32."""
+    kv, gate = ld.stored(f"{prefix}.wkv.weight"), ld.stored(f"{prefix}.wgate.weight")   # read, copied by the cat
+    if kv.dtype == gate.dtype == torch.bfloat16:
+        return torch.cat([kv, gate]).to(ld.device)
+    return torch.cat([kv.float(), gate.float()]).to(ld.device)
 
 
 def project_fp32(w: DenseWeight, xf: Tensor) -> Tensor:
@@ -42,7 +51,7 @@ class Compressor:
         self.overlap = ratio == 4
         # wkv and wgate run in fp32 (the reference upcasts them); one matmul for both, the weight kept in one
         # form: packed bf16 when built for the batch-invariant mode on the CPU, else float32 (see DenseWeight)
-        self.w_kvg = DenseWeight(torch.cat([ld.f32(f"{prefix}.wkv.weight"), ld.f32(f"{prefix}.wgate.weight")]))
+        self.w_kvg = DenseWeight(cat_kvg(ld, prefix))
         self.channels = self.w_kvg.shape[0] // 2
         self.ape = ld.f32(f"{prefix}.ape")
         self.norm = ld.f32(f"{prefix}.norm.weight")

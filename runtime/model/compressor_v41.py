@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..invariant import DenseWeight, linear
 from .cache import CompressorState
-from .compressor import project_fp32
+from .compressor import cat_kvg, project_fp32
 from .functional import rms_norm
 from .opcall import OpCaller
 from .weights import Loader
@@ -34,7 +34,7 @@ class Compressor41:
         self.w_kvg: DenseWeight | None = None   # ratio > 1: wkv | wgate in fp32
         if ratio > 1:   # one fp32 matmul for both projections, as the release computes them in fp32; the weight
             # kept in one form: packed bf16 when built for the batch-invariant mode on the CPU (see DenseWeight)
-            self.w_kvg = DenseWeight(torch.cat([ld.f32(f"{prefix}.wkv.weight"), ld.f32(f"{prefix}.wgate.weight")]))
+            self.w_kvg = DenseWeight(cat_kvg(ld, prefix))
         else:
             self.w = ld.act(f"{prefix}.wkv.weight")
         self.norm = ld.f32(f"{prefix}.norm.weight")

@@ -5,6 +5,7 @@ it), whichever mode the weight (or the model) was built in. Seeded random weight
 and V4.1 models' compressors built in one mode and called in both."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,12 +58,28 @@ def test_built_in_the_mode_keeps_only_the_packed_form_and_gives_each_modes_bits(
         assert torch.equal(dw(x), invariant.linear(x, w))
 
 
+@pytest.mark.parametrize("on", [True, False])
+def test_a_bf16_weight_is_packed_or_widened_as_its_float32_values_are(on: bool) -> None:
+    w = _weight(12)
+    x = _x(13, 4)
+    with invariant.mode(on):
+        from_bf16, from_f32 = invariant.DenseWeight(w.to(torch.bfloat16)), invariant.DenseWeight(w)
+        assert (from_bf16.packed is not None) == on and (from_bf16._plain is None) == on
+        if on:
+            assert np.array_equal(from_bf16.packed, from_f32.packed)
+        else:
+            assert from_bf16._plain.dtype == torch.float32 and torch.equal(from_bf16._plain, w)
+    for mode in (True, False):
+        with invariant.mode(mode):
+            assert torch.equal(from_bf16(x), from_f32(x))
+
+
 def test_built_out_of_the_mode_keeps_float32_and_gives_each_modes_bits() -> None:
     w = _weight(5)
     x = _x(6, 3)
     with invariant.mode(False):
         dw = invariant.DenseWeight(w)
-        assert dw.packed is None and dw._plain is w
+        assert dw.packed is None and torch.equal(dw._plain, w)
         assert torch.equal(dw(x), x @ w.T)
     with invariant.mode(True):
         assert torch.equal(dw(x), invariant.linear(x, w))
@@ -80,8 +97,10 @@ def test_a_weight_without_bf16_values_stays_float32() -> None:
 
 
 def test_bad_arguments_are_refused() -> None:
-    with pytest.raises(ValueError, match="DenseWeight.*float32"):
-        invariant.DenseWeight(torch.zeros(4, 8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="DenseWeight.*float32 or bf16"):
+        invariant.DenseWeight(torch.zeros(4, 8, dtype=torch.float16))
+    with pytest.raises(ValueError, match="DenseWeight.*float32 or bf16"):
+        invariant.DenseWeight(torch.zeros(2, 4, 8))
     with invariant.mode(True):
         dw = invariant.DenseWeight(_weight(9))
         with pytest.raises(ValueError, match=r"DenseWeight.*\[\.\.\., 200\]"):
