@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from .backend import Backend
 
-__all__ = ["weight_preparer", "preparing_backend", "prepares_weights"]
+__all__ = ["weight_preparer", "preparing_backend", "prepares_weights", "prepares_for"]
 
 Preparer = Callable[[Any, Any, int], Any]
 """``prep(w, w_scale, block_size) -> w'`` for one op."""
@@ -31,6 +31,13 @@ Preparer = Callable[[Any, Any, int], Any]
 def prepares_weights(backend: Backend) -> bool:
     """True when the backend overrides :meth:`Backend.prepare_weight` (the default is the identity)."""
     return type(backend).prepare_weight is not Backend.prepare_weight
+
+
+def prepares_for(backend: Backend, impl_name: str) -> bool:
+    """Whether ``impl_name`` (``backend/variant``) takes ``backend``'s prepared inputs: conformance and bench hand
+    the other variants the released tensors (:attr:`dsv4rt.backend.Backend.prepared_variants`)."""
+    variant = impl_name.partition("/")[2]
+    return backend.prepared_variants is None or variant in backend.prepared_variants
 
 
 def preparing_backend(op: str, device_type: str) -> Backend | None:

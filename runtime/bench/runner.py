@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import BackendSelectionError, NoImplementationError
+from ..prepare import prepares_for
 from ..registry import REGISTRY
 from .case import BenchCase
 from .cases_cpu import cpu_cases
@@ -150,14 +151,16 @@ def run_bench(backend: str, ops: Sequence[str] | None = None, quick: bool = Fals
         if not variants:
             continue
         gen = torch.Generator(device=device).manual_seed(0)
-        args = case.make(device, gen)
-        if case.pipeline is None:
-            args = REGISTRY.backends()[backend].prepare_inputs(case.op, args)
+        released = case.make(device, gen)
+        be = REGISTRY.backends()[backend]
+        prepared = be.prepare_inputs(case.op, released) if case.pipeline is None else released
+        args = prepared
         composite = next((v for v in variants if v.endswith("/torch")), None)
         roofline = max(case.bytes / (ceilings["read_tbs"] * 1e6), case.flops / (peak_tflops * 1e6))
         times: dict[str, float] = {}
         cold = [v for v in args.values() if isinstance(v, torch.Tensor)]
         for variant in variants:
+            args = prepared if prepares_for(be, variant) else released   # e.g. cpu/numpy: the released weights
             build = _caller(case, variant)
             try:
                 build(args)
@@ -174,7 +177,7 @@ def run_bench(backend: str, ops: Sequence[str] | None = None, quick: bool = Fals
             t = time_call(build(args), device, reps=reps, cold=cold)["median_us"]
             times[variant] = t
             log(f"{case.name} [{variant}]: {t:.1f} us")
-        extra = {name: time_call(make(args), device, reps=reps, cold=cold)["median_us"]
+        extra = {name: time_call(make(released), device, reps=reps, cold=cold)["median_us"]
                  for name, make in case.baselines.items()}
         # baselines: the torch composite, the NumPy variant where there is one, and the case's extras
         baselines = {name: t for name, t in times.items() if name == composite or name.endswith("/numpy")} | extra
@@ -184,7 +187,7 @@ def run_bench(backend: str, ops: Sequence[str] | None = None, quick: bool = Fals
             report.rows.append(BenchRow(
                 f"{case.name} (quick)" if quick else case.name, variant, t, case.bytes / t / 1e6, case.flops / t / 1e6, roofline, roofline / t,
                 ratios, case.target if variant not in extra else "baseline", met, case.note))
-        del args
+        del args, prepared, released
     _judge(report, device, quick, reprobe, log)
     return report
 

@@ -10,6 +10,7 @@ import torch
 from .. import env
 from ..backend import Implementation, poisoned_outputs
 from ..errors import BackendSelectionError, ContractError
+from ..prepare import prepares_for
 from ..registry import REGISTRY, Registry
 from ..spec import REQUIRED, OpSpec, load_ref
 from .case import Case, noncontig_on
@@ -85,7 +86,9 @@ def _run_value_case(spec: OpSpec, op: Any, case: Case, impl: Implementation, see
     cpu_args, dev_args = _prepare(spec, case, seed, device)
     row = CaseResult(case.id, spec.name, impl.name, "fail")
     try:
-        dev_args = registry.backends()[impl.backend].prepare_inputs(spec.name, dev_args)
+        backend = registry.backends()[impl.backend]
+        if prepares_for(backend, impl.name):
+            dev_args = backend.prepare_inputs(spec.name, dev_args)
         refused = _refusal(impl, dev_args, registry)
     except Exception as exc:
         row.status, row.message = "error", f"preparing the inputs raised {type(exc).__name__}: {exc}"
