@@ -81,7 +81,10 @@ def build_server(o: ServeOptions) -> Served:
     if o.kv_cache_gib is not None and not (math.isfinite(o.kv_cache_gib) and o.kv_cache_gib > 0):
         raise ServeConfigError(f"--kv-cache-gib must be a finite number > 0, got {o.kv_cache_gib}")
     device, choice = resolve_device(o.backend)
-    with _cpu_threads(device):
+    from .. import invariant
+
+    # built in the mode it will serve in, so layers keep only the weight form that mode reads
+    with _cpu_threads(device), invariant.mode(o.batch_invariant):
         model, tok, origin = build_model(RunOptions(checkpoint=o.checkpoint, preset=o.preset, backend=o.backend,
                                                     seed=o.seed, dtype=o.dtype, precision=o.precision,
                                                     progress=False, tokenizer=o.tokenizer), device, quiet=True)
