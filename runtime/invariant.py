@@ -136,9 +136,10 @@ class DenseWeight:
     """A [N, K] weight used in float32 (for float32 x), given as bf16 (the checkpoint's, packed as it is: no
     float32 temporaries at load) or as float32, kept in one form. Built in the mode on the CPU (with
     ``dense_pack`` / ``dense_gemm_packed`` and bf16 values), only :func:`pack_dense`'s layout is kept (half the
-    bytes of the float32 copy, packed once here rather than on a first call); otherwise the float32 tensor. Called in the other mode (the mode is per call), the float32
-    values are unpacked from the packed form once and kept from then on (an exact copy: the same bits
-    as before, paid only by the model that mixes the modes)."""
+    bytes of the float32 copy, packed once here rather than on a first call); otherwise the float32 tensor.
+    Called in the other mode (the mode is per call), the float32 values are unpacked from the packed form
+    once and kept from then on (an exact copy: the same bits as before, paid only by the model that mixes
+    the modes)."""
 
     def __init__(self, w: Tensor) -> None:
         if w.dim() != 2 or w.dtype not in _DENSE_DTYPES:

@@ -8,7 +8,8 @@ on the bf16 dequantisation, i.e. the batch-invariant mode's numerics, which it t
 falls back to the bf16 weight wherever that dequantisation would not be exact (a NaN byte, a scale byte
 outside [10, 246]), the scales are float32, a group does not start on a scale block, or the kernel does not
 run. Otherwise: the dequantised (or stored) weight in the model's dtype, run per group by
-:func:`dsv4rt.invariant.grouped_linear` in the batch-invariant mode and by torch's einsum in the plain mode.
+:func:`dsv4rt.invariant.grouped_linear` in the batch-invariant mode and by torch's einsum in the plain mode;
+a bf16 weight built in the batch-invariant mode on the CPU is kept only in grouped_linear's packed layout.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..invariant import active, grouped_linear, pack_grouped
+from ..invariant import active, grouped_linear, pack_grouped, unpack_dense
 from .cores import all_cores
 
 __all__ = ["GroupedProjection"]
@@ -47,8 +48,20 @@ class GroupedProjection:
                  fp8: list[tuple[np.ndarray, np.ndarray]] | None = None) -> None:
         if (weight is None) == (fp8 is None):
             raise ValueError("GroupedProjection: give exactly one of weight and fp8")
-        self.groups, self.rank, self.weight, self.fp8 = groups, rank, weight, fp8
-        self._packed: tuple | None = None     # the bf16 weight's grouped_linear layout, built on first use
+        self.groups, self.rank, self.fp8 = groups, rank, fp8
+        self._k = 0 if weight is None else int(weight.shape[-1])
+        # a bf16 weight built in the batch-invariant mode on the CPU: only grouped_linear's packed layout is
+        # kept (made here, not on a first call); the plain tensor is unpacked from it if the mode is switched off
+        self._packed: tuple = pack_grouped(weight) if weight is not None and active(weight) else ()
+        self._weight = None if self._packed else weight
+
+    @property
+    def weight(self) -> Tensor | None:
+        """The [G, R, K] weight in the model's dtype (unpacked once from the packed layout where only that was
+        kept); None where it is kept as FP8."""
+        if self._weight is None and self._packed:
+            self._weight = torch.stack([unpack_dense(p, self.rank, self._k) for p in self._packed])
+        return self._weight
 
     @classmethod
     def from_fp8(cls, w: Tensor, s: Tensor, block: int, groups: int, dtype: torch.dtype) -> "GroupedProjection":
@@ -89,8 +102,21 @@ class GroupedProjection:
                     c.dense_fp8_packed(xg, wp, off, self.rank, za[g])
             return z.transpose(0, 1).reshape(t, -1)
         if active(o):   # batch-invariant: one fixed-order GEMM per group instead of torch's batched GEMM
-            if self._packed is None:      # built on the first batch-invariant call (a copy, read in order)
-                self._packed = pack_grouped(self.weight)
             with all_cores():
-                return grouped_linear(o, self.weight, self._packed)
+                if self._packed and o.dtype == torch.bfloat16:
+                    return self._packed_call(o)
+                return grouped_linear(o, self.weight)
         return torch.einsum("tgd,grd->tgr", o, self.weight).reshape(t, -1)
+
+    def _packed_call(self, o: Tensor) -> Tensor:
+        """grouped_linear's bits from the packed bf16 layout alone (dense_bf16_packed per group)."""
+        from dsv4rt import _C
+
+        t = o.shape[0]
+        z = torch.empty((self.groups, t, self.rank), dtype=o.dtype)
+        xa, za = o.contiguous().view(torch.int16).numpy(), z.view(torch.int16).numpy()
+        for g, p in enumerate(self._packed):
+            xg = xa[:, g] if t == 1 else np.ascontiguousarray(xa[:, g])
+            if not _C.dense_bf16_packed(xg, p, self.rank, za[g]):
+                return grouped_linear(o, self.weight)      # declined (no AVX512-BF16): dense_gemm's same bits
+        return z.transpose(0, 1).reshape(t, -1)

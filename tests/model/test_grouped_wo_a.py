@@ -59,3 +59,31 @@ def test_v41_fp8_wo_a_block_32_gives_the_bf16_weights_bits(tmp_path_factory, mon
             tensors.append((name, t))
     ck8 = Checkpoint(write_checkpoint(str(tmp_path_factory.mktemp("v41fp8") / "ck"), ck.cfg, tensors))
     assert torch.equal(_logits(ck8, monkeypatch, True, True), _logits(ck8, monkeypatch, False, True))
+
+
+def test_bf16_wo_a_built_in_the_mode_keeps_only_its_packed_form(tmp_path_factory, monkeypatch):
+    """tiny-v41 stores wo_a bf16: built in the batch-invariant mode on the CPU only the packed layout is kept;
+    logits equal those of the plain tensor in that mode, and the mode switched off unpacks it (einsum's bits)."""
+    from dsv4rt.model.checkpoint import Checkpoint
+    from dsv4rt.model.synthetic import tiny_checkpoint
+
+    ck = Checkpoint(tiny_checkpoint(root=str(tmp_path_factory.mktemp("v41bf16")), name="tiny-v41"))
+    toks = torch.randint(3, 259, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def run(model, inv):
+        with invariant.mode(inv):
+            cache = model.new_cache(2, 64)
+            return torch.cat([model.forward(toks[:, :9], cache).float().flatten()] +
+                             [model.forward(toks[:, i:i + 1], cache).float().flatten() for i in range(9, 12)])
+
+    with invariant.mode(True):
+        packed = Transformer(ck.cfg, ck)
+    wo_a = packed.layers[0].attn.wo_a
+    assert wo_a.fp8 is None and wo_a._packed and wo_a._weight is None
+    monkeypatch.setattr(grouped, "pack_grouped", lambda w: ())
+    with invariant.mode(True):
+        plain = Transformer(ck.cfg, ck)
+    assert plain.layers[0].attn.wo_a._weight is not None
+    assert torch.equal(run(packed, True), run(plain, True))
+    assert torch.equal(run(packed, False), run(plain, False))
+    assert torch.equal(wo_a.weight, plain.layers[0].attn.wo_a.weight)
