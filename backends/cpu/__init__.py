@@ -107,9 +107,9 @@ class CpuBackend(Backend):
         """Conformance and bench hand the GEMMs released weights: an MXFP4 weight that
         :meth:`prepare_weight` would pack is packed (a copy: the caller's tensor is left as it is), so the
         variants run on what the model runs on."""
-        from .packed import packable
+        from .packed import FP4_OPS, packable
 
-        if op not in ("fp4_gemm", "fp4_grouped_gemm") or packable(op, args["w"], args["w_scale"]) is not None:
+        if op not in FP4_OPS or packable(op, args["w"], args["w_scale"]) is not None:
             return args
         return dict(args, w=self.prepare_weight(op, args["w"].clone(), args["w_scale"]))
 

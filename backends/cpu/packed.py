@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["PackedMXFP4", "pack_mxfp4", "packed_bytes", "packable"]
+__all__ = ["PackedMXFP4", "pack_mxfp4", "packed_bytes", "packable", "FP4_OPS"]
 
-_FP4_OPS = ("fp4_gemm", "fp4_grouped_gemm")
+FP4_OPS = ("fp4_gemm", "fp4_grouped_gemm")   # the ops whose weights this module packs
 
 # metadata reads that never look at the values: answered from the packed tensor itself
 _METADATA = {
@@ -97,7 +97,7 @@ def packable(op: str, w: Tensor, w_scale: Tensor) -> str | None:
     """None when :func:`pack_mxfp4` would pack ``w`` for ``op``, else why not (for the log)."""
     from dsv4rt import env
 
-    if op not in _FP4_OPS:
+    if op not in FP4_OPS:
         return f"{op} weights keep their layout"
     if env.get("DSV4RT_CPU_PACK_FP4") == "0":
         return "DSV4RT_CPU_PACK_FP4=0"
